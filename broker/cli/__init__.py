@@ -1,0 +1,1 @@
+"""The `apm` command line: talks to the broker only through `client`; never imports core."""

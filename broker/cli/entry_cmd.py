@@ -1,0 +1,322 @@
+"""`apm add|ls|search|show|get|edit|rm|totp`: working with entries through the broker.
+
+Rules:
+- Secret field values are prompted without echo or read with --from-stdin; never from argv.
+- `get` writes the value to stdout and nothing else; messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pydantic import SecretStr
+
+from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES
+from broker.wire.errors import InvalidParameters
+from broker.wire.protocol import (
+    EntryAddParams,
+    EntryEditParams,
+    EntryGetParams,
+    EntryListParams,
+    EntryRef,
+    EntrySearchParams,
+    SecretValue,
+)
+
+from .client import BrokerClient
+from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
+from .prompt import Input
+
+
+class Owner:
+    """How this command proves itself to the broker: the master password, once per call."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.input = Input(getattr(args, "password_stdin", False))
+        self._password: SecretStr | None = None
+
+    def creds(self) -> dict[str, Any]:
+        if self._password is None:
+            self._password = self.input.password()
+        return {"password": self._password}
+
+
+def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidParameters(f"{what} must look like NAME=VALUE", data={"arg": key[:64]})
+        out[key] = value
+    return out
+
+
+def _secrets(
+    args: argparse.Namespace, owner: Owner, type_: str, adding: bool
+) -> dict[str, SecretValue]:
+    spec = ENTRY_TYPES[type_]
+    wanted = list(args.secret_field or [])
+    plain = set(_kv(args.field, "--field"))
+    for f in spec.fields:
+        if f.secret and f.name in plain:
+            raise InvalidParameters(
+                f"{f.name!r} is a secret field and cannot be given on the command line",
+                hint="leave it out to be prompted, or use --from-stdin",
+            )
+    if args.from_stdin:
+        target = wanted[0] if wanted else spec.primary
+        if target is None:
+            raise InvalidParameters("name the secret field with --secret-field F")
+        owner.creds()  # the password line comes first on stdin
+        return {target: SecretValue(value=owner.input.secret_from_stdin(target))}
+    out: dict[str, SecretValue] = {}
+    if adding:
+        fields = [(f.name, f.required) for f in spec.fields if f.secret]
+        fields += [(n, True) for n in wanted if n not in {f for f, _ in fields}]
+    else:
+        fields = [(n, True) for n in wanted]
+    if fields and not Input.has_tty():
+        missing = [n for n, required in fields if required]
+        if missing:
+            raise InvalidParameters(
+                f"secret field {missing[0]!r} needs a value and there is no terminal",
+                hint="pipe it in with --from-stdin",
+            )
+        return out
+    owner.creds()
+    for name, required in fields:
+        value = owner.input.secret_prompt(name, required)
+        if value is not None:
+            out[name] = SecretValue(value=value)
+    return out
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    params = EntryAddParams(
+        type=args.type,
+        name=args.name,
+        space=args.space or "default",
+        tags=args.tag or [],
+        url=args.url,
+        notes=args.notes,
+        fields=_kv(args.field, "--field"),
+        secrets=_secrets(args, owner, args.type, adding=True),
+    )
+    with BrokerClient() as c:
+        res = c.call("entry.add", params, **owner.creds())
+    if args.json:
+        emit_json(res.entry)
+    else:
+        info(f"added {res.entry.type} {res.entry.name!r} to space {res.entry.space!r}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call(
+            "entry.list",
+            EntryListParams(space=args.space, type=args.type, tag=args.tag),
+            **owner.creds(),
+        )
+    if args.json:
+        emit_json(res.entries)
+    elif res.entries:
+        table(ENTRY_HEADERS, [entry_row(e) for e in res.entries])
+    else:
+        info('no entries; add one with "apm add TYPE NAME"')
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call(
+            "entry.search",
+            EntrySearchParams(query=args.query, space=args.space, type=args.type, limit=args.limit),
+            **owner.creds(),
+        )
+    if args.json:
+        emit_json(res.hits)
+    elif res.hits:
+        table(ENTRY_HEADERS, [entry_row(h.entry) for h in res.hits])
+    else:
+        info("no matches")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call("entry.show", EntryRef(ref=args.name, space=args.space), **owner.creds())
+    if args.json:
+        emit_json(res.entry)
+    else:
+        entry_details(res.entry)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call(
+            "entry.get",
+            EntryGetParams(ref=args.name, space=args.space, field=args.field),
+            **owner.creds(),
+        )
+    sys.stdout.write(res.value.get_secret_value() + ("" if args.no_newline else "\n"))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        meta = c.call("entry.show", EntryRef(ref=args.name, space=args.space), **owner.creds())
+        params = EntryEditParams(
+            ref=meta.entry.id,
+            new_name=args.rename,
+            move_to=args.move_to,
+            add_tags=args.tag or [],
+            remove_tags=args.untag or [],
+            url=args.url,
+            notes=args.notes,
+            fields=_kv(args.field, "--field"),
+            secrets=_secrets(args, owner, meta.entry.type, adding=False),
+            remove_fields=args.remove_field or [],
+        )
+        res = c.call("entry.edit", params, **owner.creds())
+    if args.json:
+        emit_json(res.entry)
+    else:
+        info(f"updated {res.entry.name!r}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call("entry.remove", EntryRef(ref=args.name, space=args.space), **owner.creds())
+    if args.json:
+        emit_json(res)
+    else:
+        info(f"removed {res.name!r}")
+    return 0
+
+
+def cmd_totp(args: argparse.Namespace) -> int:
+    owner = Owner(args)
+    with BrokerClient() as c:
+        res = c.call("entry.totp", EntryRef(ref=args.name, space=args.space), **owner.creds())
+    if args.json:
+        emit_json(res)
+    else:
+        sys.stdout.write(res.code + "\n")
+        info(f"valid for {res.remaining} more seconds")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the master password from the first line of stdin",
+    )
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _secret_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--secret-field",
+        action="append",
+        metavar="F",
+        help="a secret field to set (prompted without echo, or read by --from-stdin)",
+    )
+    p.add_argument(
+        "--from-stdin",
+        action="store_true",
+        help="read the secret value from stdin (after the password line with --password-stdin)",
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    types = ", ".join(
+        f"{t} ({', '.join(f.name + ('*' if f.secret else '') for f in ENTRY_TYPES[t].fields)})"
+        for t in ENTRY_TYPE_NAMES
+    )
+    p = sub.add_parser(
+        "add",
+        help="add an entry",
+        description=f"Add an entry. Types and fields (* = secret): {types}; custom takes any "
+        "field names. Secret fields are prompted for without echo, or read with --from-stdin.",
+    )
+    p.add_argument("type", choices=ENTRY_TYPE_NAMES, metavar="TYPE")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--space", help="space to add it to (default: default)")
+    p.add_argument("--field", action="append", metavar="K=V", help="a non-secret field")
+    p.add_argument("--tag", action="append", metavar="T")
+    p.add_argument("--url")
+    p.add_argument("--notes", help="non-secret notes (use a note entry for secret text)")
+    _secret_opts(p)
+    _common(p)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("ls", help="list entries (metadata only)")
+    p.add_argument("--space")
+    p.add_argument("--type", choices=ENTRY_TYPE_NAMES)
+    p.add_argument("--tag")
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("search", help="fuzzy search over names, usernames, urls, tags, notes")
+    p.add_argument("query")
+    p.add_argument("--space")
+    p.add_argument("--type", choices=ENTRY_TYPE_NAMES)
+    p.add_argument("--limit", type=int, default=50)
+    _common(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("show", help="show an entry's metadata (never its secrets)")
+    p.add_argument("name", help="entry name or id")
+    p.add_argument("--space")
+    _common(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("get", help="print one secret value to stdout")
+    p.add_argument("name", help="entry name or id")
+    p.add_argument("--space")
+    p.add_argument("--field", help="field to print (default: the type's main secret)")
+    p.add_argument("-n", "--no-newline", action="store_true", help="no trailing newline")
+    _common(p, json_flag=False)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("edit", help="change an entry; --secret-field F sets a new secret value")
+    p.add_argument("name", help="entry name or id")
+    p.add_argument("--space", help="the space the entry is in")
+    p.add_argument("--rename", metavar="NEW_NAME")
+    p.add_argument("--move-to", metavar="SPACE")
+    p.add_argument("--field", action="append", metavar="K=V")
+    p.add_argument("--remove-field", action="append", metavar="F")
+    p.add_argument("--tag", action="append", metavar="T", help="add a tag")
+    p.add_argument("--untag", action="append", metavar="T", help="remove a tag")
+    p.add_argument("--url")
+    p.add_argument("--notes")
+    _secret_opts(p)
+    _common(p)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("rm", help="remove an entry")
+    p.add_argument("name", help="entry name or id")
+    p.add_argument("--space")
+    _common(p)
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("totp", help="print the current TOTP code of an entry")
+    p.add_argument("name", help="entry name or id")
+    p.add_argument("--space")
+    _common(p)
+    p.set_defaults(func=cmd_totp)

@@ -1,0 +1,56 @@
+"""`apm`: the person's command line. Parses arguments and maps errors to messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pydantic import ValidationError
+
+from broker import __version__
+from broker.wire.errors import ApmError
+
+from . import broker_cmd, entry_cmd, space_cmd, vault_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apm",
+        description="apm: a local secret broker that lets AI agents use your credentials "
+        "safely. The broker holds the vault key; this CLI talks to it.",
+        epilog='Start with "apm init", then "apm add login NAME". Environment: APM_HOME, '
+        "APM_VAULT_PATH, APM_BROKER_ADDR.",
+    )
+    parser.add_argument("--version", action="version", version=f"apm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    vault_cmd.register(sub)
+    entry_cmd.register(sub)
+    space_cmd.register(sub)
+    broker_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ApmError as exc:
+        sys.stderr.write(f"apm: error: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"apm: hint: {exc.hint}\n")
+        return exc.exit_code
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        sys.stderr.write(f"apm: error: invalid value for {', '.join(fields)}\n")
+        sys.stderr.write('apm: hint: see "apm COMMAND --help"\n')
+        return 10
+    except KeyboardInterrupt:
+        sys.stderr.write("apm: cancelled\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Domain: vault, crypto, key cache, sessions. Imports neither server nor cli."""

@@ -1,0 +1,1 @@
+"""The broker process: transport, dispatch, handlers, daemon entry."""

@@ -1,0 +1,161 @@
+"""`apm-broker`: process entry point — hardening, config, socket, serve loop, auto-lock, signals.
+
+Rules:
+- Logs go to stderr and `<state dir>/broker.log` (0600) and never contain a secret.
+- SIGTERM/SIGINT: lock, close the socket, remove the socket file, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+
+from broker import __version__, paths
+from broker.core.key_cache import KeyCache, LockPolicy
+from broker.wire.errors import ApmError, InvalidParameters
+
+from . import dispatch, handlers, hardening
+from .transport import Peer, Transport, ensure_private_dir
+
+log = logging.getLogger("apm.broker")
+_ = handlers  # registers the routes
+
+
+def load_policy(config_file: Path) -> LockPolicy:
+    if not config_file.exists():
+        return LockPolicy()
+    try:
+        doc = tomllib.loads(config_file.read_text())
+        lock = doc.get("lock", {})
+        idle = float(lock.get("idle_minutes", 30))
+        hard = float(lock.get("max_hours", 12))
+    except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise InvalidParameters(
+            f"cannot read {config_file}: {exc}", hint="fix or remove the config file"
+        ) from exc
+    if idle <= 0 or hard <= 0:
+        raise InvalidParameters(f"{config_file}: lock timeouts must be positive")
+    return LockPolicy(idle=timedelta(minutes=idle), hard=timedelta(hours=hard))
+
+
+def setup_logging(log_path: Path, level: str, stderr: bool = True) -> None:
+    ensure_private_dir(log_path.parent)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger("apm")
+    root.setLevel(level.upper())
+    root.propagate = False
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.close(fd)
+    handlers: list[logging.Handler] = [logging.FileHandler(log_path)]
+    if stderr:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+async def _reaper(state: dispatch.State) -> None:
+    """Sleep until the next auto-lock deadline, then lock (ssh-agent's reaper)."""
+    while True:
+        left = state.cache.seconds_to_lock()
+        await asyncio.sleep(1.0 if left is None else min(max(left, 0.05), 5.0))
+        left = state.cache.seconds_to_lock()
+        if left is not None and left <= 0:
+            async with state.write_lock:
+                if state.cache.expire():
+                    log.info("vault auto-locked after its idle or maximum unlock time")
+
+
+async def _serve(state: dispatch.State, transport: Transport) -> None:
+    uid = os.getuid()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(identity: bytes, raw: bytes, peer: Peer) -> None:
+        await transport.send(identity, await dispatch.handle(state, raw, peer))
+
+    while True:
+        identity, frames, peer = await transport.recv()
+        if peer is None or peer.uid != uid:
+            log.warning(
+                "dropped message from peer uid=%s pid=%s (not our uid %s)",
+                getattr(peer, "uid", "?"),
+                getattr(peer, "pid", "?"),
+                uid,
+            )
+            continue
+        if len(frames) != 1:
+            log.warning("dropped message with %d frames from pid=%s", len(frames), peer.pid)
+            continue
+        task = asyncio.create_task(one(identity, frames[0], peer))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+
+async def run(p: paths.Paths, policy: LockPolicy) -> int:
+    transport = Transport(p.broker_addr, _lock_path(p))
+    transport.bind()
+    state = dispatch.State(paths=p, cache=KeyCache(policy))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, state.shutdown.set)
+    log.info("apm-broker %s listening on %s (pid %d)", __version__, p.broker_addr, os.getpid())
+    serve = asyncio.create_task(_serve(state, transport))
+    reaper = asyncio.create_task(_reaper(state))
+    try:
+        await state.shutdown.wait()
+    finally:
+        serve.cancel()
+        reaper.cancel()
+        state.cache.lock()
+        transport.close()
+        state.kdf_pool.shutdown(wait=False, cancel_futures=True)
+        state.io_pool.shutdown(wait=True)
+        log.info("broker stopped; vault locked")
+    return 0
+
+
+def _lock_path(p: paths.Paths) -> Path:
+    sock = p.socket_path
+    return (
+        sock.with_name(sock.name + ".lock") if sock is not None else p.runtime_dir / "broker.lock"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="apm-broker",
+        description="The apm broker: holds the vault key in memory and serves the apm CLI "
+        "and MCP shims over a local socket. Usually started with `apm broker start`.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("APM_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--no-stderr-log", action="store_true", help="log only to the log file (detached mode)"
+    )
+    parser.add_argument("--version", action="version", version=f"apm-broker {__version__}")
+    args = parser.parse_args(argv)
+    hardening.apply()
+    p = paths.resolve()
+    try:
+        setup_logging(p.log_path, args.log_level, stderr=not args.no_stderr_log)
+        policy = load_policy(p.config_file)
+        return asyncio.run(run(p, policy))
+    except ApmError as exc:
+        sys.stderr.write(f"apm-broker: error: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"apm-broker: hint: {exc.hint}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""One `process_<method>` per wire method, registered with the dispatcher's route table."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pydantic import SecretStr
+
+from broker import __version__
+from broker.core import crypto, vault_file
+from broker.core.crypto import PROFILES, normalize_password, zero
+from broker.core.vault import Change, Vault
+from broker.wire.errors import AlreadyExists, BadPassword, VaultLocked, VaultNotFound
+from broker.wire.protocol import (
+    MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+    Empty,
+    EntryAddParams,
+    EntryEditParams,
+    EntryGetParams,
+    EntryGetResult,
+    EntryListParams,
+    EntryListResult,
+    EntryRef,
+    EntryRemoveResult,
+    EntryResult,
+    EntrySearchParams,
+    EntrySearchResult,
+    InitParams,
+    InitResult,
+    LockResult,
+    PasswdParams,
+    PingResult,
+    ProfileInfo,
+    ProfileSetParams,
+    SearchHit,
+    SecretValue,
+    ShutdownResult,
+    SpaceAddParams,
+    SpaceInfo,
+    SpaceListResult,
+    SpaceRemoveParams,
+    SpaceRemoveResult,
+    SpaceRenameParams,
+    StatusResult,
+    TotpResult,
+    UnlockResult,
+)
+
+from . import hardening
+from .dispatch import Access, Context, log, route
+
+UNLOCKED = Access(unlocked=True)
+OWNER = Access(unlocked=True, owner=True)
+
+
+def _secrets(values: dict[str, SecretValue]) -> dict[str, str]:
+    return {k: v.value.get_secret_value() for k, v in values.items()}
+
+
+# ---------------------------------------------------------------------- broker
+
+
+@route("broker.ping")
+async def process_ping(ctx: Context, p: Empty) -> PingResult:
+    return PingResult(
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        min_protocol=MIN_PROTOCOL_VERSION,
+        pid=os.getpid(),
+    )
+
+
+@route("broker.status")
+async def process_status(ctx: Context, p: Empty) -> StatusResult:
+    st = ctx.state
+    vault = st.cache.peek()
+    profile: str | None = None
+    if vault is not None:
+        profile = vault.header.kdf.profile
+    elif st.paths.vault.exists():
+        try:
+            profile = vault_file.read(st.paths.vault).header.kdf.profile
+        except Exception:  # status must answer even for a damaged vault
+            profile = None
+    times = st.cache.lock_times()
+    return StatusResult(
+        version=__version__,
+        protocol=PROTOCOL_VERSION,
+        pid=os.getpid(),
+        uid=os.getuid(),
+        socket=st.paths.broker_addr,
+        vault_path=str(st.paths.vault),
+        vault_exists=st.paths.vault.exists(),
+        locked=vault is None,
+        profile=profile,
+        entries=len(vault.entries) if vault is not None else None,
+        unlocked_at=st.cache.unlocked_at,
+        idle_lock_at=times[0] if times else None,
+        hard_lock_at=times[1] if times else None,
+        log_path=str(st.paths.log_path),
+        hardening=hardening.report(st.cache.mlocked),
+    )
+
+
+@route("broker.shutdown")
+async def process_shutdown(ctx: Context, p: Empty) -> ShutdownResult:
+    log.info("shutdown requested by pid=%s", ctx.peer.pid)
+    ctx.state.shutdown.set()
+    return ShutdownResult(pid=os.getpid())
+
+
+# ---------------------------------------------------------------------- vault
+
+
+@route("vault.init")
+async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
+    path = ctx.state.paths.vault
+    password = ctx.password()
+    try:
+        async with ctx.state.write_lock:
+            if path.exists():
+                raise AlreadyExists(
+                    f"a vault already exists at {path}",
+                    hint='unlock it with "apm unlock", or set APM_VAULT_PATH for another one',
+                )
+            vault = await ctx.state.kdf(Vault.create, path, password, PROFILES[p.profile])
+            ctx.state.cache.put(vault)
+    finally:
+        zero(password)
+    log.info("vault created at %s (profile %s)", path, p.profile)
+    return InitResult(vault_path=str(path), profile=p.profile)
+
+
+@route("vault.unlock")
+async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
+    password = ctx.password()
+    try:
+        current = ctx.state.cache.peek()
+        if current is not None:
+            await ctx.state.kdf(current.check_password, password)
+        else:
+            if not ctx.state.paths.vault.exists():
+                raise VaultNotFound(f"no vault at {ctx.state.paths.vault}")
+            vault = await ctx.state.kdf(Vault.open, ctx.state.paths.vault, password)
+            async with ctx.state.write_lock:
+                ctx.state.cache.put(vault)
+    except BadPassword:
+        log.warning("unlock failed: wrong master password (pid=%s)", ctx.peer.pid)
+        raise
+    finally:
+        zero(password)
+    vault = ctx.state.cache.get()
+    idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
+    if idle_at is None or hard_at is None:
+        raise VaultLocked()
+    log.info("vault unlocked by pid=%s", ctx.peer.pid)
+    return UnlockResult(entries=len(vault.entries), idle_lock_at=idle_at, hard_lock_at=hard_at)
+
+
+@route("vault.lock")
+async def process_vault_lock(ctx: Context, p: Empty) -> LockResult:
+    async with ctx.state.write_lock:
+        was = ctx.state.cache.lock()
+    log.info("vault locked by pid=%s", ctx.peer.pid)
+    return LockResult(was_unlocked=was)
+
+
+@route("vault.passwd", OWNER)
+async def process_vault_passwd(ctx: Context, p: PasswdParams) -> Empty:
+    vault = ctx.state.cache.get()
+    new = normalize_password(p.new_password.get_secret_value())
+    try:
+        async with ctx.state.write_lock:
+            await ctx.state.kdf(vault.rewrap, new, vault.header.kdf)
+    finally:
+        zero(new)
+    log.info("master password changed")
+    return Empty()
+
+
+def _profile_info(vault: Vault) -> ProfileInfo:
+    k = vault.header.kdf
+    return ProfileInfo(
+        profile=k.profile, memory_kib=k.memory_kib, time_cost=k.time_cost, parallelism=k.parallelism
+    )
+
+
+@route("profile.show", OWNER)
+async def process_profile_show(ctx: Context, p: Empty) -> ProfileInfo:
+    return _profile_info(ctx.state.cache.get())
+
+
+@route("profile.set", OWNER)
+async def process_profile_set(ctx: Context, p: ProfileSetParams) -> ProfileInfo:
+    vault = ctx.state.cache.get()
+    password = ctx.password()
+    try:
+        async with ctx.state.write_lock:
+            await ctx.state.kdf(vault.rewrap, password, PROFILES[p.profile])
+    finally:
+        crypto.zero(password)
+    log.info("kdf profile set to %s", p.profile)
+    return _profile_info(vault)
+
+
+# ---------------------------------------------------------------------- entries
+
+
+@route("entry.add", OWNER)
+async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
+    vault = ctx.state.cache.get()
+    change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=[])
+    async with ctx.state.write_lock:
+        entry = await ctx.state.io(
+            vault.add, p.type, p.name, p.space, p.tags, p.url, p.notes, change
+        )
+    return EntryResult(entry=entry.meta())
+
+
+@route("entry.list", OWNER)
+async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResult:
+    vault = ctx.state.cache.get()
+    matched = sorted(
+        vault.iter_entries(p.space, p.type, p.tag), key=lambda e: (e.space, e.name.casefold())
+    )
+    page = matched[p.offset : p.offset + p.limit]
+    return EntryListResult(entries=[e.meta() for e in page], total=len(matched))
+
+
+@route("entry.search", OWNER)
+async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
+    vault = ctx.state.cache.get()
+    hits = vault.search(p.query, p.space, p.type, p.tag, p.limit)
+    return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
+
+
+@route("entry.show", OWNER)
+async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
+    return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space).meta())
+
+
+@route("entry.get", OWNER)
+async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
+    vault = ctx.state.cache.get()
+    entry = vault.resolve(p.ref, p.space)
+    field, value = vault.reveal(entry, p.field)
+    return EntryGetResult(id=entry.id, name=entry.name, field=field, value=SecretStr(value))
+
+
+@route("entry.edit", OWNER)
+async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
+    vault = ctx.state.cache.get()
+    change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=p.remove_fields)
+    async with ctx.state.write_lock:
+        entry = vault.resolve(p.ref, p.space)
+        updated = await ctx.state.io(
+            lambda: vault.edit(
+                entry,
+                new_name=p.new_name,
+                move_to=p.move_to,
+                add_tags=p.add_tags,
+                remove_tags=p.remove_tags,
+                url=p.url,
+                notes=p.notes,
+                change=change,
+            )
+        )
+    return EntryResult(entry=updated.meta())
+
+
+@route("entry.remove", OWNER)
+async def process_entry_remove(ctx: Context, p: EntryRef) -> EntryRemoveResult:
+    vault = ctx.state.cache.get()
+    async with ctx.state.write_lock:
+        entry = vault.resolve(p.ref, p.space)
+        await ctx.state.io(vault.remove, entry)
+    return EntryRemoveResult(id=entry.id, name=entry.name)
+
+
+@route("entry.totp", OWNER)
+async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
+    vault = ctx.state.cache.get()
+    entry = vault.resolve(p.ref, p.space)
+    code, remaining, period = vault.totp(entry, time.time())
+    return TotpResult(id=entry.id, name=entry.name, code=code, remaining=remaining, period=period)
+
+
+# ---------------------------------------------------------------------- spaces
+
+
+@route("space.list", OWNER)
+async def process_space_list(ctx: Context, p: Empty) -> SpaceListResult:
+    counts = ctx.state.cache.get().space_counts()
+    return SpaceListResult(spaces=[SpaceInfo(name=n, entries=c) for n, c in counts.items()])
+
+
+@route("space.add", OWNER)
+async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
+    vault = ctx.state.cache.get()
+    async with ctx.state.write_lock:
+        await ctx.state.io(vault.space_add, p.name)
+    return SpaceInfo(name=p.name, entries=0)
+
+
+@route("space.rename", OWNER)
+async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
+    vault = ctx.state.cache.get()
+    async with ctx.state.write_lock:
+        moved = await ctx.state.io(vault.space_rename, p.name, p.new_name)
+    return SpaceInfo(name=p.new_name, entries=moved)
+
+
+@route("space.remove", OWNER)
+async def process_space_remove(ctx: Context, p: SpaceRemoveParams) -> SpaceRemoveResult:
+    vault = ctx.state.cache.get()
+    async with ctx.state.write_lock:
+        removed = await ctx.state.io(vault.space_remove, p.name, p.force)
+    return SpaceRemoveResult(name=p.name, removed_entries=removed)

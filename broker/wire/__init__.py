@@ -1,0 +1,1 @@
+"""The wire contract between the CLI/shim and the broker (pydantic only)."""

@@ -1,0 +1,125 @@
+"""Entry types and the metadata view of an entry that crosses the wire.
+
+Rules:
+- `EntryMeta` never carries a secret value; secret fields show only that they are set.
+- The field specs here are the single source for which fields are secret.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EntryType = Literal["login", "totp", "api_key", "token", "ssh_key", "database", "note", "custom"]
+ENTRY_TYPE_NAMES: tuple[str, ...] = (
+    "login",
+    "totp",
+    "api_key",
+    "token",
+    "ssh_key",
+    "database",
+    "note",
+    "custom",
+)
+
+NAME_MAX = 200
+FIELD_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+VALUE_MAX = 64 * 1024
+TAG_MAX = 64
+SPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+DEFAULT_SPACE = "default"
+
+
+class FieldSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    secret: bool = False
+    required: bool = False
+
+
+class TypeSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    fields: tuple[FieldSpec, ...]
+    primary: str | None  # the field `apm get` prints by default
+    free_fields: bool = False  # custom: any named field
+
+
+def _f(name: str, *, secret: bool = False, required: bool = False) -> FieldSpec:
+    return FieldSpec(name=name, secret=secret, required=required)
+
+
+ENTRY_TYPES: dict[str, TypeSpec] = {
+    "login": TypeSpec(
+        name="login",
+        fields=(_f("username"), _f("password", secret=True, required=True)),
+        primary="password",
+    ),
+    "totp": TypeSpec(
+        name="totp",
+        fields=(
+            _f("secret", secret=True, required=True),
+            _f("issuer"),
+            _f("account"),
+            _f("digits"),
+            _f("period"),
+            _f("algorithm"),
+        ),
+        primary="secret",
+    ),
+    "api_key": TypeSpec(
+        name="api_key",
+        fields=(_f("key", secret=True, required=True), _f("service"), _f("key_id")),
+        primary="key",
+    ),
+    "token": TypeSpec(
+        name="token",
+        fields=(_f("token", secret=True, required=True), _f("service"), _f("expires")),
+        primary="token",
+    ),
+    "ssh_key": TypeSpec(
+        name="ssh_key",
+        fields=(
+            _f("private_key", secret=True, required=True),
+            _f("public_key"),
+            _f("passphrase", secret=True),
+        ),
+        primary="private_key",
+    ),
+    "database": TypeSpec(
+        name="database",
+        fields=(
+            _f("host"),
+            _f("port"),
+            _f("user"),
+            _f("database"),
+            _f("password", secret=True, required=True),
+        ),
+        primary="password",
+    ),
+    "note": TypeSpec(
+        name="note", fields=(_f("content", secret=True, required=True),), primary="content"
+    ),
+    "custom": TypeSpec(name="custom", fields=(), primary=None, free_fields=True),
+}
+
+
+class FieldMeta(BaseModel):
+    secret: bool
+    value: str | None = None  # only for non-secret fields
+    history: int = 0  # number of previous secret values kept
+
+
+class EntryMeta(BaseModel):
+    id: str
+    name: str
+    type: EntryType
+    space: str
+    tags: list[str] = Field(default_factory=list)
+    url: str | None = None
+    notes: str | None = None
+    fields: dict[str, FieldMeta] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime

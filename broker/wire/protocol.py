@@ -1,0 +1,335 @@
+"""The versioned request/response envelopes and every method's params and result models.
+
+Rules:
+- This module imports nothing but pydantic and the rest of `broker.wire`.
+- Secrets travel as `SecretStr`: masked in repr/str/logs, revealed only by `encode()`.
+- Methods are named `noun.verb`; `METHODS` is the one table of them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    SerializationInfo,
+    field_serializer,
+)
+
+from .entries import (
+    DEFAULT_SPACE,
+    FIELD_NAME_PATTERN,
+    NAME_MAX,
+    SPACE_PATTERN,
+    TAG_MAX,
+    VALUE_MAX,
+    EntryMeta,
+    EntryType,
+)
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 1 << 20  # requests above this are refused with REQUEST_TOO_LARGE
+
+KdfProfile = Literal["interactive", "standard", "hardened"]
+KDF_PROFILE_NAMES: tuple[str, ...] = ("interactive", "standard", "hardened")
+
+
+def _reveal(value: SecretStr | None, info: SerializationInfo) -> str | None:
+    if value is None:
+        return None
+    if info.context and info.context.get("reveal"):
+        return value.get_secret_value()
+    return "**********"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Auth(Strict):
+    """How the caller proves itself: the master password (owner) or a session token."""
+
+    password: SecretStr | None = Field(default=None, max_length=4096)
+    token: SecretStr | None = Field(default=None, max_length=512)
+
+    @field_serializer("password", "token")
+    def _ser(self, v: SecretStr | None, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class Request(Strict):
+    v: int
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=64)
+    method: str = Field(max_length=64)
+    params: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets
+    auth: Auth | None = None
+    client: str | None = Field(default=None, max_length=128)
+
+    def encode(self) -> bytes:
+        """The one place a request's secrets are revealed: into the frame sent to the broker."""
+        return self.model_dump_json(context={"reveal": True}, exclude_none=True).encode()
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    hint: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Response(BaseModel):
+    v: int = PROTOCOL_VERSION
+    id: str
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def encode_result(model: BaseModel) -> dict[str, Any]:
+    """Results may carry a secret the caller is allowed to see (entry.get): reveal it."""
+    out: dict[str, Any] = json.loads(model.model_dump_json(context={"reveal": True}))
+    return out
+
+
+# ---------------------------------------------------------------- params and results
+
+
+class Empty(Strict):
+    pass
+
+
+class PingResult(BaseModel):
+    version: str
+    protocol: int
+    min_protocol: int
+    pid: int
+
+
+class Hardening(BaseModel):
+    dumpable: bool | None
+    core_limit: int | None
+    mlocked: bool
+
+
+class StatusResult(BaseModel):
+    version: str
+    protocol: int
+    pid: int
+    uid: int
+    socket: str
+    vault_path: str
+    vault_exists: bool
+    locked: bool
+    profile: str | None = None
+    entries: int | None = None
+    unlocked_at: datetime | None = None
+    idle_lock_at: datetime | None = None
+    hard_lock_at: datetime | None = None
+    log_path: str
+    hardening: Hardening
+
+
+class InitParams(Strict):
+    profile: KdfProfile = "standard"
+
+
+class InitResult(BaseModel):
+    vault_path: str
+    profile: str
+
+
+class UnlockResult(BaseModel):
+    entries: int
+    idle_lock_at: datetime
+    hard_lock_at: datetime
+
+
+class LockResult(BaseModel):
+    was_unlocked: bool
+
+
+class PasswdParams(Strict):
+    new_password: SecretStr = Field(min_length=1, max_length=4096)
+
+    @field_serializer("new_password")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class ProfileInfo(BaseModel):
+    profile: str
+    memory_kib: int
+    time_cost: int
+    parallelism: int
+
+
+class ProfileSetParams(Strict):
+    profile: KdfProfile
+
+
+class EntryRef(Strict):
+    """An entry by id, or by name (optionally within a space)."""
+
+    ref: str = Field(min_length=1, max_length=NAME_MAX)
+    space: str | None = Field(default=None, pattern=SPACE_PATTERN)
+
+
+class SecretValue(Strict):
+    value: SecretStr = Field(max_length=VALUE_MAX)
+
+    @field_serializer("value")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class EntryAddParams(Strict):
+    type: EntryType
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    space: str = Field(default=DEFAULT_SPACE, pattern=SPACE_PATTERN)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    url: str | None = Field(default=None, max_length=2048)
+    notes: str | None = Field(default=None, max_length=VALUE_MAX)
+    fields: dict[str, str] = Field(default_factory=dict, max_length=64)
+    secrets: dict[str, SecretValue] = Field(default_factory=dict, max_length=64)
+
+
+class EntryResult(BaseModel):
+    entry: EntryMeta
+
+
+class EntryListParams(Strict):
+    space: str | None = Field(default=None, pattern=SPACE_PATTERN)
+    type: EntryType | None = None
+    tag: str | None = Field(default=None, max_length=TAG_MAX)
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=100_000)
+
+
+class EntryListResult(BaseModel):
+    entries: list[EntryMeta]
+    total: int
+
+
+class EntrySearchParams(Strict):
+    query: str = Field(min_length=1, max_length=256)
+    space: str | None = Field(default=None, pattern=SPACE_PATTERN)
+    type: EntryType | None = None
+    tag: str | None = Field(default=None, max_length=TAG_MAX)
+    limit: int = Field(default=50, ge=1, le=1000)
+
+
+class SearchHit(BaseModel):
+    entry: EntryMeta
+    score: float
+
+
+class EntrySearchResult(BaseModel):
+    hits: list[SearchHit]
+
+
+class EntryGetParams(EntryRef):
+    field: str | None = Field(default=None, pattern=FIELD_NAME_PATTERN)
+
+
+class EntryGetResult(BaseModel):
+    id: str
+    name: str
+    field: str
+    value: SecretStr
+
+    @field_serializer("value")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class EntryEditParams(EntryRef):
+    new_name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX)
+    move_to: str | None = Field(default=None, pattern=SPACE_PATTERN)
+    add_tags: list[str] = Field(default_factory=list, max_length=64)
+    remove_tags: list[str] = Field(default_factory=list, max_length=64)
+    url: str | None = Field(default=None, max_length=2048)
+    notes: str | None = Field(default=None, max_length=VALUE_MAX)
+    fields: dict[str, str] = Field(default_factory=dict, max_length=64)
+    secrets: dict[str, SecretValue] = Field(default_factory=dict, max_length=64)
+    remove_fields: list[str] = Field(default_factory=list, max_length=64)
+
+
+class EntryRemoveResult(BaseModel):
+    id: str
+    name: str
+
+
+class TotpResult(BaseModel):
+    id: str
+    name: str
+    code: str
+    remaining: int
+    period: int
+
+
+class SpaceInfo(BaseModel):
+    name: str
+    entries: int
+
+
+class SpaceListResult(BaseModel):
+    spaces: list[SpaceInfo]
+
+
+class SpaceAddParams(Strict):
+    name: str = Field(pattern=SPACE_PATTERN)
+
+
+class SpaceRenameParams(Strict):
+    name: str = Field(pattern=SPACE_PATTERN)
+    new_name: str = Field(pattern=SPACE_PATTERN)
+
+
+class SpaceRemoveParams(Strict):
+    name: str = Field(pattern=SPACE_PATTERN)
+    force: bool = False
+
+
+class SpaceRemoveResult(BaseModel):
+    name: str
+    removed_entries: int
+
+
+class ShutdownResult(BaseModel):
+    pid: int
+
+
+# method -> (params model, result model)
+METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
+    "broker.ping": (Empty, PingResult),
+    "broker.status": (Empty, StatusResult),
+    "broker.shutdown": (Empty, ShutdownResult),
+    "vault.init": (InitParams, InitResult),
+    "vault.unlock": (Empty, UnlockResult),
+    "vault.lock": (Empty, LockResult),
+    "vault.passwd": (PasswdParams, Empty),
+    "profile.show": (Empty, ProfileInfo),
+    "profile.set": (ProfileSetParams, ProfileInfo),
+    "entry.add": (EntryAddParams, EntryResult),
+    "entry.list": (EntryListParams, EntryListResult),
+    "entry.search": (EntrySearchParams, EntrySearchResult),
+    "entry.show": (EntryRef, EntryResult),
+    "entry.get": (EntryGetParams, EntryGetResult),
+    "entry.edit": (EntryEditParams, EntryResult),
+    "entry.remove": (EntryRef, EntryRemoveResult),
+    "entry.totp": (EntryRef, TotpResult),
+    "space.list": (Empty, SpaceListResult),
+    "space.add": (SpaceAddParams, SpaceInfo),
+    "space.rename": (SpaceRenameParams, SpaceInfo),
+    "space.remove": (SpaceRemoveParams, SpaceRemoveResult),
+}

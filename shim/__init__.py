@@ -1,0 +1,1 @@
+"""apm-mcp: the stdio MCP relay (stdlib + pyzmq only)."""

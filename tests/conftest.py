@@ -1,0 +1,176 @@
+"""Shared fixtures: a real broker process on a temporary APM_HOME, and the real `apm` CLI.
+
+Every process output the tests capture is recorded in `CAPTURED`, so the secret-hygiene
+checks can scan it together with the files under each APM_HOME.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PASSWORD = "correct horse battery staple"
+PY = sys.executable
+CAPTURED: list[str] = []
+HOMES: list[Path] = []
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APM_")}
+    env["APM_HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Apm:
+    """Runs the real `apm` CLI as a subprocess against one APM_HOME."""
+
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __call__(
+        self,
+        *args: str,
+        stdin: str | None = None,
+        password: str | None = None,
+        check: bool = False,
+        timeout: float = 60,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [PY, "-m", "broker.cli.main", *args]
+        data = stdin
+        if password is not None:
+            argv.append("--password-stdin")
+            data = password + "\n" + (stdin or "")
+        proc = subprocess.run(
+            argv,
+            input=data if data is not None else "",
+            capture_output=True,
+            text=True,
+            env=env or clean_env(self.home, **self.env),
+            timeout=timeout,
+            check=False,
+        )
+        CAPTURED.append(proc.stdout)
+        CAPTURED.append(proc.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"apm {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def ok(self, *args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        kw.setdefault("password", PASSWORD)
+        return self(*args, check=True, **kw)  # type: ignore[arg-type]
+
+
+@dataclass
+class Broker:
+    """A real apm-broker process."""
+
+    home: Path
+    proc: subprocess.Popen[str] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.home / "broker-stdout.log"
+
+    def output(self) -> str:
+        return self.stdout_path.read_text() if self.stdout_path.exists() else ""
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "run" / "broker.sock"
+
+    def start(self, wait: bool = True) -> Broker:
+        # stdout to a file, not a pipe: a pipe nobody reads would block a chatty broker
+        with open(self.stdout_path, "a") as out:
+            self.proc = subprocess.Popen(
+                [PY, "-m", "broker.server.daemon", "--log-level", "debug"],
+                env=clean_env(self.home, **self.extra_env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        apm = Apm(self.home)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                out = self.output()
+                raise AssertionError(f"broker exited early ({self.proc.returncode}): {out}")
+            if self.socket.exists() and apm("version", "--json").returncode == 0:
+                return
+            time.sleep(0.05)
+        raise AssertionError("broker did not become ready")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def make_home() -> Path:
+    # Short paths: an ipc:// socket path must fit in sun_path (108 bytes).
+    home = Path(tempfile.mkdtemp(prefix="apmt-", dir="/tmp"))
+    HOMES.append(home)
+    return home
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = make_home()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def apm(home: Path) -> Apm:
+    return Apm(home)
+
+
+@pytest.fixture
+def broker(home: Path) -> Iterator[Broker]:
+    b = Broker(home).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def vault(broker: Broker, apm: Apm) -> Broker:
+    """A running broker with a fresh, unlocked vault (fast KDF profile)."""
+    apm.ok("init", "--profile", "interactive")
+    return broker
