@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from broker.wire.errors import (
-    NotAVault,
     StorageError,
+    VaultBadMagic,
     VaultCorrupt,
     VaultNotFound,
     VaultTruncated,
-    VaultVersionUnsupported,
+    VaultUnsupportedVersion,
 )
 
 from .crypto import KDF_BOUNDS, SALT_BYTES, KdfParams
@@ -72,7 +72,7 @@ class Header:
             doc: Any = json.loads(raw)
             kdf = doc["kdf"]
             if kdf["name"] != "argon2id":
-                raise VaultVersionUnsupported(f"unknown key derivation function {kdf['name']!r}")
+                raise VaultUnsupportedVersion(f"unknown key derivation function {kdf['name']!r}")
             params = KdfParams(
                 profile=str(kdf["profile"]),
                 memory_kib=int(kdf["memory_kib"]),
@@ -122,14 +122,14 @@ def decode(data: bytes) -> VaultBlob:
     if len(data) < len(MAGIC):
         if MAGIC.startswith(data[: len(MAGIC)]) and data:
             raise VaultTruncated()
-        raise NotAVault()
+        raise VaultBadMagic()
     if data[:8] != MAGIC:
-        raise NotAVault()
+        raise VaultBadMagic()
     if len(data) < 14:
         raise VaultTruncated()
     version, hlen = struct.unpack(">HI", data[8:14])
     if version != FORMAT_VERSION:
-        raise VaultVersionUnsupported(
+        raise VaultUnsupportedVersion(
             f"vault format version {version} is not supported (this apm reads {FORMAT_VERSION})"
         )
     pos = 14
@@ -168,7 +168,7 @@ def read(path: Path) -> VaultBlob:
     except FileNotFoundError as exc:
         raise VaultNotFound(f"no vault at {path}") from exc
     except IsADirectoryError as exc:
-        raise NotAVault(f"{path} is a directory") from exc
+        raise VaultBadMagic(f"{path} is a directory") from exc
     except PermissionError as exc:
         raise StorageError(f"cannot read {path}: permission denied") from exc
     return decode(data)

@@ -23,7 +23,7 @@ from typing import IO
 import zmq
 import zmq.asyncio
 
-from broker.wire.errors import BrokerAlreadyRunning, StorageError
+from broker.wire.errors import BrokerRunning, StorageError
 from broker.wire.protocol import MAX_FRAME_BYTES
 
 log = logging.getLogger("apm.broker.transport")
@@ -108,7 +108,7 @@ class Transport:
         except BlockingIOError as exc:
             holder = f.read().strip()
             f.close()
-            raise BrokerAlreadyRunning(
+            raise BrokerRunning(
                 f"another broker (pid {holder or '?'}) is already running on {self.addr}"
             ) from exc
         f.seek(0)

@@ -93,14 +93,14 @@ class VaultTruncated(ApmError):
     default_hint = "restore the previous version from <vault>.bak or a backup"
 
 
-class NotAVault(ApmError):
+class VaultBadMagic(ApmError):
     code = "VAULT_BAD_MAGIC"
     exit_code = 8
     default_message = "file is not an apm vault"
     default_hint = "check APM_VAULT_PATH / APM_HOME"
 
 
-class VaultVersionUnsupported(ApmError):
+class VaultUnsupportedVersion(ApmError):
     code = "VAULT_UNSUPPORTED_VERSION"
     exit_code = 8
     default_message = "vault format version is not supported by this apm"
@@ -175,7 +175,7 @@ class BrokerUnavailable(ApmError):
     default_hint = 'run "apm broker start"'
 
 
-class BrokerAlreadyRunning(ApmError):
+class BrokerRunning(ApmError):
     code = "BROKER_RUNNING"
     exit_code = 9
     default_message = "another broker is already running on this socket"
