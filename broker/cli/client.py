@@ -8,7 +8,6 @@ Rules:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,13 +62,14 @@ class BrokerClient:
         *,
         password: SecretStr | None = None,
         token: SecretStr | None = None,
+        agent: str | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
         if isinstance(params, BaseModel):
             pdict = json.loads(params.model_dump_json(context={"reveal": True}, exclude_none=True))
         else:
             pdict = params or {}
-        auth = Auth(password=password, token=token) if (password or token) else None
+        auth = Auth(password=password, token=token, agent=agent) if (password or token) else None
         req = Request(
             v=PROTOCOL_VERSION, method=method, params=pdict, auth=auth, client=self.client_name
         )
@@ -101,12 +101,11 @@ class BrokerClient:
         *,
         password: SecretStr | None = None,
         token: SecretStr | None = None,
+        agent: str | None = None,
         timeout: float | None = None,
     ) -> Any:
         """Call and parse the result into the method's result model."""
-        result = self.call_raw(method, params, password=password, token=token, timeout=timeout)
+        result = self.call_raw(
+            method, params, password=password, token=token, agent=agent, timeout=timeout
+        )
         return METHODS[method][1].model_validate(result)
-
-
-def broker_pid_hint() -> str:
-    return f"pid {os.getpid()}"

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
-
-from pydantic import SecretStr
 
 from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES
 from broker.wire.errors import InvalidParameters
@@ -25,22 +22,10 @@ from broker.wire.protocol import (
     SecretValue,
 )
 
+from .auth import Credentials
 from .client import BrokerClient
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
 from .prompt import Input
-
-
-class Owner:
-    """How this command proves itself to the broker: the master password, once per call."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.input = Input(getattr(args, "password_stdin", False))
-        self._password: SecretStr | None = None
-
-    def creds(self) -> dict[str, Any]:
-        if self._password is None:
-            self._password = self.input.password()
-        return {"password": self._password}
 
 
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -54,7 +39,7 @@ def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
 
 
 def _secrets(
-    args: argparse.Namespace, owner: Owner, type_: str, adding: bool
+    args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
     spec = ENTRY_TYPES[type_]
     wanted = list(args.secret_field or [])
@@ -69,7 +54,7 @@ def _secrets(
         target = wanted[0] if wanted else spec.primary
         if target is None:
             raise InvalidParameters("name the secret field with --secret-field F")
-        owner.creds()  # the password line comes first on stdin
+        owner.prime()  # the password line comes first on stdin
         return {target: SecretValue(value=owner.input.secret_from_stdin(target))}
     out: dict[str, SecretValue] = {}
     if adding:
@@ -85,7 +70,7 @@ def _secrets(
                 hint="pipe it in with --from-stdin",
             )
         return out
-    owner.creds()
+    owner.prime()
     for name, required in fields:
         value = owner.input.secret_prompt(name, required)
         if value is not None:
@@ -94,7 +79,7 @@ def _secrets(
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     params = EntryAddParams(
         type=args.type,
         name=args.name,
@@ -115,7 +100,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call(
             "entry.list",
@@ -132,7 +117,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call(
             "entry.search",
@@ -149,7 +134,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call("entry.show", EntryRef(ref=args.name, space=args.space), **owner.creds())
     if args.json:
@@ -160,7 +145,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call(
             "entry.get",
@@ -173,7 +158,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         meta = c.call("entry.show", EntryRef(ref=args.name, space=args.space), **owner.creds())
         params = EntryEditParams(
@@ -197,7 +182,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call("entry.remove", EntryRef(ref=args.name, space=args.space), **owner.creds())
     if args.json:
@@ -208,7 +193,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_totp(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         res = c.call("entry.totp", EntryRef(ref=args.name, space=args.space), **owner.creds())
     if args.json:

@@ -6,13 +6,14 @@ import argparse
 
 from broker.wire.protocol import SpaceAddParams, SpaceRemoveParams, SpaceRenameParams
 
+from .auth import Credentials
 from .client import BrokerClient
-from .entry_cmd import Owner, _common
+from .entry_cmd import _common
 from .output import emit_json, info, table
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    owner = Owner(args)
+    owner = Credentials(args)
     with BrokerClient() as c:
         if args.space_cmd == "ls":
             res = c.call("space.list", **owner.creds())

@@ -240,17 +240,28 @@ class Vault:
     def _reindex(self) -> None:
         self._by_name = {_key(e.space, e.name): e.id for e in self.entries.values()}
 
-    def resolve(self, ref: str, space: str | None = None) -> StoredEntry:
+    def resolve(
+        self,
+        ref: str,
+        space: str | None = None,
+        visible: Callable[[StoredEntry], bool] | None = None,
+    ) -> StoredEntry:
+        """By id, or by name (case-insensitive). Entries `visible` rejects behave as absent."""
+        ok = visible or (lambda _e: True)
         entry = self.entries.get(ref)
-        if entry is not None and (space is None or entry.space == space):
+        if entry is not None and (space is None or entry.space == space) and ok(entry):
             return entry
         if space is not None:
             eid = self._by_name.get(_key(space, ref))
-            if eid is None:
+            if eid is None or not ok(self.entries[eid]):
                 raise EntryNotFound(data={"space": space})
             return self.entries[eid]
         folded = ref.casefold()
-        matches = [self.entries[i] for (s, n), i in self._by_name.items() if n == folded]
+        matches = [
+            self.entries[i]
+            for (s, n), i in self._by_name.items()
+            if n == folded and ok(self.entries[i])
+        ]
         if not matches:
             raise EntryNotFound()
         if len(matches) > 1:
@@ -258,9 +269,15 @@ class Vault:
         return matches[0]
 
     def iter_entries(
-        self, space: str | None = None, type_: str | None = None, tag: str | None = None
+        self,
+        space: str | None = None,
+        type_: str | None = None,
+        tag: str | None = None,
+        visible: Callable[[StoredEntry], bool] | None = None,
     ) -> Iterator[StoredEntry]:
         for e in self.entries.values():
+            if visible is not None and not visible(e):
+                continue
             if space is not None and e.space != space:
                 continue
             if type_ is not None and e.type != type_:
@@ -276,11 +293,12 @@ class Vault:
         type_: str | None = None,
         tag: str | None = None,
         limit: int = 50,
+        visible: Callable[[StoredEntry], bool] | None = None,
     ) -> list[tuple[StoredEntry, float]]:
         """Ranked fuzzy match over name, username, url, tags and non-secret notes only."""
         q = query.casefold().strip()
         hits: list[tuple[StoredEntry, float]] = []
-        for e in self.iter_entries(space, type_, tag):
+        for e in self.iter_entries(space, type_, tag, visible):
             score = _score(e, q)
             if score > 0:
                 hits.append((e, score))

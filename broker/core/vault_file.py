@@ -80,7 +80,7 @@ class Header:
                 parallelism=int(kdf["parallelism"]),
             )
             salt = bytes.fromhex(doc["salt"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise VaultCorrupt("vault header is unreadable") from exc
         for name, (lo, hi) in KDF_BOUNDS.items():
             if not lo <= getattr(params, name) <= hi:
@@ -186,6 +186,7 @@ def atomic_write(path: Path, data: bytes, *, keep_backup: bool = True) -> None:
     """Write `data` to `path` durably; the old file (if any) becomes `<path>.bak`."""
     directory = path.parent
     tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    bak_tmp = directory / f".{path.name}.{os.getpid()}.bak.tmp"
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -199,7 +200,6 @@ def atomic_write(path: Path, data: bytes, *, keep_backup: bool = True) -> None:
             os.close(fd)
         if keep_backup and path.exists():
             bak = path.with_name(path.name + ".bak")
-            bak_tmp = directory / f".{path.name}.{os.getpid()}.bak.tmp"
             with contextlib.suppress(FileNotFoundError):
                 bak_tmp.unlink()
             try:
@@ -211,6 +211,7 @@ def atomic_write(path: Path, data: bytes, *, keep_backup: bool = True) -> None:
         os.replace(tmp, path)
         _fsync_dir(directory)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        for leftover in (tmp, bak_tmp):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         raise StorageError(f"could not save {path.name}: {exc.strerror or exc}") from exc

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tomllib
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,28 +22,39 @@ from broker import __version__, paths
 from broker.core.key_cache import KeyCache, LockPolicy
 from broker.wire.errors import ApmError, InvalidParameters
 
-from . import dispatch, handlers, hardening
+from . import dispatch, handlers, hardening, session_handlers
 from .transport import Peer, Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
-_ = handlers  # registers the routes
+_ = (handlers, session_handlers)  # importing them registers the routes
 
 
-def load_policy(config_file: Path) -> LockPolicy:
+@dataclass(frozen=True)
+class Config:
+    lock: LockPolicy = field(default_factory=LockPolicy)
+    max_ttl: timedelta = timedelta(days=90)
+
+
+def load_config(config_file: Path) -> Config:
+    """config.toml: [lock] idle_minutes, max_hours; [sessions] max_ttl_days."""
     if not config_file.exists():
-        return LockPolicy()
+        return Config()
     try:
         doc = tomllib.loads(config_file.read_text())
         lock = doc.get("lock", {})
         idle = float(lock.get("idle_minutes", 30))
         hard = float(lock.get("max_hours", 12))
+        max_ttl_days = float(doc.get("sessions", {}).get("max_ttl_days", 90))
     except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InvalidParameters(
             f"cannot read {config_file}: {exc}", hint="fix or remove the config file"
         ) from exc
-    if idle <= 0 or hard <= 0:
-        raise InvalidParameters(f"{config_file}: lock timeouts must be positive")
-    return LockPolicy(idle=timedelta(minutes=idle), hard=timedelta(hours=hard))
+    if idle <= 0 or hard <= 0 or max_ttl_days <= 0:
+        raise InvalidParameters(f"{config_file}: timeouts must be positive")
+    return Config(
+        lock=LockPolicy(idle=timedelta(minutes=idle), hard=timedelta(hours=hard)),
+        max_ttl=timedelta(days=max_ttl_days),
+    )
 
 
 def setup_logging(log_path: Path, level: str, stderr: bool = True) -> None:
@@ -71,7 +83,7 @@ async def _reaper(state: dispatch.State) -> None:
         left = state.cache.seconds_to_lock()
         if left is not None and left <= 0:
             async with state.write_lock:
-                if state.cache.expire():
+                if await state.flush_and_lock():
                     log.info("vault auto-locked after its idle or maximum unlock time")
 
 
@@ -100,10 +112,10 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
         task.add_done_callback(pending.discard)
 
 
-async def run(p: paths.Paths, policy: LockPolicy) -> int:
+async def run(p: paths.Paths, config: Config) -> int:
     transport = Transport(p.broker_addr, _lock_path(p))
     transport.bind()
-    state = dispatch.State(paths=p, cache=KeyCache(policy))
+    state = dispatch.State(paths=p, cache=KeyCache(config.lock), max_ttl=config.max_ttl)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.shutdown.set)
@@ -115,7 +127,7 @@ async def run(p: paths.Paths, policy: LockPolicy) -> int:
     finally:
         serve.cancel()
         reaper.cancel()
-        state.cache.lock()
+        await state.flush_and_lock()
         transport.close()
         state.kdf_pool.shutdown(wait=False, cancel_futures=True)
         state.io_pool.shutdown(wait=True)
@@ -146,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p = paths.resolve()
     try:
         setup_logging(p.log_path, args.log_level, stderr=not args.no_stderr_log)
-        policy = load_policy(p.config_file)
-        return asyncio.run(run(p, policy))
+        config = load_config(p.config_file)
+        return asyncio.run(run(p, config))
     except ApmError as exc:
         sys.stderr.write(f"apm-broker: error: {exc.message}\n")
         if exc.hint:

@@ -12,24 +12,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
+from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.crypto import normalize_password, zero
 from broker.core.key_cache import KeyCache
-from broker.core.vault import Vault
+from broker.core.sessions import SessionRecord, SessionStore, scope_rank
+from broker.core.vault import StoredEntry, Vault, utcnow
 from broker.paths import Paths
 from broker.wire.errors import (
     ApmError,
     BadPassword,
     InternalError,
     InvalidParameters,
+    PermissionDenied,
     RequestTooLarge,
     SessionRequired,
     UnsupportedVersion,
@@ -54,16 +59,60 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Access:
-    """What a method needs before its handler runs."""
+    """What a method needs before its handler runs.
+
+    `scope` set: the master password, or a session holding at least that scope.
+    `owner_only`: the master password, verified now; a session is never enough.
+    """
 
     unlocked: bool = False  # the lock gate: refuse with VAULT_LOCKED first
-    owner: bool = False  # the master password, verified now
+    scope: str | None = None
+    owner_only: bool = False
+
+
+class Throttle:
+    """A growing delay for repeated failed token attempts from one peer (its Unix session)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._fails: dict[int, tuple[int, float]] = {}
+
+    @staticmethod
+    def key(peer: Peer) -> int:
+        if peer.pid is None:
+            return -1
+        try:
+            return os.getsid(peer.pid)
+        except OSError:
+            return peer.pid
+
+    def failed(self, peer: Peer) -> float:
+        """Record a failure; returns the delay to apply before answering."""
+        k = self.key(peer)
+        count, last = self._fails.get(k, (0, 0.0))
+        now = self.clock()
+        if now - last > 600:
+            count = 0
+        count += 1
+        self._fails[k] = (count, now)
+        if len(self._fails) > 10_000:
+            self._fails.clear()
+        return 0.0 if count <= 2 else min(0.05 * 2 ** (count - 3), 5.0)
+
+    def succeeded(self, peer: Peer) -> None:
+        if self._fails:
+            self._fails.pop(self.key(peer), None)
 
 
 @dataclass
 class State:
     paths: Paths
     cache: KeyCache
+    clock: Callable[[], datetime] = utcnow
+    ancestry: AncestryCache = field(default_factory=AncestryCache)
+    host: str = field(default_factory=host_fingerprint)
+    throttle: Throttle = field(default_factory=Throttle)
+    max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
@@ -82,6 +131,50 @@ class State:
         """Durable writes run one at a time, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
+    _store: SessionStore | None = None
+    _store_vault: Vault | None = None
+
+    def sessions(self) -> SessionStore:
+        """The session store of the unlocked vault (rebuilt after each unlock)."""
+        vault = self.cache.get()
+        if self._store is None or self._store_vault is not vault:
+            self._store = SessionStore(
+                vault.extra.get("sessions", []),
+                clock=self.clock,
+                ancestry=self.ancestry,
+                host=self.host,
+            )
+            self._store_vault = vault
+        return self._store
+
+    async def persist_sessions(self, *, locked: bool = False) -> None:
+        """Write the session table into the vault, durably. `locked`: caller holds write_lock."""
+        vault = self.cache.get()
+        store = self.sessions()
+
+        def work() -> None:
+            with vault.mutation():
+                vault.extra["sessions"] = store.dump()
+
+        if locked:
+            await self.io(work)
+        else:
+            async with self.write_lock:
+                await self.io(work)
+        store.dirty = False
+
+    async def flush_and_lock(self) -> bool:
+        """Lock the vault, first saving session usage counters (best effort). Hold write_lock."""
+        vault = self.cache.peek()
+        store = self._store
+        if vault is not None and store is not None and self._store_vault is vault and store.dirty:
+            try:
+                await self.persist_sessions(locked=True)
+            except Exception:  # locking must never fail
+                log.warning("could not save session usage before locking", exc_info=True)
+        self._store = self._store_vault = None
+        return self.cache.lock()
+
 
 @dataclass
 class Context:
@@ -89,6 +182,22 @@ class Context:
     peer: Peer
     auth: Auth | None
     request_id: str
+    session: SessionRecord | None = None
+
+    def allows(self, space: str, tags: list[str], name: str) -> bool:
+        f = self.session.filter if self.session is not None else None
+        return f is None or f.empty or f.allows(space, tags, name)
+
+    def visible(self, entry: StoredEntry) -> bool:
+        """Entries outside the session's filter behave as not found."""
+        return self.allows(entry.space, entry.tags, entry.name)
+
+    def require_unfiltered(self) -> None:
+        if self.session is not None and not self.session.filter.empty:
+            raise PermissionDenied(
+                "this session is limited to some entries and cannot change spaces",
+                hint="ask the owner for a session without an entry filter",
+            )
 
     def password(self) -> bytearray:
         if self.auth is None or self.auth.password is None:
@@ -187,8 +296,7 @@ async def handle(state: State, raw: bytes, peer: Peer) -> bytes:
         ctx = Context(state=state, peer=peer, auth=req.auth, request_id=rid)
         if route_.access.unlocked:
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
-        if route_.access.owner:
-            await _verify_owner(ctx)
+        await _authorize(ctx, route_.access)
         result = await route_.handler(ctx, params)
         resp = Response(id=rid, ok=True, result=encode_result(result))
         code = "OK"
@@ -200,6 +308,54 @@ async def handle(state: State, raw: bytes, peer: Peer) -> bytes:
     level = logging.DEBUG if method in _READS and code == "OK" else logging.INFO
     log.log(level, "%s pid=%s -> %s (%.1f ms)", method[:64], peer.pid, code, ms)
     return resp.encode()
+
+
+async def _authorize(ctx: Context, access: Access) -> None:
+    if access.scope is None and not access.owner_only:
+        return
+    token = ctx.auth.token if ctx.auth is not None else None
+    if token is not None and (ctx.auth is None or ctx.auth.password is None):
+        if access.owner_only:
+            raise PermissionDenied(
+                "this operation needs the owner's master password; a session is never enough",
+                hint="the person runs it from their own terminal",
+            )
+        await _authenticate_session(ctx, token.get_secret_value(), access.scope or "admin")
+        return
+    await _verify_owner(ctx)
+
+
+async def _authenticate_session(ctx: Context, token: str, needed: str) -> None:
+    state = ctx.state
+    store = state.sessions()
+    declared = ctx.auth.agent if ctx.auth is not None else None
+    try:
+        result = store.authenticate(token, ctx.peer.pid, declared)
+    except SessionRequired as exc:
+        accessor = exc.data.get("accessor", "-")
+        reason = store.denials.get(accessor, [None])[-1] if accessor != "-" else None
+        log.warning(
+            "session denied: accessor=%s pid=%s reason=%s",
+            accessor,
+            ctx.peer.pid,
+            reason.reason if reason is not None else "unknown token",
+        )
+        delay = state.throttle.failed(ctx.peer)
+        if delay:
+            await asyncio.sleep(delay)
+        raise
+    state.throttle.succeeded(ctx.peer)
+    rec = result.record
+    if result.must_persist:
+        await state.persist_sessions()
+    if scope_rank(rec.scope) < scope_rank(needed):
+        store.deny(rec, f"scope {rec.scope} lacks {needed}", ctx.peer.pid)
+        raise PermissionDenied(
+            f"this session has scope {rec.scope!r}; the operation needs {needed!r}",
+            hint=f'ask the owner for a session with "apm delegate --scope {needed}"',
+            data={"needed": needed, "scope": rec.scope, "accessor": rec.accessor},
+        )
+    ctx.session = rec
 
 
 async def _verify_owner(ctx: Context) -> None:

@@ -11,7 +11,13 @@ from broker import __version__
 from broker.core import crypto, vault_file
 from broker.core.crypto import PROFILES, normalize_password, zero
 from broker.core.vault import Change, Vault
-from broker.wire.errors import AlreadyExists, BadPassword, VaultLocked, VaultNotFound
+from broker.wire.errors import (
+    AlreadyExists,
+    BadPassword,
+    PermissionDenied,
+    VaultLocked,
+    VaultNotFound,
+)
 from broker.wire.protocol import (
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -50,9 +56,13 @@ from broker.wire.protocol import (
 
 from . import hardening
 from .dispatch import Access, Context, log, route
+from .session_handlers import apply_pending_revocations
 
-UNLOCKED = Access(unlocked=True)
-OWNER = Access(unlocked=True, owner=True)
+OWNER = Access(unlocked=True, owner_only=True)
+READ = Access(unlocked=True, scope="read")
+SECRETS = Access(unlocked=True, scope="secrets")
+WRITE = Access(unlocked=True, scope="write")
+ADMIN = Access(unlocked=True, scope="admin")
 
 
 def _secrets(values: dict[str, SecretValue]) -> dict[str, str]:
@@ -152,6 +162,7 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
     finally:
         zero(password)
     vault = ctx.state.cache.get()
+    await apply_pending_revocations(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
     if idle_at is None or hard_at is None:
         raise VaultLocked()
@@ -162,7 +173,7 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
 @route("vault.lock")
 async def process_vault_lock(ctx: Context, p: Empty) -> LockResult:
     async with ctx.state.write_lock:
-        was = ctx.state.cache.lock()
+        was = await ctx.state.flush_and_lock()
     log.info("vault locked by pid=%s", ctx.peer.pid)
     return LockResult(was_unlocked=was)
 
@@ -187,7 +198,7 @@ def _profile_info(vault: Vault) -> ProfileInfo:
     )
 
 
-@route("profile.show", OWNER)
+@route("profile.show", ADMIN)
 async def process_profile_show(ctx: Context, p: Empty) -> ProfileInfo:
     return _profile_info(ctx.state.cache.get())
 
@@ -208,10 +219,15 @@ async def process_profile_set(ctx: Context, p: ProfileSetParams) -> ProfileInfo:
 # ---------------------------------------------------------------------- entries
 
 
-@route("entry.add", OWNER)
+@route("entry.add", WRITE)
 async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=[])
+    if not ctx.allows(p.space, p.tags, p.name):
+        raise PermissionDenied(
+            "this session may not create entries outside its entry filter",
+            hint="ask the owner for a session that covers this space, tag or name",
+        )
     async with ctx.state.write_lock:
         entry = await ctx.state.io(
             vault.add, p.type, p.name, p.space, p.tags, p.url, p.notes, change
@@ -219,42 +235,46 @@ async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     return EntryResult(entry=entry.meta())
 
 
-@route("entry.list", OWNER)
+@route("entry.list", READ)
 async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResult:
     vault = ctx.state.cache.get()
     matched = sorted(
-        vault.iter_entries(p.space, p.type, p.tag), key=lambda e: (e.space, e.name.casefold())
+        vault.iter_entries(p.space, p.type, p.tag, ctx.visible),
+        key=lambda e: (e.space, e.name.casefold()),
     )
     page = matched[p.offset : p.offset + p.limit]
     return EntryListResult(entries=[e.meta() for e in page], total=len(matched))
 
 
-@route("entry.search", OWNER)
+@route("entry.search", READ)
 async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
     vault = ctx.state.cache.get()
-    hits = vault.search(p.query, p.space, p.type, p.tag, p.limit)
+    hits = vault.search(p.query, p.space, p.type, p.tag, p.limit, ctx.visible)
     return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
 
 
-@route("entry.show", OWNER)
+@route("entry.show", READ)
 async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
-    return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space).meta())
+    return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta())
 
 
-@route("entry.get", OWNER)
+@route("entry.get", SECRETS)
 async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     vault = ctx.state.cache.get()
-    entry = vault.resolve(p.ref, p.space)
+    entry = vault.resolve(p.ref, p.space, ctx.visible)
     field, value = vault.reveal(entry, p.field)
     return EntryGetResult(id=entry.id, name=entry.name, field=field, value=SecretStr(value))
 
 
-@route("entry.edit", OWNER)
+@route("entry.edit", WRITE)
 async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=p.remove_fields)
     async with ctx.state.write_lock:
-        entry = vault.resolve(p.ref, p.space)
+        entry = vault.resolve(p.ref, p.space, ctx.visible)
+        target = (p.move_to or entry.space, entry.tags, p.new_name or entry.name)
+        if not ctx.allows(*target):
+            raise PermissionDenied("this session may not move entries outside its filter")
         updated = await ctx.state.io(
             lambda: vault.edit(
                 entry,
@@ -270,19 +290,19 @@ async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     return EntryResult(entry=updated.meta())
 
 
-@route("entry.remove", OWNER)
+@route("entry.remove", WRITE)
 async def process_entry_remove(ctx: Context, p: EntryRef) -> EntryRemoveResult:
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
-        entry = vault.resolve(p.ref, p.space)
+        entry = vault.resolve(p.ref, p.space, ctx.visible)
         await ctx.state.io(vault.remove, entry)
     return EntryRemoveResult(id=entry.id, name=entry.name)
 
 
-@route("entry.totp", OWNER)
+@route("entry.totp", SECRETS)
 async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
     vault = ctx.state.cache.get()
-    entry = vault.resolve(p.ref, p.space)
+    entry = vault.resolve(p.ref, p.space, ctx.visible)
     code, remaining, period = vault.totp(entry, time.time())
     return TotpResult(id=entry.id, name=entry.name, code=code, remaining=remaining, period=period)
 
@@ -290,30 +310,41 @@ async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
 # ---------------------------------------------------------------------- spaces
 
 
-@route("space.list", OWNER)
+@route("space.list", READ)
 async def process_space_list(ctx: Context, p: Empty) -> SpaceListResult:
-    counts = ctx.state.cache.get().space_counts()
+    vault = ctx.state.cache.get()
+    if ctx.session is not None and not ctx.session.filter.empty:
+        counts: dict[str, int] = {}
+        for e in vault.iter_entries(visible=ctx.visible):
+            counts[e.space] = counts.get(e.space, 0) + 1
+        if ctx.session.filter.spaces:
+            counts = {s: counts.get(s, 0) for s in ctx.session.filter.spaces if s in vault.spaces}
+    else:
+        counts = vault.space_counts()
     return SpaceListResult(spaces=[SpaceInfo(name=n, entries=c) for n, c in counts.items()])
 
 
-@route("space.add", OWNER)
+@route("space.add", WRITE)
 async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
+    ctx.require_unfiltered()
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
         await ctx.state.io(vault.space_add, p.name)
     return SpaceInfo(name=p.name, entries=0)
 
 
-@route("space.rename", OWNER)
+@route("space.rename", WRITE)
 async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
+    ctx.require_unfiltered()
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
         moved = await ctx.state.io(vault.space_rename, p.name, p.new_name)
     return SpaceInfo(name=p.new_name, entries=moved)
 
 
-@route("space.remove", OWNER)
+@route("space.remove", WRITE)
 async def process_space_remove(ctx: Context, p: SpaceRemoveParams) -> SpaceRemoveResult:
+    ctx.require_unfiltered()
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
         removed = await ctx.state.io(vault.space_remove, p.name, p.force)

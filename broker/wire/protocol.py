@@ -58,6 +58,7 @@ class Auth(Strict):
 
     password: SecretStr | None = Field(default=None, max_length=4096)
     token: SecretStr | None = Field(default=None, max_length=512)
+    agent: str | None = Field(default=None, max_length=128)  # self-declared; never trusted alone
 
     @field_serializer("password", "token")
     def _ser(self, v: SecretStr | None, info: SerializationInfo) -> str | None:
@@ -309,6 +310,92 @@ class ShutdownResult(BaseModel):
     pid: int
 
 
+# ---------------------------------------------------------------- sessions
+
+Scope = Literal["read", "secrets", "write", "admin"]
+SCOPE_NAMES: tuple[str, ...] = ("read", "secrets", "write", "admin")
+
+
+class SessionCreateParams(Strict):
+    label: str = Field(default="", max_length=128)
+    scope: Scope = "read"
+    ttl_seconds: int = Field(default=15 * 60, ge=1)
+    idle_seconds: int | None = Field(default=None, ge=1)
+    max_uses: int | None = Field(default=None, ge=1)
+    bind_host: bool = True
+    pid: int | None = Field(default=None, ge=1)
+    agent: str | None = Field(default=None, max_length=64)
+    agent_exe: str | None = Field(default=None, max_length=4096)
+    pin: bool = False
+    spaces: list[str] = Field(default_factory=list, max_length=64)
+    tags: list[str] = Field(default_factory=list, max_length=64)
+    entries: list[str] = Field(default_factory=list, max_length=64)
+
+
+class SessionInfo(BaseModel):
+    accessor: str
+    label: str
+    scope: str
+    scopes: list[str]
+    state: str
+    created_at: datetime
+    expires_at: datetime
+    idle_seconds: int | None = None
+    max_uses: int | None = None
+    last_used_at: datetime | None = None
+    use_count: int = 0
+    filter: dict[str, list[str]] = Field(default_factory=dict)
+    bindings: dict[str, Any] = Field(default_factory=dict)
+    declared_agent: str | None = None
+    revoked_at: datetime | None = None
+
+
+class SessionCreateResult(BaseModel):
+    token: SecretStr
+    session: SessionInfo
+
+    @field_serializer("token")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class SessionListResult(BaseModel):
+    sessions: list[SessionInfo]
+
+
+class SessionRef(Strict):
+    accessor: str = Field(min_length=4, max_length=64)
+
+
+class SessionRevokeParams(Strict):
+    accessor: str | None = Field(default=None, min_length=4, max_length=64)
+    all: bool = False
+
+
+class SessionRevokeResult(BaseModel):
+    revoked: list[str]
+    pending: bool = False  # vault locked: recorded, applied at the next unlock
+
+
+class DenialInfo(BaseModel):
+    at: datetime
+    reason: str
+    peer_pid: int | None = None
+    seen: list[str] = Field(default_factory=list)
+
+
+class SessionWhyResult(BaseModel):
+    session: SessionInfo
+    denials: list[DenialInfo]
+
+
+class WhoAmIResult(BaseModel):
+    """What the caller is: the owner (master password) or a session."""
+
+    owner: bool
+    session: SessionInfo | None = None
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -332,4 +419,10 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "space.add": (SpaceAddParams, SpaceInfo),
     "space.rename": (SpaceRenameParams, SpaceInfo),
     "space.remove": (SpaceRemoveParams, SpaceRemoveResult),
+    "session.create": (SessionCreateParams, SessionCreateResult),
+    "session.list": (Empty, SessionListResult),
+    "session.show": (SessionRef, SessionInfo),
+    "session.why": (SessionRef, SessionWhyResult),
+    "session.revoke": (SessionRevokeParams, SessionRevokeResult),
+    "session.whoami": (Empty, WhoAmIResult),
 }

@@ -1,0 +1,377 @@
+"""Ephemeral sessions: tokens shown once, stored as SHA-256 hashes, checked on every request.
+
+Rules:
+- The token itself is never stored, logged or returned again after `create`.
+- Every request re-checks revocation, expiry, idle time, use count and every binding, so a
+  revocation takes effect at the very next message, also on connections that already attached.
+- The exact reason for a denial is for the owner (`denials`, the broker log); the peer only
+  learns SESSION_REQUIRED or PERMISSION_DENIED.
+- Time is injected (`clock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from broker.wire.errors import InvalidParameters, SessionRequired
+
+from .bindings import AGENT_PROFILES, AncestryCache, Proc
+from .vault_file import atomic_write
+
+Scope = Literal["read", "secrets", "write", "admin"]
+SCOPES: tuple[str, ...] = ("read", "secrets", "write", "admin")
+TOKEN_PREFIX = "eps_"  # noqa: S105 - a prefix, not a secret
+ACCESSOR_PREFIX = "ses_"
+
+
+def scope_rank(scope: str) -> int:
+    return SCOPES.index(scope)
+
+
+def scopes_up_to(scope: str) -> list[str]:
+    return list(SCOPES[: scope_rank(scope) + 1])
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def looks_like_token(token: str) -> bool:
+    return token.startswith(TOKEN_PREFIX) and 40 <= len(token) <= 256
+
+
+class Bindings(BaseModel):
+    host: str | None = None
+    pid: int | None = None
+    pid_create_time: float | None = None
+    pid_name: str | None = None
+    agent: str | None = None
+    agent_exe: str | None = None
+    pin: bool = False
+    pinned_pid: int | None = None
+    pinned_create_time: float | None = None
+    pinned_name: str | None = None
+
+
+class EntryFilter(BaseModel):
+    spaces: list[str] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    globs: list[str] = Field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.spaces or self.tags or self.globs)
+
+    def allows(self, space: str, tags: list[str], name: str) -> bool:
+        if self.spaces and space not in self.spaces:
+            return False
+        if self.tags and not set(self.tags) & set(tags):
+            return False
+        return not self.globs or any(
+            fnmatch.fnmatchcase(name.casefold(), g.casefold()) for g in self.globs
+        )
+
+
+class SessionRecord(BaseModel):
+    accessor: str
+    token_hash: str
+    label: str = ""
+    scope: Scope = "read"
+    created_at: datetime
+    expires_at: datetime
+    idle_seconds: int | None = None
+    max_uses: int | None = None
+    last_used_at: datetime | None = None
+    use_count: int = 0
+    filter: EntryFilter = Field(default_factory=EntryFilter)
+    bindings: Bindings = Field(default_factory=Bindings)
+    revoked_at: datetime | None = None
+    declared_agent: str | None = None
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if now >= self.expires_at:
+            return "expired"
+        if self.max_uses is not None and self.use_count >= self.max_uses:
+            return "exhausted"
+        if (
+            self.idle_seconds is not None
+            and self.last_used_at is not None
+            and (now - self.last_used_at).total_seconds() > self.idle_seconds
+        ):
+            return "idle-expired"
+        return "active"
+
+
+class Denial(BaseModel):
+    at: datetime
+    reason: str
+    peer_pid: int | None = None
+    seen: list[str] = Field(default_factory=list)  # "pid name exe" of the peer's ancestry
+
+
+@dataclass
+class CreateSpec:
+    label: str
+    scope: Scope
+    ttl: timedelta
+    idle_seconds: int | None = None
+    max_uses: int | None = None
+    bind_host: bool = True
+    pid: int | None = None
+    agent: str | None = None
+    agent_exe: str | None = None
+    pin: bool = False
+    filter: EntryFilter = field(default_factory=EntryFilter)
+
+
+@dataclass
+class AuthResult:
+    record: SessionRecord
+    must_persist: bool  # the record changed in a way that must be durable before answering
+
+
+class SessionStore:
+    """All sessions of one unlocked vault."""
+
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        *,
+        clock: Callable[[], datetime],
+        ancestry: AncestryCache,
+        host: str,
+    ) -> None:
+        self.clock = clock
+        self.ancestry = ancestry
+        self.host = host
+        self.records: dict[str, SessionRecord] = {}
+        self._by_hash: dict[str, str] = {}
+        self.denials: dict[str, deque[Denial]] = {}
+        self.dirty = False
+        for raw in records:
+            rec = SessionRecord.model_validate(raw)
+            self._index(rec)
+
+    def _index(self, rec: SessionRecord) -> None:
+        self.records[rec.accessor] = rec
+        self._by_hash[rec.token_hash] = rec.accessor
+
+    def _unindex(self, rec: SessionRecord) -> None:
+        self.records.pop(rec.accessor, None)
+        self._by_hash.pop(rec.token_hash, None)
+
+    def dump(self) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in self.records.values()]
+
+    # ------------------------------------------------------------------ create / revoke
+
+    def create(self, spec: CreateSpec) -> tuple[str, SessionRecord]:
+        now = self.clock()
+        bindings = Bindings(host=self.host if spec.bind_host else None, pin=spec.pin)
+        if spec.pid is not None:
+            chain = self.ancestry.walk(spec.pid)
+            if not chain:
+                raise InvalidParameters(
+                    f"no process with pid {spec.pid}", data={"field": "pid"}, hint="check the pid"
+                )
+            bindings.pid = spec.pid
+            bindings.pid_create_time = chain[0].create_time
+            bindings.pid_name = chain[0].name
+        if spec.agent is not None:
+            if spec.agent not in AGENT_PROFILES:
+                raise InvalidParameters(
+                    "unknown agent profile",
+                    data={"field": "agent"},
+                    hint="profiles: " + ", ".join(AGENT_PROFILES),
+                )
+            bindings.agent = spec.agent
+        if spec.agent_exe is not None:
+            if not spec.agent_exe.startswith("/") and ":\\" not in spec.agent_exe:
+                raise InvalidParameters("--agent-exe must be an absolute path")
+            bindings.agent_exe = spec.agent_exe
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        rec = SessionRecord(
+            accessor=ACCESSOR_PREFIX + secrets.token_hex(8),
+            token_hash=hash_token(token),
+            label=spec.label,
+            scope=spec.scope,
+            created_at=now,
+            expires_at=now + spec.ttl,
+            idle_seconds=spec.idle_seconds,
+            max_uses=spec.max_uses,
+            filter=spec.filter,
+            bindings=bindings,
+        )
+        self._index(rec)
+        return token, rec
+
+    def discard(self, accessor: str) -> None:
+        rec = self.records.get(accessor)
+        if rec is not None:
+            self._unindex(rec)
+
+    def revoke(self, accessor: str) -> bool:
+        rec = self.records.get(accessor)
+        if rec is None or rec.revoked_at is not None:
+            return False
+        rec.revoked_at = self.clock()
+        return True
+
+    def revoke_all(self, before: datetime | None = None) -> list[str]:
+        done = []
+        for rec in self.records.values():
+            if rec.revoked_at is None and (before is None or rec.created_at <= before):
+                rec.revoked_at = self.clock()
+                done.append(rec.accessor)
+        return done
+
+    def prune(self, keep: timedelta = timedelta(days=7)) -> int:
+        """Forget sessions that ended more than `keep` ago."""
+        now = self.clock()
+        old = [
+            r
+            for r in self.records.values()
+            if (r.revoked_at is not None and now - r.revoked_at > keep)
+            or (now - r.expires_at > keep)
+        ]
+        for r in old:
+            self._unindex(r)
+        return len(old)
+
+    # ------------------------------------------------------------------ authenticate
+
+    def deny(
+        self,
+        rec: SessionRecord | None,
+        reason: str,
+        peer_pid: int | None,
+        chain: tuple[Proc, ...] = (),
+    ) -> SessionRequired:
+        if rec is not None:
+            d = Denial(
+                at=self.clock(),
+                reason=reason,
+                peer_pid=peer_pid,
+                seen=[f"{p.pid} {p.name} {p.exe}".strip() for p in chain[:8]],
+            )
+            self.denials.setdefault(rec.accessor, deque(maxlen=20)).append(d)
+        return SessionRequired(
+            "session is not valid for this process",
+            hint='ask the owner to run "apm session why ACCESSOR" or "apm delegate"',
+            data={"accessor": rec.accessor} if rec is not None else {},
+        )
+
+    def authenticate(
+        self, token: str, peer_pid: int | None, declared_agent: str | None = None
+    ) -> AuthResult:
+        accessor = self._by_hash.get(hash_token(token)) if looks_like_token(token) else None
+        if accessor is None:
+            raise SessionRequired(
+                "unknown session token",
+                hint='the session may have been pruned; ask the owner to run "apm delegate"',
+            )
+        rec = self.records[accessor]
+        now = self.clock()
+        state = rec.state(now)
+        if state != "active":
+            raise self.deny(rec, f"session {state}", peer_pid)
+        b = rec.bindings
+        if b.host is not None and b.host != self.host:
+            raise self.deny(rec, "host binding: another machine or user", peer_pid)
+        must_persist = False
+        chain: tuple[Proc, ...] = ()
+        if b.pid is not None or b.agent or b.agent_exe or b.pin:
+            if peer_pid is None:
+                raise self.deny(rec, "the kernel did not report the peer pid", peer_pid)
+            chain = self.ancestry.get(peer_pid)
+            if not chain:
+                raise self.deny(rec, "peer process vanished before it could be checked", peer_pid)
+        if b.pid is not None and not _has(chain, b.pid, b.pid_create_time):
+            reused = any(p.pid == b.pid for p in chain)
+            why = (
+                f"pid binding: pid {b.pid} was reused (create time differs)"
+                if reused
+                else f"pid binding: peer is not pid {b.pid} or its descendant"
+            )
+            raise self.deny(rec, why, peer_pid, chain)
+        if b.agent:
+            profile = AGENT_PROFILES[b.agent]
+            if not any(profile.matches(p) for p in chain):
+                raise self.deny(
+                    rec, f"agent binding: no ancestor runs a {b.agent} executable", peer_pid, chain
+                )
+            if declared_agent and not profile.accepts_declared(declared_agent):
+                raise self.deny(
+                    rec, f"declared agent {declared_agent[:64]!r} contradicts {b.agent}", peer_pid
+                )
+        if b.agent_exe and not any(p.exe == b.agent_exe for p in chain):
+            raise self.deny(rec, "agent-exe binding: executable not in ancestry", peer_pid, chain)
+        if b.pin:
+            if b.pinned_pid is None:
+                anchor = chain[1] if len(chain) > 1 else chain[0]
+                b.pinned_pid, b.pinned_create_time = anchor.pid, anchor.create_time
+                b.pinned_name = anchor.name
+                must_persist = True
+            elif not _has(chain, b.pinned_pid, b.pinned_create_time):
+                raise self.deny(rec, "pin binding: another process tree", peer_pid, chain)
+        if declared_agent and rec.declared_agent is None:
+            rec.declared_agent = declared_agent[:128]
+        rec.use_count += 1
+        rec.last_used_at = now
+        if rec.max_uses is not None:
+            must_persist = True
+        self.dirty = True
+        return AuthResult(record=rec, must_persist=must_persist)
+
+
+def _has(chain: tuple[Proc, ...], pid: int, ct: float | None) -> bool:
+    return any(p.pid == pid and (ct is None or abs(p.create_time - ct) < 1e-3) for p in chain)
+
+
+class PendingRevocations:
+    """Revocations asked for while the vault is locked, applied at the next unlock.
+
+    Revoking never needs the password, but a locked vault cannot be rewritten; the accessor ids
+    (not secret) are kept durably beside it until then. Locked, no session can be used anyway.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> list[dict[str, str]]:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        return [d for d in doc if isinstance(d, dict)] if isinstance(doc, list) else []
+
+    def add(self, item: dict[str, str]) -> None:
+        items = [*self.load(), item]
+        atomic_write(self.path, json.dumps(items).encode(), keep_backup=False)
+
+    def apply(self, store: SessionStore) -> list[str]:
+        done: list[str] = []
+        for item in self.load():
+            if "accessor" in item and store.revoke(item["accessor"]):
+                done.append(item["accessor"])
+            elif "all_before" in item:
+                done += store.revoke_all(datetime.fromisoformat(item["all_before"]))
+        return done
+
+    def clear(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -1,0 +1,197 @@
+"""`session.*` methods: delegate (owner only), list/show/why (owner or admin), revoke (anyone).
+
+Rules:
+- A session can never create, extend or widen a session: `session.create` is owner-only.
+- Revoking needs no password: making things safer is always one step, even when locked.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import SecretStr
+
+from broker.core.sessions import (
+    CreateSpec,
+    EntryFilter,
+    PendingRevocations,
+    SessionRecord,
+    scopes_up_to,
+)
+from broker.wire.errors import EntryNotFound, InvalidParameters
+from broker.wire.protocol import (
+    DenialInfo,
+    Empty,
+    SessionCreateParams,
+    SessionCreateResult,
+    SessionInfo,
+    SessionListResult,
+    SessionRef,
+    SessionRevokeParams,
+    SessionRevokeResult,
+    SessionWhyResult,
+    WhoAmIResult,
+)
+
+from .dispatch import Access, Context, State, log, route
+
+OWNER = Access(unlocked=True, owner_only=True)
+ADMIN = Access(unlocked=True, scope="admin")
+READ = Access(unlocked=True, scope="read")
+
+
+def session_info(rec: SessionRecord, state: State) -> SessionInfo:
+    b = rec.bindings
+    bindings: dict[str, object] = {"host": b.host is not None}
+    if b.pid is not None:
+        bindings["pid"] = {"pid": b.pid, "create_time": b.pid_create_time, "name": b.pid_name}
+    if b.agent:
+        bindings["agent"] = b.agent
+    if b.agent_exe:
+        bindings["agent_exe"] = b.agent_exe
+    if b.pin:
+        bindings["pin"] = (
+            {"pid": b.pinned_pid, "create_time": b.pinned_create_time, "name": b.pinned_name}
+            if b.pinned_pid is not None
+            else "first use"
+        )
+    f = rec.filter
+    return SessionInfo(
+        accessor=rec.accessor,
+        label=rec.label,
+        scope=rec.scope,
+        scopes=scopes_up_to(rec.scope),
+        state=rec.state(state.clock()),
+        created_at=rec.created_at,
+        expires_at=rec.expires_at,
+        idle_seconds=rec.idle_seconds,
+        max_uses=rec.max_uses,
+        last_used_at=rec.last_used_at,
+        use_count=rec.use_count,
+        filter={
+            k: v for k, v in (("spaces", f.spaces), ("tags", f.tags), ("entries", f.globs)) if v
+        },
+        bindings=bindings,
+        declared_agent=rec.declared_agent,
+        revoked_at=rec.revoked_at,
+    )
+
+
+def _pending(state: State) -> PendingRevocations:
+    return PendingRevocations(state.paths.state_dir / "pending-revocations.json")
+
+
+async def apply_pending_revocations(state: State) -> None:
+    """Called right after an unlock."""
+    pending = _pending(state)
+    if not pending.path.exists():
+        return
+    done = pending.apply(state.sessions())
+    await state.persist_sessions()
+    pending.clear()
+    if done:
+        log.info("applied %d revocation(s) recorded while locked: %s", len(done), ",".join(done))
+
+
+@route("session.create", OWNER)
+async def process_session_create(ctx: Context, p: SessionCreateParams) -> SessionCreateResult:
+    state = ctx.state
+    ttl = timedelta(seconds=p.ttl_seconds)
+    if ttl > state.max_ttl:
+        raise InvalidParameters(
+            f"ttl exceeds the configured maximum of {int(state.max_ttl.total_seconds())} s",
+            hint="use a shorter --ttl, or raise sessions.max_ttl_days in config.toml",
+            data={"field": "ttl_seconds"},
+        )
+    if p.agent and p.agent_exe:
+        raise InvalidParameters("use --agent or --agent-exe, not both")
+    store = state.sessions()
+    spec = CreateSpec(
+        label=p.label,
+        scope=p.scope,
+        ttl=ttl,
+        idle_seconds=p.idle_seconds,
+        max_uses=p.max_uses,
+        bind_host=p.bind_host,
+        pid=p.pid,
+        agent=p.agent,
+        agent_exe=p.agent_exe,
+        pin=p.pin,
+        filter=EntryFilter(spaces=p.spaces, tags=p.tags, globs=p.entries),
+    )
+    token, rec = store.create(spec)
+    try:
+        await state.persist_sessions()
+    except Exception:
+        store.discard(rec.accessor)
+        raise
+    log.info(
+        "session %s created: scope=%s label=%r expires=%s by pid=%s",
+        rec.accessor,
+        rec.scope,
+        rec.label,
+        rec.expires_at.isoformat(timespec="seconds"),
+        ctx.peer.pid,
+    )
+    return SessionCreateResult(token=SecretStr(token), session=session_info(rec, state))
+
+
+@route("session.list", ADMIN)
+async def process_session_list(ctx: Context, p: Empty) -> SessionListResult:
+    store = ctx.state.sessions()
+    recs = sorted(store.records.values(), key=lambda r: r.created_at)
+    return SessionListResult(sessions=[session_info(r, ctx.state) for r in recs])
+
+
+def _find(ctx: Context, accessor: str) -> SessionRecord:
+    rec = ctx.state.sessions().records.get(accessor)
+    if rec is None:
+        raise EntryNotFound("no session with this accessor", hint='run "apm session ls"')
+    return rec
+
+
+@route("session.show", ADMIN)
+async def process_session_show(ctx: Context, p: SessionRef) -> SessionInfo:
+    return session_info(_find(ctx, p.accessor), ctx.state)
+
+
+@route("session.why", ADMIN)
+async def process_session_why(ctx: Context, p: SessionRef) -> SessionWhyResult:
+    rec = _find(ctx, p.accessor)
+    denials = list(ctx.state.sessions().denials.get(rec.accessor, ()))
+    return SessionWhyResult(
+        session=session_info(rec, ctx.state),
+        denials=[DenialInfo(**d.model_dump()) for d in denials],
+    )
+
+
+@route("session.revoke")
+async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> SessionRevokeResult:
+    if (p.accessor is None) == (not p.all):
+        raise InvalidParameters("name one accessor, or pass --all")
+    state = ctx.state
+    if state.cache.peek() is None:
+        item = (
+            {"all_before": state.clock().isoformat()} if p.all else {"accessor": p.accessor or ""}
+        )
+        await state.io(_pending(state).add, item)
+        log.info("revocation recorded while locked (%s), by pid=%s", item, ctx.peer.pid)
+        return SessionRevokeResult(revoked=[p.accessor] if p.accessor else [], pending=True)
+    store = state.sessions()
+    if p.all:
+        done = store.revoke_all()
+    else:
+        if (p.accessor or "") not in store.records:
+            raise EntryNotFound("no session with this accessor", hint='run "apm session ls"')
+        accessor = p.accessor or ""
+        done = [accessor] if store.revoke(accessor) else []
+    await state.persist_sessions()
+    log.info("revoked %s by pid=%s", ",".join(done) or "nothing", ctx.peer.pid)
+    return SessionRevokeResult(revoked=done)
+
+
+@route("session.whoami", READ)
+async def process_session_whoami(ctx: Context, p: Empty) -> WhoAmIResult:
+    if ctx.session is None:
+        return WhoAmIResult(owner=True)
+    return WhoAmIResult(owner=False, session=session_info(ctx.session, ctx.state))
