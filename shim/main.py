@@ -1,13 +1,531 @@
-"""`apm-mcp`: the stdio relay between an MCP client and the broker (its body lands with MCP)."""
+"""`apm-mcp`: the stdio relay between an MCP client and the broker.
+
+It authenticates with APM_EPHEMERAL_ID, attaches to the broker, then copies newline-delimited
+JSON-RPC messages between stdio and the broker in both directions (server-to-client requests
+such as elicitation included). When the broker is unreachable, the vault locked or the session
+invalid, it answers `initialize`, `server/discover`, `tools/list` and `tools/call` itself with
+one `apm_status` tool that names the fix, and it re-attaches on its own when things recover.
+
+Rules:
+- Imports only the standard library and pyzmq (and stdlib-only `broker`/`broker.paths`).
+- Stdout carries protocol bytes only; diagnostics go to stderr and the optional debug log.
+- The debug log never holds a token or a message payload (payloads may carry secrets).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
 import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from broker import __version__, paths
+
+from .status_tool import APM_STATUS_TOOL, status_result
+
+PROTOCOL_VERSION = 1  # the broker wire protocol (broker.wire.protocol.PROTOCOL_VERSION)
+MCP_FRAME = b"mcp"
+MCP_DETACHED = b"mcp-detached"
+MAX_LINE = 1 << 20
+LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MODERN_VERSION = "2026-07-28"
+PV_META = "io.modelcontextprotocol/protocolVersion"
+CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
+SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+REINIT_PREFIX = "apm-shim-reinit-"
+ATTACH_TIMEOUT = 3.0
+
+log = logging.getLogger("apm.mcp")
+_TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
+
+
+@dataclass
+class Problem:
+    code: str
+    message: str
+    hint: str
+
+
+class _Redact(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _TOKEN_RE.sub("eps_<redacted>", str(record.msg))
+        if record.args:
+            record.args = tuple(
+                _TOKEN_RE.sub("eps_<redacted>", a) if isinstance(a, str) else a
+                for a in (record.args if isinstance(record.args, tuple) else (record.args,))
+            )
+        return True
+
+
+def setup_debug_log() -> Path:
+    p = paths.resolve()
+    p.config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = p.config_dir / "mcp_logging.log"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s pid=%(process)d %(message)s"))
+    handler.addFilter(_Redact())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    return path
+
+
+def _stderr(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"apm-mcp: {_TOKEN_RE.sub('eps_<redacted>', message)}\n")
+        sys.stderr.flush()
+
+
+def _is_request(msg: dict[str, Any]) -> bool:
+    return "method" in msg and "id" in msg
+
+
+def _modern(msg: dict[str, Any]) -> bool:
+    params = msg.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and PV_META in meta
+
+
+class Shim:
+    def __init__(self, addr: str, token: str | None, agent: str | None) -> None:
+        self.addr = addr
+        self.token = token
+        self.agent = agent
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket[bytes] = self._socket()
+        self.monitor: zmq.Socket[bytes] = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+        self.conn: bytes | None = None
+        self.problem: Problem | None = None
+        self.attach_id: str | None = None
+        self.attach_sent = 0.0
+        self.next_attach = 0.0
+        self.backoff = 0.5
+        self.era: str | None = None
+        self.client_name: str | None = None
+        self.init_request: dict[str, Any] | None = None
+        self.client_initialized = False
+        self.reinit_id: str | None = None
+        self.pending: dict[Any, bytes] = {}  # client request id -> line sent to the broker
+        self.held: list[bytes] = []  # lines waiting for a re-initialize to finish
+        self.stdin_buf = b""
+        self.discarding = False
+        self.running = True
+        if not token:
+            self.problem = Problem(
+                "SESSION_REQUIRED",
+                "APM_EPHEMERAL_ID is not set for this MCP server",
+                'run "apm mcp install --client <client>" or put the output of '
+                '"apm delegate" in the server\'s env',
+            )
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.addr)
+        return sock
+
+    # ------------------------------------------------------------------ output
+
+    def emit(self, obj: dict[str, Any] | bytes) -> None:
+        data = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
+        try:
+            view = memoryview(data + b"\n")
+            while view:
+                n = os.write(1, view)
+                view = view[n:]
+        except (BrokenPipeError, OSError):
+            self.running = False
+
+    def error(self, rid: Any, code: int, message: str) -> None:
+        self.emit({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}})
+
+    # ------------------------------------------------------------------ broker side
+
+    def _socket_missing(self) -> bool:
+        return self.addr.startswith("ipc://") and not Path(self.addr[6:]).exists()
+
+    def attach(self) -> None:
+        if not self.token or self.attach_id is not None:
+            return
+        if self._socket_missing():
+            self._set_problem(
+                Problem("BROKER_UNAVAILABLE", "the apm broker is not running", "apm broker start")
+            )
+            self._schedule_retry(cap=5.0)
+            self._fail_waiting()
+            return
+        self.attach_id = uuid.uuid4().hex
+        self.attach_sent = time.monotonic()
+        req = {
+            "v": PROTOCOL_VERSION,
+            "id": self.attach_id,
+            "method": "mcp.attach",
+            "params": {"client_name": self.client_name} if self.client_name else {},
+            "auth": {"token": self.token, **({"agent": self.agent} if self.agent else {})},
+            "client": f"apm-mcp/{__version__}",
+        }
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
+        log.debug("attach sent")
+
+    def _attach_timed_out(self) -> None:
+        self.attach_id = None
+        if self._socket_missing():
+            self._set_problem(
+                Problem("BROKER_UNAVAILABLE", "the apm broker is not running", "apm broker start")
+            )
+        else:
+            self._set_problem(
+                Problem(
+                    "BROKER_UNAVAILABLE",
+                    "the apm broker does not answer",
+                    "apm broker stop && apm broker start",
+                )
+            )
+        # a fresh socket drops the queued attach so it is not delivered twice later
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        self.sock = self._socket()
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._schedule_retry(cap=5.0)
+        self._fail_waiting()
+
+    def _schedule_retry(self, cap: float = 30.0) -> None:
+        self.next_attach = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, cap)
+
+    def _fail_waiting(self) -> None:
+        """Attach failed: answer what the client is waiting for locally, so nothing hangs."""
+        waiting = list(self.pending.values()) + self.held
+        self.pending.clear()
+        self.held = []
+        for line in waiting:
+            self.on_line(line)
+
+    def _set_problem(self, problem: Problem) -> None:
+        if self.problem is None or self.problem.code != problem.code:
+            _stderr(f"{problem.message}; fix: {problem.hint}")
+            log.warning("not ready: %s %s", problem.code, problem.message)
+        self.problem = problem
+
+    def on_envelope(self, raw: bytes) -> None:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(doc, dict) or doc.get("id") != self.attach_id:
+            return
+        self.attach_id = None
+        if doc.get("ok"):
+            self.conn = str(doc["result"]["conn"]).encode()
+            self.backoff = 0.5
+            was_problem = self.problem is not None
+            self.problem = None
+            log.info("attached conn=%s scope=%s", self.conn.decode(), doc["result"].get("scope"))
+            if was_problem:
+                _stderr("connected to the apm broker")
+            self._after_attach()
+            return
+        err = doc.get("error") or {}
+        code = str(err.get("code", "INTERNAL_ERROR"))
+        hints = {
+            "VAULT_LOCKED": "apm unlock",
+            "SESSION_REQUIRED": "apm delegate (or apm mcp install) and update the client config",
+            "PERMISSION_DENIED": "apm delegate --scope read",
+            "UNSUPPORTED_VERSION": "upgrade apm so the shim and broker match",
+        }
+        self._set_problem(
+            Problem(code, str(err.get("message", "attach failed")), hints.get(code, "apm doctor"))
+        )
+        self._schedule_retry(cap=5.0 if code == "VAULT_LOCKED" else 30.0)
+        self._fail_waiting()
+
+    def _after_attach(self) -> None:
+        """On a new broker connection: re-initialize for the client if needed, then resend."""
+        if self.era == "legacy" and self.init_request is not None:
+            self.reinit_id = f"{REINIT_PREFIX}{uuid.uuid4().hex[:8]}"
+            replay = dict(self.init_request, id=self.reinit_id)
+            self._to_broker(json.dumps(replay).encode())
+            return
+        self._resume()
+
+    def _resume(self) -> None:
+        for line in list(self.pending.values()):
+            self._to_broker(line)
+        held, self.held = self.held, []
+        for line in held:
+            self.on_line(line)
+        if self.client_initialized and self.era == "legacy":
+            self.emit({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+
+    def _to_broker(self, line: bytes) -> None:
+        if self.conn is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send_multipart([MCP_FRAME, self.conn, line], zmq.NOBLOCK)
+
+    def on_broker(self, frames: list[bytes]) -> None:
+        if len(frames) == 1:
+            self.on_envelope(frames[0])
+            return
+        if len(frames) != 3 or frames[1] != self.conn:
+            return
+        kind, _, payload = frames
+        if kind == MCP_DETACHED:
+            log.info("broker forgot our connection (%s); attaching again", payload.decode())
+            self.conn = None
+            self.attach()
+            return
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and "method" not in doc:
+            rid = doc.get("id")
+            if self.reinit_id is not None and rid == self.reinit_id:
+                self.reinit_id = None
+                self._to_broker(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+                self._resume()
+                return
+            self.pending.pop(rid, None)
+            log.debug("broker -> response id=%s (%d bytes)", rid, len(payload))
+        self.emit(payload)
+
+    def on_monitor(self) -> None:
+        try:
+            event = recv_monitor_message(self.monitor)
+        except zmq.ZMQError:
+            return
+        if event["event"] == zmq.EVENT_DISCONNECTED and self.conn is not None:
+            log.warning("lost the broker connection")
+            _stderr("lost the apm broker; waiting for it to come back")
+            self.conn = None
+            self.problem = Problem(
+                "BROKER_UNAVAILABLE", "the apm broker went away", "apm broker start"
+            )
+            self.backoff = 0.5
+            self.next_attach = time.monotonic() + 0.2
+
+    # ------------------------------------------------------------------ client side
+
+    def on_line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            log.debug("client sent a line that is not JSON (%d bytes)", len(line))
+            self.error(None, -32700, "parse error: not valid JSON")
+            return
+        if not isinstance(msg, dict):
+            self.error(None, -32600, "invalid request: expected one JSON-RPC object per line")
+            return
+        method = msg.get("method")
+        log.debug("client -> %s id=%s (%d bytes)", method or "response", msg.get("id"), len(line))
+        if _is_request(msg) and self.era is None:
+            self.era = "modern" if (_modern(msg) and method != "initialize") else "legacy"
+        if method == "initialize" and _is_request(msg):
+            self.init_request = msg
+            params = msg.get("params") or {}
+            info = params.get("clientInfo") if isinstance(params, dict) else None
+            if isinstance(info, dict) and isinstance(info.get("name"), str):
+                self.client_name = info["name"][:128]
+        elif method == "notifications/initialized":
+            self.client_initialized = True
+        if self.attach_id is not None or (self.conn is not None and self.reinit_id is not None):
+            self.held.append(line)  # attaching or re-initializing: answered right after
+            return
+        if self.conn is not None and self.problem is None:
+            if _is_request(msg):
+                self.pending[msg["id"]] = line
+            self._to_broker(line)
+            return
+        if _is_request(msg):
+            self.answer_locally(msg)
+
+    def answer_locally(self, msg: dict[str, Any]) -> None:
+        """The broker cannot serve this client now: answer with apm_status and the fix."""
+        problem = self.problem or Problem(
+            "BROKER_UNAVAILABLE", "connecting to the apm broker", "apm broker start"
+        )
+        method, rid = msg.get("method"), msg.get("id")
+        modern = _modern(msg)
+        server_info = {"name": "apm", "version": __version__}
+        extra: dict[str, Any] = (
+            {"resultType": "complete", "_meta": {SERVER_INFO_META: server_info}} if modern else {}
+        )
+        instructions = (
+            f"apm is not ready: {problem.message}. Ask the person to run: {problem.hint}. "
+            "Call apm_status for details; the tools appear once it is fixed."
+        )
+        result: dict[str, Any]
+        if method == "initialize":
+            params = msg.get("params") or {}
+            asked = params.get("protocolVersion") if isinstance(params, dict) else None
+            result = {
+                "protocolVersion": asked if asked in LEGACY_VERSIONS else LEGACY_VERSIONS[0],
+                "capabilities": {"tools": {"listChanged": True}},
+                "serverInfo": server_info,
+                "instructions": instructions,
+            }
+        elif method == "server/discover":
+            result = {
+                "supportedVersions": [MODERN_VERSION],
+                "capabilities": {"tools": {"listChanged": True}},
+                "instructions": instructions,
+                "cacheScope": "private",
+                "ttlMs": 0,
+                **extra,
+            }
+        elif method == "tools/list":
+            result = {"tools": [APM_STATUS_TOOL], **extra}
+            if modern:
+                result.update(cacheScope="private", ttlMs=0)
+        elif method == "tools/call":
+            params = msg.get("params") or {}
+            name = params.get("name") if isinstance(params, dict) else None
+            result = {
+                **status_result(
+                    problem.code, problem.message, problem.hint, is_error=name != "apm_status"
+                ),
+                **extra,
+            }
+        elif method == "ping":
+            result = {}
+        else:
+            self.error(rid, -32601, f"apm is not ready: {problem.message}; run: {problem.hint}")
+            return
+        self.emit({"jsonrpc": "2.0", "id": rid, "result": result})
+
+    def read_stdin(self) -> None:
+        try:
+            chunk = os.read(0, 1 << 16)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.running = False
+            return
+        self.stdin_buf += chunk
+        while True:
+            nl = self.stdin_buf.find(b"\n")
+            if nl < 0:
+                if len(self.stdin_buf) > MAX_LINE:
+                    if not self.discarding:
+                        self.error(None, -32600, f"message larger than {MAX_LINE} bytes refused")
+                    self.discarding = True
+                    self.stdin_buf = b""
+                return
+            line, self.stdin_buf = self.stdin_buf[:nl], self.stdin_buf[nl + 1 :]
+            if self.discarding:
+                self.discarding = False
+                continue
+            if len(line) > MAX_LINE:
+                self.error(None, -32600, f"message larger than {MAX_LINE} bytes refused")
+                continue
+            self.on_line(line)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        poller = zmq.Poller()
+        poller.register(0, zmq.POLLIN)
+        if self.token:
+            self.attach()
+        while self.running:
+            poller.register(self.sock, zmq.POLLIN)
+            poller.register(self.monitor, zmq.POLLIN)
+            now = time.monotonic()
+            timeout = 1000
+            if self.attach_id is not None:
+                timeout = max(0, int((self.attach_sent + ATTACH_TIMEOUT - now) * 1000))
+            elif self.conn is None and self.token:
+                timeout = max(0, int((self.next_attach - now) * 1000))
+            events = dict(poller.poll(min(timeout, 1000)))
+            if self.monitor in events:
+                self.on_monitor()
+            if self.sock in events:
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.on_broker(frames)
+            if 0 in events:
+                self.read_stdin()
+            now = time.monotonic()
+            if self.attach_id is not None and now - self.attach_sent > ATTACH_TIMEOUT:
+                self._attach_timed_out()
+            elif (
+                self.conn is None
+                and self.attach_id is None
+                and self.token
+                and now >= self.next_attach
+            ):
+                self.attach()
+            for s in (self.sock, self.monitor):
+                with contextlib.suppress(KeyError):
+                    poller.unregister(s)
+        self.close()
+        return 0
+
+    def close(self) -> None:
+        if self.conn is not None:
+            req = {
+                "v": PROTOCOL_VERSION,
+                "id": "detach",
+                "method": "mcp.detach",
+                "params": {"conn": self.conn.decode()},
+                "client": f"apm-mcp/{__version__}",
+            }
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
+                time.sleep(0.01)
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+        self.ctx.term()
+        log.info("exit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.stderr.write("apm-mcp: the MCP relay is not available in this version\n")
-    return 2
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        sys.stderr.write(
+            "usage: apm-mcp [--debug]\n\n"
+            "The apm MCP server for AI clients (stdio). Configure your client to launch it with\n"
+            "APM_EPHEMERAL_ID in its environment (apm mcp install does this for you).\n"
+            "--debug (or APM_DEBUG=1) writes mcp_logging.log in the apm config directory.\n"
+        )
+        return 0
+    if "--version" in args:
+        sys.stderr.write(f"apm-mcp {__version__}\n")
+        return 0
+    if "--debug" in args or os.environ.get("APM_DEBUG") == "1":
+        where = setup_debug_log()
+        _stderr(f"debug log: {where}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    token = os.environ.get("APM_EPHEMERAL_ID", "").strip() or None
+    shim = Shim(paths.resolve().broker_addr, token, os.environ.get("APM_EPHEMERAL_AGENT"))
+    try:
+        return shim.run()
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from broker.wire.errors import InvalidParameters, SessionRequired
 
-from .bindings import AGENT_PROFILES, AncestryCache, Proc
+from .bindings import AGENT_PROFILES, AgentProfile, AncestryCache, Proc
 from .vault_file import atomic_write
 
 Scope = Literal["read", "secrets", "write", "admin"]
@@ -275,16 +275,33 @@ class SessionStore:
             data={"accessor": rec.accessor} if rec is not None else {},
         )
 
-    def authenticate(
-        self, token: str, peer_pid: int | None, declared_agent: str | None = None
-    ) -> AuthResult:
+    def lookup(self, token: str) -> SessionRecord:
         accessor = self._by_hash.get(hash_token(token)) if looks_like_token(token) else None
         if accessor is None:
             raise SessionRequired(
                 "unknown session token",
                 hint='the session may have been pruned; ask the owner to run "apm delegate"',
             )
-        rec = self.records[accessor]
+        return self.records[accessor]
+
+    def authenticate(
+        self, token: str, peer_pid: int | None, declared_agent: str | None = None
+    ) -> AuthResult:
+        return self.check(self.lookup(token), peer_pid, declared_agent)
+
+    def check_accessor(
+        self, accessor: str, peer_pid: int | None, declared_agent: str | None = None
+    ) -> AuthResult:
+        """Re-check an attached connection's session (it may since have been revoked)."""
+        rec = self.records.get(accessor)
+        if rec is None:
+            raise SessionRequired("session no longer exists", hint='ask the owner: "apm delegate"')
+        return self.check(rec, peer_pid, declared_agent)
+
+    def check(
+        self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
+    ) -> AuthResult:
+        """Every rule, every request: state, host, pid, agent, pin; then count the use."""
         now = self.clock()
         state = rec.state(now)
         if state != "active":
@@ -314,7 +331,7 @@ class SessionStore:
                 raise self.deny(
                     rec, f"agent binding: no ancestor runs a {b.agent} executable", peer_pid, chain
                 )
-            if declared_agent and not profile.accepts_declared(declared_agent):
+            if declared_agent and contradicts(profile, declared_agent):
                 raise self.deny(
                     rec, f"declared agent {declared_agent[:64]!r} contradicts {b.agent}", peer_pid
                 )
@@ -336,6 +353,13 @@ class SessionStore:
             must_persist = True
         self.dirty = True
         return AuthResult(record=rec, must_persist=must_persist)
+
+
+def contradicts(profile: AgentProfile, declared: str) -> bool:
+    """A declared client name contradicts a profile when it names another known client."""
+    if profile.accepts_declared(declared):
+        return False
+    return any(p.accepts_declared(declared) for p in AGENT_PROFILES.values() if p is not profile)
 
 
 def _has(chain: tuple[Proc, ...], pid: int, ct: float | None) -> bool:

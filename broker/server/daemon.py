@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -17,16 +18,18 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from broker import __version__, paths
 from broker.core.key_cache import KeyCache, LockPolicy
 from broker.wire.errors import ApmError, InvalidParameters
+from broker.wire.protocol import MCP_FRAME
 
-from . import dispatch, handlers, hardening, session_handlers
+from . import dispatch, handlers, hardening, mcp_routes, session_handlers
 from .transport import Peer, Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
-_ = (handlers, session_handlers)  # importing them registers the routes
+_ = (handlers, session_handlers, mcp_routes)  # importing them registers the routes
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
     pending: set[asyncio.Task[None]] = set()
 
     async def one(identity: bytes, raw: bytes, peer: Peer) -> None:
-        await transport.send(identity, await dispatch.handle(state, raw, peer))
+        await transport.send(identity, await dispatch.handle(state, raw, peer, identity))
 
     while True:
         identity, frames, peer = await transport.recv()
@@ -104,6 +107,11 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
                 uid,
             )
             continue
+        if len(frames) == 3 and frames[0] == MCP_FRAME:
+            host = await state.mcp_host()  # inline: frames of one connection stay in order
+            if host is not None:
+                await host.on_frame(identity, frames[1], frames[2], peer)
+            continue
         if len(frames) != 1:
             log.warning("dropped message with %d frames from pid=%s", len(frames), peer.pid)
             continue
@@ -112,10 +120,21 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
         task.add_done_callback(pending.discard)
 
 
+async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:
+    """Import the MCP host (and the mcp SDK, ~0.5 s) off the event loop, once, at start."""
+    try:
+        module = await asyncio.to_thread(importlib.import_module, "broker.server.mcp_host")
+    except Exception:
+        log.error("MCP support failed to load; MCP clients cannot attach", exc_info=True)
+        return None
+    return module.McpHost(state, transport)
+
+
 async def run(p: paths.Paths, config: Config) -> int:
     transport = Transport(p.broker_addr, _lock_path(p))
     transport.bind()
     state = dispatch.State(paths=p, cache=KeyCache(config.lock), max_ttl=config.max_ttl)
+    state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.shutdown.set)
@@ -127,6 +146,9 @@ async def run(p: paths.Paths, config: Config) -> int:
     finally:
         serve.cancel()
         reaper.cancel()
+        host = state._mcp_host.result() if state._mcp_host.done() else None
+        if host is not None:
+            await host.close_all()
         await state.flush_and_lock()
         transport.close()
         state.kdf_pool.shutdown(wait=False, cancel_futures=True)

@@ -133,6 +133,13 @@ class State:
 
     _store: SessionStore | None = None
     _store_vault: Vault | None = None
+    _mcp_host: asyncio.Future[Any] | None = None
+
+    async def mcp_host(self) -> Any:
+        """The McpHost, once its background import finished (None if it failed)."""
+        if self._mcp_host is None:
+            return None
+        return await asyncio.shield(self._mcp_host)
 
     def sessions(self) -> SessionStore:
         """The session store of the unlocked vault (rebuilt after each unlock)."""
@@ -183,6 +190,7 @@ class Context:
     auth: Auth | None
     request_id: str
     session: SessionRecord | None = None
+    identity: bytes = b""
 
     def allows(self, space: str, tags: list[str], name: str) -> bool:
         f = self.session.filter if self.session is not None else None
@@ -223,8 +231,11 @@ class Route:
 ROUTES: dict[str, Route] = {}
 
 
-def route(method: str, access: Access = Access()) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
+H = TypeVar("H", bound=Handler)
+
+
+def route(method: str, access: Access = Access()) -> Callable[[H], H]:
+    def register(fn: H) -> H:
         ROUTES[method] = Route(fn, METHODS[method][0], access)
         return fn
 
@@ -281,7 +292,7 @@ def _envelope(raw: bytes) -> tuple[str, Request]:
 _READS = frozenset({"broker.ping", "broker.status", "entry.list", "entry.search", "entry.show"})
 
 
-async def handle(state: State, raw: bytes, peer: Peer) -> bytes:
+async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") -> bytes:
     started = time.perf_counter()
     rid, method = "", "?"
     try:
@@ -293,7 +304,7 @@ async def handle(state: State, raw: bytes, peer: Peer) -> bytes:
                 "unknown method", data={"method": req.method[:64]}, hint="upgrade apm?"
             )
         params = route_.params.model_validate(req.params)
-        ctx = Context(state=state, peer=peer, auth=req.auth, request_id=rid)
+        ctx = Context(state=state, peer=peer, auth=req.auth, request_id=rid, identity=identity)
         if route_.access.unlocked:
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
         await _authorize(ctx, route_.access)

@@ -124,8 +124,11 @@ class Transport:
         return frames[0].bytes, [f.bytes for f in frames[1:]], peer
 
     async def send(self, identity: bytes, payload: bytes) -> None:
+        await self.send_frames(identity, payload)
+
+    async def send_frames(self, identity: bytes, *frames: bytes) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            await self.sock.send_multipart([identity, payload])
+            await self.sock.send_multipart([identity, *frames])
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -396,6 +396,32 @@ class WhoAmIResult(BaseModel):
     session: SessionInfo | None = None
 
 
+# ---------------------------------------------------------------- MCP relay
+#
+# A shim attaches once with `mcp.attach` (session token in auth); afterwards MCP JSON-RPC
+# messages travel as three-frame messages [MCP_FRAME, conn, payload] in both directions,
+# without an envelope, so the relay costs no extra parsing. The broker answers a frame for an
+# unknown connection with [MCP_DETACHED, conn, reason-code] and the shim attaches again.
+
+MCP_FRAME = b"mcp"
+MCP_DETACHED = b"mcp-detached"
+
+
+class McpAttachParams(Strict):
+    client_name: str | None = Field(default=None, max_length=128)
+
+
+class McpAttachResult(BaseModel):
+    conn: str
+    accessor: str
+    scope: str
+    expires_at: datetime
+
+
+class McpDetachParams(Strict):
+    conn: str = Field(max_length=64)
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -425,4 +451,6 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "session.why": (SessionRef, SessionWhyResult),
     "session.revoke": (SessionRevokeParams, SessionRevokeResult),
     "session.whoami": (Empty, WhoAmIResult),
+    "mcp.attach": (McpAttachParams, McpAttachResult),
+    "mcp.detach": (McpDetachParams, Empty),
 }

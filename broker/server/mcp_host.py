@@ -1,0 +1,292 @@
+"""One MCP server session per attached shim, built on the `mcp` SDK's low-level Server.
+
+Frames arriving as [MCP_FRAME, conn, payload] are parsed into SDK session messages and fed
+to that connection's Server through anyio memory streams; what the Server writes goes back to
+the shim the same way. The SDK serves both protocol eras (2025-11-25 with `initialize`, and
+2026-07-28) on the same streams.
+
+Rules:
+- A connection belongs to the ZeroMQ identity that attached it; frames from any other
+  identity are treated as unknown.
+- Every tools/list and tools/call re-checks the session by accessor against the peer pid of
+  the frame that carried it: revocation and expiry take effect at the very next message.
+- Nothing raised in a handler leaves as a protocol error: see `mcp_tools.call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import mcp.types as types
+from mcp.server import Server, ServerRequestContext
+from mcp.server.lowlevel.server import NotificationOptions
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
+
+from broker import __version__
+from broker.core.sessions import SessionRecord, scope_rank, scopes_up_to
+from broker.wire.errors import ApmError, SessionRequired, VaultLocked
+from broker.wire.protocol import MCP_DETACHED, MCP_FRAME, McpAttachParams, McpAttachResult
+from shim.status_tool import APM_STATUS_TOOL, status_result
+
+from . import mcp_tools
+from .dispatch import Context, State
+from .transport import Peer, Transport
+
+log = logging.getLogger("apm.broker.mcp")
+
+MAX_CONNECTIONS = 512
+IDLE_CONNECTION_SECONDS = 6 * 3600
+CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
+
+
+def instructions(rec: SessionRecord) -> str:
+    scopes = ", ".join(scopes_up_to(rec.scope))
+    more = (
+        " Secret values need the secrets scope: ask the person to run "
+        '"apm delegate --scope secrets" rather than asking for any password.'
+        if scope_rank(rec.scope) < scope_rank("secrets")
+        else ""
+    )
+    return (
+        f"apm is the person's password manager. This session ({rec.label or rec.accessor}) "
+        f"has the scopes {scopes} and expires at {rec.expires_at.isoformat(timespec='minutes')}."
+        " Call assist to see what it can reach, search_entries or list_entries to find a "
+        f"credential, get_entry for its metadata.{more}"
+    )
+
+
+@dataclass
+class Connection:
+    conn: str
+    identity: bytes
+    accessor: str
+    peer: Peer
+    client_name: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    inbound: Any = None  # MemoryObjectSendStream[SessionMessage | Exception]
+    task: asyncio.Task[None] | None = None
+
+
+class McpHost:
+    def __init__(self, state: State, transport: Transport) -> None:
+        self.state = state
+        self.transport = transport
+        self.conns: dict[str, Connection] = {}
+
+    # ------------------------------------------------------------------ attach / detach
+
+    async def attach(
+        self, ctx: Context, identity: bytes, params: McpAttachParams
+    ) -> McpAttachResult:
+        rec = ctx.session
+        if rec is None:
+            raise SessionRequired(
+                "MCP clients attach with a session token", hint='run "apm delegate"'
+            )
+        for old in [c for c in self.conns.values() if c.identity == identity]:
+            await self.detach(old.conn)
+        if len(self.conns) >= MAX_CONNECTIONS:
+            oldest = min(self.conns.values(), key=lambda c: c.last_seen)
+            await self.detach(oldest.conn)
+        conn = Connection(
+            conn=secrets.token_hex(8),
+            identity=identity,
+            accessor=rec.accessor,
+            peer=ctx.peer,
+            client_name=params.client_name,
+        )
+        server = self._server(conn, rec)
+        in_send, in_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
+        out_send, out_recv = anyio.create_memory_object_stream[SessionMessage](64)
+        conn.inbound = in_send
+        conn.task = asyncio.create_task(self._run(conn, server, in_recv, out_send, out_recv))
+        self.conns[conn.conn] = conn
+        log.info(
+            "mcp attach conn=%s session=%s pid=%s client=%s",
+            conn.conn,
+            rec.accessor,
+            ctx.peer.pid,
+            params.client_name,
+        )
+        return McpAttachResult(
+            conn=conn.conn, accessor=rec.accessor, scope=rec.scope, expires_at=rec.expires_at
+        )
+
+    async def detach(self, conn_id: str) -> None:
+        conn = self.conns.pop(conn_id, None)
+        if conn is None:
+            return
+        if conn.inbound is not None:
+            await conn.inbound.aclose()
+        if conn.task is not None:
+            conn.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await conn.task
+        log.info("mcp detach conn=%s session=%s", conn_id, conn.accessor)
+
+    async def close_all(self) -> None:
+        for conn_id in list(self.conns):
+            await self.detach(conn_id)
+
+    async def reap_idle(self) -> None:
+        cutoff = time.monotonic() - IDLE_CONNECTION_SECONDS
+        for conn in [c for c in self.conns.values() if c.last_seen < cutoff]:
+            await self.detach(conn.conn)
+
+    # ------------------------------------------------------------------ frames
+
+    async def on_frame(self, identity: bytes, conn_id: bytes, payload: bytes, peer: Peer) -> None:
+        conn = self.conns.get(conn_id.decode(errors="replace"))
+        if conn is None or conn.identity != identity:
+            await self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"UNKNOWN_CONNECTION")
+            return
+        conn.peer = peer
+        conn.last_seen = time.monotonic()
+        try:
+            message = types.jsonrpc_message_adapter.validate_json(payload, by_name=False)
+        except ValidationError:
+            await self._invalid(conn, payload)
+            return
+        self._note_client(conn, message)
+        try:
+            await conn.inbound.send(SessionMessage(message=message))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            await self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"CLOSED")
+
+    async def _invalid(self, conn: Connection, payload: bytes) -> None:
+        rid: Any = None
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            doc = json.loads(payload)
+            rid = doc.get("id") if isinstance(doc, dict) else None
+        if not isinstance(rid, str | int) or isinstance(rid, bool):
+            rid = None
+        err = {
+            "jsonrpc": "2.0",
+            "id": rid,
+            "error": {"code": -32600, "message": "invalid JSON-RPC message"},
+        }
+        await self.transport.send_frames(
+            conn.identity, MCP_FRAME, conn.conn.encode(), json.dumps(err).encode()
+        )
+
+    @staticmethod
+    def _note_client(conn: Connection, message: Any) -> None:
+        root = getattr(message, "root", message)
+        params = getattr(root, "params", None)
+        if not isinstance(params, dict):
+            return
+        info = params.get("clientInfo")
+        meta = params.get("_meta")
+        if info is None and isinstance(meta, dict):
+            info = meta.get(CLIENT_INFO_META)
+        if isinstance(info, dict) and isinstance(info.get("name"), str):
+            conn.client_name = info["name"][:128]
+
+    async def _run(
+        self,
+        conn: Connection,
+        server: Server[Any],
+        in_recv: Any,
+        out_send: Any,
+        out_recv: Any,
+    ) -> None:
+        async def pump() -> None:
+            async with out_recv:
+                async for msg in out_recv:
+                    raw = msg.message.model_dump_json(by_alias=True, exclude_unset=True)
+                    await self.transport.send_frames(
+                        conn.identity, MCP_FRAME, conn.conn.encode(), raw.encode()
+                    )
+
+        pump_task = asyncio.create_task(pump())
+        try:
+            opts = server.create_initialization_options(NotificationOptions(tools_changed=True))
+            await server.run(in_recv, out_send, opts)
+        except Exception:
+            log.error("mcp connection %s failed", conn.conn, exc_info=True)
+        finally:
+            await pump_task
+            self.conns.pop(conn.conn, None)
+
+    # ------------------------------------------------------------------ the SDK server
+
+    async def _authorize(self, conn: Connection) -> tuple[Context, SessionRecord]:
+        """Re-check the session for this message; raises VAULT_LOCKED / SESSION_REQUIRED."""
+        store = self.state.sessions()
+        result = store.check_accessor(conn.accessor, conn.peer.pid, conn.client_name)
+        if result.must_persist:  # a pin taken or a counted use: durable before answering
+            await self.state.persist_sessions()
+        ctx = Context(
+            state=self.state,
+            peer=conn.peer,
+            auth=None,
+            request_id="",
+            session=result.record,
+        )
+        return ctx, result.record
+
+    def _server(self, conn: Connection, rec: SessionRecord) -> Server[Any]:
+        async def list_tools(
+            ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+        ) -> types.ListToolsResult:
+            try:
+                _, rec = await self._authorize(conn)
+            except ApmError:
+                return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
+            return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope))
+
+        async def call_tool(
+            ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+        ) -> types.CallToolResult:
+            if params.name == "apm_status":
+                return await self._status(conn)
+            try:
+                c, _ = await self._authorize(conn)
+            except ApmError as exc:
+                if isinstance(exc, SessionRequired):
+                    reason = self.state.sessions().denials.get(conn.accessor)
+                    why = reason[-1].reason if reason else "unknown"
+                    log.warning("mcp call refused: session=%s reason=%s", conn.accessor, why)
+                return mcp_tools.error_result(exc)
+            return await mcp_tools.call(c, params.name, params.arguments)
+
+        return Server(
+            "apm",
+            version=__version__,
+            title="apm password manager",
+            instructions=instructions(rec),
+            on_list_tools=list_tools,
+            on_call_tool=call_tool,
+        )
+
+    async def _status(self, conn: Connection) -> types.CallToolResult:
+        try:
+            _, rec = await self._authorize(conn)
+        except VaultLocked as exc:
+            return _status(exc.code, exc.message, exc.hint or 'run "apm unlock"')
+        except ApmError as exc:
+            return _status(exc.code, exc.message, 'ask the person to run "apm delegate"')
+        body = {
+            "ready": True,
+            "code": "OK",
+            "message": f"ready: scopes {', '.join(scopes_up_to(rec.scope))}",
+            "hint": "",
+        }
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=body["message"])],
+            structured_content=body,
+            is_error=False,
+        )
+
+
+def _status(code: str, message: str, hint: str) -> types.CallToolResult:
+    return types.CallToolResult.model_validate(status_result(code, message, hint, is_error=False))

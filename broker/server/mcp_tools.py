@@ -1,0 +1,384 @@
+"""The MCP tool catalog: names, descriptions for a model, schemas, annotations, required scope.
+
+Rules:
+- Tool names are a public contract.
+- Every tool validates its arguments with a pydantic model (the low-level SDK server does not).
+- Tools run the same handlers as the wire methods, with the session in the context, so scopes
+  and entry filters apply identically on both paths.
+- Failures are tool results with structured {code, message, hint}; nothing raised in a tool
+  reaches the client as a protocol error or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import mcp.types as types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from broker.core.sessions import scope_rank, scopes_up_to
+from broker.wire.entries import ENTRY_TYPE_NAMES, EntryMeta, EntryType
+from broker.wire.errors import ApmError, InternalError, PermissionDenied
+from broker.wire.protocol import (
+    EntryGetParams,
+    EntryListParams,
+    EntryRef,
+    EntrySearchParams,
+    SearchHit,
+)
+
+from . import handlers
+from .dispatch import Context, to_wire_error
+
+log = logging.getLogger("apm.broker.mcp")
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListEntriesArgs(Args):
+    space: str | None = Field(default=None, description="only this space")
+    type: EntryType | None = Field(default=None, description="only this entry type")
+    tag: str | None = Field(default=None, description="only entries with this tag")
+    offset: int = Field(default=0, ge=0, description="skip this many (for paging)")
+    limit: int = Field(default=50, ge=1, le=500, description="page size")
+
+
+class ListEntriesOut(BaseModel):
+    entries: list[EntryMeta]
+    total: int
+    offset: int
+    next_offset: int | None
+
+
+class SearchEntriesArgs(Args):
+    query: str = Field(min_length=1, max_length=256, description="words to look for")
+    space: str | None = None
+    type: EntryType | None = None
+    tag: str | None = None
+    limit: int = Field(default=20, ge=1, le=100)
+
+
+class SearchEntriesOut(BaseModel):
+    hits: list[SearchHit]
+
+
+class EntryArgs(Args):
+    entry: str = Field(min_length=1, max_length=200, description="entry id or name")
+    space: str | None = Field(default=None, description="space, if the name is ambiguous")
+
+
+class GetEntryArgs(EntryArgs):
+    include_secret: bool = Field(
+        default=False, description="also return the secret value (needs the secrets scope)"
+    )
+    field: str | None = Field(default=None, description="which secret field (default: main one)")
+
+
+class SecretField(BaseModel):
+    field: str
+    value: str
+
+
+class GetEntryOut(BaseModel):
+    entry: EntryMeta
+    secret: SecretField | None = None
+
+
+class DecryptEntryArgs(EntryArgs):
+    field: str | None = Field(default=None, description="which field (default: the main secret)")
+
+
+class DecryptEntryOut(BaseModel):
+    id: str
+    name: str
+    field: str
+    value: str
+
+
+class TotpOut(BaseModel):
+    id: str
+    name: str
+    code: str
+    remaining: int
+    period: int
+
+
+class AssistArgs(Args):
+    pass
+
+
+class SpaceCount(BaseModel):
+    name: str
+    entries: int
+
+
+class AssistOut(BaseModel):
+    accessor: str
+    label: str
+    scopes: list[str]
+    expires_at: datetime
+    bindings: dict[str, Any]
+    entry_filter: dict[str, list[str]]
+    total_entries: int
+    spaces: list[SpaceCount]
+    types: dict[str, int]
+    tools_available: list[str]
+    needs_more_access: dict[str, str]
+    how_to_get_more_access: str
+
+
+Run = Callable[[Context, Any], Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    title: str
+    description: str
+    scope: str
+    args: type[Args]
+    out: type[BaseModel]
+    run: Run
+    read_only: bool = True
+    destructive: bool = False
+    idempotent: bool = True
+
+    def to_mcp(self) -> types.Tool:
+        return types.Tool(
+            name=self.name,
+            title=self.title,
+            description=self.description,
+            input_schema=self.args.model_json_schema(),
+            output_schema=self.out.model_json_schema(),
+            annotations=types.ToolAnnotations(
+                title=self.title,
+                read_only_hint=self.read_only,
+                destructive_hint=self.destructive,
+                idempotent_hint=self.idempotent,
+                open_world_hint=False,
+            ),
+        )
+
+
+# ------------------------------------------------------------------ tool bodies
+
+
+async def _list_entries(ctx: Context, a: ListEntriesArgs) -> ListEntriesOut:
+    res = await handlers.process_entry_list(
+        ctx,
+        EntryListParams(space=a.space, type=a.type, tag=a.tag, offset=a.offset, limit=a.limit),
+    )
+    nxt = a.offset + len(res.entries)
+    return ListEntriesOut(
+        entries=res.entries,
+        total=res.total,
+        offset=a.offset,
+        next_offset=nxt if nxt < res.total else None,
+    )
+
+
+async def _search_entries(ctx: Context, a: SearchEntriesArgs) -> SearchEntriesOut:
+    res = await handlers.process_entry_search(
+        ctx,
+        EntrySearchParams(query=a.query, space=a.space, type=a.type, tag=a.tag, limit=a.limit),
+    )
+    return SearchEntriesOut(hits=res.hits)
+
+
+def _require(ctx: Context, scope: str, what: str) -> None:
+    have = ctx.session.scope if ctx.session is not None else "admin"
+    if scope_rank(have) < scope_rank(scope):
+        raise PermissionDenied(
+            f"{what} needs the {scope!r} scope; this session has {have!r}",
+            hint=f'ask the person to run "apm delegate --scope {scope}" and restart the client '
+            f"with the new APM_EPHEMERAL_ID",
+            data={"needed": scope, "scope": have},
+        )
+
+
+async def _get_entry(ctx: Context, a: GetEntryArgs) -> GetEntryOut:
+    if a.include_secret:
+        _require(ctx, "secrets", "include_secret")
+    meta = await handlers.process_entry_show(ctx, EntryRef(ref=a.entry, space=a.space))
+    secret = None
+    if a.include_secret:
+        got = await handlers.process_entry_get(
+            ctx, EntryGetParams(ref=meta.entry.id, field=a.field)
+        )
+        secret = SecretField(field=got.field, value=got.value.get_secret_value())
+    return GetEntryOut(entry=meta.entry, secret=secret)
+
+
+async def _decrypt_entry(ctx: Context, a: DecryptEntryArgs) -> DecryptEntryOut:
+    got = await handlers.process_entry_get(
+        ctx, EntryGetParams(ref=a.entry, space=a.space, field=a.field)
+    )
+    return DecryptEntryOut(
+        id=got.id, name=got.name, field=got.field, value=got.value.get_secret_value()
+    )
+
+
+async def _get_totp(ctx: Context, a: EntryArgs) -> TotpOut:
+    res = await handlers.process_entry_totp(ctx, EntryRef(ref=a.entry, space=a.space))
+    return TotpOut(**res.model_dump())
+
+
+async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
+    from .session_handlers import session_info
+
+    rec = ctx.session
+    if rec is None:
+        raise PermissionDenied("assist describes a session; no session is attached")
+    vault = ctx.state.cache.get()
+    visible = list(vault.iter_entries(visible=ctx.visible))
+    spaces: dict[str, int] = {}
+    kinds: dict[str, int] = {}
+    for e in visible:
+        spaces[e.space] = spaces.get(e.space, 0) + 1
+        kinds[e.type] = kinds.get(e.type, 0) + 1
+    info = session_info(rec, ctx.state)
+    rank = scope_rank(rec.scope)
+    return AssistOut(
+        accessor=rec.accessor,
+        label=rec.label,
+        scopes=scopes_up_to(rec.scope),
+        expires_at=rec.expires_at,
+        bindings=info.bindings,
+        entry_filter=info.filter,
+        total_entries=len(visible),
+        spaces=[SpaceCount(name=k, entries=v) for k, v in sorted(spaces.items())],
+        types={t: kinds[t] for t in ENTRY_TYPE_NAMES if t in kinds},
+        tools_available=[t.name for t in TOOLS if scope_rank(t.scope) <= rank],
+        needs_more_access={t.name: t.scope for t in TOOLS if scope_rank(t.scope) > rank},
+        how_to_get_more_access=(
+            "Secret values and writes need a wider session. Ask the person to run "
+            '"apm delegate --scope secrets" (or write/admin) and give the client the new '
+            "APM_EPHEMERAL_ID; never ask them to paste a password into the chat."
+        ),
+    )
+
+
+TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        name="list_entries",
+        title="List vault entries",
+        description=(
+            "List the credentials stored in the person's apm vault: names, types, spaces, tags, "
+            "usernames and URLs, never secret values. Paged with offset/limit; filter by space, "
+            "type or tag. Use search_entries to find something by name."
+        ),
+        scope="read",
+        args=ListEntriesArgs,
+        out=ListEntriesOut,
+        run=_list_entries,
+    ),
+    ToolSpec(
+        name="search_entries",
+        title="Search vault entries",
+        description=(
+            "Fuzzy search over entry names, usernames, URLs, tags and non-secret notes; results "
+            "are ranked best first and carry metadata only. Secret values are never searched."
+        ),
+        scope="read",
+        args=SearchEntriesArgs,
+        out=SearchEntriesOut,
+        run=_search_entries,
+    ),
+    ToolSpec(
+        name="get_entry",
+        title="Get one entry",
+        description=(
+            "Get one entry's metadata by id or name. With include_secret=true also its main "
+            "secret value (or `field`), which needs the secrets scope."
+        ),
+        scope="read",
+        args=GetEntryArgs,
+        out=GetEntryOut,
+        run=_get_entry,
+    ),
+    ToolSpec(
+        name="assist",
+        title="What can this session do",
+        description=(
+            "Describe this apm session: its scopes, bindings and expiry, what the vault holds "
+            "(spaces, entry types, counts) and which tools need more access. Call it first."
+        ),
+        scope="read",
+        args=AssistArgs,
+        out=AssistOut,
+        run=_assist,
+    ),
+    ToolSpec(
+        name="decrypt_entry",
+        title="Reveal a secret value",
+        description=(
+            "Return the secret value of an entry (its main secret, or `field`). Use the value "
+            "only for the task at hand and never repeat it back to the person unasked."
+        ),
+        scope="secrets",
+        args=DecryptEntryArgs,
+        out=DecryptEntryOut,
+        run=_decrypt_entry,
+    ),
+    ToolSpec(
+        name="get_totp",
+        title="Current TOTP code",
+        description="The current one-time code of a TOTP entry and the seconds it stays valid.",
+        scope="secrets",
+        args=EntryArgs,
+        out=TotpOut,
+        run=_get_totp,
+        idempotent=False,
+    ),
+)
+TOOLS_BY_NAME = {t.name: t for t in TOOLS}
+
+
+def tools_for(scope: str) -> list[types.Tool]:
+    rank = scope_rank(scope)
+    return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank]
+
+
+def error_result(exc: BaseException) -> types.CallToolResult:
+    body = to_wire_error(exc)
+    text = f"Error {body.code}: {body.message}."
+    if body.hint:
+        text += f" Fix: {body.hint}"
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=text)],
+        structured_content={"code": body.code, "message": body.message, "hint": body.hint or ""},
+        is_error=True,
+    )
+
+
+async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
+    """Validate, check scope, run; every failure becomes an error result."""
+    try:
+        spec = TOOLS_BY_NAME.get(name)
+        if spec is None:
+            from broker.wire.errors import InvalidParameters
+
+            raise InvalidParameters(
+                f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
+            )
+        _require(ctx, spec.scope, spec.name)
+        args = spec.args.model_validate(arguments or {})
+        out = await spec.run(ctx, args)
+        structured = json.loads(out.model_dump_json())
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=json.dumps(structured, indent=1))],
+            structured_content=structured,
+            is_error=False,
+        )
+    except (ApmError, ValidationError) as exc:
+        return error_result(exc)
+    except Exception as exc:
+        log.error("tool %s failed", name[:64], exc_info=exc)
+        return error_result(InternalError())

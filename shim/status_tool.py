@@ -1,0 +1,47 @@
+"""The `apm_status` tool: what an MCP client sees when apm cannot serve it yet, and why.
+
+Stdlib only. The shim serves it while the broker is unreachable; the broker serves the same
+definition when the vault is locked or the session no longer works, so a client never shows
+"no tools" without a tool that says what to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+APM_STATUS_TOOL: dict[str, Any] = {
+    "name": "apm_status",
+    "title": "apm status",
+    "description": (
+        "Explains why the apm password manager tools are not available right now and the exact "
+        "command the person must run to fix it. Call it when other apm tools are missing."
+    ),
+    "inputSchema": {"type": "object", "properties": {}, "additionalProperties": False},
+    "outputSchema": {
+        "type": "object",
+        "properties": {
+            "ready": {"type": "boolean"},
+            "code": {"type": "string"},
+            "message": {"type": "string"},
+            "hint": {"type": "string"},
+        },
+        "required": ["ready", "code", "message", "hint"],
+    },
+    "annotations": {
+        "readOnlyHint": True,
+        "destructiveHint": False,
+        "idempotentHint": True,
+        "openWorldHint": False,
+    },
+}
+
+
+def status_result(code: str, message: str, hint: str, *, is_error: bool) -> dict[str, Any]:
+    """A CallToolResult (wire form) describing the problem and its fix."""
+    body = {"ready": False, "code": code, "message": message, "hint": hint}
+    text = f"apm is not ready ({code}): {message}. Ask the person to run: {hint}"
+    return {
+        "content": [{"type": "text", "text": text}],
+        "structuredContent": body,
+        "isError": is_error,
+    }
