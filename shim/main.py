@@ -111,6 +111,7 @@ class Shim:
         self.problem: Problem | None = None
         self.attach_id: str | None = None
         self.attach_sent = 0.0
+        self.answering_locally = False  # re-entrancy guard: answering what a failed attach held
         self.next_attach = 0.0
         self.backoff = 0.5
         self.era: str | None = None
@@ -214,8 +215,12 @@ class Shim:
         waiting = list(self.pending.values()) + self.held
         self.pending.clear()
         self.held = []
-        for line in waiting:
-            self.on_line(line)
+        self.answering_locally = True
+        try:
+            for line in waiting:
+                self.on_line(line)
+        finally:
+            self.answering_locally = False
 
     def _set_problem(self, problem: Problem) -> None:
         if self.problem is None or self.problem.code != problem.code:
@@ -356,8 +361,19 @@ class Shim:
                 self.pending[msg["id"]] = line
             self._to_broker(line)
             return
+        if _is_request(msg) and self._worth_retrying_now():
+            self.held.append(line)  # the fix may just have happened: try before answering
+            self.attach()
+            return
         if _is_request(msg):
             self.answer_locally(msg)
+
+    def _worth_retrying_now(self) -> bool:
+        recoverable = self.problem is None or self.problem.code in (
+            "BROKER_UNAVAILABLE",
+            "VAULT_LOCKED",
+        )
+        return bool(self.token) and recoverable and self.conn is None and not self.answering_locally
 
     def answer_locally(self, msg: dict[str, Any]) -> None:
         """The broker cannot serve this client now: answer with apm_status and the fix."""
