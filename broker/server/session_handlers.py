@@ -18,7 +18,7 @@ from broker.core.sessions import (
     SessionRecord,
     scopes_up_to,
 )
-from broker.wire.errors import EntryNotFound, InvalidParameters
+from broker.wire.errors import EntryNotFound, InvalidParameters, SessionRequired
 from broker.wire.protocol import (
     DenialInfo,
     Empty,
@@ -167,9 +167,20 @@ async def process_session_why(ctx: Context, p: SessionRef) -> SessionWhyResult:
 
 @route("session.revoke")
 async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> SessionRevokeResult:
-    if (p.accessor is None) == (not p.all):
-        raise InvalidParameters("name one accessor, or pass --all")
+    if sum((p.accessor is not None, p.token is not None, p.all)) != 1:
+        raise InvalidParameters("name one accessor (or token), or pass --all")
     state = ctx.state
+    if p.token is not None:
+        # never recorded while locked: not even a token's hash is written outside the vault
+        store = state.sessions()
+        try:
+            rec = store.lookup(p.token.get_secret_value())
+        except SessionRequired:
+            return SessionRevokeResult(revoked=[])
+        done = [rec.accessor] if store.revoke(rec.accessor) else []
+        await state.persist_sessions()
+        log.info("revoked %s (by token) by pid=%s", ",".join(done) or "nothing", ctx.peer.pid)
+        return SessionRevokeResult(revoked=done)
     if state.cache.peek() is None:
         item = (
             {"all_before": state.clock().isoformat()} if p.all else {"accessor": p.accessor or ""}

@@ -369,7 +369,12 @@ class SessionRef(Strict):
 
 class SessionRevokeParams(Strict):
     accessor: str | None = Field(default=None, min_length=4, max_length=64)
+    token: SecretStr | None = Field(default=None, max_length=512)  # e.g. from a client config
     all: bool = False
+
+    @field_serializer("token")
+    def _ser(self, v: SecretStr | None, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
 
 
 class SessionRevokeResult(BaseModel):
