@@ -6,6 +6,8 @@ the end. The demo master password is fed on stdin and never printed.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -43,6 +45,41 @@ def apm(
     if proc.returncode != 0:
         raise SystemExit(f"demo step failed: {shown} (exit {proc.returncode})")
     return proc
+
+
+async def mcp_demo(env: dict[str, str], tokens: dict[str, str]) -> None:
+    from mcp import Client, StdioServerParameters  # imported here: ~0.5 s
+
+    shim = str(Path(PY).parent / "apm-mcp")
+
+    def params(token: str) -> StdioServerParameters:
+        return StdioServerParameters(
+            command=shim, args=[], env={"APM_HOME": env["APM_HOME"], "APM_EPHEMERAL_ID": token}
+        )
+
+    def show(label: str, result: object) -> None:
+        body = getattr(result, "structured_content", None)
+        err = " (error)" if getattr(result, "is_error", False) else ""
+        print(f"  {label}{err}: {json.dumps(body, default=str)[:300]}", flush=True)
+
+    async with Client(params(tokens["read"]), mode="legacy") as c:
+        tools = await c.list_tools()
+        print(f"  read session, tools: {[t.name for t in tools.tools]}")
+        hits = await c.call_tool("search_entries", {"query": "git"})
+        names = [h["entry"]["name"] for h in hits.structured_content["hits"]]
+        print(f"  search_entries(git): {names}")
+        entry = await c.call_tool("get_entry", {"entry": "github"})
+        fields = entry.structured_content["entry"]["fields"]
+        print(f"  get_entry(github) fields: {fields}")
+        show(
+            "decrypt_entry(github) with a read session",
+            await c.call_tool("decrypt_entry", {"entry": "github"}),
+        )
+    async with Client(params(tokens["secrets"]), mode="auto") as c:
+        tools = await c.list_tools()
+        print(f"  secrets session (2026-07-28 protocol), tools: {[t.name for t in tools.tools]}")
+        show("decrypt_entry(github)", await c.call_tool("decrypt_entry", {"entry": "github"}))
+        show("get_totp(github-2fa)", await c.call_tool("get_totp", {"entry": "github-2fa"}))
 
 
 def main() -> int:
@@ -104,7 +141,34 @@ def main() -> int:
         apm(env, "get", "github", password=True)
         apm(env, "totp", "github-2fa", password=True)
 
-        banner("5. lock: every read is refused until the owner unlocks again")
+        banner("5. delegate sessions to an AI client (the token is shown once; we keep it hidden)")
+        tokens = {}
+        for scope in ("read", "secrets"):
+            out = apm(
+                env,
+                "delegate",
+                "--scope",
+                scope,
+                "--ttl",
+                "10m",
+                "--label",
+                f"demo {scope}",
+                "--json",
+                password=True,
+                show=False,
+            )
+            doc = json.loads(out.stdout)
+            tokens[scope] = doc["token"]
+            print(
+                f"$ apm delegate --scope {scope} --ttl 10m --json  ->  accessor "
+                f"{doc['accessor']}, scopes {doc['scopes']}, bindings {doc['bindings']}"
+            )
+        apm(env, "session", "ls", password=True)
+
+        banner("6. a real MCP client (the mcp SDK's stdio client) drives the apm-mcp shim")
+        asyncio.run(mcp_demo(env, tokens))
+
+        banner("7. lock: every read is refused until the owner unlocks again")
         apm(env, "lock")
         locked = subprocess.run(
             [PY, "-m", "broker.cli.main", "get", "github", "--password-stdin"],
@@ -118,7 +182,7 @@ def main() -> int:
         print("  " + locked.stderr.rstrip().replace("\n", "\n  "))
         apm(env, "unlock", password=True)
     finally:
-        banner("6. stop the broker (locks the vault, removes the socket)")
+        banner("8. stop the broker (locks the vault, removes the socket)")
         subprocess.run([PY, "-m", "broker.cli.main", "broker", "stop"], env=env, check=False)
         shutil.rmtree(home, ignore_errors=True)
     print("\ndemo finished; the temporary vault was removed")
