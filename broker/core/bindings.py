@@ -202,7 +202,6 @@ AGENT_PROFILES: dict[str, AgentProfile] = {
                     "/usr/share/cursor/*",
                     "/opt/Cursor/*",
                     "/opt/cursor/*",
-                    "/tmp/.mount_Cursor*/*",  # noqa: S108 - AppImage mount point
                     "~/.local/share/cursor/*",
                 ),
                 "darwin": ("/Applications/Cursor.app/Contents/*",),
