@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from broker import __version__
 from broker.wire.errors import ApmError
 
-from . import broker_cmd, entry_cmd, mcp_cmd, session_cmd, space_cmd, vault_cmd
+from . import audit_cmd, broker_cmd, entry_cmd, mcp_cmd, session_cmd, space_cmd, vault_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     space_cmd.register(sub)
     session_cmd.register(sub)
     mcp_cmd.register(sub)
+    audit_cmd.register(sub)
     broker_cmd.register(sub)
     return parser
 

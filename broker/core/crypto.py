@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -68,6 +70,11 @@ def derive_key(password: bytearray, salt: bytes, params: KdfParams) -> bytearray
             type=Type.ID,
         )
     return bytearray(raw)
+
+
+def hkdf(key: bytearray, info: bytes) -> bytes:
+    """A 256-bit subkey for one purpose; one-way: it never reveals `key`."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(bytes(key))
 
 
 def random_bytes(n: int) -> bytes:

@@ -44,6 +44,7 @@ from broker.wire.errors import (
 )
 
 from . import crypto, totp, vault_file
+from .audit import derive_audit_key
 from .crypto import Cipher, DecryptionFailed, KdfParams
 from .vault_file import Header
 
@@ -193,6 +194,10 @@ class Vault:
     def check_password(self, password: bytearray) -> None:
         dek = _unwrap(self._keyblock, password, self.header, self._header_bytes)
         crypto.zero(dek)
+
+    def audit_key(self) -> bytes:
+        """The audit log's MAC key, derived one-way from the DEK (see core/audit.py)."""
+        return derive_audit_key(self._dek)
 
     def close(self) -> None:
         crypto.zero(self._dek)

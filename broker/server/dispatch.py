@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
+from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.crypto import normalize_password, zero
 from broker.core.key_cache import KeyCache
@@ -37,6 +38,7 @@ from broker.wire.errors import (
     PermissionDenied,
     RequestTooLarge,
     SessionRequired,
+    StorageError,
     UnsupportedVersion,
 )
 from broker.wire.protocol import (
@@ -112,6 +114,7 @@ class State:
     ancestry: AncestryCache = field(default_factory=AncestryCache)
     host: str = field(default_factory=host_fingerprint)
     throttle: Throttle = field(default_factory=Throttle)
+    audit: AuditLog | None = None
     max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -170,6 +173,26 @@ class State:
                 await self.io(work)
         store.dirty = False
 
+    def peer_exe(self, peer: Peer) -> str | None:
+        if peer.pid is None:
+            return None
+        chain = self.ancestry.get(peer.pid)
+        return chain[0].exe if chain else None
+
+    def record(self, event: str, ctx: Context | None = None, **fields: Any) -> None:
+        """Append an audit record; raises StorageError so the caller refuses the operation."""
+        if self.audit is None:
+            return
+        if ctx is not None:
+            fields.setdefault("pid", ctx.peer.pid)
+            fields.setdefault("exe", self.peer_exe(ctx.peer))
+            if ctx.session is not None:
+                fields.setdefault("session", ctx.session.accessor)
+                fields.setdefault("label", ctx.session.label or None)
+            else:
+                fields.setdefault("actor", "owner" if ctx.owner_proven else None)
+        self.audit.append(event, **fields)
+
     async def flush_and_lock(self) -> bool:
         """Lock the vault, first saving session usage counters (best effort). Hold write_lock."""
         vault = self.cache.peek()
@@ -191,6 +214,7 @@ class Context:
     request_id: str
     session: SessionRecord | None = None
     identity: bytes = b""
+    owner_proven: bool = False
 
     def allows(self, space: str, tags: list[str], name: str) -> bool:
         f = self.session.filter if self.session is not None else None
@@ -290,11 +314,62 @@ def _envelope(raw: bytes) -> tuple[str, Request]:
 
 
 _READS = frozenset({"broker.ping", "broker.status", "entry.list", "entry.search", "entry.show"})
+# audited separately (unlock/lock/sessions/tools) or carrying nothing worth recording
+_UNAUDITED = frozenset(
+    {
+        "broker.ping",
+        "broker.status",
+        "vault.unlock",
+        "vault.lock",
+        "mcp.attach",
+        "mcp.detach",
+        "audit.list",
+        "audit.verify",
+        "session.whoami",
+    }
+)
+_MUTATIONS = frozenset(
+    {
+        "entry.add",
+        "entry.edit",
+        "entry.remove",
+        "space.add",
+        "space.rename",
+        "space.remove",
+        "vault.passwd",
+        "profile.set",
+        "session.create",
+        "session.revoke",
+        "vault.init",
+        "tx.approve",
+        "tx.deny",
+    }
+)
+
+
+def _ref(params: BaseModel | None) -> dict[str, Any]:
+    """What a request was about (ids and names, never values), for its audit record."""
+    if params is None:
+        return {}
+    out: dict[str, Any] = {}
+    for attr, key in (
+        ("ref", "entry"),
+        ("name", "name"),
+        ("accessor", "target"),
+        ("space", "space"),
+        ("tx_id", "tx"),
+    ):
+        value = getattr(params, attr, None)
+        if isinstance(value, str):
+            out[key] = value[:200]
+    return out
 
 
 async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") -> bytes:
     started = time.perf_counter()
     rid, method = "", "?"
+    ctx: Context | None = None
+    params: BaseModel | None = None
     try:
         rid, req = _envelope(raw)
         method = req.method
@@ -308,13 +383,23 @@ async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") ->
         if route_.access.unlocked:
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
         await _authorize(ctx, route_.access)
+        audited = method not in _UNAUDITED
+        if audited and method in _MUTATIONS:
+            state.record("request", ctx, method=method, outcome="attempt")
         result = await route_.handler(ctx, params)
+        if audited:
+            state.record("request", ctx, method=method, code="OK", **_ref(params))
         resp = Response(id=rid, ok=True, result=encode_result(result))
         code = "OK"
     except Exception as exc:
         body = to_wire_error(exc)
         resp = Response(id=rid, ok=False, error=body)
         code = body.code
+        if ctx is not None and method not in _UNAUDITED and not isinstance(exc, StorageError):
+            try:
+                state.record("request", ctx, method=method, code=code, **_ref(params))
+            except StorageError as audit_exc:
+                resp = Response(id=rid, ok=False, error=to_wire_error(audit_exc))
     ms = (time.perf_counter() - started) * 1000
     level = logging.DEBUG if method in _READS and code == "OK" else logging.INFO
     log.log(level, "%s pid=%s -> %s (%.1f ms)", method[:64], peer.pid, code, ms)
@@ -351,6 +436,12 @@ async def _authenticate_session(ctx: Context, token: str, needed: str) -> None:
             ctx.peer.pid,
             reason.reason if reason is not None else "unknown token",
         )
+        state.record(
+            "session.denied",
+            ctx,
+            session=accessor if accessor != "-" else None,
+            reason=reason.reason if reason is not None else "unknown token",
+        )
         delay = state.throttle.failed(ctx.peer)
         if delay:
             await asyncio.sleep(delay)
@@ -361,6 +452,7 @@ async def _authenticate_session(ctx: Context, token: str, needed: str) -> None:
         await state.persist_sessions()
     if scope_rank(rec.scope) < scope_rank(needed):
         store.deny(rec, f"scope {rec.scope} lacks {needed}", ctx.peer.pid)
+        state.record("session.denied", ctx, session=rec.accessor, reason=f"scope lacks {needed}")
         raise PermissionDenied(
             f"this session has scope {rec.scope!r}; the operation needs {needed!r}",
             hint=f'ask the owner for a session with "apm delegate --scope {needed}"',
@@ -376,6 +468,8 @@ async def _verify_owner(ctx: Context) -> None:
         await ctx.state.kdf(vault.check_password, password)
     except BadPassword:
         log.warning("owner check failed: wrong master password (pid=%s)", ctx.peer.pid)
+        ctx.state.record("owner.denied", ctx, reason="wrong master password")
         raise
     finally:
         zero(password)
+    ctx.owner_proven = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -137,6 +138,8 @@ async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
                 )
             vault = await ctx.state.kdf(Vault.create, path, password, PROFILES[p.profile])
             ctx.state.cache.put(vault)
+            if ctx.state.audit is not None:
+                ctx.state.audit.key = vault.audit_key()
     finally:
         zero(password)
     log.info("vault created at %s (profile %s)", path, p.profile)
@@ -158,10 +161,19 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
                 ctx.state.cache.put(vault)
     except BadPassword:
         log.warning("unlock failed: wrong master password (pid=%s)", ctx.peer.pid)
+        ctx.state.record("vault.unlock_failed", ctx, reason="wrong master password")
         raise
     finally:
         zero(password)
     vault = ctx.state.cache.get()
+    if ctx.state.audit is not None:
+        ctx.state.audit.key = vault.audit_key()
+    try:
+        ctx.state.record("vault.unlock", ctx)
+    except Exception:
+        async with ctx.state.write_lock:
+            await ctx.state.flush_and_lock()  # fail closed: no unlock without its record
+        raise
     await apply_pending_revocations(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
     if idle_at is None or hard_at is None:
@@ -175,6 +187,8 @@ async def process_vault_lock(ctx: Context, p: Empty) -> LockResult:
     async with ctx.state.write_lock:
         was = await ctx.state.flush_and_lock()
     log.info("vault locked by pid=%s", ctx.peer.pid)
+    with contextlib.suppress(Exception):  # locking never fails, even if the log does
+        ctx.state.record("vault.lock", ctx, reason="requested", was_unlocked=was)
     return LockResult(was_unlocked=was)
 
 

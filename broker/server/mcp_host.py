@@ -252,12 +252,34 @@ class McpHost:
             try:
                 c, _ = await self._authorize(conn)
             except ApmError as exc:
+                why = "vault locked"
                 if isinstance(exc, SessionRequired):
                     reason = self.state.sessions().denials.get(conn.accessor)
                     why = reason[-1].reason if reason else "unknown"
                     log.warning("mcp call refused: session=%s reason=%s", conn.accessor, why)
+                with contextlib.suppress(ApmError):
+                    self.state.record(
+                        "session.denied",
+                        session=conn.accessor,
+                        pid=conn.peer.pid,
+                        tool=params.name[:64],
+                        reason=why,
+                        client=conn.client_name,
+                    )
                 return mcp_tools.error_result(exc)
-            return await mcp_tools.call(c, params.name, params.arguments)
+            result = await mcp_tools.call(c, params.name, params.arguments)
+            try:  # fail closed: no record, no result
+                self.state.record(
+                    "tool",
+                    c,
+                    tool=params.name[:64],
+                    code=mcp_tools.result_code(result),
+                    client=conn.client_name,
+                    **mcp_tools.result_refs(params.arguments, result),
+                )
+            except ApmError as exc:
+                return mcp_tools.error_result(exc)
+            return result
 
         return Server(
             "apm",

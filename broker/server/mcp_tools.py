@@ -346,6 +346,32 @@ def tools_for(scope: str) -> list[types.Tool]:
     return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank]
 
 
+def result_code(result: types.CallToolResult) -> str:
+    if not result.is_error:
+        return "OK"
+    body = result.structured_content or {}
+    return str(body.get("code", "INTERNAL_ERROR"))
+
+
+def result_refs(arguments: dict[str, Any] | None, result: types.CallToolResult) -> dict[str, Any]:
+    """Entry, transaction and receipt ids of a call, for its audit record (never values)."""
+    refs: dict[str, Any] = {}
+    args = arguments or {}
+    for key in ("entry", "name", "tx_id", "space"):
+        value = args.get(key)
+        if isinstance(value, str):
+            refs["tx" if key == "tx_id" else key] = value[:200]
+    body = result.structured_content or {}
+    for key in ("tx_id", "receipt", "id"):
+        value = body.get(key)
+        if isinstance(value, str):
+            refs[{"tx_id": "tx", "id": "entry_id"}.get(key, key)] = value[:200]
+    entry = body.get("entry")
+    if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+        refs["entry_id"] = entry["id"]
+    return refs
+
+
 def error_result(exc: BaseException) -> types.CallToolResult:
     body = to_wire_error(exc)
     text = f"Error {body.code}: {body.message}."

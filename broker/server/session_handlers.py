@@ -125,6 +125,14 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
     except Exception:
         store.discard(rec.accessor)
         raise
+    state.record(
+        "session.created",
+        ctx,
+        target=rec.accessor,
+        scope=rec.scope,
+        expires_at=rec.expires_at.isoformat(),
+        label=rec.label or None,
+    )
     log.info(
         "session %s created: scope=%s label=%r expires=%s by pid=%s",
         rec.accessor,
@@ -180,6 +188,7 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
         done = [rec.accessor] if store.revoke(rec.accessor) else []
         await state.persist_sessions()
         log.info("revoked %s (by token) by pid=%s", ",".join(done) or "nothing", ctx.peer.pid)
+        state.record("session.revoked", ctx, target=",".join(done) or None, how="token")
         return SessionRevokeResult(revoked=done)
     if state.cache.peek() is None:
         item = (
@@ -187,6 +196,7 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
         )
         await state.io(_pending(state).add, item)
         log.info("revocation recorded while locked (%s), by pid=%s", item, ctx.peer.pid)
+        state.record("session.revoked", ctx, target=p.accessor or "all", pending=True)
         return SessionRevokeResult(revoked=[p.accessor] if p.accessor else [], pending=True)
     store = state.sessions()
     if p.all:
@@ -198,6 +208,7 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
         done = [accessor] if store.revoke(accessor) else []
     await state.persist_sessions()
     log.info("revoked %s by pid=%s", ",".join(done) or "nothing", ctx.peer.pid)
+    state.record("session.revoked", ctx, target=",".join(done) or None)
     return SessionRevokeResult(revoked=done)
 
 

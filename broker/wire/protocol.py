@@ -427,6 +427,28 @@ class McpDetachParams(Strict):
     conn: str = Field(max_length=64)
 
 
+# ---------------------------------------------------------------- audit
+
+
+class AuditListParams(Strict):
+    since: datetime | None = None
+    session: str | None = Field(default=None, max_length=64)
+    event: str | None = Field(default=None, max_length=64)
+    after_seq: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class AuditListResult(BaseModel):
+    records: list[dict[str, Any]]
+    last_seq: int
+
+
+class AuditVerifyResult(BaseModel):
+    ok: bool
+    records: int
+    findings: list[str]
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -456,6 +478,8 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "session.why": (SessionRef, SessionWhyResult),
     "session.revoke": (SessionRevokeParams, SessionRevokeResult),
     "session.whoami": (Empty, WhoAmIResult),
+    "audit.list": (AuditListParams, AuditListResult),
+    "audit.verify": (Empty, AuditVerifyResult),
     "mcp.attach": (McpAttachParams, McpAttachResult),
     "mcp.detach": (McpDetachParams, Empty),
 }
