@@ -10,7 +10,16 @@ from pydantic import ValidationError
 from broker import __version__
 from broker.wire.errors import ApmError
 
-from . import audit_cmd, broker_cmd, entry_cmd, mcp_cmd, session_cmd, space_cmd, vault_cmd
+from . import (
+    audit_cmd,
+    broker_cmd,
+    entry_cmd,
+    mcp_cmd,
+    session_cmd,
+    space_cmd,
+    tx_cmd,
+    vault_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     session_cmd.register(sub)
     mcp_cmd.register(sub)
     audit_cmd.register(sub)
+    tx_cmd.register(sub)
     broker_cmd.register(sub)
     return parser
 

@@ -284,6 +284,7 @@ def _delegate_opts(p: argparse.ArgumentParser) -> None:
         help="do not bind to the client's agent profile (not recommended)",
     )
     p.add_argument("--pin", action="store_true")
+    p.add_argument("--approve", choices=("agent", "client", "owner"), default="agent")
     p.add_argument("--space", action="append", metavar="S")
     p.add_argument("--tag", action="append", metavar="T")
     p.add_argument("--entries", action="append", metavar="GLOB")

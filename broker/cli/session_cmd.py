@@ -89,6 +89,7 @@ def _details(s: SessionInfo) -> list[str]:
         f"scopes:    {', '.join(s.scopes)}",
         f"state:     {s.state}",
         f"bindings:  {describe_bindings(s.bindings)}",
+        f"approves:  {s.approve} (writes)",
         f"expires:   {_when(s.expires_at)}",
     ]
     if s.idle_seconds:
@@ -118,6 +119,7 @@ def create_params(args: argparse.Namespace, **overrides: object) -> SessionCreat
         "agent": getattr(args, "agent", None),
         "agent_exe": getattr(args, "agent_exe", None),
         "pin": getattr(args, "pin", False),
+        "approve": getattr(args, "approve", "agent"),
         "spaces": getattr(args, "space", None) or [],
         "tags": getattr(args, "tag", None) or [],
         "entries": getattr(args, "entries", None) or [],
@@ -282,6 +284,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     agent.add_argument("--agent-exe", metavar="PATH", help="only descendants of this executable")
     p.add_argument(
         "--pin", action="store_true", help="bind to the first process tree that uses the session"
+    )
+    p.add_argument(
+        "--approve",
+        choices=("agent", "client", "owner"),
+        default="agent",
+        help="who approves this session's writes: the agent itself (default), the person "
+        "through the MCP client (elicitation), or the owner with apm tx approve",
     )
     p.add_argument("--space", action="append", metavar="S", help="only entries in these spaces")
     p.add_argument("--tag", action="append", metavar="T", help="only entries with these tags")

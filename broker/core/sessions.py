@@ -31,6 +31,7 @@ from .bindings import AGENT_PROFILES, AgentProfile, AncestryCache, Proc
 from .vault_file import atomic_write
 
 Scope = Literal["read", "secrets", "write", "admin"]
+Approver = Literal["agent", "client", "owner"]
 SCOPES: tuple[str, ...] = ("read", "secrets", "write", "admin")
 TOKEN_PREFIX = "eps_"  # noqa: S105 - a prefix, not a secret
 ACCESSOR_PREFIX = "ses_"
@@ -99,6 +100,7 @@ class SessionRecord(BaseModel):
     bindings: Bindings = Field(default_factory=Bindings)
     revoked_at: datetime | None = None
     declared_agent: str | None = None
+    approve: Approver = "agent"  # who approves this session's writes
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -136,6 +138,7 @@ class CreateSpec:
     agent_exe: str | None = None
     pin: bool = False
     filter: EntryFilter = field(default_factory=EntryFilter)
+    approve: Approver = "agent"
 
 
 @dataclass
@@ -215,6 +218,7 @@ class SessionStore:
             max_uses=spec.max_uses,
             filter=spec.filter,
             bindings=bindings,
+            approve=spec.approve,
         )
         self._index(rec)
         return token, rec

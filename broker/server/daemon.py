@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -21,15 +22,33 @@ from pathlib import Path
 from typing import Any
 
 from broker import __version__, paths
+from broker.core.audit import AuditLog
 from broker.core.key_cache import KeyCache, LockPolicy
 from broker.wire.errors import ApmError, InvalidParameters
 from broker.wire.protocol import MCP_FRAME
 
-from . import dispatch, handlers, hardening, mcp_routes, session_handlers
+from . import (
+    audit_handlers,
+    dispatch,
+    handlers,
+    hardening,
+    mcp_routes,
+    session_handlers,
+    tx_handlers,
+)
 from .transport import Peer, Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
-_ = (handlers, session_handlers, mcp_routes)  # importing them registers the routes
+_ = (
+    handlers,
+    session_handlers,
+    mcp_routes,
+    audit_handlers,
+    tx_handlers,
+)  # importing them registers the routes
+
+
+MAX_TIMEOUT = timedelta(days=3660)
 
 
 @dataclass(frozen=True)
@@ -52,8 +71,16 @@ def load_config(config_file: Path) -> Config:
         raise InvalidParameters(
             f"cannot read {config_file}: {exc}", hint="fix or remove the config file"
         ) from exc
-    if idle <= 0 or hard <= 0 or max_ttl_days <= 0:
-        raise InvalidParameters(f"{config_file}: timeouts must be positive")
+    # `0 < x <= cap` also refuses nan and inf; the cap keeps every deadline a valid datetime
+    cap_days = MAX_TIMEOUT.days
+    if not (
+        0 < idle <= cap_days * 24 * 60
+        and 0 < hard <= cap_days * 24
+        and 0 < max_ttl_days <= cap_days
+    ):
+        raise InvalidParameters(
+            f"{config_file}: timeouts must be positive and at most {cap_days} days"
+        )
     return Config(
         lock=LockPolicy(idle=timedelta(minutes=idle), hard=timedelta(hours=hard)),
         max_ttl=timedelta(days=max_ttl_days),
@@ -88,6 +115,8 @@ async def _reaper(state: dispatch.State) -> None:
             async with state.write_lock:
                 if await state.flush_and_lock():
                     log.info("vault auto-locked after its idle or maximum unlock time")
+                    with contextlib.suppress(Exception):
+                        state.record("vault.lock", reason="timeout")
 
 
 async def _serve(state: dispatch.State, transport: Transport) -> None:
@@ -135,6 +164,9 @@ async def run(p: paths.Paths, config: Config) -> int:
     transport.bind()
     state = dispatch.State(paths=p, cache=KeyCache(config.lock), max_ttl=config.max_ttl)
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
+    state.audit = AuditLog(p.state_dir / "audit.jsonl")
+    state.audit.open()
+    state.record("broker.start", version=__version__, pid=os.getpid())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.shutdown.set)
@@ -149,7 +181,10 @@ async def run(p: paths.Paths, config: Config) -> int:
         host = state._mcp_host.result() if state._mcp_host.done() else None
         if host is not None:
             await host.close_all()
-        await state.flush_and_lock()
+        was = await state.flush_and_lock()
+        with contextlib.suppress(Exception):
+            state.record("broker.stop", was_unlocked=was)
+        state.audit.close()
         transport.close()
         state.kdf_pool.shutdown(wait=False, cancel_futures=True)
         state.io_pool.shutdown(wait=True)

@@ -28,6 +28,7 @@ from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.crypto import normalize_password, zero
 from broker.core.key_cache import KeyCache
 from broker.core.sessions import SessionRecord, SessionStore, scope_rank
+from broker.core.transactions import TxStore
 from broker.core.vault import StoredEntry, Vault, utcnow
 from broker.paths import Paths
 from broker.wire.errors import (
@@ -115,6 +116,7 @@ class State:
     host: str = field(default_factory=host_fingerprint)
     throttle: Throttle = field(default_factory=Throttle)
     audit: AuditLog | None = None
+    txs: TxStore = field(init=False)
     max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -133,6 +135,9 @@ class State:
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Durable writes run one at a time, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    def __post_init__(self) -> None:
+        self.txs = TxStore(self.clock)
 
     _store: SessionStore | None = None
     _store_vault: Vault | None = None
@@ -215,6 +220,7 @@ class Context:
     session: SessionRecord | None = None
     identity: bytes = b""
     owner_proven: bool = False
+    mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
 
     def allows(self, space: str, tags: list[str], name: str) -> bool:
         f = self.session.filter if self.session is not None else None

@@ -267,6 +267,7 @@ class McpHost:
                         client=conn.client_name,
                     )
                 return mcp_tools.error_result(exc)
+            c.mcp = ctx  # for the client approval policy (elicitation)
             result = await mcp_tools.call(c, params.name, params.arguments)
             try:  # fail closed: no record, no result
                 self.state.record(

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import mcp.types as types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from broker.core.sessions import scope_rank, scopes_up_to
 from broker.wire.entries import ENTRY_TYPE_NAMES, EntryMeta, EntryType
@@ -33,13 +31,12 @@ from broker.wire.protocol import (
 )
 
 from . import handlers
+from .admin_tools import ADMIN_TOOLS
 from .dispatch import Context, to_wire_error
+from .tool_base import Args, ToolSpec, require_scope
+from .write_tools import WRITE_TOOLS
 
 log = logging.getLogger("apm.broker.mcp")
-
-
-class Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ListEntriesArgs(Args):
@@ -134,39 +131,6 @@ class AssistOut(BaseModel):
     how_to_get_more_access: str
 
 
-Run = Callable[[Context, Any], Awaitable[BaseModel]]
-
-
-@dataclass(frozen=True)
-class ToolSpec:
-    name: str
-    title: str
-    description: str
-    scope: str
-    args: type[Args]
-    out: type[BaseModel]
-    run: Run
-    read_only: bool = True
-    destructive: bool = False
-    idempotent: bool = True
-
-    def to_mcp(self) -> types.Tool:
-        return types.Tool(
-            name=self.name,
-            title=self.title,
-            description=self.description,
-            input_schema=self.args.model_json_schema(),
-            output_schema=self.out.model_json_schema(),
-            annotations=types.ToolAnnotations(
-                title=self.title,
-                read_only_hint=self.read_only,
-                destructive_hint=self.destructive,
-                idempotent_hint=self.idempotent,
-                open_world_hint=False,
-            ),
-        )
-
-
 # ------------------------------------------------------------------ tool bodies
 
 
@@ -192,20 +156,9 @@ async def _search_entries(ctx: Context, a: SearchEntriesArgs) -> SearchEntriesOu
     return SearchEntriesOut(hits=res.hits)
 
 
-def _require(ctx: Context, scope: str, what: str) -> None:
-    have = ctx.session.scope if ctx.session is not None else "admin"
-    if scope_rank(have) < scope_rank(scope):
-        raise PermissionDenied(
-            f"{what} needs the {scope!r} scope; this session has {have!r}",
-            hint=f'ask the person to run "apm delegate --scope {scope}" and restart the client '
-            f"with the new APM_EPHEMERAL_ID",
-            data={"needed": scope, "scope": have},
-        )
-
-
 async def _get_entry(ctx: Context, a: GetEntryArgs) -> GetEntryOut:
     if a.include_secret:
-        _require(ctx, "secrets", "include_secret")
+        require_scope(ctx, "secrets", "include_secret")
     meta = await handlers.process_entry_show(ctx, EntryRef(ref=a.entry, space=a.space))
     secret = None
     if a.include_secret:
@@ -265,7 +218,7 @@ async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
     )
 
 
-TOOLS: tuple[ToolSpec, ...] = (
+READ_TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         name="list_entries",
         title="List vault entries",
@@ -338,6 +291,7 @@ TOOLS: tuple[ToolSpec, ...] = (
         idempotent=False,
     ),
 )
+TOOLS: tuple[ToolSpec, ...] = READ_TOOLS + WRITE_TOOLS + ADMIN_TOOLS
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 
 
@@ -394,7 +348,7 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        _require(ctx, spec.scope, spec.name)
+        require_scope(ctx, spec.scope, spec.name)
         args = spec.args.model_validate(arguments or {})
         out = await spec.run(ctx, args)
         structured = json.loads(out.model_dump_json())

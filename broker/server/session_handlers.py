@@ -74,6 +74,7 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
         bindings=bindings,
         declared_agent=rec.declared_agent,
         revoked_at=rec.revoked_at,
+        approve=rec.approve,
     )
 
 
@@ -118,6 +119,7 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
         agent_exe=p.agent_exe,
         pin=p.pin,
         filter=EntryFilter(spaces=p.spaces, tags=p.tags, globs=p.entries),
+        approve=p.approve,
     )
     token, rec = store.create(spec)
     try:

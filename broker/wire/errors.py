@@ -168,6 +168,33 @@ class TransactionExpired(ApmError):
     default_hint = "call the write tool again without tx_id for a fresh preview"
 
 
+class TransactionNotFound(ApmError):
+    code = "TRANSACTION_NOT_FOUND"
+    exit_code = 6
+    default_message = "transaction not found"
+    default_hint = "call the write tool without tx_id for a new preview"
+
+
+class TransactionClosed(ApmError):
+    code = "TRANSACTION_CLOSED"
+    exit_code = 7
+    default_message = "transaction already committed or aborted"
+    default_hint = "call the write tool without tx_id for a new preview"
+
+
+class TransactionConflict(ApmError):
+    code = "TRANSACTION_CONFLICT"
+    exit_code = 7
+    default_message = "the entry changed since the preview"
+    default_hint = "review the fresh preview in this error and commit its tx_id"
+
+
+class ApprovalDenied(ApmError):
+    code = "APPROVAL_DENIED"
+    exit_code = 5
+    default_message = "the change was not approved"
+
+
 class BrokerUnavailable(ApmError):
     code = "BROKER_UNAVAILABLE"
     exit_code = 9

@@ -327,6 +327,7 @@ class SessionCreateParams(Strict):
     agent: str | None = Field(default=None, max_length=64)
     agent_exe: str | None = Field(default=None, max_length=4096)
     pin: bool = False
+    approve: Literal["agent", "client", "owner"] = "agent"
     spaces: list[str] = Field(default_factory=list, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=64)
     entries: list[str] = Field(default_factory=list, max_length=64)
@@ -348,6 +349,7 @@ class SessionInfo(BaseModel):
     bindings: dict[str, Any] = Field(default_factory=dict)
     declared_agent: str | None = None
     revoked_at: datetime | None = None
+    approve: str = "agent"
 
 
 class SessionCreateResult(BaseModel):
@@ -449,6 +451,36 @@ class AuditVerifyResult(BaseModel):
     findings: list[str]
 
 
+# ---------------------------------------------------------------- transactions (owner side)
+
+
+class TxListParams(Strict):
+    pending: bool = False
+
+
+class TxSummary(BaseModel):
+    tx_id: str
+    tool: str
+    status: str
+    preview: str
+    policy: str
+    session: str
+    label: str
+    created_at: datetime
+    expires_at: datetime
+    receipt: str | None = None
+    reason: str | None = None
+
+
+class TxListResult(BaseModel):
+    transactions: list[TxSummary]
+
+
+class TxDecideParams(Strict):
+    tx_id: str = Field(max_length=64)
+    reason: str | None = Field(default=None, max_length=500)
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -479,6 +511,9 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "session.revoke": (SessionRevokeParams, SessionRevokeResult),
     "session.whoami": (Empty, WhoAmIResult),
     "audit.list": (AuditListParams, AuditListResult),
+    "tx.list": (TxListParams, TxListResult),
+    "tx.approve": (TxDecideParams, TxSummary),
+    "tx.deny": (TxDecideParams, TxSummary),
     "audit.verify": (Empty, AuditVerifyResult),
     "mcp.attach": (McpAttachParams, McpAttachResult),
     "mcp.detach": (McpDetachParams, Empty),

@@ -1,0 +1,63 @@
+"""The shape every MCP tool shares: validated arguments, a spec with scope and annotations."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mcp.types as types
+from pydantic import BaseModel, ConfigDict
+
+from broker.core.sessions import scope_rank
+from broker.wire.errors import PermissionDenied
+
+from .dispatch import Context
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Run = Callable[[Context, Any], Awaitable[BaseModel]]
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    title: str
+    description: str
+    scope: str
+    args: type[Args]
+    out: type[BaseModel]
+    run: Run
+    read_only: bool = True
+    destructive: bool = False
+    idempotent: bool = True
+
+    def to_mcp(self) -> types.Tool:
+        return types.Tool(
+            name=self.name,
+            title=self.title,
+            description=self.description,
+            input_schema=self.args.model_json_schema(),
+            output_schema=self.out.model_json_schema(),
+            annotations=types.ToolAnnotations(
+                title=self.title,
+                read_only_hint=self.read_only,
+                destructive_hint=self.destructive,
+                idempotent_hint=self.idempotent,
+                open_world_hint=False,
+            ),
+        )
+
+
+def require_scope(ctx: Context, scope: str, what: str) -> None:
+    have = ctx.session.scope if ctx.session is not None else "admin"
+    if scope_rank(have) < scope_rank(scope):
+        raise PermissionDenied(
+            f"{what} needs the {scope!r} scope; this session has {have!r}",
+            hint=f'ask the person to run "apm delegate --scope {scope}" and restart the client '
+            f"with the new APM_EPHEMERAL_ID",
+            data={"needed": scope, "scope": have},
+        )

@@ -1,0 +1,54 @@
+"""`tx.list`, `tx.approve`, `tx.deny`: the owner's side of the `owner` approval policy.
+
+Approving proves the master password (it grants power); it marks the transaction approved and
+the agent's next commit call executes exactly the stored arguments.
+"""
+
+from __future__ import annotations
+
+from broker.core.transactions import Transaction
+from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
+
+from .dispatch import Access, Context, log, route
+
+OWNER = Access(unlocked=True, owner_only=True)
+
+
+def summary(tx: Transaction, ctx: Context) -> TxSummary:
+    return TxSummary(
+        tx_id=tx.tx_id,
+        tool=tx.tool,
+        status=tx.status(ctx.state.clock()),
+        preview=tx.preview,
+        policy=tx.policy,
+        session=tx.accessor,
+        label=tx.label,
+        created_at=tx.created_at,
+        expires_at=tx.expires_at,
+        receipt=tx.receipt,
+        reason=tx.decided_reason,
+    )
+
+
+@route("tx.list", OWNER)
+async def process_tx_list(ctx: Context, p: TxListParams) -> TxListResult:
+    states = {"pending", "awaiting_owner"} if p.pending else None
+    return TxListResult(transactions=[summary(t, ctx) for t in ctx.state.txs.listing(None, states)])
+
+
+async def _decide(ctx: Context, p: TxDecideParams, approve: bool) -> TxSummary:
+    tx = ctx.state.txs.owner_decide(p.tx_id, approve, p.reason)
+    event = "tx.approved" if approve else "tx.denied"
+    ctx.state.record(event, ctx, tx=tx.tx_id, by="owner", target=tx.accessor)
+    log.info("%s %s by the owner (pid=%s)", tx.tx_id, tx.state, ctx.peer.pid)
+    return summary(tx, ctx)
+
+
+@route("tx.approve", OWNER)
+async def process_tx_approve(ctx: Context, p: TxDecideParams) -> TxSummary:
+    return await _decide(ctx, p, True)
+
+
+@route("tx.deny", OWNER)
+async def process_tx_deny(ctx: Context, p: TxDecideParams) -> TxSummary:
+    return await _decide(ctx, p, False)

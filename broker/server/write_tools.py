@@ -1,0 +1,645 @@
+"""Write tools (scope `write`) and transaction tools: preview -> tx_id -> approve -> receipt.
+
+A write tool called without `tx_id` validates and normalises its arguments, stores them with
+their hash in a pending transaction bound to the session and the tool, and returns a readable
+preview with secret values masked. Called with `{tx_id, approve: true}` it executes the stored
+arguments — never the commit call's — once whoever the session's policy names has approved.
+
+Rules:
+- A commit call carrying other arguments that differ from the previewed ones is refused.
+- If the entry changed since the preview, the commit fails with TRANSACTION_CONFLICT and a
+  fresh preview.
+- The audit record naming the transaction and its receipt is written before the change; if
+  it cannot be written the commit is refused.
+- The `client` policy asks the person through MCP elicitation; a client that cannot be asked
+  cannot commit (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import string
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import mcp.types as types
+from pydantic import BaseModel, Field, SecretStr
+
+from broker.core.sessions import scope_rank
+from broker.core.transactions import Transaction
+from broker.wire.entries import ENTRY_TYPES, EntryMeta, EntryType
+from broker.wire.errors import (
+    ApprovalDenied,
+    EntryNotFound,
+    InvalidParameters,
+    PermissionDenied,
+    TransactionConflict,
+)
+from broker.wire.protocol import (
+    EntryAddParams,
+    EntryEditParams,
+    EntryRef,
+    SecretValue,
+    SpaceAddParams,
+    SpaceRemoveParams,
+    SpaceRenameParams,
+)
+
+from . import handlers
+from .dispatch import Context
+from .tool_base import Args, ToolSpec
+
+log = logging.getLogger("apm.broker.tx")
+MASK = "********"
+
+
+class TxArgs(Args):
+    tx_id: str | None = Field(default=None, max_length=64, description="commit this preview")
+    approve: bool = Field(default=False, description="with tx_id: execute the previewed change")
+
+
+class AddEntryArgs(TxArgs):
+    type: EntryType | None = None
+    name: str | None = Field(default=None, max_length=200)
+    space: str = "default"
+    tags: list[str] = Field(default_factory=list)
+    url: str | None = None
+    notes: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict, description="non-secret fields")
+    secrets: dict[str, str] = Field(default_factory=dict, description="secret fields")
+
+
+class EditEntryArgs(TxArgs):
+    entry: str | None = Field(default=None, max_length=200, description="id or name")
+    space: str | None = None
+    new_name: str | None = None
+    move_to: str | None = None
+    add_tags: list[str] = Field(default_factory=list)
+    remove_tags: list[str] = Field(default_factory=list)
+    url: str | None = None
+    notes: str | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict)
+    remove_fields: list[str] = Field(default_factory=list)
+
+
+class DeleteEntryArgs(TxArgs):
+    entry: str | None = Field(default=None, max_length=200)
+    space: str | None = None
+
+
+class ManageSpacesArgs(TxArgs):
+    action: Literal["create", "rename", "remove"] | None = None
+    name: str | None = None
+    new_name: str | None = None
+    force: bool = False
+
+
+class GeneratePasswordArgs(TxArgs):
+    entry: str | None = Field(default=None, max_length=200, description="entry to set, id/name")
+    space: str | None = None
+    field: str | None = Field(default=None, description="default: the type's main secret")
+    type: EntryType | None = Field(default=None, description="create the entry with this type")
+    length: int = Field(default=24, ge=8, le=128)
+    lowercase: bool = True
+    uppercase: bool = True
+    digits: bool = True
+    symbols: bool = True
+
+
+class WriteOut(BaseModel):
+    status: Literal["pending", "pending_owner_approval", "committed"]
+    tx_id: str
+    tool: str
+    preview: str
+    policy: str
+    expires_at: datetime | None = None
+    receipt: str | None = None
+    next_step: str
+    entry: EntryMeta | None = None
+    generated: str | None = None  # a generated password, only for sessions with `secrets`
+
+
+class TxStatusArgs(Args):
+    tx_id: str = Field(max_length=64)
+
+
+class TxInfo(BaseModel):
+    tx_id: str
+    tool: str
+    status: str
+    preview: str
+    policy: str
+    created_at: datetime
+    expires_at: datetime
+    receipt: str | None = None
+    reason: str | None = None
+
+
+class TxListArgs(Args):
+    status: str | None = None
+
+
+class TxListOut(BaseModel):
+    transactions: list[TxInfo]
+
+
+def tx_info(tx: Transaction, now: datetime) -> TxInfo:
+    return TxInfo(
+        tx_id=tx.tx_id,
+        tool=tx.tool,
+        status=tx.status(now),
+        preview=tx.preview,
+        policy=tx.policy,
+        created_at=tx.created_at,
+        expires_at=tx.expires_at,
+        receipt=tx.receipt,
+        reason=tx.decided_reason,
+    )
+
+
+@dataclass
+class Plan:
+    method: str
+    params: BaseModel
+    preview: str
+    entry_id: str | None = None
+    base_updated_at: datetime | None = None
+    generated: str | None = None
+
+
+Build = Callable[[Context, Any], Awaitable[Plan]]
+
+
+# ------------------------------------------------------------------ previews
+
+
+def _fmt_fields(fields: dict[str, str], secret_names: list[str]) -> list[str]:
+    lines = [f"  {k}: {v}" for k, v in fields.items()]
+    lines += [f"  {k}: {MASK} (secret)" for k in secret_names]
+    return lines
+
+
+def _need(value: object, name: str) -> None:
+    if value is None or value == "":
+        raise InvalidParameters(f"{name} is required for a preview", data={"fields": [name]})
+
+
+async def _plan_add(ctx: Context, a: AddEntryArgs) -> Plan:
+    if a.type is None or not a.name:
+        missing = [n for n, v in (("type", a.type), ("name", a.name)) if not v]
+        raise InvalidParameters(
+            "type and name are required for a preview", data={"fields": missing}
+        )
+    params = EntryAddParams(
+        type=a.type,
+        name=a.name,
+        space=a.space,
+        tags=a.tags,
+        url=a.url,
+        notes=a.notes,
+        fields=a.fields,
+        secrets={k: SecretValue(value=SecretStr(v)) for k, v in a.secrets.items()},
+    )
+    vault = ctx.state.cache.get()
+    if not ctx.allows(a.space, a.tags, a.name):
+        raise PermissionDenied("this session may not create entries outside its entry filter")
+    if a.space not in vault.spaces:
+        raise EntryNotFound(f"space {a.space!r} does not exist", hint="create it: manage_spaces")
+    lines = [f"+ add {a.type} {a.name!r} in space {a.space!r}"]
+    lines += _fmt_fields(a.fields, list(a.secrets))
+    if a.tags:
+        lines.append(f"  tags: {', '.join(a.tags)}")
+    if a.url:
+        lines.append(f"  url: {a.url}")
+    return Plan("entry.add", params, "\n".join(lines))
+
+
+async def _plan_edit(ctx: Context, a: EditEntryArgs) -> Plan:
+    _need(a.entry, "entry")
+    vault = ctx.state.cache.get()
+    entry = vault.resolve(a.entry or "", a.space, ctx.visible)
+    params = EntryEditParams(
+        ref=entry.id,
+        new_name=a.new_name,
+        move_to=a.move_to,
+        add_tags=a.add_tags,
+        remove_tags=a.remove_tags,
+        url=a.url,
+        notes=a.notes,
+        fields=a.fields,
+        secrets={k: SecretValue(value=SecretStr(v)) for k, v in a.secrets.items()},
+        remove_fields=a.remove_fields,
+    )
+    lines = [f"~ edit {entry.type} {entry.name!r} (space {entry.space!r})"]
+    if a.new_name:
+        lines.append(f"  name: {entry.name} -> {a.new_name}")
+    if a.move_to:
+        lines.append(f"  space: {entry.space} -> {a.move_to}")
+    for k, v in a.fields.items():
+        old = entry.fields.get(k)
+        before = old.value if old is not None and not old.secret else None
+        lines.append(f"  {k}: {before if before is not None else '(none)'} -> {v}")
+    for k in a.secrets:
+        lines.append(f"  {k}: {MASK} -> {MASK} (secret changed; the old value goes to history)")
+    for k in a.remove_fields:
+        lines.append(f"  {k}: removed")
+    if a.add_tags or a.remove_tags:
+        lines.append(f"  tags: +{','.join(a.add_tags) or '-'} -{','.join(a.remove_tags) or '-'}")
+    if a.url is not None:
+        lines.append(f"  url: {entry.url or '(none)'} -> {a.url or '(none)'}")
+    if a.notes is not None:
+        lines.append("  notes: changed")
+    if len(lines) == 1:
+        raise InvalidParameters("nothing to change", hint="name at least one change")
+    return Plan("entry.edit", params, "\n".join(lines), entry.id, entry.updated_at)
+
+
+async def _plan_delete(ctx: Context, a: DeleteEntryArgs) -> Plan:
+    _need(a.entry, "entry")
+    entry = ctx.state.cache.get().resolve(a.entry or "", a.space, ctx.visible)
+    preview = f"- delete {entry.type} {entry.name!r} (space {entry.space!r}, id {entry.id})"
+    return Plan("entry.remove", EntryRef(ref=entry.id), preview, entry.id, entry.updated_at)
+
+
+async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
+    _need(a.action, "action")
+    _need(a.name, "name")
+    ctx.require_unfiltered()
+    name = a.name or ""
+    vault = ctx.state.cache.get()
+    if a.action == "create":
+        return Plan("space.add", SpaceAddParams(name=name), f"+ create space {name!r}")
+    counts = vault.space_counts()
+    if name not in counts:
+        raise EntryNotFound(f"space {name!r} does not exist")
+    if a.action == "rename":
+        _need(a.new_name, "new_name")
+        params: BaseModel = SpaceRenameParams(name=name, new_name=a.new_name or "")
+        return Plan(
+            "space.rename",
+            params,
+            f"~ rename space {name!r} -> {a.new_name!r} ({counts[name]} entries move with it)",
+        )
+    preview = f"- remove space {name!r}"
+    if counts[name]:
+        preview += f" AND its {counts[name]} entries" if a.force else f" ({counts[name]} entries)"
+    return Plan("space.remove", SpaceRemoveParams(name=name, force=a.force), preview)
+
+
+def generate(a: GeneratePasswordArgs) -> str:
+    classes = [
+        c
+        for on, c in (
+            (a.lowercase, string.ascii_lowercase),
+            (a.uppercase, string.ascii_uppercase),
+            (a.digits, string.digits),
+            (a.symbols, "!#$%&()*+,-./:;<=>?@[]^_{|}~"),
+        )
+        if on
+    ]
+    if not classes:
+        raise InvalidParameters("choose at least one character class")
+    alphabet = "".join(classes)
+    while True:
+        value = "".join(secrets.choice(alphabet) for _ in range(a.length))
+        if all(any(ch in c for ch in value) for c in classes):
+            return value
+
+
+async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
+    _need(a.entry, "entry")
+    value = generate(a)
+    vault = ctx.state.cache.get()
+    try:
+        entry = vault.resolve(a.entry or "", a.space, ctx.visible)
+    except EntryNotFound:
+        if a.type is None:
+            raise EntryNotFound(
+                "no such entry", hint="pass `type` to create a new entry with this password"
+            ) from None
+        field = a.field or ENTRY_TYPES[a.type].primary or "password"
+        plan = await _plan_add(
+            ctx,
+            AddEntryArgs(
+                type=a.type, name=a.entry, space=a.space or "default", secrets={field: value}
+            ),
+        )
+        plan.preview += f"\n  ({field}: generated, {a.length} characters)"
+        plan.generated = value
+        return plan
+    field = a.field or ENTRY_TYPES[entry.type].primary or "password"
+    plan = await _plan_edit(ctx, EditEntryArgs(entry=entry.id, secrets={field: value}))
+    plan.preview += f"\n  ({field}: generated, {a.length} characters)"
+    plan.generated = value
+    return plan
+
+
+# ------------------------------------------------------------------ the two phases
+
+_EXECUTE: dict[str, Callable[[Context, Any], Awaitable[Any]]] = {
+    "entry.add": handlers.process_entry_add,
+    "entry.edit": handlers.process_entry_edit,
+    "entry.remove": handlers.process_entry_remove,
+    "space.add": handlers.process_space_add,
+    "space.rename": handlers.process_space_rename,
+    "space.remove": handlers.process_space_remove,
+}
+
+
+def _commit_hint(tool: str, tx_id: str) -> str:
+    return f'call {tool} with {{"tx_id": "{tx_id}", "approve": true}} to execute it'
+
+
+async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
+    rec = ctx.session
+    if rec is None:
+        raise PermissionDenied("write tools need a session")
+    plan = await build(ctx, a)
+    raw = a.model_dump(exclude={"tx_id", "approve"}, exclude_unset=True)
+    tx = ctx.state.txs.create(
+        accessor=rec.accessor,
+        label=rec.label,
+        tool=tool,
+        method=plan.method,
+        params=plan.params,
+        raw_args=raw,
+        preview=plan.preview,
+        policy=rec.approve,
+        entry_id=plan.entry_id,
+        base_updated_at=plan.base_updated_at,
+        extra={"generated": plan.generated} if plan.generated else {},
+    )
+    ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=tool, hash=tx.hash)
+    who = {
+        "agent": "this session may commit it itself",
+        "client": "the person will be asked to confirm in the client",
+        "owner": 'the owner approves it with "apm tx approve"',
+    }[rec.approve]
+    return WriteOut(
+        status="pending",
+        tx_id=tx.tx_id,
+        tool=tool,
+        preview=tx.preview,
+        policy=rec.approve,
+        expires_at=tx.expires_at,
+        next_step=f"{_commit_hint(tool, tx.tx_id)}; {who}",
+    )
+
+
+async def _ask_person(ctx: Context, tx: Transaction) -> None:
+    """The `client` policy: a yes/no confirmation through MCP elicitation (fail closed)."""
+    mctx = ctx.mcp
+    capable = mctx is not None and mctx.session.check_client_capability(
+        types.ClientCapabilities(elicitation=types.ElicitationCapability())
+    )
+    if not capable:
+        raise PermissionDenied(
+            "this session's writes must be confirmed by the person, and this client cannot ask",
+            hint="use a client with MCP elicitation support, or ask the owner for a session with "
+            '"apm delegate --approve owner"',
+        )
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": {"approve": {"type": "boolean", "title": "Approve this change"}},
+        "required": ["approve"],
+    }
+    message = f"An AI agent ({tx.label or tx.accessor}) wants to make this change:\n{tx.preview}"
+    try:
+        answer = await mctx.session.elicit_form(message, schema, mctx.request_id)
+    except Exception as exc:
+        raise PermissionDenied(
+            "could not ask the person for approval; the change was not made",
+            hint="retry from a client that supports elicitation",
+        ) from exc
+    approved = answer.action == "accept" and bool((answer.content or {}).get("approve"))
+    if not approved:
+        tx.state = "denied"
+        tx.decided_reason = f"person answered {answer.action}"
+        ctx.state.record("tx.denied", ctx, tx=tx.tx_id, by="client", answer=answer.action)
+        raise ApprovalDenied("the person did not approve the change", data={"tx_id": tx.tx_id})
+    ctx.state.record("tx.approved", ctx, tx=tx.tx_id, by="client")
+
+
+async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
+    rec = ctx.session
+    if rec is None:
+        raise PermissionDenied("write tools need a session")
+    if not a.approve:
+        raise InvalidParameters(
+            "a call with tx_id commits: pass approve: true", hint="or use tx_status to look at it"
+        )
+    tx = ctx.state.txs.for_commit(a.tx_id or "", rec.accessor, tool)
+    given = a.model_dump(exclude={"tx_id", "approve"}, exclude_unset=True)
+    differing = sorted(k for k, v in given.items() if tx.raw_args.get(k) != v)
+    if differing:
+        raise InvalidParameters(
+            "the commit call's arguments differ from the previewed ones; nothing was changed",
+            hint=f'commit with only {{"tx_id": "{tx.tx_id}", "approve": true}}, or preview anew',
+            data={"fields": differing},
+        )
+    if tx.policy == "owner" and tx.state != "approved":
+        tx.state = "awaiting_owner"
+        return WriteOut(
+            status="pending_owner_approval",
+            tx_id=tx.tx_id,
+            tool=tool,
+            preview=tx.preview,
+            policy=tx.policy,
+            expires_at=tx.expires_at,
+            next_step=f'ask the person to run "apm tx approve {tx.tx_id}"; then '
+            f"{_commit_hint(tool, tx.tx_id)} again (tx_status shows the decision)",
+        )
+    if tx.policy == "client":
+        await _ask_person(ctx, tx)
+    if tx.entry_id is not None:
+        current = ctx.state.cache.get().entries.get(tx.entry_id)
+        if current is None or current.updated_at != tx.base_updated_at:
+            tx.state = "aborted"
+            tx.decided_reason = "conflict: the entry changed since the preview"
+            fresh: WriteOut | None = None
+            if current is not None:
+                fresh = await _preview(
+                    ctx, tool, _args_model(tool).model_validate(tx.raw_args), build
+                )
+            raise TransactionConflict(
+                data={
+                    "tx_id": fresh.tx_id if fresh else None,
+                    "preview": fresh.preview if fresh else None,
+                }
+            )
+    receipt = ctx.state.txs.new_receipt()
+    ctx.state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tool, hash=tx.hash)
+    result = await _EXECUTE[tx.method](ctx, tx.params)
+    ctx.state.txs.committed(tx, receipt)
+    log.info("committed %s (%s) receipt %s session %s", tx.tx_id, tool, receipt, rec.accessor)
+    entry = getattr(result, "entry", None)
+    generated = tx.extra.get("generated")
+    return WriteOut(
+        status="committed",
+        tx_id=tx.tx_id,
+        tool=tool,
+        preview=tx.preview,
+        policy=tx.policy,
+        receipt=receipt,
+        next_step="done",
+        entry=entry if isinstance(entry, EntryMeta) else None,
+        generated=generated
+        if generated and scope_rank(rec.scope) >= scope_rank("secrets")
+        else None,
+    )
+
+
+_ARGS: dict[str, type[TxArgs]] = {}
+
+
+def _args_model(tool: str) -> type[TxArgs]:
+    return _ARGS[tool]
+
+
+def two_phase(tool: str, args: type[TxArgs], build: Build) -> Callable[[Context, Any], Any]:
+    _ARGS[tool] = args
+
+    async def run(ctx: Context, a: TxArgs) -> WriteOut:
+        if a.tx_id is None:
+            if a.approve:
+                raise InvalidParameters("approve needs the tx_id of a preview")
+            return await _preview(ctx, tool, a, build)
+        return await _commit(ctx, tool, a, build)
+
+    return run
+
+
+# ------------------------------------------------------------------ transaction tools
+
+
+async def _tx_status(ctx: Context, a: TxStatusArgs) -> TxInfo:
+    accessor = ctx.session.accessor if ctx.session is not None else None
+    tx = ctx.state.txs.get(a.tx_id, accessor)
+    return tx_info(tx, ctx.state.clock())
+
+
+async def _tx_list(ctx: Context, a: TxListArgs) -> TxListOut:
+    accessor = ctx.session.accessor if ctx.session is not None else None
+    now = ctx.state.clock()
+    txs = ctx.state.txs.listing(accessor, {a.status} if a.status else None)
+    return TxListOut(transactions=[tx_info(t, now) for t in txs])
+
+
+async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
+    if ctx.session is None:
+        raise PermissionDenied("tx_abort needs a session")
+    tx = ctx.state.txs.abort(a.tx_id, ctx.session.accessor)
+    ctx.state.record("tx.aborted", ctx, tx=tx.tx_id)
+    return tx_info(tx, ctx.state.clock())
+
+
+WRITE_TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        name="add_entry",
+        title="Add an entry (two-phase)",
+        description=(
+            "Add a credential to the vault. First call without tx_id: returns a preview (secret "
+            "values masked) and a tx_id. Then call again with {tx_id, approve: true} to commit; "
+            "depending on the session's policy the person may have to approve."
+        ),
+        scope="write",
+        args=AddEntryArgs,
+        out=WriteOut,
+        run=two_phase("add_entry", AddEntryArgs, _plan_add),
+        read_only=False,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="edit_entry",
+        title="Edit an entry (two-phase)",
+        description=(
+            "Change an entry's name, space, tags, url, notes, fields or secrets. Preview first "
+            "(no tx_id), then commit with {tx_id, approve: true}. Old secret values are kept in "
+            "the entry's history."
+        ),
+        scope="write",
+        args=EditEntryArgs,
+        out=WriteOut,
+        run=two_phase("edit_entry", EditEntryArgs, _plan_edit),
+        read_only=False,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="delete_entry",
+        title="Delete an entry (two-phase)",
+        description="Delete an entry. Preview first, then commit with {tx_id, approve: true}.",
+        scope="write",
+        args=DeleteEntryArgs,
+        out=WriteOut,
+        run=two_phase("delete_entry", DeleteEntryArgs, _plan_delete),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="manage_spaces",
+        title="Create, rename or remove a space (two-phase)",
+        description=(
+            "action=create|rename|remove on a space (a group of entries). Removing a non-empty "
+            "space needs force=true. Preview first, then commit with {tx_id, approve: true}."
+        ),
+        scope="write",
+        args=ManageSpacesArgs,
+        out=WriteOut,
+        run=two_phase("manage_spaces", ManageSpacesArgs, _plan_spaces),
+        read_only=False,
+        destructive=True,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="generate_password",
+        title="Generate a password into an entry (two-phase)",
+        description=(
+            "Generate a random password (length, character classes) straight into an entry's "
+            "secret field — an existing entry, or a new one when `type` is given. The value is "
+            "returned only to sessions with the secrets scope. Preview, then commit."
+        ),
+        scope="write",
+        args=GeneratePasswordArgs,
+        out=WriteOut,
+        run=two_phase("generate_password", GeneratePasswordArgs, _plan_generate),
+        read_only=False,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="tx_status",
+        title="Status of a transaction",
+        description=(
+            "Status of one of this session's transactions: pending, awaiting_owner, approved, "
+            "committed (with its receipt), aborted, denied or expired."
+        ),
+        scope="write",
+        args=TxStatusArgs,
+        out=TxInfo,
+        run=_tx_status,
+    ),
+    ToolSpec(
+        name="tx_list",
+        title="List this session's transactions",
+        description="This session's transactions, optionally filtered by status.",
+        scope="admin",
+        args=TxListArgs,
+        out=TxListOut,
+        run=_tx_list,
+    ),
+    ToolSpec(
+        name="tx_abort",
+        title="Abort a transaction",
+        description="Abort one of this session's pending transactions.",
+        scope="admin",
+        args=TxStatusArgs,
+        out=TxInfo,
+        run=_tx_abort,
+        read_only=False,
+        idempotent=True,
+    ),
+)
