@@ -1,0 +1,73 @@
+"""Imports point downward: each layer is imported in a clean interpreter and `sys.modules`
+shows what it dragged in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _loaded_after(code: str) -> set[str]:
+    """Run `code` in a fresh interpreter and return the module names it loaded."""
+    script = f"{code}\nimport json, sys\nsys.stdout.write(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout))
+
+
+def _offenders(loaded: set[str], forbidden: list[str]) -> list[str]:
+    return sorted(m for m in loaded if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+def test_the_probe_sees_what_an_import_loads() -> None:
+    # guards the other tests against a probe that reports nothing
+    loaded = _loaded_after("import broker.server.daemon")
+    assert {"broker.core.vault", "zmq", "cryptography", "argon2"} <= loaded
+
+
+def test_cli_does_not_load_the_broker_core_server_or_crypto() -> None:
+    loaded = _loaded_after("import broker.cli.main")
+    assert "broker.cli.main" in loaded
+    forbidden = ["broker.core", "broker.server", "cryptography", "argon2", "psutil"]
+    assert _offenders(loaded, forbidden) == []
+
+
+def test_wire_protocol_loads_nothing_from_other_layers_and_no_zmq() -> None:
+    loaded = _loaded_after("import broker.wire.protocol, broker.wire.errors, broker.wire.entries")
+    assert "broker.wire.protocol" in loaded
+    forbidden = ["broker.core", "broker.server", "broker.cli", "zmq", "cryptography", "psutil"]
+    assert _offenders(loaded, forbidden) == []
+
+
+def test_shim_loads_no_pydantic_mcp_crypto_or_psutil() -> None:
+    loaded = _loaded_after("import shim.main")
+    assert "shim.main" in loaded
+    forbidden = ["pydantic", "mcp", "cryptography", "argon2", "psutil", "broker.core"]
+    assert _offenders(loaded, forbidden) == []
+
+
+def test_core_imports_neither_server_nor_cli() -> None:
+    code = (
+        "import importlib, pkgutil, broker.core, broker.core.vault, broker.core.key_cache\n"
+        "for m in pkgutil.iter_modules(broker.core.__path__):\n"
+        "    importlib.import_module('broker.core.' + m.name)\n"
+    )
+    loaded = _loaded_after(code)
+    assert {"broker.core.vault", "broker.core.key_cache", "broker.core.crypto"} <= loaded
+    assert _offenders(loaded, ["broker.server", "broker.cli", "zmq"]) == []
