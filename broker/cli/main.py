@@ -15,6 +15,8 @@ from . import (
     broker_cmd,
     entry_cmd,
     mcp_cmd,
+    request_cmd,
+    run_cmd,
     session_cmd,
     space_cmd,
     tx_cmd,
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     mcp_cmd.register(sub)
     audit_cmd.register(sub)
     tx_cmd.register(sub)
+    request_cmd.register(sub)
+    run_cmd.register(sub)
     broker_cmd.register(sub)
     return parser
 

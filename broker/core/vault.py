@@ -310,14 +310,20 @@ class Vault:
         hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
         return hits[:limit]
 
+    @staticmethod
+    def default_field(entry: StoredEntry) -> str:
+        """The field `get` opens when none is named: the type's main secret."""
+        field = ENTRY_TYPES[entry.type].primary or next(
+            (k for k, f in entry.fields.items() if f.secret), None
+        )
+        if field is None:
+            raise EntryNotFound("entry has no secret field", data={"entry": entry.id})
+        return field
+
     def reveal(self, entry: StoredEntry, field: str | None) -> tuple[str, str]:
         """Open one secret (or return a plain field's value). Returns (field, value)."""
         if field is None:
-            field = ENTRY_TYPES[entry.type].primary or next(
-                (k for k, f in entry.fields.items() if f.secret), None
-            )
-            if field is None:
-                raise EntryNotFound("entry has no secret field", data={"entry": entry.id})
+            field = self.default_field(entry)
         stored = entry.fields.get(field)
         if stored is None:
             raise EntryNotFound(

@@ -33,14 +33,17 @@ from . import (
     handlers,
     hardening,
     mcp_routes,
+    request_handlers,
     session_handlers,
     tx_handlers,
 )
+from .notify import Notifier
 from .transport import Peer, Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
 _ = (
     handlers,
+    request_handlers,
     session_handlers,
     mcp_routes,
     audit_handlers,
@@ -55,6 +58,9 @@ MAX_TIMEOUT = timedelta(days=3660)
 class Config:
     lock: LockPolicy = field(default_factory=LockPolicy)
     max_ttl: timedelta = timedelta(days=90)
+    request_max_minutes: int = 60
+    webhook_url: str | None = None
+    desktop_notifications: bool = True
 
 
 def load_config(config_file: Path) -> Config:
@@ -67,6 +73,14 @@ def load_config(config_file: Path) -> Config:
         idle = float(lock.get("idle_minutes", 30))
         hard = float(lock.get("max_hours", 12))
         max_ttl_days = float(doc.get("sessions", {}).get("max_ttl_days", 90))
+        request_max = int(doc.get("requests", {}).get("max_minutes", 60))
+        notify = doc.get("notify", {})
+        webhook = notify.get("webhook_url")
+        desktop = bool(notify.get("desktop", True))
+        if webhook is not None and not (
+            isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
+        ):
+            raise ValueError("notify.webhook_url must be an http(s) URL")
     except (tomllib.TOMLDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InvalidParameters(
             f"cannot read {config_file}: {exc}", hint="fix or remove the config file"
@@ -84,6 +98,9 @@ def load_config(config_file: Path) -> Config:
     return Config(
         lock=LockPolicy(idle=timedelta(minutes=idle), hard=timedelta(hours=hard)),
         max_ttl=timedelta(days=max_ttl_days),
+        request_max_minutes=max(1, min(request_max, 7 * 24 * 60)),
+        webhook_url=webhook,
+        desktop_notifications=desktop,
     )
 
 
@@ -162,7 +179,13 @@ async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:
 async def run(p: paths.Paths, config: Config) -> int:
     transport = Transport(p.broker_addr, _lock_path(p))
     transport.bind()
-    state = dispatch.State(paths=p, cache=KeyCache(config.lock), max_ttl=config.max_ttl)
+    state = dispatch.State(
+        paths=p,
+        cache=KeyCache(config.lock),
+        max_ttl=config.max_ttl,
+        notifier=Notifier(config.webhook_url, config.desktop_notifications),
+        request_max_minutes=config.request_max_minutes,
+    )
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     state.audit = AuditLog(p.state_dir / "audit.jsonl")
     state.audit.open()

@@ -27,6 +27,7 @@ from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.crypto import normalize_password, zero
 from broker.core.key_cache import KeyCache
+from broker.core.requests import RequestStore
 from broker.core.sessions import SessionRecord, SessionStore, scope_rank
 from broker.core.transactions import TxStore
 from broker.core.vault import StoredEntry, Vault, utcnow
@@ -54,6 +55,7 @@ from broker.wire.protocol import (
     encode_result,
 )
 
+from .notify import Notifier
 from .transport import Peer
 
 log = logging.getLogger("apm.broker")
@@ -71,6 +73,7 @@ class Access:
     unlocked: bool = False  # the lock gate: refuse with VAULT_LOCKED first
     scope: str | None = None
     owner_only: bool = False
+    grantable: bool = False  # a session lacking `scope` may still pass with a per-entry grant
 
 
 class Throttle:
@@ -116,6 +119,8 @@ class State:
     host: str = field(default_factory=host_fingerprint)
     throttle: Throttle = field(default_factory=Throttle)
     audit: AuditLog | None = None
+    notifier: Notifier | None = None
+    request_max_minutes: int = 60
     txs: TxStore = field(init=False)
     max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
@@ -162,14 +167,30 @@ class State:
             self._store_vault = vault
         return self._store
 
+    _reqs: RequestStore | None = None
+    _reqs_vault: Vault | None = None
+
+    def requests(self) -> RequestStore:
+        """The access requests of the unlocked vault (rebuilt after each unlock)."""
+        vault = self.cache.get()
+        if self._reqs is None or self._reqs_vault is not vault:
+            self._reqs = RequestStore(vault.extra.get("requests", []), self.clock)
+            self._reqs_vault = vault
+        return self._reqs
+
     async def persist_sessions(self, *, locked: bool = False) -> None:
-        """Write the session table into the vault, durably. `locked`: caller holds write_lock."""
+        """Write sessions and access requests into the vault, durably (no secrets in either).
+
+        `locked`: the caller already holds write_lock.
+        """
         vault = self.cache.get()
         store = self.sessions()
+        reqs = self.requests()
 
         def work() -> None:
             with vault.mutation():
                 vault.extra["sessions"] = store.dump()
+                vault.extra["requests"] = reqs.dump()
 
         if locked:
             await self.io(work)
@@ -208,6 +229,7 @@ class State:
             except Exception:  # locking must never fail
                 log.warning("could not save session usage before locking", exc_info=True)
         self._store = self._store_vault = None
+        self._reqs = self._reqs_vault = None
         return self.cache.lock()
 
 
@@ -221,6 +243,21 @@ class Context:
     identity: bytes = b""
     owner_proven: bool = False
     mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
+    grant_needed: bool = False  # the session lacks `secrets`: each entry needs a live grant
+
+    def check_grant(self, entry: StoredEntry, field: str) -> None:
+        """For a session reading a secret on a grant: refuse unless one covers this field."""
+        if not self.grant_needed or self.session is None:
+            return
+        grant = self.state.requests().grant(self.session.accessor, entry.id, field)
+        if grant is None:
+            raise PermissionDenied(
+                f"this session has scope {self.session.scope!r} and no live grant for this "
+                "entry's field",
+                hint="ask for it with request_access; the person approves with "
+                '"apm request approve REQ"',
+                data={"needed": "secrets", "scope": self.session.scope},
+            )
 
     def allows(self, space: str, tags: list[str], name: str) -> bool:
         f = self.session.filter if self.session is not None else None
@@ -422,12 +459,16 @@ async def _authorize(ctx: Context, access: Access) -> None:
                 "this operation needs the owner's master password; a session is never enough",
                 hint="the person runs it from their own terminal",
             )
-        await _authenticate_session(ctx, token.get_secret_value(), access.scope or "admin")
+        await _authenticate_session(
+            ctx, token.get_secret_value(), access.scope or "admin", access.grantable
+        )
         return
     await _verify_owner(ctx)
 
 
-async def _authenticate_session(ctx: Context, token: str, needed: str) -> None:
+async def _authenticate_session(
+    ctx: Context, token: str, needed: str, grantable: bool = False
+) -> None:
     state = ctx.state
     store = state.sessions()
     declared = ctx.auth.agent if ctx.auth is not None else None
@@ -456,7 +497,9 @@ async def _authenticate_session(ctx: Context, token: str, needed: str) -> None:
     rec = result.record
     if result.must_persist:
         await state.persist_sessions()
-    if scope_rank(rec.scope) < scope_rank(needed):
+    if scope_rank(rec.scope) < scope_rank(needed) and grantable:
+        ctx.grant_needed = True  # the handler checks a grant for the entry it reads
+    elif scope_rank(rec.scope) < scope_rank(needed):
         store.deny(rec, f"scope {rec.scope} lacks {needed}", ctx.peer.pid)
         state.record("session.denied", ctx, session=rec.accessor, reason=f"scope lacks {needed}")
         raise PermissionDenied(

@@ -61,7 +61,7 @@ from .session_handlers import apply_pending_revocations
 
 OWNER = Access(unlocked=True, owner_only=True)
 READ = Access(unlocked=True, scope="read")
-SECRETS = Access(unlocked=True, scope="secrets")
+SECRETS = Access(unlocked=True, scope="secrets", grantable=True)
 WRITE = Access(unlocked=True, scope="write")
 ADMIN = Access(unlocked=True, scope="admin")
 
@@ -276,6 +276,7 @@ async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
 async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
+    ctx.check_grant(entry, p.field or vault.default_field(entry))
     field, value = vault.reveal(entry, p.field)
     return EntryGetResult(id=entry.id, name=entry.name, field=field, value=SecretStr(value))
 
@@ -317,6 +318,7 @@ async def process_entry_remove(ctx: Context, p: EntryRef) -> EntryRemoveResult:
 async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
+    ctx.check_grant(entry, "secret" if entry.type == "totp" else "totp")
     code, remaining, period = vault.totp(entry, time.time())
     return TotpResult(id=entry.id, name=entry.name, code=code, remaining=remaining, period=period)
 

@@ -242,7 +242,11 @@ class McpHost:
                 _, rec = await self._authorize(conn)
             except ApmError:
                 return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
-            return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope))
+            now = self.state.clock()
+            has_grant = any(
+                r.status(now) == "approved" for r in self.state.requests().listing(rec.accessor)
+            )
+            return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant))
 
         async def call_tool(
             ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams

@@ -33,6 +33,7 @@ from broker.wire.protocol import (
 from . import handlers
 from .admin_tools import ADMIN_TOOLS
 from .dispatch import Context, to_wire_error
+from .request_tools import REQUEST_TOOLS
 from .tool_base import Args, ToolSpec, require_scope
 from .write_tools import WRITE_TOOLS
 
@@ -157,8 +158,9 @@ async def _search_entries(ctx: Context, a: SearchEntriesArgs) -> SearchEntriesOu
 
 
 async def _get_entry(ctx: Context, a: GetEntryArgs) -> GetEntryOut:
-    if a.include_secret:
-        require_scope(ctx, "secrets", "include_secret")
+    if a.include_secret and ctx.session is not None:
+        # without the secrets scope, a live grant for the entry opens it (checked on read)
+        ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank("secrets")
     meta = await handlers.process_entry_show(ctx, EntryRef(ref=a.entry, space=a.space))
     secret = None
     if a.include_secret:
@@ -279,6 +281,7 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         args=DecryptEntryArgs,
         out=DecryptEntryOut,
         run=_decrypt_entry,
+        grantable=True,
     ),
     ToolSpec(
         name="get_totp",
@@ -289,15 +292,17 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         out=TotpOut,
         run=_get_totp,
         idempotent=False,
+        grantable=True,
     ),
 )
-TOOLS: tuple[ToolSpec, ...] = READ_TOOLS + WRITE_TOOLS + ADMIN_TOOLS
+TOOLS: tuple[ToolSpec, ...] = READ_TOOLS + REQUEST_TOOLS + WRITE_TOOLS + ADMIN_TOOLS
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 
 
-def tools_for(scope: str) -> list[types.Tool]:
+def tools_for(scope: str, has_grant: bool = False) -> list[types.Tool]:
+    """The tools a session sees: its scope's, plus grantable ones while it holds a grant."""
     rank = scope_rank(scope)
-    return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank]
+    return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank or (has_grant and t.grantable)]
 
 
 def result_code(result: types.CallToolResult) -> str:
@@ -348,7 +353,10 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        require_scope(ctx, spec.scope, spec.name)
+        if spec.grantable and ctx.session is not None:
+            ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank(spec.scope)
+        else:
+            require_scope(ctx, spec.scope, spec.name)
         args = spec.args.model_validate(arguments or {})
         out = await spec.run(ctx, args)
         structured = json.loads(out.model_dump_json())

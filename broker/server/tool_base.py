@@ -34,6 +34,7 @@ class ToolSpec:
     read_only: bool = True
     destructive: bool = False
     idempotent: bool = True
+    grantable: bool = False  # a session without `scope` may use it on entries it holds a grant for
 
     def to_mcp(self) -> types.Tool:
         return types.Tool(

@@ -189,6 +189,20 @@ class TransactionConflict(ApmError):
     default_hint = "review the fresh preview in this error and commit its tx_id"
 
 
+class RequestNotFound(ApmError):
+    code = "REQUEST_NOT_FOUND"
+    exit_code = 6
+    default_message = "access request not found"
+    default_hint = 'list them with "apm request ls" (agents: list_my_requests)'
+
+
+class RequestClosed(ApmError):
+    code = "REQUEST_CLOSED"
+    exit_code = 7
+    default_message = "access request already decided"
+    default_hint = "ask for access again with request_access"
+
+
 class ApprovalDenied(ApmError):
     code = "APPROVAL_DENIED"
     exit_code = 5

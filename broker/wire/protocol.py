@@ -481,6 +481,63 @@ class TxDecideParams(Strict):
     reason: str | None = Field(default=None, max_length=500)
 
 
+# ---------------------------------------------------------------- just-in-time access
+
+
+class RequestListParams(Strict):
+    pending: bool = False
+
+
+class AccessRequestInfo(BaseModel):
+    id: str
+    state: str
+    session: str
+    label: str
+    entry: str
+    entry_id: str
+    space: str
+    field: str | None = None
+    minutes: int
+    justification: str
+    created_at: datetime
+    decided_at: datetime | None = None
+    expires_at: datetime | None = None
+    reason: str | None = None
+    reference: str
+    approve_command: str
+
+
+class RequestListResult(BaseModel):
+    requests: list[AccessRequestInfo]
+
+
+class RequestDecideParams(Strict):
+    request_id: str = Field(max_length=64)
+    minutes: int | None = Field(default=None, ge=1)
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class RequestRefParams(Strict):
+    request_id: str = Field(max_length=64)
+
+
+class SecretResolveParams(Strict):
+    refs: list[str] = Field(min_length=1, max_length=64)
+
+
+class ResolvedSecret(BaseModel):
+    ref: str
+    value: SecretStr
+
+    @field_serializer("value")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class SecretResolveResult(BaseModel):
+    secrets: list[ResolvedSecret]
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -511,6 +568,11 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "session.revoke": (SessionRevokeParams, SessionRevokeResult),
     "session.whoami": (Empty, WhoAmIResult),
     "audit.list": (AuditListParams, AuditListResult),
+    "request.list": (RequestListParams, RequestListResult),
+    "request.approve": (RequestDecideParams, AccessRequestInfo),
+    "request.deny": (RequestDecideParams, AccessRequestInfo),
+    "request.revoke": (RequestRefParams, AccessRequestInfo),
+    "secret.resolve": (SecretResolveParams, SecretResolveResult),
     "tx.list": (TxListParams, TxListResult),
     "tx.approve": (TxDecideParams, TxSummary),
     "tx.deny": (TxDecideParams, TxSummary),

@@ -1,0 +1,134 @@
+"""Just-in-time access: an agent asks for one entry, the person decides, a grant expires.
+
+Rules:
+- One entry per request (optionally one field); no bundles.
+- A session sees only its own requests.
+- A grant gives that session, for that entry (and field, if named), until its expiry: the
+  secrets-scope reads of that entry and resolution through `apm run`. Expiry and revocation
+  take effect at the next call (every use re-checks against the injected clock).
+- Requests hold no secret: entry id and name, field name, justification, times, decisions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from broker.wire.errors import InvalidParameters, RequestClosed, RequestNotFound
+
+RequestState = Literal["pending", "approved", "denied", "expired", "revoked"]
+PENDING_TTL = timedelta(hours=24)
+
+
+class AccessRequest(BaseModel):
+    id: str
+    accessor: str
+    label: str = ""
+    entry_id: str
+    entry_name: str
+    space: str
+    field: str | None = None
+    main_field: str | None = None  # the entry's main secret field, for references
+    minutes: int
+    justification: str
+    state: RequestState = "pending"
+    created_at: datetime
+    decided_at: datetime | None = None
+    expires_at: datetime | None = None  # the grant's end, once approved
+    reason: str | None = None
+
+    def status(self, now: datetime) -> str:
+        if self.state == "pending" and now >= self.created_at + PENDING_TTL:
+            return "expired"
+        if self.state == "approved" and self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return self.state
+
+    def reference(self) -> str:
+        return f"apm://{self.space}/{self.entry_name}/{self.field or self.main_field or '-'}"
+
+
+class RequestStore:
+    def __init__(self, records: list[dict[str, Any]], clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self.records: dict[str, AccessRequest] = {}
+        for raw in records:
+            r = AccessRequest.model_validate(raw)
+            self.records[r.id] = r
+
+    def dump(self) -> list[dict[str, Any]]:
+        return [r.model_dump(mode="json") for r in self.records.values()]
+
+    def create(self, **kw: Any) -> AccessRequest:
+        req = AccessRequest(id="req_" + secrets.token_hex(8), created_at=self.clock(), **kw)
+        self.records[req.id] = req
+        return req
+
+    def discard(self, req_id: str) -> None:
+        self.records.pop(req_id, None)
+
+    def get(self, req_id: str, accessor: str | None) -> AccessRequest:
+        req = self.records.get(req_id)
+        if req is None or (accessor is not None and req.accessor != accessor):
+            raise RequestNotFound(data={"request": req_id[:64]})
+        return req
+
+    def decide(
+        self, req_id: str, approve: bool, minutes: int | None, reason: str | None, max_minutes: int
+    ) -> AccessRequest:
+        req = self.get(req_id, None)
+        now = self.clock()
+        status = req.status(now)
+        if status != "pending":
+            raise RequestClosed(f"request is {status}", data={"request": req_id})
+        req.decided_at = now
+        req.reason = reason
+        if approve:
+            m = minutes if minutes is not None else req.minutes
+            if not 1 <= m <= max_minutes:
+                raise InvalidParameters(f"duration must be 1..{max_minutes} minutes")
+            req.minutes = m
+            req.state = "approved"
+            req.expires_at = now + timedelta(minutes=m)
+        else:
+            req.state = "denied"
+        return req
+
+    def revoke(self, req_id: str) -> AccessRequest:
+        req = self.get(req_id, None)
+        if req.status(self.clock()) not in ("pending", "approved"):
+            raise RequestClosed(f"request is {req.status(self.clock())}", data={"request": req_id})
+        req.state = "revoked"
+        req.decided_at = self.clock()
+        return req
+
+    def grant(self, accessor: str, entry_id: str, field: str) -> AccessRequest | None:
+        """The live grant letting `accessor` read `field` of `entry_id`, if any.
+
+        A request without a field covers every field of the entry; one with a field covers it
+        alone.
+        """
+        now = self.clock()
+        for r in self.records.values():
+            if (
+                r.accessor == accessor
+                and r.entry_id == entry_id
+                and r.status(now) == "approved"
+                and (r.field is None or r.field == field)
+            ):
+                return r
+        return None
+
+    def listing(self, accessor: str | None, pending_only: bool = False) -> list[AccessRequest]:
+        now = self.clock()
+        out = [
+            r
+            for r in self.records.values()
+            if (accessor is None or r.accessor == accessor)
+            and (not pending_only or r.status(now) == "pending")
+        ]
+        return sorted(out, key=lambda r: r.created_at)

@@ -1,0 +1,195 @@
+"""The person's side of just-in-time access, and `secret.resolve` for `apm run`.
+
+- `request.list` (owner, or an admin session), `request.approve` (owner: it grants power),
+  `request.deny` and `request.revoke` (no password: making things safer is one step).
+- `secret.resolve` turns `apm://space/entry/field` references into values for `apm run`, for
+  the owner, a session with `secrets`, or a session holding a live grant for each entry.
+"""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from broker.core.requests import AccessRequest
+from broker.wire.errors import InvalidParameters
+from broker.wire.protocol import (
+    AccessRequestInfo,
+    RequestDecideParams,
+    RequestListParams,
+    RequestListResult,
+    RequestRefParams,
+    ResolvedSecret,
+    SecretResolveParams,
+    SecretResolveResult,
+)
+
+from .dispatch import Access, Context, log, route
+
+OWNER = Access(unlocked=True, owner_only=True)
+ADMIN = Access(unlocked=True, scope="admin")
+ANYONE_UNLOCKED = Access(unlocked=True)
+
+
+def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
+    return AccessRequestInfo(
+        id=req.id,
+        state=req.status(ctx.state.clock()),
+        session=req.accessor,
+        label=req.label,
+        entry=req.entry_name,
+        entry_id=req.entry_id,
+        space=req.space,
+        field=req.field,
+        minutes=req.minutes,
+        justification=req.justification,
+        created_at=req.created_at,
+        decided_at=req.decided_at,
+        expires_at=req.expires_at,
+        reason=req.reason,
+        reference=req.reference(),
+        approve_command=f"apm request approve {req.id}",
+    )
+
+
+def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
+    notifier = ctx.state.notifier
+    if notifier is None:
+        return
+    payload = {
+        "event": what,
+        "request_id": req.id,
+        "entry": req.entry_name,
+        "space": req.space,
+        "field": req.field,
+        "session_label": req.label or req.accessor,
+        "justification": req.justification,
+        "duration_minutes": req.minutes,
+        "state": req.state,
+        "approve_command": f"apm request approve {req.id}",
+    }
+    if what == "request":
+        title = f"apm: {req.label or req.accessor} asks for {req.entry_name}"
+        body = f"{req.justification} ({req.minutes} min). Approve: apm request approve {req.id}"
+    else:
+        title = f"apm: request {req.id} {req.state}"
+        body = f"{req.entry_name} for {req.label or req.accessor}"
+    notifier.send(title, body, payload)
+
+
+async def open_request(
+    ctx: Context,
+    entry_ref: str,
+    space: str | None,
+    field: str | None,
+    minutes: int,
+    justification: str,
+) -> AccessRequest:
+    if ctx.session is None:
+        raise InvalidParameters("access requests come from a session")
+    max_minutes = ctx.state.request_max_minutes
+    if minutes > max_minutes:
+        raise InvalidParameters(
+            f"duration_minutes must be at most {max_minutes}",
+            data={"fields": ["duration_minutes"]},
+        )
+    vault = ctx.state.cache.get()
+    entry = vault.resolve(entry_ref, space, ctx.visible)
+    if field is not None and field not in entry.fields:
+        raise InvalidParameters("the entry has no such field", data={"fields": ["field"]})
+    store = ctx.state.requests()
+    req = store.create(
+        accessor=ctx.session.accessor,
+        label=ctx.session.label,
+        entry_id=entry.id,
+        entry_name=entry.name,
+        space=entry.space,
+        field=field,
+        main_field=vault.default_field(entry),
+        minutes=minutes,
+        justification=justification.strip(),
+    )
+    try:
+        ctx.state.record(
+            "request.created",
+            ctx,
+            request=req.id,
+            entry_id=entry.id,
+            name=entry.name,
+            field=field,
+            minutes=minutes,
+        )
+        await ctx.state.persist_sessions()
+    except Exception:
+        store.discard(req.id)
+        raise
+    log.info("access request %s by %s for %s", req.id, ctx.session.accessor, entry.id)
+    _notify(ctx, req, "request")
+    return req
+
+
+@route("request.list", ADMIN)
+async def process_request_list(ctx: Context, p: RequestListParams) -> RequestListResult:
+    reqs = ctx.state.requests().listing(None, p.pending)
+    return RequestListResult(requests=[request_info(r, ctx) for r in reqs])
+
+
+async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequestInfo:
+    ctx.state.record(
+        event,
+        ctx,
+        request=req.id,
+        target=req.accessor,
+        entry_id=req.entry_id,
+        minutes=req.minutes if req.state == "approved" else None,
+    )
+    await ctx.state.persist_sessions()
+    _notify(ctx, req, "decision")
+    return request_info(req, ctx)
+
+
+@route("request.approve", OWNER)
+async def process_request_approve(ctx: Context, p: RequestDecideParams) -> AccessRequestInfo:
+    req = ctx.state.requests().decide(
+        p.request_id, True, p.minutes, p.reason, ctx.state.request_max_minutes
+    )
+    return await _decide(ctx, req, "request.approved")
+
+
+@route("request.deny", ANYONE_UNLOCKED)
+async def process_request_deny(ctx: Context, p: RequestDecideParams) -> AccessRequestInfo:
+    req = ctx.state.requests().decide(
+        p.request_id, False, None, p.reason, ctx.state.request_max_minutes
+    )
+    return await _decide(ctx, req, "request.denied")
+
+
+@route("request.revoke", ANYONE_UNLOCKED)
+async def process_request_revoke(ctx: Context, p: RequestRefParams) -> AccessRequestInfo:
+    req = ctx.state.requests().revoke(p.request_id)
+    return await _decide(ctx, req, "request.revoked")
+
+
+def parse_reference(ref: str) -> tuple[str, str, str | None]:
+    """apm://<space>/<entry>/<field>  (field `-` or absent: the main secret)."""
+    if not ref.startswith("apm://"):
+        raise InvalidParameters("references look like apm://<space>/<entry>/<field>")
+    parts = ref[len("apm://") :].split("/")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise InvalidParameters("references look like apm://<space>/<entry>/<field>")
+    field = parts[2] if len(parts) == 3 and parts[2] not in ("", "-") else None
+    return parts[0], parts[1], field
+
+
+@route("secret.resolve", Access(unlocked=True, scope="secrets", grantable=True))
+async def process_secret_resolve(ctx: Context, p: SecretResolveParams) -> SecretResolveResult:
+    vault = ctx.state.cache.get()
+    out: list[ResolvedSecret] = []
+    for ref in p.refs:
+        space, name, field = parse_reference(ref)
+        entry = vault.resolve(name, space, ctx.visible)
+        field = field or vault.default_field(entry)
+        ctx.check_grant(entry, field)
+        _, value = vault.reveal(entry, field)
+        out.append(ResolvedSecret(ref=ref, value=SecretStr(value)))
+    ctx.state.record("secret.resolved", ctx, refs=",".join(p.refs)[:500])
+    return SecretResolveResult(secrets=out)

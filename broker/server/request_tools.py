@@ -1,0 +1,202 @@
+"""Just-in-time access tools (scope `read`): ask for one entry, follow the decision, and learn
+how to use the credential without seeing it.
+
+Rules:
+- `get_access_details` never returns a secret value: it returns the `apm://` reference and a
+  ready `apm run` command line that injects the value into a child process.
+- A session sees only its own requests.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from broker.core.requests import AccessRequest
+from broker.core.sessions import scope_rank
+from broker.wire.errors import PermissionDenied, RequestClosed
+
+from .dispatch import Context
+from .tool_base import Args, ToolSpec
+
+
+class RequestAccessArgs(Args):
+    entry: str = Field(min_length=1, max_length=200, description="entry id or name")
+    space: str | None = None
+    field: str | None = Field(default=None, description="one field only (default: the entry)")
+    duration_minutes: int = Field(ge=1, description="how long the access is needed")
+    justification: str = Field(
+        min_length=10, max_length=1000, description="why, in words the person will read"
+    )
+
+
+class RequestRef(Args):
+    request_id: str = Field(max_length=64)
+
+
+class RequestInfo(BaseModel):
+    request_id: str
+    state: str
+    entry: str
+    entry_id: str
+    space: str
+    field: str | None
+    duration_minutes: int
+    justification: str
+    created_at: datetime
+    decided_at: datetime | None
+    expires_at: datetime | None
+    reason: str | None
+    next_step: str
+
+
+class AccessDetails(BaseModel):
+    request_id: str
+    reference: str
+    env_name: str
+    run_command: str
+    expires_at: datetime | None
+    decrypt_entry_available: bool
+    note: str
+
+
+class MyRequestsOut(BaseModel):
+    requests: list[RequestInfo]
+
+
+def env_name(req: AccessRequest) -> str:
+    base = re.sub(r"[^A-Za-z0-9]+", "_", f"{req.entry_name}_{req.field or 'secret'}").strip("_")
+    return (base or "SECRET").upper()
+
+
+def info(req: AccessRequest, now: datetime) -> RequestInfo:
+    status = req.status(now)
+    step = {
+        "pending": f'waiting for the person to run "apm request approve {req.id}"',
+        "approved": "call get_access_details for how to use it without seeing it",
+        "denied": "the person declined; do not ask again for the same reason",
+        "expired": "the grant or request expired; ask again with request_access if still needed",
+        "revoked": "the person revoked the access",
+    }[status]
+    return RequestInfo(
+        request_id=req.id,
+        state=status,
+        entry=req.entry_name,
+        entry_id=req.entry_id,
+        space=req.space,
+        field=req.field,
+        duration_minutes=req.minutes,
+        justification=req.justification,
+        created_at=req.created_at,
+        decided_at=req.decided_at,
+        expires_at=req.expires_at,
+        reason=req.reason,
+        next_step=step,
+    )
+
+
+def _session(ctx: Context) -> str:
+    if ctx.session is None:
+        raise PermissionDenied("access requests belong to a session")
+    return ctx.session.accessor
+
+
+async def _request_access(ctx: Context, a: RequestAccessArgs) -> RequestInfo:
+    from .request_handlers import open_request
+
+    req = await open_request(ctx, a.entry, a.space, a.field, a.duration_minutes, a.justification)
+    return info(req, ctx.state.clock())
+
+
+async def _status(ctx: Context, a: RequestRef) -> RequestInfo:
+    req = ctx.state.requests().get(a.request_id, _session(ctx))
+    return info(req, ctx.state.clock())
+
+
+async def _details(ctx: Context, a: RequestRef) -> AccessDetails:
+    req = ctx.state.requests().get(a.request_id, _session(ctx))
+    status = req.status(ctx.state.clock())
+    if status != "approved":
+        raise RequestClosed(
+            f"request is {status}, not approved",
+            hint="get_request_status shows the decision",
+            data={"state": status},
+        )
+    name = env_name(req)
+    rec = ctx.session
+    return AccessDetails(
+        request_id=req.id,
+        reference=req.reference(),
+        env_name=name,
+        run_command=f"apm run --env {name}={req.reference()} -- <command that uses ${name}>",
+        expires_at=req.expires_at,
+        decrypt_entry_available=True,  # a live grant opens decrypt_entry for this entry
+        note=(
+            "Run the command with APM_EPHEMERAL_ID set to this session's token: the value goes "
+            "into the child's environment and is masked in its output, so it never passes "
+            "through you. "
+            + (
+                "decrypt_entry also works for this entry until the grant expires, but prefer "
+                "apm run."
+                if rec is not None and scope_rank(rec.scope) < scope_rank("secrets")
+                else ""
+            )
+        ).strip(),
+    )
+
+
+async def _mine(ctx: Context, a: Args) -> MyRequestsOut:
+    now = ctx.state.clock()
+    reqs = ctx.state.requests().listing(_session(ctx))
+    return MyRequestsOut(requests=[info(r, now) for r in reqs])
+
+
+REQUEST_TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        name="request_access",
+        title="Ask the person for access to one secret",
+        description=(
+            "Ask the person to let this session use one entry's secret (optionally one field) "
+            "for a limited time. Give a specific justification. The person approves in their "
+            "terminal; follow up with get_request_status, then get_access_details."
+        ),
+        scope="read",
+        args=RequestAccessArgs,
+        out=RequestInfo,
+        run=_request_access,
+        read_only=False,
+        idempotent=False,
+    ),
+    ToolSpec(
+        name="get_request_status",
+        title="Status of an access request",
+        description="pending, approved, denied, expired or revoked, with times and the reason.",
+        scope="read",
+        args=RequestRef,
+        out=RequestInfo,
+        run=_status,
+    ),
+    ToolSpec(
+        name="get_access_details",
+        title="How to use an approved credential without seeing it",
+        description=(
+            "For an approved request: the apm:// reference and a ready `apm run` command line "
+            "that injects the secret into a command's environment. Never returns the value."
+        ),
+        scope="read",
+        args=RequestRef,
+        out=AccessDetails,
+        run=_details,
+    ),
+    ToolSpec(
+        name="list_my_requests",
+        title="This session's access requests",
+        description="Every access request this session made, with its state.",
+        scope="read",
+        args=Args,
+        out=MyRequestsOut,
+        run=_mine,
+    ),
+)
