@@ -115,7 +115,8 @@ class Broker:
             if self.proc.poll() is not None:
                 out = self.output()
                 raise AssertionError(f"broker exited early ({self.proc.returncode}): {out}")
-            if self.socket.exists() and apm("version", "--json").returncode == 0:
+            # status exits non-zero unless the broker itself answers
+            if self.socket.exists() and apm("status", "--json").returncode == 0:
                 return
             time.sleep(0.05)
         raise AssertionError("broker did not become ready")

@@ -163,6 +163,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         meta = c.call("entry.show", EntryRef(ref=args.name, space=args.space), **owner.creds())
         params = EntryEditParams(
             ref=meta.entry.id,
+            expect_updated_at=meta.entry.updated_at,
             new_name=args.rename,
             move_to=args.move_to,
             add_tags=args.tag or [],

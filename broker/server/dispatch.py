@@ -334,20 +334,24 @@ def _envelope(raw: bytes) -> tuple[str, Request]:
         raise RequestTooLarge(data={"limit": MAX_FRAME_BYTES})
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidParameters("request is not valid JSON") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidParameters("request is not valid JSON (or nested too deeply)") from exc
     if not isinstance(doc, dict):
         raise InvalidParameters("request must be a JSON object")
     rid = doc.get("id") if isinstance(doc.get("id"), str) else ""
     v = doc.get("v")
-    if not isinstance(v, int) or not MIN_PROTOCOL_VERSION <= v <= PROTOCOL_VERSION:
+    if (
+        not isinstance(v, int)
+        or isinstance(v, bool)
+        or not MIN_PROTOCOL_VERSION <= v <= PROTOCOL_VERSION
+    ):
         raw_client = doc.get("client")
         client = raw_client if isinstance(raw_client, str) else "unknown client"
         raise UnsupportedVersion(
             f"{client[:64]} speaks protocol {v!r}; broker {__version__} speaks "
             f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
             data={
-                "client_protocol": v if isinstance(v, int) else None,
+                "client_protocol": v if isinstance(v, int) and not isinstance(v, bool) else None,
                 "broker_version": __version__,
                 "min_protocol": MIN_PROTOCOL_VERSION,
                 "max_protocol": PROTOCOL_VERSION,

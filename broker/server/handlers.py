@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from datetime import datetime
 
 from pydantic import SecretStr
 
 from broker import __version__
 from broker.core import crypto, vault_file
 from broker.core.crypto import PROFILES, normalize_password, zero
-from broker.core.vault import Change, Vault
+from broker.core.vault import Change, StoredEntry, Vault
 from broker.wire.errors import (
     AlreadyExists,
     BadPassword,
     PermissionDenied,
+    TransactionConflict,
     VaultLocked,
     VaultNotFound,
 )
@@ -30,6 +32,7 @@ from broker.wire.protocol import (
     EntryListParams,
     EntryListResult,
     EntryRef,
+    EntryRemoveParams,
     EntryRemoveResult,
     EntryResult,
     EntrySearchParams,
@@ -287,6 +290,7 @@ async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=p.remove_fields)
     async with ctx.state.write_lock:
         entry = vault.resolve(p.ref, p.space, ctx.visible)
+        _unchanged(entry, p.expect_updated_at)
         target = (p.move_to or entry.space, entry.tags, p.new_name or entry.name)
         if not ctx.allows(*target):
             raise PermissionDenied("this session may not move entries outside its filter")
@@ -305,11 +309,18 @@ async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     return EntryResult(entry=updated.meta())
 
 
+def _unchanged(entry: StoredEntry, expected: datetime | None) -> None:
+    """Checked under the write lock, so nothing can slip in between check and change."""
+    if expected is not None and entry.updated_at != expected:
+        raise TransactionConflict(data={"entry": entry.id})
+
+
 @route("entry.remove", WRITE)
-async def process_entry_remove(ctx: Context, p: EntryRef) -> EntryRemoveResult:
+async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemoveResult:
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
         entry = vault.resolve(p.ref, p.space, ctx.visible)
+        _unchanged(entry, p.expect_updated_at)
         await ctx.state.io(vault.remove, entry)
     return EntryRemoveResult(id=entry.id, name=entry.name)
 

@@ -41,7 +41,7 @@ from broker.wire.errors import (
 from broker.wire.protocol import (
     EntryAddParams,
     EntryEditParams,
-    EntryRef,
+    EntryRemoveParams,
     SecretValue,
     SpaceAddParams,
     SpaceRemoveParams,
@@ -224,6 +224,7 @@ async def _plan_edit(ctx: Context, a: EditEntryArgs) -> Plan:
     entry = vault.resolve(a.entry or "", a.space, ctx.visible)
     params = EntryEditParams(
         ref=entry.id,
+        expect_updated_at=entry.updated_at,
         new_name=a.new_name,
         move_to=a.move_to,
         add_tags=a.add_tags,
@@ -262,7 +263,8 @@ async def _plan_delete(ctx: Context, a: DeleteEntryArgs) -> Plan:
     _need(a.entry, "entry")
     entry = ctx.state.cache.get().resolve(a.entry or "", a.space, ctx.visible)
     preview = f"- delete {entry.type} {entry.name!r} (space {entry.space!r}, id {entry.id})"
-    return Plan("entry.remove", EntryRef(ref=entry.id), preview, entry.id, entry.updated_at)
+    params = EntryRemoveParams(ref=entry.id, expect_updated_at=entry.updated_at)
+    return Plan("entry.remove", params, preview, entry.id, entry.updated_at)
 
 
 async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
@@ -458,22 +460,14 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
     if tx.entry_id is not None:
         current = ctx.state.cache.get().entries.get(tx.entry_id)
         if current is None or current.updated_at != tx.base_updated_at:
-            tx.state = "aborted"
-            tx.decided_reason = "conflict: the entry changed since the preview"
-            fresh: WriteOut | None = None
-            if current is not None:
-                fresh = await _preview(
-                    ctx, tool, _args_model(tool).model_validate(tx.raw_args), build
-                )
-            raise TransactionConflict(
-                data={
-                    "tx_id": fresh.tx_id if fresh else None,
-                    "preview": fresh.preview if fresh else None,
-                }
-            )
+            raise await _conflict(ctx, tool, tx, build)
     receipt = ctx.state.txs.new_receipt()
     ctx.state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tool, hash=tx.hash)
-    result = await _EXECUTE[tx.method](ctx, tx.params)
+    try:
+        # the handler re-checks `expect_updated_at` under the write lock: nothing slips between
+        result = await _EXECUTE[tx.method](ctx, tx.params)
+    except TransactionConflict:
+        raise await _conflict(ctx, tool, tx, build) from None
     ctx.state.txs.committed(tx, receipt)
     log.info("committed %s (%s) receipt %s session %s", tx.tx_id, tool, receipt, rec.accessor)
     entry = getattr(result, "entry", None)
@@ -490,6 +484,22 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
         generated=generated
         if generated and scope_rank(rec.scope) >= scope_rank("secrets")
         else None,
+    )
+
+
+async def _conflict(ctx: Context, tool: str, tx: Transaction, build: Build) -> TransactionConflict:
+    """Close `tx` and make a fresh preview of the same arguments against the current entry."""
+    tx.state = "aborted"
+    tx.decided_reason = "conflict: the entry changed since the preview"
+    ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tool)
+    fresh: WriteOut | None = None
+    if tx.entry_id is not None and tx.entry_id in ctx.state.cache.get().entries:
+        fresh = await _preview(ctx, tool, _args_model(tool).model_validate(tx.raw_args), build)
+    return TransactionConflict(
+        data={
+            "tx_id": fresh.tx_id if fresh else None,
+            "preview": fresh.preview if fresh else None,
+        }
     )
 
 

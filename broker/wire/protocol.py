@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     SerializationInfo,
+    StrictInt,
     field_serializer,
 )
 
@@ -66,7 +67,7 @@ class Auth(Strict):
 
 
 class Request(Strict):
-    v: int
+    v: StrictInt
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=64)
     method: str = Field(max_length=64)
     params: dict[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets
@@ -254,6 +255,8 @@ class EntryGetResult(BaseModel):
 
 
 class EntryEditParams(EntryRef):
+    # optimistic concurrency: refuse (TRANSACTION_CONFLICT) if the entry changed since
+    expect_updated_at: datetime | None = None
     new_name: str | None = Field(default=None, min_length=1, max_length=NAME_MAX)
     move_to: str | None = Field(default=None, pattern=SPACE_PATTERN)
     add_tags: list[str] = Field(default_factory=list, max_length=64)
@@ -263,6 +266,10 @@ class EntryEditParams(EntryRef):
     fields: dict[str, str] = Field(default_factory=dict, max_length=64)
     secrets: dict[str, SecretValue] = Field(default_factory=dict, max_length=64)
     remove_fields: list[str] = Field(default_factory=list, max_length=64)
+
+
+class EntryRemoveParams(EntryRef):
+    expect_updated_at: datetime | None = None
 
 
 class EntryRemoveResult(BaseModel):
@@ -555,7 +562,7 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "entry.show": (EntryRef, EntryResult),
     "entry.get": (EntryGetParams, EntryGetResult),
     "entry.edit": (EntryEditParams, EntryResult),
-    "entry.remove": (EntryRef, EntryRemoveResult),
+    "entry.remove": (EntryRemoveParams, EntryRemoveResult),
     "entry.totp": (EntryRef, TotpResult),
     "space.list": (Empty, SpaceListResult),
     "space.add": (SpaceAddParams, SpaceInfo),
