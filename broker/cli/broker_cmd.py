@@ -12,6 +12,7 @@ from broker import paths
 from broker.wire.errors import BrokerUnavailable, InternalError
 from broker.wire.protocol import PingResult
 
+from . import service
 from .client import BrokerClient
 from .output import emit_json, info
 
@@ -65,23 +66,158 @@ def start_detached() -> tuple[int, bool]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    argv = daemon_argv(["--log-level", args.log_level] if args.log_level else [])
+    extra = ["--log-level", args.log_level] if args.log_level else []
+    if args.http:
+        extra += ["--http", args.http]
+    if args.allow_remote:
+        extra += [
+            "--allow-remote",
+            "--tls-cert",
+            args.tls_cert or "",
+            "--tls-key",
+            args.tls_key or "",
+        ]
+    argv = daemon_argv(extra)
     os.execv(sys.executable, argv)  # noqa: S606 - replaces this process with the daemon
     raise InternalError("exec failed")  # pragma: no cover
 
 
+def _installed_manager() -> service.Manager:
+    """The manager to drive: the running one, if our unit or agent is installed with it."""
+    m = service.Manager.detect()
+    if m.name == "systemd" and service.unit_path().exists():
+        return m
+    if m.name == "launchd" and service.plist_path().exists():
+        return m
+    return service.Manager("background-process")
+
+
+def _manager_start(m: service.Manager) -> None:
+    if m.name == "systemd":
+        rc, out = service.run(["systemctl", "--user", "start", service.UNIT_NAME])
+    else:
+        rc, out = service.run(
+            ["launchctl", "kickstart", f"gui/{os.getuid()}/{service.AGENT_LABEL}"]
+        )
+    if rc != 0:
+        raise BrokerUnavailable(f"{m.name} could not start the broker: {out[:300]}")
+
+
+def _wait_for_broker() -> int:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        result = ping(timeout=0.5)
+        if result is not None:
+            return result.pid
+        time.sleep(0.1)
+    raise BrokerUnavailable("the broker did not come up in time", hint='see "apm doctor"')
+
+
 def cmd_start(args: argparse.Namespace) -> int:
-    pid, started = start_detached()
+    m = _installed_manager()
+    running = ping()
+    if running is not None:
+        pid, started = running.pid, False
+    elif m.name == "background-process":
+        pid, started = start_detached()
+    else:
+        _manager_start(m)
+        pid, started = _wait_for_broker(), True
     if args.json:
-        emit_json({"pid": pid, "started": started, "manager": "background-process"})
+        emit_json({"pid": pid, "started": started, "manager": m.name})
     elif started:
-        info(f"broker started in the background (pid {pid})")
+        info(f"broker started by {m.name} (pid {pid})")
     else:
         info(f"broker already running (pid {pid})")
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    m = service.Manager.detect()
+    files = service.write_service_files(http=args.http)
+    note = ""
+    if m.name == "systemd":
+        for argv in (
+            ["systemctl", "--user", "daemon-reload"],
+            ["systemctl", "--user", "enable", "--now", service.UNIT_NAME],
+        ):
+            rc, out = service.run(argv)
+            if rc != 0:
+                raise BrokerUnavailable(f"{' '.join(argv)} failed: {out[:300]}")
+        pid = _wait_for_broker()
+    elif m.name == "launchd":
+        target = f"gui/{os.getuid()}"
+        service.run(["launchctl", "bootout", target, str(files[0])])
+        rc, out = service.run(["launchctl", "bootstrap", target, str(files[0])])
+        if rc != 0:
+            raise BrokerUnavailable(f"launchctl bootstrap failed: {out[:300]}")
+        pid = _wait_for_broker()
+    else:
+        pid, _ = start_detached()
+        note = "no service manager is running here: started a background process instead"
+    if args.json:
+        emit_json({"manager": m.name, "files": [str(f) for f in files], "pid": pid})
+        return 0
+    for f in files:
+        info(f"wrote {f}")
+    info(note or f"enabled and started with {m.name} (pid {pid})")
+    return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    m = service.Manager.detect()
+    removed: list[str] = []
+    if m.name == "systemd" and service.unit_path().exists():
+        service.run(["systemctl", "--user", "disable", "--now", service.UNIT_NAME])
+    elif m.name == "launchd" and service.plist_path().exists():
+        service.run(["launchctl", "bootout", f"gui/{os.getuid()}", str(service.plist_path())])
+    else:
+        cmd_stop(argparse.Namespace(json=False, quiet=True))
+    for path in (service.unit_path(), service.plist_path()):
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    if m.name == "systemd":
+        service.run(["systemctl", "--user", "daemon-reload"])
+    if args.json:
+        emit_json({"manager": m.name, "removed": removed})
+    else:
+        info(f"uninstalled ({m.name}); removed {', '.join(removed) or 'no unit file'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    m = _installed_manager()
+    detected = service.Manager.detect()
+    state = "not installed"
+    if m.name == "systemd":
+        _, state = service.run(["systemctl", "--user", "is-active", service.UNIT_NAME])
+    elif m.name == "launchd":
+        rc, _ = service.run(["launchctl", "print", f"gui/{os.getuid()}/{service.AGENT_LABEL}"])
+        state = "loaded" if rc == 0 else "not loaded"
+    running = ping()
+    doc = {
+        "manager": m.name,
+        "detected_manager": detected.name,
+        "unit": str(service.plist_path() if detected.name == "launchd" else service.unit_path()),
+        "unit_installed": service.unit_path().exists() or service.plist_path().exists(),
+        "service_state": state,
+        "broker_running": running is not None,
+        "pid": running.pid if running else None,
+        "version": running.version if running else None,
+    }
+    if args.json:
+        emit_json(doc)
+    else:
+        for k, v in doc.items():
+            sys.stdout.write(f"{k + ':':<18}{v}\n")
+    return 0 if running is not None else BrokerUnavailable.exit_code
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
+    m = _installed_manager()
+    if m.name == "systemd":  # else systemd would restart it (Restart=on-failure is fine, but
+        service.run(["systemctl", "--user", "stop", service.UNIT_NAME])  # be explicit)
     p = paths.resolve()
     try:
         with BrokerClient() as c:
@@ -108,6 +244,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bsub = bp.add_subparsers(dest="broker_cmd", required=True, metavar="COMMAND")
     run = bsub.add_parser("run", help="run the broker in the foreground (logs to stderr)")
     run.add_argument("--log-level", default=None, help="debug, info, warning (default info)")
+    run.add_argument("--http", metavar="127.0.0.1:PORT", help="also serve MCP over HTTP at /mcp")
+    run.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --http address (needs --tls-cert and --tls-key)",
+    )
+    run.add_argument("--tls-cert")
+    run.add_argument("--tls-key")
     run.set_defaults(func=cmd_run)
     start = bsub.add_parser("start", help="start the broker as a background process")
     start.add_argument("--json", action="store_true", help="machine-readable output")
@@ -115,3 +259,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     stop = bsub.add_parser("stop", help="lock the vault and stop the broker")
     stop.add_argument("--json", action="store_true", help="machine-readable output")
     stop.set_defaults(func=cmd_stop)
+    inst = bsub.add_parser(
+        "install", help="install and start the broker as a user service (systemd / launchd)"
+    )
+    inst.add_argument("--http", metavar="127.0.0.1:PORT", help="also serve MCP over HTTP")
+    inst.add_argument("--json", action="store_true")
+    inst.set_defaults(func=cmd_install)
+    un = bsub.add_parser("uninstall", help="stop and remove the user service")
+    un.add_argument("--json", action="store_true")
+    un.set_defaults(func=cmd_uninstall)
+    st = bsub.add_parser("status", help="service manager, unit and broker state")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)

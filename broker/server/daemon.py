@@ -34,6 +34,7 @@ from . import (
     hardening,
     mcp_routes,
     request_handlers,
+    sd_notify,
     session_handlers,
     tx_handlers,
 )
@@ -61,6 +62,7 @@ class Config:
     request_max_minutes: int = 60
     webhook_url: str | None = None
     desktop_notifications: bool = True
+    http: str | None = None
 
 
 def load_config(config_file: Path) -> Config:
@@ -77,6 +79,9 @@ def load_config(config_file: Path) -> Config:
         notify = doc.get("notify", {})
         webhook = notify.get("webhook_url")
         desktop = bool(notify.get("desktop", True))
+        http = doc.get("http", {}).get("listen")
+        if http is not None and not isinstance(http, str):
+            raise ValueError("http.listen must be a string like 127.0.0.1:8765")
         if webhook is not None and not (
             isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
         ):
@@ -101,6 +106,7 @@ def load_config(config_file: Path) -> Config:
         request_max_minutes=max(1, min(request_max, 7 * 24 * 60)),
         webhook_url=webhook,
         desktop_notifications=desktop,
+        http=http,
     )
 
 
@@ -176,7 +182,29 @@ async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:
     return module.McpHost(state, transport)
 
 
-async def run(p: paths.Paths, config: Config) -> int:
+@dataclass(frozen=True)
+class HttpOptions:
+    listen: str
+    allow_remote: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
+    from .http import HttpFrontend, Listen
+
+    listen = Listen.parse(opts.listen, opts.allow_remote)
+    tls = None
+    if opts.allow_remote:
+        if not (opts.tls_cert and opts.tls_key):
+            raise InvalidParameters("--allow-remote needs --tls-cert and --tls-key")
+        tls = (opts.tls_cert, opts.tls_key)
+    frontend = HttpFrontend(state, listen, tls)
+    await frontend.start()
+    return frontend
+
+
+async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -> int:
     transport = Transport(p.broker_addr, _lock_path(p))
     transport.bind()
     state = dispatch.State(
@@ -190,10 +218,12 @@ async def run(p: paths.Paths, config: Config) -> int:
     state.audit = AuditLog(p.state_dir / "audit.jsonl")
     state.audit.open()
     state.record("broker.start", version=__version__, pid=os.getpid())
+    frontend = await _start_http(state, http) if http is not None else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.shutdown.set)
     log.info("apm-broker %s listening on %s (pid %d)", __version__, p.broker_addr, os.getpid())
+    sd_notify.notify(f"READY=1\nSTATUS=listening on {p.broker_addr}\nMAINPID={os.getpid()}")
     serve = asyncio.create_task(_serve(state, transport))
     reaper = asyncio.create_task(_reaper(state))
     try:
@@ -201,6 +231,9 @@ async def run(p: paths.Paths, config: Config) -> int:
     finally:
         serve.cancel()
         reaper.cancel()
+        sd_notify.notify("STOPPING=1")
+        if frontend is not None:
+            await frontend.stop()
         host = state._mcp_host.result() if state._mcp_host.done() else None
         if host is not None:
             await host.close_all()
@@ -232,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-stderr-log", action="store_true", help="log only to the log file (detached mode)"
     )
+    parser.add_argument("--http", metavar="HOST:PORT", help="also serve MCP over HTTP at /mcp")
+    parser.add_argument("--allow-remote", action="store_true")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
     parser.add_argument("--version", action="version", version=f"apm-broker {__version__}")
     args = parser.parse_args(argv)
     hardening.apply()
@@ -239,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         setup_logging(p.log_path, args.log_level, stderr=not args.no_stderr_log)
         config = load_config(p.config_file)
-        return asyncio.run(run(p, config))
+        listen = args.http or config.http
+        http = (
+            HttpOptions(listen, args.allow_remote, args.tls_cert, args.tls_key) if listen else None
+        )
+        return asyncio.run(run(p, config, http))
     except ApmError as exc:
         sys.stderr.write(f"apm-broker: error: {exc.message}\n")
         if exc.hint:

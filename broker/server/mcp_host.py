@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,56 +236,19 @@ class McpHost:
         return ctx, result.record
 
     def _server(self, conn: Connection, rec: SessionRecord) -> Server[Any]:
+        async def authorize() -> tuple[Context, SessionRecord]:
+            return await self._authorize(conn)
+
         async def list_tools(
             ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
         ) -> types.ListToolsResult:
-            try:
-                _, rec = await self._authorize(conn)
-            except ApmError:
-                return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
-            now = self.state.clock()
-            has_grant = any(
-                r.status(now) == "approved" for r in self.state.requests().listing(rec.accessor)
-            )
-            return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant))
+            return await serve_list(self.state, authorize)
 
         async def call_tool(
             ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
         ) -> types.CallToolResult:
-            if params.name == "apm_status":
-                return await self._status(conn)
-            try:
-                c, _ = await self._authorize(conn)
-            except ApmError as exc:
-                why = "vault locked"
-                if isinstance(exc, SessionRequired):
-                    reason = self.state.sessions().denials.get(conn.accessor)
-                    why = reason[-1].reason if reason else "unknown"
-                    log.warning("mcp call refused: session=%s reason=%s", conn.accessor, why)
-                with contextlib.suppress(ApmError):
-                    self.state.record(
-                        "session.denied",
-                        session=conn.accessor,
-                        pid=conn.peer.pid,
-                        tool=params.name[:64],
-                        reason=why,
-                        client=conn.client_name,
-                    )
-                return mcp_tools.error_result(exc)
-            c.mcp = ctx  # for the client approval policy (elicitation)
-            result = await mcp_tools.call(c, params.name, params.arguments)
-            try:  # fail closed: no record, no result
-                self.state.record(
-                    "tool",
-                    c,
-                    tool=params.name[:64],
-                    code=mcp_tools.result_code(result),
-                    client=conn.client_name,
-                    **mcp_tools.result_refs(params.arguments, result),
-                )
-            except ApmError as exc:
-                return mcp_tools.error_result(exc)
-            return result
+            caller = Caller(conn.accessor, conn.peer, conn.client_name)
+            return await serve_call(self.state, authorize, caller, ctx, params)
 
         return Server(
             "apm",
@@ -295,24 +259,92 @@ class McpHost:
             on_call_tool=call_tool,
         )
 
-    async def _status(self, conn: Connection) -> types.CallToolResult:
-        try:
-            _, rec = await self._authorize(conn)
-        except VaultLocked as exc:
-            return _status(exc.code, exc.message, exc.hint or 'run "apm unlock"')
-        except ApmError as exc:
-            return _status(exc.code, exc.message, 'ask the person to run "apm delegate"')
-        body = {
-            "ready": True,
-            "code": "OK",
-            "message": f"ready: scopes {', '.join(scopes_up_to(rec.scope))}",
-            "hint": "",
-        }
-        return types.CallToolResult(
-            content=[types.TextContent(type="text", text=body["message"])],
-            structured_content=body,
-            is_error=False,
+
+Authorize = Callable[[], Awaitable[tuple[Context, SessionRecord]]]
+
+
+@dataclass
+class Caller:
+    """Who is calling, for audit records of calls refused before a session was established."""
+
+    accessor: str | None
+    peer: Peer
+    client_name: str | None
+
+
+async def serve_list(state: State, authorize: Authorize) -> types.ListToolsResult:
+    """tools/list: the session's tools, or only apm_status when it cannot be served."""
+    try:
+        _, rec = await authorize()
+    except ApmError:
+        return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
+    now = state.clock()
+    has_grant = any(r.status(now) == "approved" for r in state.requests().listing(rec.accessor))
+    return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant))
+
+
+async def serve_call(
+    state: State,
+    authorize: Authorize,
+    caller: Caller,
+    mcp_ctx: Any,
+    params: types.CallToolRequestParams,
+) -> types.CallToolResult:
+    """tools/call: re-check the session, run the tool, record it (fail closed)."""
+    if params.name == "apm_status":
+        return await serve_status(authorize)
+    try:
+        c, _ = await authorize()
+    except ApmError as exc:
+        why = "vault locked"
+        if isinstance(exc, SessionRequired) and caller.accessor is not None:
+            reason = state.sessions().denials.get(caller.accessor)
+            why = reason[-1].reason if reason else "unknown"
+            log.warning("mcp call refused: session=%s reason=%s", caller.accessor, why)
+        with contextlib.suppress(ApmError):
+            state.record(
+                "session.denied",
+                session=caller.accessor,
+                pid=caller.peer.pid,
+                tool=params.name[:64],
+                reason=why,
+                client=caller.client_name,
+            )
+        return mcp_tools.error_result(exc)
+    c.mcp = mcp_ctx  # for the client approval policy (elicitation)
+    result = await mcp_tools.call(c, params.name, params.arguments)
+    try:  # fail closed: no record, no result
+        state.record(
+            "tool",
+            c,
+            tool=params.name[:64],
+            code=mcp_tools.result_code(result),
+            client=caller.client_name,
+            **mcp_tools.result_refs(params.arguments, result),
         )
+    except ApmError as exc:
+        return mcp_tools.error_result(exc)
+    return result
+
+
+async def serve_status(authorize: Authorize) -> types.CallToolResult:
+    try:
+        _, rec = await authorize()
+    except VaultLocked as exc:
+        return _status(exc.code, exc.message, exc.hint or 'run "apm unlock"')
+    except ApmError as exc:
+        return _status(exc.code, exc.message, 'ask the person to run "apm delegate"')
+    body = {
+        "ready": True,
+        "code": "OK",
+        "message": f"ready: scopes {', '.join(scopes_up_to(rec.scope))}",
+        "hint": "",
+    }
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=body["message"])],
+        structured_content=body,
+        is_error=False,
+    )
 
 
 def _status(code: str, message: str, hint: str) -> types.CallToolResult:
