@@ -13,6 +13,7 @@ from broker.wire.errors import ApmError
 from . import (
     audit_cmd,
     broker_cmd,
+    doctor_cmd,
     entry_cmd,
     mcp_cmd,
     request_cmd,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     tx_cmd.register(sub)
     request_cmd.register(sub)
     run_cmd.register(sub)
+    doctor_cmd.register(sub)
     broker_cmd.register(sub)
     return parser
 

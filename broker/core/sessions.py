@@ -302,57 +302,61 @@ class SessionStore:
             raise SessionRequired("session no longer exists", hint='ask the owner: "apm delegate"')
         return self.check(rec, peer_pid, declared_agent)
 
+    def verdict(
+        self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
+    ) -> tuple[str | None, tuple[Proc, ...]]:
+        """Why this peer may not use the session now (None: it may), and the ancestry seen.
+
+        No side effects: `check` applies them; `apm doctor` uses this alone for a dry run.
+        """
+        state = rec.state(self.clock())
+        if state != "active":
+            return f"session {state}", ()
+        b = rec.bindings
+        if b.host is not None and b.host != self.host:
+            return "host binding: another machine or user", ()
+        chain: tuple[Proc, ...] = ()
+        if b.pid is not None or b.agent or b.agent_exe or b.pin:
+            if peer_pid is None:
+                return "the kernel did not report the peer pid", ()
+            chain = self.ancestry.get(peer_pid)
+            if not chain:
+                return "peer process vanished before it could be checked", ()
+        if b.pid is not None and not _has(chain, b.pid, b.pid_create_time):
+            if any(p.pid == b.pid for p in chain):
+                return f"pid binding: pid {b.pid} was reused (create time differs)", chain
+            return f"pid binding: peer is not pid {b.pid} or its descendant", chain
+        if b.agent:
+            profile = AGENT_PROFILES[b.agent]
+            if not any(profile.matches(p) for p in chain):
+                return f"agent binding: no ancestor runs a {b.agent} executable", chain
+            if declared_agent and contradicts(profile, declared_agent):
+                return f"declared agent {declared_agent[:64]!r} contradicts {b.agent}", chain
+        if b.agent_exe and not any(p.exe == b.agent_exe for p in chain):
+            return "agent-exe binding: executable not in ancestry", chain
+        pinned = b.pin and b.pinned_pid is not None
+        if pinned and not _has(chain, b.pinned_pid or 0, b.pinned_create_time):
+            return "pin binding: another process tree", chain
+        return None, chain
+
     def check(
         self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
     ) -> AuthResult:
         """Every rule, every request: state, host, pid, agent, pin; then count the use."""
-        now = self.clock()
-        state = rec.state(now)
-        if state != "active":
-            raise self.deny(rec, f"session {state}", peer_pid)
+        reason, chain = self.verdict(rec, peer_pid, declared_agent)
+        if reason is not None:
+            raise self.deny(rec, reason, peer_pid, chain)
         b = rec.bindings
-        if b.host is not None and b.host != self.host:
-            raise self.deny(rec, "host binding: another machine or user", peer_pid)
         must_persist = False
-        chain: tuple[Proc, ...] = ()
-        if b.pid is not None or b.agent or b.agent_exe or b.pin:
-            if peer_pid is None:
-                raise self.deny(rec, "the kernel did not report the peer pid", peer_pid)
-            chain = self.ancestry.get(peer_pid)
-            if not chain:
-                raise self.deny(rec, "peer process vanished before it could be checked", peer_pid)
-        if b.pid is not None and not _has(chain, b.pid, b.pid_create_time):
-            reused = any(p.pid == b.pid for p in chain)
-            why = (
-                f"pid binding: pid {b.pid} was reused (create time differs)"
-                if reused
-                else f"pid binding: peer is not pid {b.pid} or its descendant"
-            )
-            raise self.deny(rec, why, peer_pid, chain)
-        if b.agent:
-            profile = AGENT_PROFILES[b.agent]
-            if not any(profile.matches(p) for p in chain):
-                raise self.deny(
-                    rec, f"agent binding: no ancestor runs a {b.agent} executable", peer_pid, chain
-                )
-            if declared_agent and contradicts(profile, declared_agent):
-                raise self.deny(
-                    rec, f"declared agent {declared_agent[:64]!r} contradicts {b.agent}", peer_pid
-                )
-        if b.agent_exe and not any(p.exe == b.agent_exe for p in chain):
-            raise self.deny(rec, "agent-exe binding: executable not in ancestry", peer_pid, chain)
-        if b.pin:
-            if b.pinned_pid is None:
-                anchor = chain[1] if len(chain) > 1 else chain[0]
-                b.pinned_pid, b.pinned_create_time = anchor.pid, anchor.create_time
-                b.pinned_name = anchor.name
-                must_persist = True
-            elif not _has(chain, b.pinned_pid, b.pinned_create_time):
-                raise self.deny(rec, "pin binding: another process tree", peer_pid, chain)
+        if b.pin and b.pinned_pid is None:
+            anchor = chain[1] if len(chain) > 1 else chain[0]
+            b.pinned_pid, b.pinned_create_time = anchor.pid, anchor.create_time
+            b.pinned_name = anchor.name
+            must_persist = True
         if declared_agent and rec.declared_agent is None:
             rec.declared_agent = declared_agent[:128]
         rec.use_count += 1
-        rec.last_used_at = now
+        rec.last_used_at = self.clock()
         if rec.max_uses is not None:
             must_persist = True
         self.dirty = True

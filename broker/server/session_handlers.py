@@ -24,6 +24,7 @@ from broker.wire.protocol import (
     Empty,
     SessionCreateParams,
     SessionCreateResult,
+    SessionDiagnoseResult,
     SessionInfo,
     SessionListResult,
     SessionRef,
@@ -212,6 +213,32 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
     log.info("revoked %s by pid=%s", ",".join(done) or "nothing", ctx.peer.pid)
     state.record("session.revoked", ctx, target=",".join(done) or None)
     return SessionRevokeResult(revoked=done)
+
+
+@route("session.diagnose", Access(unlocked=True))
+async def process_session_diagnose(ctx: Context, p: Empty) -> SessionDiagnoseResult:
+    """For `apm doctor`: would this token work for this process? The kind of rule only."""
+    token = ctx.auth.token if ctx.auth is not None else None
+    if token is None:
+        return SessionDiagnoseResult(known=False, problem="no token given")
+    store = ctx.state.sessions()
+    try:
+        rec = store.lookup(token.get_secret_value())
+    except SessionRequired:
+        return SessionDiagnoseResult(
+            known=False,
+            problem="unknown token (revoked and pruned, from another vault, or mistyped)",
+        )
+    declared = ctx.auth.agent if ctx.auth is not None else None
+    reason, _ = store.verdict(rec, ctx.peer.pid, declared)
+    return SessionDiagnoseResult(
+        known=True,
+        accessor=rec.accessor,
+        state=rec.state(ctx.state.clock()),
+        scope=rec.scope,
+        expires_at=rec.expires_at,
+        problem=reason.split(":")[0] if reason else None,
+    )
 
 
 @route("session.whoami", READ)

@@ -403,6 +403,17 @@ class SessionWhyResult(BaseModel):
     denials: list[DenialInfo]
 
 
+class SessionDiagnoseResult(BaseModel):
+    """A dry run of the session in `auth.token` for the calling process (nothing recorded)."""
+
+    known: bool
+    accessor: str | None = None
+    state: str | None = None
+    scope: str | None = None
+    expires_at: datetime | None = None
+    problem: str | None = None  # the rule that would refuse this process, by kind
+
+
 class WhoAmIResult(BaseModel):
     """What the caller is: the owner (master password) or a session."""
 
@@ -574,6 +585,7 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "session.why": (SessionRef, SessionWhyResult),
     "session.revoke": (SessionRevokeParams, SessionRevokeResult),
     "session.whoami": (Empty, WhoAmIResult),
+    "session.diagnose": (Empty, SessionDiagnoseResult),
     "audit.list": (AuditListParams, AuditListResult),
     "request.list": (RequestListParams, RequestListResult),
     "request.approve": (RequestDecideParams, AccessRequestInfo),
