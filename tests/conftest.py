@@ -1,12 +1,18 @@
 """Shared fixtures: a real broker process on a temporary APM_HOME, and the real `apm` CLI.
 
-Every process output the tests capture is recorded in `CAPTURED`, so the secret-hygiene
-checks can scan it together with the files under each APM_HOME.
+Secret hygiene sweep: every value a test feeds the CLI on stdin is a master password or a
+secret (apm never accepts them in argv), and every `eps_` token the CLI prints is a token. All
+of them are registered in `SECRETS`. When a test's APM_HOME is torn down, every file under it
+(vault and backup, logs, audit log, debug log, broker output) and every stderr the CLI wrote
+is scanned for each of them, raw, hex and base64; a hit fails that test, and
+tests/test_zz_hygiene_sweep.py asserts the whole run's count is zero.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +28,42 @@ import pytest
 PASSWORD = "correct horse battery staple"
 PY = sys.executable
 CAPTURED: list[str] = []
+STDERRS: list[str] = []
 HOMES: list[Path] = []
+SECRETS: set[str] = set()
+SWEEP_HITS: list[str] = []
+_TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]{40,}")
+
+
+def register_secret(value: str) -> None:
+    value = value.strip()
+    if len(value) >= 6:  # shorter ones would match by chance
+        SECRETS.add(value)
+
+
+def _forms(secret: str) -> list[bytes]:
+    raw = secret.encode()
+    out = [raw, raw.hex().encode()]
+    for shift in range(3):  # base64 of the value at any alignment inside a larger blob
+        chunk = base64.b64encode(b"\0" * shift + raw)[4 if shift else 0 : -4]
+        if len(chunk) >= 8:
+            out.append(chunk)
+    return out
+
+
+def sweep(home: Path) -> list[str]:
+    """Every registered secret found in plaintext under `home` or in a CLI's stderr."""
+    hits: list[str] = []
+    needles = [(s, f) for s in sorted(SECRETS) for f in _forms(s)]
+    for path in sorted(home.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        hits += [f"{path.relative_to(home)}: {s[:4]}…" for s, f in needles if f in data]
+    for text in STDERRS:
+        data = text.encode()
+        hits += [f"stderr: {s[:4]}…" for s, f in needles if f in data]
+    return hits
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -64,6 +105,13 @@ class Apm:
         )
         CAPTURED.append(proc.stdout)
         CAPTURED.append(proc.stderr)
+        STDERRS.append(proc.stderr)
+        for line in (data or "").splitlines():
+            register_secret(line)
+        if data and "--from-stdin" in args:
+            register_secret(data.split("\n", 1)[1] if password is not None else data)
+        for token in _TOKEN_RE.findall(proc.stdout):
+            register_secret(token)
         if check and proc.returncode != 0:
             raise AssertionError(f"apm {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc
@@ -155,7 +203,13 @@ def make_home() -> Path:
 def home() -> Iterator[Path]:
     path = make_home()
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        hits = sweep(path)
+        SWEEP_HITS.extend(hits)
+        assert not hits, f"secrets found in plaintext: {hits[:5]}"
+    finally:
+        STDERRS.clear()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
