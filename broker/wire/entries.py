@@ -33,14 +33,14 @@ DEFAULT_SPACE = "default"
 
 
 class FieldSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     secret: bool = False
     required: bool = False
 
 
 class TypeSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     fields: tuple[FieldSpec, ...]
     primary: str | None  # the field `apm get` prints by default
@@ -107,12 +107,16 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
 
 
 class FieldMeta(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     secret: bool
     value: str | None = None  # only for non-secret fields
     history: int = 0  # number of previous secret values kept
 
 
 class EntryMeta(BaseModel):
+    model_config = ConfigDict(defer_build=True)
+
     id: str
     name: str
     type: EntryType

@@ -50,8 +50,14 @@ def _reveal(value: SecretStr | None, info: SerializationInfo) -> str | None:
     return "**********"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Wire(BaseModel):
+    """Validators are built on first use: a one-shot CLI call needs a handful of ~60 models."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class Strict(Wire):
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class Auth(Strict):
@@ -79,14 +85,14 @@ class Request(Strict):
         return self.model_dump_json(context={"reveal": True}, exclude_none=True).encode()
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(Wire):
     code: str
     message: str
     hint: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
 
-class Response(BaseModel):
+class Response(Wire):
     v: int = PROTOCOL_VERSION
     id: str
     ok: bool
@@ -110,20 +116,20 @@ class Empty(Strict):
     pass
 
 
-class PingResult(BaseModel):
+class PingResult(Wire):
     version: str
     protocol: int
     min_protocol: int
     pid: int
 
 
-class Hardening(BaseModel):
+class Hardening(Wire):
     dumpable: bool | None
     core_limit: int | None
     mlocked: bool
 
 
-class StatusResult(BaseModel):
+class StatusResult(Wire):
     version: str
     protocol: int
     pid: int
@@ -145,18 +151,18 @@ class InitParams(Strict):
     profile: KdfProfile = "standard"
 
 
-class InitResult(BaseModel):
+class InitResult(Wire):
     vault_path: str
     profile: str
 
 
-class UnlockResult(BaseModel):
+class UnlockResult(Wire):
     entries: int
     idle_lock_at: datetime
     hard_lock_at: datetime
 
 
-class LockResult(BaseModel):
+class LockResult(Wire):
     was_unlocked: bool
 
 
@@ -168,7 +174,7 @@ class PasswdParams(Strict):
         return _reveal(v, info)
 
 
-class ProfileInfo(BaseModel):
+class ProfileInfo(Wire):
     profile: str
     memory_kib: int
     time_cost: int
@@ -205,7 +211,7 @@ class EntryAddParams(Strict):
     secrets: dict[str, SecretValue] = Field(default_factory=dict, max_length=64)
 
 
-class EntryResult(BaseModel):
+class EntryResult(Wire):
     entry: EntryMeta
 
 
@@ -217,7 +223,7 @@ class EntryListParams(Strict):
     limit: int = Field(default=1000, ge=1, le=100_000)
 
 
-class EntryListResult(BaseModel):
+class EntryListResult(Wire):
     entries: list[EntryMeta]
     total: int
 
@@ -230,12 +236,12 @@ class EntrySearchParams(Strict):
     limit: int = Field(default=50, ge=1, le=1000)
 
 
-class SearchHit(BaseModel):
+class SearchHit(Wire):
     entry: EntryMeta
     score: float
 
 
-class EntrySearchResult(BaseModel):
+class EntrySearchResult(Wire):
     hits: list[SearchHit]
 
 
@@ -243,7 +249,7 @@ class EntryGetParams(EntryRef):
     field: str | None = Field(default=None, pattern=FIELD_NAME_PATTERN)
 
 
-class EntryGetResult(BaseModel):
+class EntryGetResult(Wire):
     id: str
     name: str
     field: str
@@ -272,12 +278,12 @@ class EntryRemoveParams(EntryRef):
     expect_updated_at: datetime | None = None
 
 
-class EntryRemoveResult(BaseModel):
+class EntryRemoveResult(Wire):
     id: str
     name: str
 
 
-class TotpResult(BaseModel):
+class TotpResult(Wire):
     id: str
     name: str
     code: str
@@ -285,12 +291,12 @@ class TotpResult(BaseModel):
     period: int
 
 
-class SpaceInfo(BaseModel):
+class SpaceInfo(Wire):
     name: str
     entries: int
 
 
-class SpaceListResult(BaseModel):
+class SpaceListResult(Wire):
     spaces: list[SpaceInfo]
 
 
@@ -308,12 +314,12 @@ class SpaceRemoveParams(Strict):
     force: bool = False
 
 
-class SpaceRemoveResult(BaseModel):
+class SpaceRemoveResult(Wire):
     name: str
     removed_entries: int
 
 
-class ShutdownResult(BaseModel):
+class ShutdownResult(Wire):
     pid: int
 
 
@@ -340,7 +346,7 @@ class SessionCreateParams(Strict):
     entries: list[str] = Field(default_factory=list, max_length=64)
 
 
-class SessionInfo(BaseModel):
+class SessionInfo(Wire):
     accessor: str
     label: str
     scope: str
@@ -359,7 +365,7 @@ class SessionInfo(BaseModel):
     approve: str = "agent"
 
 
-class SessionCreateResult(BaseModel):
+class SessionCreateResult(Wire):
     token: SecretStr
     session: SessionInfo
 
@@ -368,7 +374,7 @@ class SessionCreateResult(BaseModel):
         return _reveal(v, info)
 
 
-class SessionListResult(BaseModel):
+class SessionListResult(Wire):
     sessions: list[SessionInfo]
 
 
@@ -386,24 +392,24 @@ class SessionRevokeParams(Strict):
         return _reveal(v, info)
 
 
-class SessionRevokeResult(BaseModel):
+class SessionRevokeResult(Wire):
     revoked: list[str]
     pending: bool = False  # vault locked: recorded, applied at the next unlock
 
 
-class DenialInfo(BaseModel):
+class DenialInfo(Wire):
     at: datetime
     reason: str
     peer_pid: int | None = None
     seen: list[str] = Field(default_factory=list)
 
 
-class SessionWhyResult(BaseModel):
+class SessionWhyResult(Wire):
     session: SessionInfo
     denials: list[DenialInfo]
 
 
-class SessionDiagnoseResult(BaseModel):
+class SessionDiagnoseResult(Wire):
     """A dry run of the session in `auth.token` for the calling process (nothing recorded)."""
 
     known: bool
@@ -414,7 +420,7 @@ class SessionDiagnoseResult(BaseModel):
     problem: str | None = None  # the rule that would refuse this process, by kind
 
 
-class WhoAmIResult(BaseModel):
+class WhoAmIResult(Wire):
     """What the caller is: the owner (master password) or a session."""
 
     owner: bool
@@ -436,7 +442,7 @@ class McpAttachParams(Strict):
     client_name: str | None = Field(default=None, max_length=128)
 
 
-class McpAttachResult(BaseModel):
+class McpAttachResult(Wire):
     conn: str
     accessor: str
     scope: str
@@ -458,12 +464,12 @@ class AuditListParams(Strict):
     limit: int = Field(default=1000, ge=1, le=10_000)
 
 
-class AuditListResult(BaseModel):
+class AuditListResult(Wire):
     records: list[dict[str, Any]]
     last_seq: int
 
 
-class AuditVerifyResult(BaseModel):
+class AuditVerifyResult(Wire):
     ok: bool
     records: int
     findings: list[str]
@@ -476,7 +482,7 @@ class TxListParams(Strict):
     pending: bool = False
 
 
-class TxSummary(BaseModel):
+class TxSummary(Wire):
     tx_id: str
     tool: str
     status: str
@@ -490,7 +496,7 @@ class TxSummary(BaseModel):
     reason: str | None = None
 
 
-class TxListResult(BaseModel):
+class TxListResult(Wire):
     transactions: list[TxSummary]
 
 
@@ -506,7 +512,7 @@ class RequestListParams(Strict):
     pending: bool = False
 
 
-class AccessRequestInfo(BaseModel):
+class AccessRequestInfo(Wire):
     id: str
     state: str
     session: str
@@ -525,7 +531,7 @@ class AccessRequestInfo(BaseModel):
     approve_command: str
 
 
-class RequestListResult(BaseModel):
+class RequestListResult(Wire):
     requests: list[AccessRequestInfo]
 
 
@@ -543,7 +549,7 @@ class SecretResolveParams(Strict):
     refs: list[str] = Field(min_length=1, max_length=64)
 
 
-class ResolvedSecret(BaseModel):
+class ResolvedSecret(Wire):
     ref: str
     value: SecretStr
 
@@ -552,7 +558,7 @@ class ResolvedSecret(BaseModel):
         return _reveal(v, info)
 
 
-class SecretResolveResult(BaseModel):
+class SecretResolveResult(Wire):
     secrets: list[ResolvedSecret]
 
 
