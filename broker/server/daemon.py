@@ -129,10 +129,14 @@ def setup_logging(log_path: Path, level: str, stderr: bool = True) -> None:
 
 
 async def _reaper(state: dispatch.State) -> None:
-    """Sleep until the next auto-lock deadline, then lock (ssh-agent's reaper)."""
+    """Sleep until the next auto-lock deadline, then lock (ssh-agent's reaper); also free the
+    state of MCP connections whose shim died."""
     while True:
         left = state.cache.seconds_to_lock()
-        await asyncio.sleep(1.0 if left is None else min(max(left, 0.05), 5.0))
+        await asyncio.sleep(1.0 if left is None else min(max(left, 0.05), 2.0))
+        host = state._mcp_host.result() if state._mcp_host and state._mcp_host.done() else None
+        if host is not None:
+            await host.reap()
         left = state.cache.seconds_to_lock()
         if left is not None and left <= 0:
             async with state.write_lock:

@@ -59,7 +59,7 @@ from broker.wire.protocol import (
 )
 
 from . import hardening
-from .dispatch import Access, Context, log, route
+from .dispatch import Access, Context, State, log, route
 from .session_handlers import apply_pending_revocations
 
 OWNER = Access(unlocked=True, owner_only=True)
@@ -115,7 +115,13 @@ async def process_status(ctx: Context, p: Empty) -> StatusResult:
         hard_lock_at=times[1] if times else None,
         log_path=str(st.paths.log_path),
         hardening=hardening.report(st.cache.mlocked),
+        mcp_connections=await _mcp_connections(st),
     )
+
+
+async def _mcp_connections(st: State) -> int:
+    host = st._mcp_host.result() if st._mcp_host and st._mcp_host.done() else None
+    return len(host.conns) if host is not None else 0
 
 
 @route("broker.shutdown")

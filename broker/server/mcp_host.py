@@ -33,6 +33,7 @@ from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
 from broker import __version__
+from broker.core.bindings import create_time
 from broker.core.sessions import SessionRecord, scope_rank, scopes_up_to
 from broker.wire.errors import ApmError, SessionRequired, VaultLocked
 from broker.wire.protocol import MCP_DETACHED, MCP_FRAME, McpAttachParams, McpAttachResult
@@ -73,6 +74,7 @@ class Connection:
     peer: Peer
     client_name: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    peer_started: float | None = None  # the shim process's create_time, against pid reuse
     inbound: Any = None  # MemoryObjectSendStream[SessionMessage | Exception]
     task: asyncio.Task[None] | None = None
 
@@ -104,6 +106,7 @@ class McpHost:
             accessor=rec.accessor,
             peer=ctx.peer,
             client_name=params.client_name,
+            peer_started=create_time(ctx.peer.pid) if ctx.peer.pid else None,
         )
         server = self._server(conn, rec)
         in_send, in_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
@@ -138,10 +141,24 @@ class McpHost:
         for conn_id in list(self.conns):
             await self.detach(conn_id)
 
-    async def reap_idle(self) -> None:
+    async def reap(self) -> int:
+        """Free connections whose shim process is gone (killed mid-call: ZeroMQ does not tell
+        a ROUTER, but the kernel-reported pid and its create_time do) or idle for hours."""
         cutoff = time.monotonic() - IDLE_CONNECTION_SECONDS
-        for conn in [c for c in self.conns.values() if c.last_seen < cutoff]:
+        gone = [
+            c
+            for c in self.conns.values()
+            if c.last_seen < cutoff
+            or (
+                c.peer.pid is not None
+                and c.peer_started is not None
+                and create_time(c.peer.pid) != c.peer_started
+            )
+        ]
+        for conn in gone:
+            log.info("freeing mcp connection %s: its process %s is gone", conn.conn, conn.peer.pid)
             await self.detach(conn.conn)
+        return len(gone)
 
     # ------------------------------------------------------------------ frames
 

@@ -145,6 +145,7 @@ class StatusResult(Wire):
     hard_lock_at: datetime | None = None
     log_path: str
     hardening: Hardening
+    mcp_connections: int = 0
 
 
 class InitParams(Strict):
