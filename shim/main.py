@@ -137,6 +137,9 @@ class Shim:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # never queue onto a connection that is not up: a message sent into a broker's dying
+        # connection would be lost; sending fails instead and we retry
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.connect(self.addr)
         return sock
 
@@ -180,8 +183,12 @@ class Shim:
             "auth": {"token": self.token, **({"agent": self.agent} if self.agent else {})},
             "client": f"apm-mcp/{__version__}",
         }
-        with contextlib.suppress(zmq.ZMQError):
+        try:
             self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
+        except zmq.ZMQError:  # no live connection yet (zmq.IMMEDIATE): try again shortly
+            self.attach_id = None
+            self.next_attach = time.monotonic() + 0.1
+            return
         log.debug("attach sent")
 
     def _attach_timed_out(self) -> None:
@@ -316,6 +323,11 @@ class Shim:
             event = recv_monitor_message(self.monitor)
         except zmq.ZMQError:
             return
+        if event["event"] == zmq.EVENT_CONNECTED and self.conn is None:
+            # a (re)started broker: whatever attach was in flight went to the old connection
+            self.attach_id = None
+            self.attach()
+            return
         if event["event"] == zmq.EVENT_DISCONNECTED and self.conn is not None:
             log.warning("lost the broker connection")
             _stderr("lost the apm broker; waiting for it to come back")
@@ -342,6 +354,12 @@ class Shim:
             self.error(None, -32600, "invalid request: expected one JSON-RPC object per line")
             return
         method = msg.get("method")
+        is_response = "id" in msg and ("result" in msg or "error" in msg) and method is None
+        if not is_response and not isinstance(method, str):
+            rid = msg.get("id")
+            valid_id = isinstance(rid, str | int) and not isinstance(rid, bool)
+            self.error(rid if valid_id else None, -32600, "invalid request: no method")
+            return
         log.debug("client -> %s id=%s (%d bytes)", method or "response", msg.get("id"), len(line))
         if _is_request(msg) and self.era is None:
             self.era = "modern" if (_modern(msg) and method != "initialize") else "legacy"

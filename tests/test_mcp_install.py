@@ -272,6 +272,33 @@ def test_a_config_that_is_not_json_is_refused_and_left_byte_identical(
     assert set(desk.sessions()) == sessions_before  # refused before minting anything
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"mcpServers": [1, 2], "servers": [1, 2]},
+        {"mcpServers": {"apm": {"env": [1]}}, "servers": {"apm": {"env": [1]}}},
+    ],
+    ids=["servers-not-an-object", "env-not-an-object"],
+)
+def test_a_config_of_the_wrong_shape_is_refused_before_minting_a_session(
+    desk: Desk, content: dict[str, Any]
+) -> None:
+    path = desk.config_file("cursor")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = json.dumps(content).encode()
+    path.write_bytes(raw)
+    sessions_before = set(desk.sessions())
+
+    install = desk.run("mcp", "install", "--client", "cursor")
+    uninstall = desk.run("mcp", "uninstall", "--client", "cursor", password=False)
+
+    assert install.returncode == InvalidParameters.exit_code
+    assert uninstall.returncode == InvalidParameters.exit_code
+    assert "Traceback" not in install.stderr + uninstall.stderr
+    assert path.read_bytes() == raw
+    assert set(desk.sessions()) == sessions_before
+
+
 # ---------------------------------------------------------------------- printing instead
 
 

@@ -309,6 +309,29 @@ def test_an_oversize_line_is_refused_and_the_next_line_is_served(running: RawShi
     assert all(len(raw) < 4096 for raw in running.raw)  # the input is never echoed
 
 
+@pytest.mark.parametrize(
+    ("line", "rid"),
+    [
+        (b'{"foo":1}', None),
+        (b'{"jsonrpc":"2.0","id":7,"method":123}', 7),
+        (b'{"jsonrpc":"2.0","id":"q"}', "q"),
+    ],
+    ids=["no-method", "method-not-a-string", "neither-request-nor-response"],
+)
+def test_an_object_without_a_usable_method_gets_invalid_request(
+    running: RawShim, line: bytes, rid: object
+) -> None:
+    handshake(running)
+    running.write(line + b"\n")
+    err = running.line()
+    pong = running.call(request(2, "ping"))
+    assert running.close() == 0
+    assert err["id"] == rid
+    assert err["error"]["code"] == -32600
+    assert pong == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    assert_only_protocol(running)
+
+
 def test_an_unknown_method_gets_method_not_found_with_its_id(running: RawShim) -> None:
     handshake(running)
     unknown = running.call(request(7, "vault/steal"))

@@ -115,6 +115,24 @@ def read_config(path: Path) -> dict[str, Any]:
     return doc
 
 
+def check_shape(doc: dict[str, Any], spec: ClientSpec, name: str, path: Path) -> None:
+    """Refuse (before minting anything) a config whose structure we would have to guess at."""
+    servers = doc.get(spec.servers_key)
+    if servers is not None and not isinstance(servers, dict):
+        raise InvalidParameters(
+            f"{path}: {spec.servers_key!r} is not an object; not touching it",
+            hint="fix the file (or move it away) and run the command again",
+        )
+    entry = (servers or {}).get(name)
+    if entry is not None and not (
+        isinstance(entry, dict) and isinstance(entry.get("env", {}), dict)
+    ):
+        raise InvalidParameters(
+            f"{path}: the {name!r} server entry is malformed; not touching it",
+            hint="remove that entry by hand and run the command again",
+        )
+
+
 def write_config(path: Path, doc: dict[str, Any]) -> Path | None:
     """Atomically write `doc` (0600), keeping the previous file as `<file>.apm-backup`."""
     backup: Path | None = None
@@ -170,14 +188,13 @@ def cmd_install(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
     path = Path(args.config) if args.config else spec.config_path()
     doc = read_config(path)  # refuse early, before minting anything
+    check_shape(doc, spec, args.name, path)
     with BrokerClient() as c:
         c.call("broker.status")  # broker reachable before we ask for the password
         res = _mint(args, c, spec)
         token = res.token.get_secret_value()
         old = _old_token(doc, spec, args.name)
-        servers = doc.get(spec.servers_key)
-        if not isinstance(servers, dict):
-            servers = {}
+        servers = doc.get(spec.servers_key) or {}
         servers[args.name] = server_entry(spec, token)
         doc[spec.servers_key] = servers
         backup = write_config(path, doc)
@@ -212,6 +229,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
     path = Path(args.config) if args.config else spec.config_path()
     doc = read_config(path)
+    check_shape(doc, spec, args.name, path)
     servers = doc.get(spec.servers_key)
     if not isinstance(servers, dict) or args.name not in servers:
         info(f"apm is not installed in {path}")
