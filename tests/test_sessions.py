@@ -389,6 +389,35 @@ def test_pin_binds_the_session_to_the_first_process_tree_that_uses_it(twin: Twin
         on_disk.close()
 
 
+def test_pin_never_anchors_to_pid_1_which_every_process_descends_from(twin: Twin) -> None:
+    procs = twin.procs
+    orphan = procs.spawn(601, 1, exe="/usr/bin/dash")  # double-forked: its parent is pid 1
+    stranger = procs.spawn(701, procs.spawn(700, 1, exe="/usr/bin/dash"))
+    token, accessor = twin.delegate(pin=True)
+    assert twin.call("entry.list", token=token, pid=orphan).ok
+    pinned = twin.owner("session.show", {"accessor": accessor})["bindings"]["pin"]
+    assert pinned["pid"] == orphan  # the caller itself, not init
+    assert error_code(twin.call("entry.list", token=token, pid=stranger)) == "SESSION_REQUIRED"
+
+
+def test_a_request_refused_for_scope_does_not_use_up_max_uses(twin: Twin) -> None:
+    twin.add("site")
+    token, _ = twin.delegate(scope="read", max_uses=2)
+    for _ in range(3):  # space.add needs write: refused before the session is used
+        assert error_code(twin.call("space.add", {"name": "extra"}, token=token)) == (
+            "PERMISSION_DENIED"
+        )
+    assert twin.call("entry.list", token=token).ok
+    assert twin.call("entry.list", token=token).ok
+    assert error_code(twin.call("entry.list", token=token)) == "SESSION_REQUIRED"
+
+
+def test_an_idle_timeout_runs_from_creation_when_the_session_was_never_used(twin: Twin) -> None:
+    token, _ = twin.delegate(ttl_seconds=8 * 3600, idle_seconds=600)
+    twin.clock.advance(seconds=601)
+    assert error_code(twin.call("entry.list", token=token)) == "SESSION_REQUIRED"
+
+
 def test_pin_refuses_the_same_parent_pid_once_it_is_reused(twin: Twin) -> None:
     procs = twin.procs
     tree_a = procs.spawn(600, 1, ct=10.0)

@@ -15,6 +15,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import os
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -109,11 +110,8 @@ class SessionRecord(BaseModel):
             return "expired"
         if self.max_uses is not None and self.use_count >= self.max_uses:
             return "exhausted"
-        if (
-            self.idle_seconds is not None
-            and self.last_used_at is not None
-            and (now - self.last_used_at).total_seconds() > self.idle_seconds
-        ):
+        last = self.last_used_at or self.created_at  # idle from creation until first use
+        if self.idle_seconds is not None and (now - last).total_seconds() > self.idle_seconds:
             return "idle-expired"
         return "active"
 
@@ -349,7 +347,7 @@ class SessionStore:
         b = rec.bindings
         must_persist = False
         if b.pin and b.pinned_pid is None:
-            anchor = chain[1] if len(chain) > 1 else chain[0]
+            anchor = pin_anchor(chain)
             b.pinned_pid, b.pinned_create_time = anchor.pid, anchor.create_time
             b.pinned_name = anchor.name
             must_persist = True
@@ -361,6 +359,22 @@ class SessionStore:
             must_persist = True
         self.dirty = True
         return AuthResult(record=rec, must_persist=must_persist)
+
+
+def pin_anchor(chain: tuple[Proc, ...]) -> Proc:
+    """The process a --pin session binds to: the caller's parent, unless that parent is pid 1
+    or an ancestor of the broker itself (a session manager such as `systemd --user`), which
+    every process descends from and would bind to nothing; then the caller itself."""
+    shared = {p.pid for p in _own_ancestry()}
+    if len(chain) > 1 and chain[1].pid != 1 and chain[1].pid not in shared:
+        return chain[1]
+    return chain[0]
+
+
+def _own_ancestry() -> tuple[Proc, ...]:
+    from .bindings import walk_ancestry
+
+    return walk_ancestry(os.getpid())
 
 
 def contradicts(profile: AgentProfile, declared: str) -> bool:

@@ -183,6 +183,7 @@ class Vault:
         except ValidationError as exc:
             crypto.zero(dek)
             raise VaultCorrupt("vault payload is unreadable") from exc
+        vault_file.remove_stale_temps(path)  # only once the password proved it is ours
         return cls(path, blob.header, blob.keyblock, dek, payload, clock)
 
     @staticmethod
@@ -206,13 +207,21 @@ class Vault:
         self._by_name = {}
 
     def rewrap(self, password: bytearray, params: KdfParams) -> None:
-        """New salt and KEK (password or profile change); the DEK and payload stay the same."""
+        """New salt and KEK (password or profile change); the DEK and payload stay the same.
+
+        The backup is replaced too, so no copy on this machine still opens with the old
+        password (the DEK is unchanged: copies made elsewhere before still do).
+        """
         old = (self.header, self._header_bytes, self._keyblock)
         self.header = Header(kdf=params, salt=crypto.random_bytes(crypto.SALT_BYTES))
         self._header_bytes = vault_file.prefix(self.header)
         self._keyblock = _wrap(self._dek, password, self.header)
         try:
-            self.save()
+            data = self.encode()
+            vault_file.atomic_write(self.path, data)
+            vault_file.atomic_write(
+                self.path.with_name(self.path.name + ".bak"), data, keep_backup=False
+            )
         except Exception:
             self.header, self._header_bytes, self._keyblock = old
             raise

@@ -476,8 +476,16 @@ async def _authenticate_session(
     state = ctx.state
     store = state.sessions()
     declared = ctx.auth.agent if ctx.auth is not None else None
+
+    def allowed() -> SessionRecord:
+        rec = store.lookup(token)
+        reason, chain = store.verdict(rec, ctx.peer.pid, declared)
+        if reason is not None:
+            raise store.deny(rec, reason, ctx.peer.pid, chain)
+        return rec
+
     try:
-        result = store.authenticate(token, ctx.peer.pid, declared)
+        rec = allowed()  # bindings first, without side effects
     except SessionRequired as exc:
         accessor = exc.data.get("accessor", "-")
         reason = store.denials.get(accessor, [None])[-1] if accessor != "-" else None
@@ -498,9 +506,6 @@ async def _authenticate_session(
             await asyncio.sleep(delay)
         raise
     state.throttle.succeeded(ctx.peer)
-    rec = result.record
-    if result.must_persist:
-        await state.persist_sessions()
     if scope_rank(rec.scope) < scope_rank(needed) and grantable:
         ctx.grant_needed = True  # the handler checks a grant for the entry it reads
     elif scope_rank(rec.scope) < scope_rank(needed):
@@ -511,6 +516,10 @@ async def _authenticate_session(
             hint=f'ask the owner for a session with "apm delegate --scope {needed}"',
             data={"needed": needed, "scope": rec.scope, "accessor": rec.accessor},
         )
+    # only a request that will run counts as a use (and may take the pin)
+    result = store.check(rec, ctx.peer.pid, declared)
+    if result.must_persist:
+        await state.persist_sessions()
     ctx.session = rec
 
 
