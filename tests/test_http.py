@@ -360,9 +360,41 @@ def test_a_revoked_token_is_refused_at_http_authentication_like_an_unknown_one(
 # ----------------------------------------------------------------------------------- start-up
 
 
-def _refused_start(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def test_the_http_listener_can_be_set_in_config_toml(home: Path) -> None:
+    port = free_port()
+    (home / "config").mkdir(mode=0o700)
+    (home / "config" / "config.toml").write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n')
+    broker = Broker(home).start()
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError, httpx2.TransportError):
+                r = httpx2.post(f"http://127.0.0.1:{port}/mcp", timeout=5)
+                break
+            assert time.monotonic() < deadline, "no HTTP listener from config.toml"
+            time.sleep(0.05)
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer ")
+    finally:
+        assert broker.stop() == 0
+
+
+ENTRY_POINTS = {
+    "apm broker run": [PY, "-m", "broker.cli.main", "broker", "run"],
+    "apm-broker": [PY, "-m", "broker.server.daemon"],
+}
+
+
+@pytest.fixture(params=sorted(ENTRY_POINTS))
+def entry_point(request: pytest.FixtureRequest) -> list[str]:
+    return ENTRY_POINTS[str(request.param)]
+
+
+def _refused_start(
+    home: Path, *args: str, entry: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "broker.cli.main", "broker", "run", *args],
+        [*(entry or ENTRY_POINTS["apm broker run"]), *args],
         env=clean_env(home),
         capture_output=True,
         text=True,
@@ -372,10 +404,10 @@ def _refused_start(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_non_loopback_http_address_without_allow_remote_is_refused_at_start(
-    home: Path,
+    home: Path, entry_point: list[str]
 ) -> None:
     port = free_port()
-    r = _refused_start(home, "--http", f"0.0.0.0:{port}")
+    r = _refused_start(home, "--http", f"0.0.0.0:{port}", entry=entry_point)
     assert r.returncode == 10, r.stderr
     assert "0.0.0.0 is not a loopback address" in r.stderr
     assert "--allow-remote" in r.stderr
@@ -383,9 +415,11 @@ def test_a_non_loopback_http_address_without_allow_remote_is_refused_at_start(
         pass
 
 
-def test_allow_remote_without_a_tls_certificate_and_key_is_refused_at_start(home: Path) -> None:
+def test_allow_remote_without_a_tls_certificate_and_key_is_refused_at_start(
+    home: Path, entry_point: list[str]
+) -> None:
     port = free_port()
-    r = _refused_start(home, "--http", f"0.0.0.0:{port}", "--allow-remote")
+    r = _refused_start(home, "--http", f"0.0.0.0:{port}", "--allow-remote", entry=entry_point)
     assert r.returncode == 10, r.stderr
     assert "--allow-remote needs --tls-cert and --tls-key" in r.stderr
 
