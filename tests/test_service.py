@@ -301,13 +301,6 @@ def test_render_unit_allows_inet_families_only_when_http_is_enabled() -> None:
     assert one(http, "Service.ExecStart") == "/x/apm-broker --http 127.0.0.1:8765"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker/cli/service.py _UNIT: ProtectSystem=strict makes %t read-only and "
-    "ReadWritePaths=-%t/apm is skipped while %t/apm does not exist, which is the case after "
-    "every reboot or logout (%t is emptied): the broker cannot create its socket directory. "
-    "Fix: RuntimeDirectory=apm with RuntimeDirectoryMode=0700",
-)
 def test_the_unit_has_systemd_create_its_runtime_directory_on_each_start() -> None:
     d = directives(service.render_unit("/x/apm-broker"))
     writable = one(d, "Service.ReadWritePaths").split()
@@ -412,12 +405,6 @@ def test_uninstall_removes_the_unit_and_stops_the_background_broker(svc: Service
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker/cli/broker_cmd.py cmd_install's background-process fallback calls "
-    "start_detached() without --http, so `install --http` writes an HTTP unit but the "
-    "broker it starts serves no HTTP",
-)
 def test_install_with_http_and_no_service_manager_serves_http(svc: ServiceEnv) -> None:
     port = free_port()
     assert install(svc, "--http", f"127.0.0.1:{port}")["manager"] == "background-process"
@@ -462,12 +449,6 @@ def test_install_with_systemd_reloads_enables_and_reports_systemd(home: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker/cli/broker_cmd.py cmd_install enables the unit while a background "
-    "broker (started by apm init/unlock) still holds the socket: systemd's broker exits "
-    "'another broker is already running' and install reports the background pid as systemd's",
-)
 def test_install_with_systemd_replaces_a_running_background_broker(home: Path) -> None:
     svc = ServiceEnv(home).setup()
     try:

@@ -32,7 +32,7 @@ def ping(timeout: float = 2.0) -> PingResult | None:
         return None
 
 
-def start_detached() -> tuple[int, bool]:
+def start_detached(extra: list[str] | None = None) -> tuple[int, bool]:
     """Start the broker in the background unless one answers. Returns (pid, started_now)."""
     running = ping()
     if running is not None:
@@ -43,7 +43,7 @@ def start_detached() -> tuple[int, bool]:
     fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "ab") as out:
         proc = subprocess.Popen(
-            daemon_argv(["--no-stderr-log"]),
+            daemon_argv(["--no-stderr-log", *(extra or [])]),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -136,6 +136,9 @@ def cmd_install(args: argparse.Namespace) -> int:
     m = service.Manager.detect()
     files = service.write_service_files(http=args.http)
     note = ""
+    if m.name != "background-process" and ping() is not None:
+        # a broker started by hand (apm init/unlock) holds the socket: hand it to the manager
+        cmd_stop(argparse.Namespace(json=False, quiet=True))
     if m.name == "systemd":
         for argv in (
             ["systemctl", "--user", "daemon-reload"],
@@ -153,7 +156,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             raise BrokerUnavailable(f"launchctl bootstrap failed: {out[:300]}")
         pid = _wait_for_broker()
     else:
-        pid, _ = start_detached()
+        pid, _ = start_detached(["--http", args.http] if args.http else None)
         note = "no service manager is running here: started a background process instead"
     if args.json:
         emit_json({"manager": m.name, "files": [str(f) for f in files], "pid": pid})
@@ -223,6 +226,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
         with BrokerClient() as c:
             res = c.call("broker.shutdown", timeout=5.0)
     except BrokerUnavailable:
+        if getattr(args, "quiet", False):
+            return 0
         if args.json:
             emit_json({"stopped": False, "running": False})
         else:
@@ -232,6 +237,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 10.0
     while sock is not None and sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if getattr(args, "quiet", False):
+        return 0
     if args.json:
         emit_json({"stopped": True, "pid": res.pid})
     else:

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker import paths
+
 UNIT_NAME = "apm-broker.service"
 AGENT_LABEL = "dev.apm.broker"
 DEFAULT_EXEC = "%h/.local/bin/apm-broker"
@@ -24,12 +26,14 @@ _UNIT = """\
 # ~/.config/systemd/user/ with ExecStart pointing at the installed apm-broker, then enables it.
 [Unit]
 Description=apm secret broker for AI agents
-Documentation=man:apm(1)
 
 [Service]
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
+# systemd creates %t/apm (0700) on each start: under ProtectSystem=strict the broker could not
+RuntimeDirectory=apm
+RuntimeDirectoryMode=0700
 Restart=on-failure
 RestartSec=1
 LimitCORE=0
@@ -45,7 +49,7 @@ RestrictAddressFamilies={families}
 WantedBy=default.target
 """
 
-DEFAULT_RW = "-%h/.local/share/apm -%h/.local/state/apm -%h/.config/apm -%t/apm"
+DEFAULT_RW = "-%h/.local/share/apm -%h/.local/state/apm -%h/.config/apm"
 
 
 def render_unit(
@@ -143,10 +147,18 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _make_dirs(env: dict[str, str]) -> None:
+    """ReadWritePaths= skips paths that do not exist: create apm's own directories first."""
+    p = paths.resolve()
+    for d in {p.vault.parent, p.state_dir, p.config_dir}:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def write_service_files(http: str | None = None, home: Path | None = None) -> list[Path]:
     """Write the systemd unit (Linux) or the launchd plist (macOS); returns what was written."""
     exe = broker_executable()
     env = _env_for_service()
+    _make_dirs(env)
     if sys.platform == "darwin":
         path = plist_path(home)
         _write(path, render_plist(exe, home or Path.home(), env))

@@ -194,8 +194,9 @@ class HttpOptions:
     tls_key: str | None = None
 
 
-async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
-    from .http import HttpFrontend, Listen
+def _check_http(opts: HttpOptions) -> tuple[Any, tuple[str, str] | None]:
+    """Validate --http before anything is bound, so a refusal leaves nothing behind."""
+    from .http import Listen
 
     listen = Listen.parse(opts.listen, opts.allow_remote)
     tls = None
@@ -203,6 +204,13 @@ async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
         if not (opts.tls_cert and opts.tls_key):
             raise InvalidParameters("--allow-remote needs --tls-cert and --tls-key")
         tls = (opts.tls_cert, opts.tls_key)
+    return listen, tls
+
+
+async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
+    from .http import HttpFrontend
+
+    listen, tls = _check_http(opts)
     frontend = HttpFrontend(state, listen, tls)
     await frontend.start()
     return frontend
@@ -220,9 +228,17 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
     )
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     state.audit = AuditLog(p.state_dir / "audit.jsonl")
-    state.audit.open()
-    state.record("broker.start", version=__version__, pid=os.getpid())
-    frontend = await _start_http(state, http) if http is not None else None
+    try:
+        state.audit.open()
+        state.record("broker.start", version=__version__, pid=os.getpid())
+        frontend = await _start_http(state, http) if http is not None else None
+    except BaseException:  # nothing left behind: no socket, no lock, no half-open log
+        with contextlib.suppress(Exception):
+            state.record("broker.stop", reason="start failed")
+        state.audit.close()
+        transport.close()
+        state._mcp_host.cancel()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, state.shutdown.set)
@@ -284,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         http = (
             HttpOptions(listen, args.allow_remote, args.tls_cert, args.tls_key) if listen else None
         )
+        if http is not None:
+            _check_http(http)
         return asyncio.run(run(p, config, http))
     except ApmError as exc:
         sys.stderr.write(f"apm-broker: error: {exc.message}\n")

@@ -113,6 +113,8 @@ class SessionVerifier:
             rec = self.state.sessions().lookup(token)
         except (SessionRequired, VaultLocked):
             return None
+        if rec.state(self.state.clock()) != "active":
+            return None  # revoked, expired or used up: 401, like an unknown token
         return AccessToken(
             token=token,
             client_id=rec.accessor,
