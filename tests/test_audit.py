@@ -544,3 +544,25 @@ def test_apm_audit_lists_security_events_and_filters_by_session(audited: Audited
     assert any(isinstance(r.get("pid"), int) and r.get("exe") for r in mine)
     text = audit_path(home).read_text() + audit_path(home).with_name("audit.jsonl.head").read_text()
     assert SECRET not in text and token not in text and PASSWORD not in text
+
+
+def test_a_log_rewritten_without_authentication_codes_is_not_accepted(tmp_path: Path) -> None:
+    log = new_log(tmp_path, 4)
+    docs = [json.loads(r) for r in lines(log)]
+    docs[1]["code"] = "FORGED"
+    prev, out = GENESIS, []
+    for d in docs:  # a forger without the key: strip every MAC and rebuild the hash chain
+        d["prev"], d["mac"] = prev, None
+        raw = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        prev = hashlib.sha256(raw).hexdigest()
+        out.append(raw + b"\n")
+    rewrite(log, out)
+    log.head_path.write_text(json.dumps({"seq": 4, "hash": prev, "mac": None}))
+    assert problems(log)
+
+
+def test_truncation_with_the_checkpoint_deleted_is_found(tmp_path: Path) -> None:
+    log = new_log(tmp_path, 6)
+    rewrite(log, lines(log)[:-2])
+    log.head_path.unlink()
+    assert problems(log)

@@ -655,3 +655,22 @@ async def test_a_write_scope_session_cannot_use_admin_tools_and_a_read_session_n
     assert await twin.code(secrets_only, "add_entry", ADD) == "PERMISSION_DENIED"
     assert await twin.code(secrets_only, "tx_status", {"tx_id": "tx_1"}) == "PERMISSION_DENIED"
     assert twin.names() == set()
+
+
+@pytest.mark.anyio
+async def test_removing_a_space_with_force_deletes_only_what_the_preview_named(twin: Twin) -> None:
+    twin.vault.space_add("work")
+
+    def change() -> Change:
+        return Change(fields={}, secrets={"key": "v"}, remove_fields=[])
+
+    twin.vault.add("api_key", "k1", "work", [], None, None, change())
+    _, rec = twin.session()
+    p = await twin.ok(rec, "manage_spaces", {"action": "remove", "name": "work", "force": True})
+    twin.vault.add("api_key", "k2-added-later", "work", [], None, None, change())
+    result = await twin.tool(rec, "manage_spaces", {"tx_id": p["tx_id"], "approve": True})
+    assert result.is_error
+    body = result.structured_content or {}
+    assert body["code"] == "TRANSACTION_CONFLICT"
+    assert body["data"]["tx_id"] and "2 entries" in body["data"]["preview"]  # a fresh preview
+    assert "k2-added-later" in twin.names()

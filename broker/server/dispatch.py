@@ -211,7 +211,7 @@ class State:
             return
         if ctx is not None:
             fields.setdefault("pid", ctx.peer.pid)
-            fields.setdefault("exe", self.peer_exe(ctx.peer))
+            fields.setdefault("exe", ctx.exe if ctx.exe is not None else self.peer_exe(ctx.peer))
             if ctx.session is not None:
                 fields.setdefault("session", ctx.session.accessor)
                 fields.setdefault("label", ctx.session.label or None)
@@ -244,6 +244,7 @@ class Context:
     owner_proven: bool = False
     mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
     grant_needed: bool = False  # the session lacks `secrets`: each entry needs a live grant
+    exe: str | None = None  # the peer's executable, when already known (MCP connections)
 
     def check_grant(self, entry: StoredEntry, field: str) -> None:
         """For a session reading a secret on a grant: refuse unless one covers this field."""

@@ -315,6 +315,17 @@ async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     return EntryResult(entry=updated.meta())
 
 
+def _space_unchanged(vault: Vault, space: str, expected: list[str] | None) -> None:
+    """Under the write lock: the space still holds exactly the previewed entries."""
+    if expected is None:
+        return
+    current = {e.id for e in vault.iter_entries(space=space)}
+    if current != set(expected):
+        raise TransactionConflict(
+            "the space's entries changed since the preview", data={"space": space}
+        )
+
+
 def _unchanged(entry: StoredEntry, expected: datetime | None) -> None:
     """Checked under the write lock, so nothing can slip in between check and change."""
     if expected is not None and entry.updated_at != expected:
@@ -371,6 +382,7 @@ async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
+        _space_unchanged(vault, p.name, p.expect_entries)
         moved = await ctx.state.io(vault.space_rename, p.name, p.new_name)
     return SpaceInfo(name=p.new_name, entries=moved)
 
@@ -380,5 +392,6 @@ async def process_space_remove(ctx: Context, p: SpaceRemoveParams) -> SpaceRemov
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
+        _space_unchanged(vault, p.name, p.expect_entries)
         removed = await ctx.state.io(vault.space_remove, p.name, p.force)
     return SpaceRemoveResult(name=p.name, removed_entries=removed)

@@ -75,6 +75,7 @@ class Connection:
     client_name: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     peer_started: float | None = None  # the shim process's create_time, against pid reuse
+    exe: str | None = None  # looked up once at attach, for audit records
     inbound: Any = None  # MemoryObjectSendStream[SessionMessage | Exception]
     task: asyncio.Task[None] | None = None
 
@@ -107,6 +108,7 @@ class McpHost:
             peer=ctx.peer,
             client_name=params.client_name,
             peer_started=create_time(ctx.peer.pid) if ctx.peer.pid else None,
+            exe=self.state.peer_exe(ctx.peer),
         )
         server = self._server(conn, rec)
         in_send, in_recv = anyio.create_memory_object_stream[SessionMessage | Exception](64)
@@ -249,6 +251,7 @@ class McpHost:
             auth=None,
             request_id="",
             session=result.record,
+            exe=conn.exe,
         )
         return ctx, result.record
 

@@ -338,7 +338,13 @@ def error_result(exc: BaseException) -> types.CallToolResult:
         text += f" Fix: {body.hint}"
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=text)],
-        structured_content={"code": body.code, "message": body.message, "hint": body.hint or ""},
+        # data never holds secrets (field names, ids; a conflict's fresh, masked preview)
+        structured_content={
+            "code": body.code,
+            "message": body.message,
+            "hint": body.hint or "",
+            **({"data": body.data} if body.data else {}),
+        },
         is_error=True,
     )
 

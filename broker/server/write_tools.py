@@ -17,6 +17,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import string
@@ -32,6 +33,7 @@ from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction
 from broker.wire.entries import ENTRY_TYPES, EntryMeta, EntryType
 from broker.wire.errors import (
+    ApmError,
     ApprovalDenied,
     EntryNotFound,
     InvalidParameters,
@@ -278,9 +280,12 @@ async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
     counts = vault.space_counts()
     if name not in counts:
         raise EntryNotFound(f"space {name!r} does not exist")
+    held = sorted(e.id for e in vault.iter_entries(space=name))
     if a.action == "rename":
         _need(a.new_name, "new_name")
-        params: BaseModel = SpaceRenameParams(name=name, new_name=a.new_name or "")
+        params: BaseModel = SpaceRenameParams(
+            name=name, new_name=a.new_name or "", expect_entries=held
+        )
         return Plan(
             "space.rename",
             params,
@@ -289,7 +294,9 @@ async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
     preview = f"- remove space {name!r}"
     if counts[name]:
         preview += f" AND its {counts[name]} entries" if a.force else f" ({counts[name]} entries)"
-    return Plan("space.remove", SpaceRemoveParams(name=name, force=a.force), preview)
+    return Plan(
+        "space.remove", SpaceRemoveParams(name=name, force=a.force, expect_entries=held), preview
+    )
 
 
 def generate(a: GeneratePasswordArgs) -> str:
@@ -493,7 +500,7 @@ async def _conflict(ctx: Context, tool: str, tx: Transaction, build: Build) -> T
     tx.decided_reason = "conflict: the entry changed since the preview"
     ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tool)
     fresh: WriteOut | None = None
-    if tx.entry_id is not None and tx.entry_id in ctx.state.cache.get().entries:
+    with contextlib.suppress(ApmError):  # the entry or space may be gone: no fresh preview
         fresh = await _preview(ctx, tool, _args_model(tool).model_validate(tx.raw_args), build)
     return TransactionConflict(
         data={

@@ -308,11 +308,14 @@ class SpaceAddParams(Strict):
 class SpaceRenameParams(Strict):
     name: str = Field(pattern=SPACE_PATTERN)
     new_name: str = Field(pattern=SPACE_PATTERN)
+    # optimistic concurrency: the entry ids the space must still hold (TRANSACTION_CONFLICT)
+    expect_entries: list[str] | None = None
 
 
 class SpaceRemoveParams(Strict):
     name: str = Field(pattern=SPACE_PATTERN)
     force: bool = False
+    expect_entries: list[str] | None = None
 
 
 class SpaceRemoveResult(Wire):
