@@ -87,6 +87,26 @@ def _stderr(message: str) -> None:
         sys.stderr.flush()
 
 
+_RESPONSE_HEAD = re.compile(
+    rb'^\{"jsonrpc":"2\.0","id":(-?\d+|"(?:[^"\\]|\\.)*"),"(?:result|error)"'
+)
+
+
+def _response_id(payload: bytes) -> tuple[bool, Any]:
+    """Whether a broker message is a response, and its id, without parsing a large result:
+    both the SDK and the broker's fast path write `{"jsonrpc":"2.0","id":…,"result"` first."""
+    m = _RESPONSE_HEAD.match(payload)
+    if m is not None:
+        return True, json.loads(m.group(1))
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False, None
+    if isinstance(doc, dict) and "method" not in doc:
+        return True, doc.get("id")
+    return False, None
+
+
 def _is_request(msg: dict[str, Any]) -> bool:
     return "method" in msg and "id" in msg
 
@@ -303,12 +323,8 @@ class Shim:
             self.conn = None
             self.attach()
             return
-        try:
-            doc = json.loads(payload)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict) and "method" not in doc:
-            rid = doc.get("id")
+        is_response, rid = _response_id(payload)
+        if is_response:
             if self.reinit_id is not None and rid == self.reinit_id:
                 self.reinit_id = None
                 self._to_broker(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
@@ -479,11 +495,18 @@ class Shim:
     def run(self) -> int:
         poller = zmq.Poller()
         poller.register(0, zmq.POLLIN)
+        watched: tuple[Any, Any] = (None, None)
         if self.token:
             self.attach()
         while self.running:
-            poller.register(self.sock, zmq.POLLIN)
-            poller.register(self.monitor, zmq.POLLIN)
+            if watched != (self.sock, self.monitor):  # sockets are replaced after a timeout
+                for s in watched:
+                    if s is not None:
+                        with contextlib.suppress(KeyError):
+                            poller.unregister(s)
+                poller.register(self.sock, zmq.POLLIN)
+                poller.register(self.monitor, zmq.POLLIN)
+                watched = (self.sock, self.monitor)
             now = time.monotonic()
             timeout = 1000
             if self.attach_id is not None:
@@ -512,9 +535,6 @@ class Shim:
                 and now >= self.next_attach
             ):
                 self.attach()
-            for s in (self.sock, self.monitor):
-                with contextlib.suppress(KeyError):
-                    poller.unregister(s)
         self.close()
         return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +26,16 @@ class LockPolicy:
     hard: timedelta = timedelta(hours=12)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """Resolved once: find_library runs `ldconfig -p` in a child process."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def _mlock(buf: bytearray) -> bool:
     """Best effort: keep the key's pages out of swap."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = _libc()
         arr = (ctypes.c_char * len(buf)).from_buffer(buf)
         return int(libc.mlock(ctypes.addressof(arr), ctypes.c_size_t(len(buf)))) == 0
     except (OSError, AttributeError, TypeError, ValueError):

@@ -150,6 +150,7 @@ class Vault:
         self.extra: dict[str, Any] = dict(payload.extra)
         self.entries: dict[str, StoredEntry] = {e.id: e for e in payload.entries}
         self._by_name: dict[tuple[str, str], str] = {}
+        self._by_fold: dict[str, list[str]] = {}
         self._reindex()
 
     # ------------------------------------------------------------------ lifecycle
@@ -205,6 +206,7 @@ class Vault:
         self._cipher.close()
         self.entries = {}
         self._by_name = {}
+        self._by_fold = {}
 
     def rewrap(self, password: bytearray, params: KdfParams) -> None:
         """New salt and KEK (password or profile change); the DEK and payload stay the same.
@@ -253,6 +255,9 @@ class Vault:
 
     def _reindex(self) -> None:
         self._by_name = {_key(e.space, e.name): e.id for e in self.entries.values()}
+        self._by_fold = {}
+        for (_, folded), eid in self._by_name.items():
+            self._by_fold.setdefault(folded, []).append(eid)
 
     def resolve(
         self,
@@ -271,11 +276,7 @@ class Vault:
                 raise EntryNotFound(data={"space": space})
             return self.entries[eid]
         folded = ref.casefold()
-        matches = [
-            self.entries[i]
-            for (s, n), i in self._by_name.items()
-            if n == folded and ok(self.entries[i])
-        ]
+        matches = [self.entries[i] for i in self._by_fold.get(folded, ()) if ok(self.entries[i])]
         if not matches:
             raise EntryNotFound()
         if len(matches) > 1:
@@ -411,6 +412,7 @@ class Vault:
         with self.mutation():
             self.entries[entry.id] = entry
             self._by_name[_key(space, name)] = entry.id
+            self._by_fold.setdefault(name.casefold(), []).append(entry.id)
         return entry
 
     def edit(
@@ -459,6 +461,9 @@ class Vault:
         with self.mutation():
             del self.entries[entry.id]
             self._by_name.pop(_key(entry.space, entry.name), None)
+            ids = self._by_fold.get(entry.name.casefold(), [])
+            if entry.id in ids:
+                ids.remove(entry.id)
 
     def _build_fields(
         self,

@@ -152,6 +152,8 @@ class State:
         """The McpHost, once its background import finished (None if it failed)."""
         if self._mcp_host is None:
             return None
+        if self._mcp_host.done():  # the hot path: no new future per frame
+            return self._mcp_host.result()
         return await asyncio.shield(self._mcp_host)
 
     def sessions(self) -> SessionStore:

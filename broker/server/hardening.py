@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
@@ -16,7 +17,9 @@ PR_GET_DUMPABLE = 3
 PT_DENY_ATTACH = 31  # macOS ptrace request
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """Resolved once: find_library runs `ldconfig -p` in a child process."""
     name = ctypes.util.find_library("c")
     try:
         return ctypes.CDLL(name, use_errno=True)

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from broker import __version__
 from broker.core.bindings import create_time
 from broker.core.sessions import SessionRecord, scope_rank, scopes_up_to
-from broker.wire.errors import ApmError, SessionRequired, VaultLocked
+from broker.wire.errors import ApmError, InternalError, SessionRequired, VaultLocked
 from broker.wire.protocol import MCP_DETACHED, MCP_FRAME, McpAttachParams, McpAttachResult
 from shim.status_tool import APM_STATUS_TOOL, status_result
 
@@ -48,6 +48,9 @@ log = logging.getLogger("apm.broker.mcp")
 MAX_CONNECTIONS = 512
 IDLE_CONNECTION_SECONDS = 6 * 3600
 CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
+PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+MODERN_VERSION = "2026-07-28"
+SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 
 
 def instructions(rec: SessionRecord) -> str:
@@ -78,6 +81,8 @@ class Connection:
     exe: str | None = None  # looked up once at attach, for audit records
     inbound: Any = None  # MemoryObjectSendStream[SessionMessage | Exception]
     task: asyncio.Task[None] | None = None
+    initialized: bool = False  # legacy era: the client sent notifications/initialized
+    fast: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class McpHost:
@@ -171,16 +176,84 @@ class McpHost:
             return
         conn.peer = peer
         conn.last_seen = time.monotonic()
+        if self._fast_call(conn, payload):
+            return
         try:
             message = types.jsonrpc_message_adapter.validate_json(payload, by_name=False)
         except ValidationError:
             await self._invalid(conn, payload)
             return
         self._note_client(conn, message)
+        root = getattr(message, "root", message)  # a RootModel or the concrete message
+        if getattr(root, "method", None) == "notifications/initialized":
+            conn.initialized = True
         try:
             await conn.inbound.send(SessionMessage(message=message))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             await self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"CLOSED")
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _fast_call(self, conn: Connection, payload: bytes) -> bool:
+        """`tools/call` of a non-interactive tool on a connection the SDK already initialized:
+        parsed and answered with stdlib json instead of the SDK's per-request machinery (which
+        costs more than the tool itself). The tool runs through the same `serve_call`: the
+        same validation, session check, scope rules and audit record. Anything else — other
+        methods, write tools (they may need elicitation), unexpected shapes — returns False
+        and goes through the SDK server as before.
+        """
+        if b'"tools/call"' not in payload:
+            return False
+        try:
+            doc = json.loads(payload)
+        except ValueError:
+            return False
+        if not isinstance(doc, dict) or doc.get("method") != "tools/call":
+            return False
+        rid, params = doc.get("id"), doc.get("params")
+        if not isinstance(rid, str | int) or isinstance(rid, bool) or not isinstance(params, dict):
+            return False
+        name, args, meta = params.get("name"), params.get("arguments"), params.get("_meta")
+        if not isinstance(name, str) or name not in mcp_tools.FAST_TOOLS:
+            return False
+        if args is not None and not isinstance(args, dict):
+            return False
+        modern = False
+        if isinstance(meta, dict) and PROTOCOL_VERSION_META in meta:
+            if meta[PROTOCOL_VERSION_META] != MODERN_VERSION:
+                return False  # the SDK answers versions it does not serve
+            modern = True
+            info = meta.get(CLIENT_INFO_META)
+            if isinstance(info, dict) and isinstance(info.get("name"), str):
+                conn.client_name = info["name"][:128]
+        elif not conn.initialized:
+            return False
+        task = asyncio.create_task(self._answer_fast(conn, rid, name, args, modern))
+        conn.fast.add(task)
+        task.add_done_callback(conn.fast.discard)
+        return True
+
+    async def _answer_fast(
+        self, conn: Connection, rid: str | int, name: str, args: Any, modern: bool
+    ) -> None:
+        async def authorize() -> tuple[Context, SessionRecord]:
+            return await self._authorize(conn)
+
+        params = types.CallToolRequestParams(name=name, arguments=args)
+        caller = Caller(conn.accessor, conn.peer, conn.client_name)
+        try:
+            result = await serve_call(self.state, authorize, caller, None, params)
+            body = result.model_dump(by_alias=True, exclude_none=True, mode="json")
+        except Exception:  # serve_call turns failures into results; this is a last resort
+            log.error("fast tools/call failed", exc_info=True)
+            body = mcp_tools.error_result(InternalError()).model_dump(
+                by_alias=True, exclude_none=True, mode="json"
+            )
+        if modern:
+            body["resultType"] = "complete"
+            body["_meta"] = {SERVER_INFO_META: {"name": "apm", "version": __version__}}
+        out = json.dumps({"jsonrpc": "2.0", "id": rid, "result": body}, separators=(",", ":"))
+        await self.transport.send_frames(conn.identity, MCP_FRAME, conn.conn.encode(), out.encode())
 
     async def _invalid(self, conn: Connection, payload: bytes) -> None:
         rid: Any = None
@@ -200,7 +273,7 @@ class McpHost:
 
     @staticmethod
     def _note_client(conn: Connection, message: Any) -> None:
-        root = getattr(message, "root", message)
+        root = getattr(message, "root", message)  # a RootModel or the concrete message
         params = getattr(root, "params", None)
         if not isinstance(params, dict):
             return
