@@ -17,12 +17,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# (title, script, arguments for --quick)
 SCRIPTS = (
-    ("MCP path: shim cold start, tool-call latency, throughput", "mcp.py"),
-    ("Vault: unlock per KDF profile; get/search/add and RSS at 1k/10k/100k", "vault.py"),
-    ("Sessions: per-request validation with 10 and 10,000 sessions", "sessions.py"),
-    ("Writes: commit latency and commits/s", "writes.py"),
-    ("One-shot apm get; the APM-style baseline", "oneshot.py"),
+    ("MCP path: shim cold start, tool-call latency, throughput", "mcp.py", ["--quick"]),
+    (
+        "Vault: unlock per KDF profile; get/search/add and RSS at 1k/10k/100k",
+        "vault.py",
+        ["--quick"],
+    ),
+    (
+        "Sessions: per-request validation with 10 and 10,000 sessions",
+        "sessions.py",
+        ["--iterations", "2000"],
+    ),
+    ("Writes: commit latency and commits/s", "writes.py", ["--quick"]),
+    ("One-shot apm get; the APM-style baseline", "oneshot.py", ["--quick"]),
 )
 
 
@@ -71,13 +80,13 @@ def main() -> int:
         "",
     ]
     failed = 0
-    for title, script in SCRIPTS:
+    for title, script, quick_args in SCRIPTS:
         if args.only and script not in args.only:
             continue
         path = ROOT / "bench" / script
         if not path.exists():
             continue
-        argv = [py, str(path), *(["--quick"] if args.quick else [])]
+        argv = [py, str(path), *(quick_args if args.quick else [])]
         print(f"== {script}", flush=True)
         t0 = time.monotonic()
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)

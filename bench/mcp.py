@@ -874,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
             res["latency"] = latency(env, n, warm)
         print("latency: done")
         res["throughput"] = []
-        for k in (1, 8, 32):
+        for k in (1, 8, 32, 64):
             with watchdog(120 + duration * 4, f"throughput with {k} shims"):
                 res["throughput"].append(throughput(env, k, duration))
         print("throughput: done")
