@@ -380,6 +380,35 @@ def test_a_client_config_with_invalid_json_fails_without_crashing(desk: Desk) ->
     assert {"service", "debug log"} <= set(checks)
 
 
+@pytest.mark.parametrize(
+    "content",
+    ['{"mcpServers": [1]}', '{"mcpServers": {"apm": {"command": "/usr/bin/true", "env": ["x"]}}}'],
+    ids=["servers-a-list", "env-a-list"],
+)
+def test_a_client_config_of_the_wrong_shape_fails_without_crashing(
+    desk: Desk, content: str
+) -> None:
+    path = cursor_config(desk)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    code, checks, _ = desk.doctor()
+    c = checks["client cursor"]
+    assert c["status"] == "fail", c
+    assert c["fix"].endswith("apm mcp install --client cursor")
+    assert code != 0
+    assert {"service", "debug log"} <= set(checks)
+
+
+def test_with_the_broker_down_the_session_check_says_apm_broker_start(tmp_path: Path) -> None:
+    desk = new_desk(make_home(), tmp_path)
+    try:
+        code, checks, _ = desk.doctor(APM_EPHEMERAL_ID="eps_" + "Q" * 43)
+        assert code != 0
+        assert checks["session"]["fix"] == "apm broker start"
+    finally:
+        shutil.rmtree(desk.apm_home, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------- service
 
 

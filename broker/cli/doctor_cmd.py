@@ -55,6 +55,16 @@ class Doctor:
         with BrokerClient() as c:
             return c.call(method, timeout=5.0, **kw)
 
+    def _blocked(self) -> tuple[str, str] | None:
+        """Why sessions cannot be checked now, and the command that fixes it."""
+        if self.status is None:
+            return "the broker is not running", "apm broker start"
+        if not self.status.vault_exists:
+            return "there is no vault", "apm init"
+        if self.status.locked:
+            return "the vault is locked", "apm unlock"
+        return None
+
     # ------------------------------------------------------------------ checks
 
     def versions(self) -> None:
@@ -167,13 +177,9 @@ class Doctor:
         if not token:
             self.add("session", "skip", f"no {TOKEN_ENV} in this environment")
             return
-        if self.status is None or self.status.locked:
-            self.add(
-                "session",
-                "fail",
-                "cannot check the session: broker down or vault locked",
-                "apm unlock",
-            )
+        blocked = self._blocked()
+        if blocked is not None:
+            self.add("session", "fail", f"cannot check the session: {blocked[0]}", blocked[1])
             return
         with BrokerClient() as c:
             d = c.call(
@@ -212,7 +218,20 @@ class Doctor:
                     label, "fail", exc.message, f"fix {path}, then apm mcp install --client {name}"
                 )
                 continue
-            entry = (doc.get(spec.servers_key) or {}).get("apm")
+            servers = doc.get(spec.servers_key) or {}
+            entry = servers.get("apm") if isinstance(servers, dict) else None
+            malformed = not isinstance(servers, dict) or (
+                entry is not None
+                and not (isinstance(entry, dict) and isinstance(entry.get("env", {}), dict))
+            )
+            if malformed:
+                self.add(
+                    label,
+                    "fail",
+                    f"{path}: the MCP servers section is malformed",
+                    f"fix {path}, then apm mcp install --client {name}",
+                )
+                continue
             if not isinstance(entry, dict):
                 status = "fail" if self.client else "skip"
                 self.add(
@@ -243,13 +262,9 @@ class Doctor:
                 f"apm mcp install --client {name}",
             )
             return
-        if self.status is None or self.status.locked:
-            self.add(
-                label,
-                "warn",
-                f"{path} ok; session not checked (broker down or locked)",
-                "apm unlock",
-            )
+        blocked = self._blocked()
+        if blocked is not None:
+            self.add(label, "warn", f"{path} ok; session not checked: {blocked[0]}", blocked[1])
             return
         with BrokerClient() as c:
             d = c.call("session.diagnose", token=SecretStr(token), timeout=5.0)
@@ -335,6 +350,13 @@ class Doctor:
                 step()
             except ApmError as exc:
                 self.add(step.__name__, "fail", exc.message, exc.hint)
+            except Exception as exc:  # one broken check must not hide the others
+                self.add(
+                    step.__name__,
+                    "fail",
+                    f"the check itself failed: {exc!r}"[:300],
+                    "report this; the other checks ran",
+                )
         return self.checks
 
 
