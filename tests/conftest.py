@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 PASSWORD = "correct horse battery staple"
@@ -209,7 +210,20 @@ def home() -> Iterator[Path]:
         assert not hits, f"secrets found in plaintext: {hits[:5]}"
     finally:
         STDERRS.clear()
+        reap_brokers(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def reap_brokers(home: Path) -> None:
+    """Stop brokers a test's CLI started in the background (apm init/unlock auto-start)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "broker.server.daemon" in cmd and proc.environ().get("APM_HOME") == str(home):
+                proc.terminate()
+                proc.wait(timeout=10)
+        except (psutil.Error, subprocess.TimeoutExpired):
+            continue
 
 
 @pytest.fixture

@@ -622,3 +622,23 @@ def test_nothing_is_held_back_beyond_a_secrets_length_and_flush_returns_the_tail
     assert m.feed(b"01234") == b""  # could still become the secret
     assert m.flush() == b"01234"
     assert m.flush() == b""
+
+
+def test_an_approval_refused_for_its_duration_leaves_the_request_untouched() -> None:
+    from datetime import UTC, datetime
+
+    from broker.core.requests import RequestStore
+    from broker.wire.errors import InvalidParameters
+
+    store = RequestStore([], lambda: datetime(2026, 1, 1, tzinfo=UTC))
+    req = store.create(
+        accessor="ses_a",
+        entry_id="e1",
+        entry_name="db",
+        space="default",
+        minutes=5,
+        justification="run the nightly migration",
+    )
+    with pytest.raises(InvalidParameters):
+        store.decide(req.id, True, 999, "too long", 60)
+    assert (req.state, req.decided_at, req.reason) == ("pending", None, None)

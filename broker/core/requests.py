@@ -85,12 +85,12 @@ class RequestStore:
         status = req.status(now)
         if status != "pending":
             raise RequestClosed(f"request is {status}", data={"request": req_id})
+        m = minutes if minutes is not None else req.minutes
+        if approve and not 1 <= m <= max_minutes:  # before anything changes
+            raise InvalidParameters(f"duration must be 1..{max_minutes} minutes")
         req.decided_at = now
         req.reason = reason
         if approve:
-            m = minutes if minutes is not None else req.minutes
-            if not 1 <= m <= max_minutes:
-                raise InvalidParameters(f"duration must be 1..{max_minutes} minutes")
             req.minutes = m
             req.state = "approved"
             req.expires_at = now + timedelta(minutes=m)
