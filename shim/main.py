@@ -131,6 +131,7 @@ class Shim:
         self.problem: Problem | None = None
         self.attach_id: str | None = None
         self.attach_sent = 0.0
+        self.unreachable_since: float | None = None  # sends failing since (no live connection)
         self.answering_locally = False  # re-entrancy guard: answering what a failed attach held
         self.next_attach = 0.0
         self.backoff = 0.5
@@ -207,8 +208,23 @@ class Shim:
             self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
         except zmq.ZMQError:  # no live connection yet (zmq.IMMEDIATE): try again shortly
             self.attach_id = None
-            self.next_attach = time.monotonic() + 0.1
+            now = time.monotonic()
+            if self.unreachable_since is None:
+                self.unreachable_since = now
+            if now - self.unreachable_since > ATTACH_TIMEOUT:
+                # a socket file without a broker behind it (one killed with -9): say so and
+                # answer what the client is waiting for, instead of holding it indefinitely
+                self._set_problem(
+                    Problem(
+                        "BROKER_UNAVAILABLE", "the apm broker is not running", "apm broker start"
+                    )
+                )
+                self._fail_waiting()
+                self._schedule_retry(cap=2.0)
+            else:
+                self.next_attach = now + 0.1
             return
+        self.unreachable_since = None
         log.debug("attach sent")
 
     def _attach_timed_out(self) -> None:

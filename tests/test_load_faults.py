@@ -327,3 +327,24 @@ def test_a_shim_killed_mid_call_has_its_connection_state_freed(
         assert not other.tool("search_entries", {"query": "x"}).get("isError")
     finally:
         other.close()
+
+
+def test_a_call_while_a_killed_broker_left_its_socket_behind_is_answered_with_the_fix(
+    vault: Broker, apm: Apm, home: Path
+) -> None:
+    token = _token(apm, "read")
+    shim = RawShim(home, token)
+    try:
+        shim.initialize()
+        assert not shim.tool("list_entries", {}).get("isError")
+        vault.kill9()  # the socket file stays: nothing answers behind it
+        assert vault.socket.exists()
+        t0 = time.monotonic()
+        doc = shim.request("tools/call", {"name": "list_entries", "arguments": {}}, timeout=20)
+        waited = time.monotonic() - t0
+        body = doc["result"]["structuredContent"]
+        assert doc["result"]["isError"] and body["code"] == "BROKER_UNAVAILABLE"
+        assert "apm broker start" in body["hint"]
+        assert waited < 15, f"the call was held {waited:.1f} s"
+    finally:
+        shim.close()

@@ -332,6 +332,12 @@ def to_wire_error(exc: BaseException) -> ErrorBody:
     return ErrorBody(code=err.code, message=err.message, hint=err.hint)
 
 
+def _printable(text: str, limit: int = 64) -> str:
+    """A short, encodable rendering of a caller-supplied label (never more than `limit`)."""
+    cleaned = text[:limit].encode("utf-8", "replace").decode("utf-8")
+    return "".join(c if c.isprintable() else "?" for c in cleaned)
+
+
 def _envelope(raw: bytes) -> tuple[str, Request]:
     if len(raw) > MAX_FRAME_BYTES:
         raise RequestTooLarge(data={"limit": MAX_FRAME_BYTES})
@@ -349,9 +355,10 @@ def _envelope(raw: bytes) -> tuple[str, Request]:
         or not MIN_PROTOCOL_VERSION <= v <= PROTOCOL_VERSION
     ):
         raw_client = doc.get("client")
-        client = raw_client if isinstance(raw_client, str) else "unknown client"
+        client = _printable(raw_client) if isinstance(raw_client, str) else "unknown client"
+        shown = v if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 10**6 else "?"
         raise UnsupportedVersion(
-            f"{client[:64]} speaks protocol {v!r}; broker {__version__} speaks "
+            f"{client} speaks protocol {shown}; broker {__version__} speaks "
             f"{MIN_PROTOCOL_VERSION}..{PROTOCOL_VERSION}",
             data={
                 "client_protocol": v if isinstance(v, int) and not isinstance(v, bool) else None,
@@ -452,8 +459,12 @@ async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") ->
                 resp = Response(id=rid, ok=False, error=to_wire_error(audit_exc))
     ms = (time.perf_counter() - started) * 1000
     level = logging.DEBUG if method in _READS and code == "OK" else logging.INFO
-    log.log(level, "%s pid=%s -> %s (%.1f ms)", method[:64], peer.pid, code, ms)
-    return resp.encode()
+    log.log(level, "%s pid=%s -> %s (%.1f ms)", _printable(method), peer.pid, code, ms)
+    try:
+        return resp.encode()
+    except Exception as exc:  # an unencodable answer still gets a stable one, never a crash
+        body = to_wire_error(exc)
+        return Response(id=_printable(rid), ok=False, error=body).encode()
 
 
 async def _authorize(ctx: Context, access: Access) -> None:

@@ -31,13 +31,14 @@ from pydantic import BaseModel, Field, SecretStr
 
 from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction
-from broker.wire.entries import ENTRY_TYPES, EntryMeta, EntryType
+from broker.wire.entries import ENTRY_TYPES, SPACE_PATTERN, EntryMeta, EntryType
 from broker.wire.errors import (
     ApmError,
     ApprovalDenied,
     EntryNotFound,
     InvalidParameters,
     PermissionDenied,
+    SpaceNotFound,
     TransactionConflict,
 )
 from broker.wire.protocol import (
@@ -95,8 +96,8 @@ class DeleteEntryArgs(TxArgs):
 
 class ManageSpacesArgs(TxArgs):
     action: Literal["create", "rename", "remove"] | None = None
-    name: str | None = None
-    new_name: str | None = None
+    name: str | None = Field(default=None, pattern=SPACE_PATTERN)
+    new_name: str | None = Field(default=None, pattern=SPACE_PATTERN)
     force: bool = False
 
 
@@ -210,7 +211,7 @@ async def _plan_add(ctx: Context, a: AddEntryArgs) -> Plan:
     if not ctx.allows(a.space, a.tags, a.name):
         raise PermissionDenied("this session may not create entries outside its entry filter")
     if a.space not in vault.spaces:
-        raise EntryNotFound(f"space {a.space!r} does not exist", hint="create it: manage_spaces")
+        raise SpaceNotFound(hint="create it with manage_spaces", data={"space": a.space[:64]})
     lines = [f"+ add {a.type} {a.name!r} in space {a.space!r}"]
     lines += _fmt_fields(a.fields, list(a.secrets))
     if a.tags:
@@ -279,7 +280,7 @@ async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
         return Plan("space.add", SpaceAddParams(name=name), f"+ create space {name!r}")
     counts = vault.space_counts()
     if name not in counts:
-        raise EntryNotFound(f"space {name!r} does not exist")
+        raise SpaceNotFound(hint="list them with assist", data={"space": name[:64]})
     held = sorted(e.id for e in vault.iter_entries(space=name))
     if a.action == "rename":
         _need(a.new_name, "new_name")
