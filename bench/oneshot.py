@@ -195,8 +195,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", dest="json_path")
     args = ap.parse_args()
-    n = 5 if args.quick else 15
-    sizes = [1000, 10_000] if args.quick else [1000, 10_000, 100_000]
+    n = 3 if args.quick else 15
+    sizes = [1000] if args.quick else [1000, 10_000, 100_000]
     print(f"# one-shot clients (median of {n}, wall time of a whole process)")
     o = oneshot(n)
     print(f"bare pyzmq one-shot (import, connect, ping, exit): {o['bare_pyzmq_oneshot_ms']:.1f} ms")
