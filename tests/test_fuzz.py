@@ -180,10 +180,6 @@ def envelope_of(case: Case) -> Any:
     return None
 
 
-def _has_surrogate(value: Any) -> bool:
-    return isinstance(value, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in value)
-
-
 # Bugs already reported to the broker's owner: a failure matching one is skipped by the
 # generator (so CI stays green) and its saved case replays as xfail until it is fixed.
 KNOWN_BUGS: dict[str, Callable[[Case, str], bool]] = {}
