@@ -216,7 +216,7 @@ class FramesSink:
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send_frames(self, identity: bytes, *frames: bytes) -> None:
+    def send_frames(self, identity: bytes, *frames: bytes) -> None:
         self.sent += 1
 
 

@@ -52,7 +52,35 @@ def _canonical(doc: dict[str, Any]) -> bytes:
 
 def _mac(key: bytes, doc: dict[str, Any]) -> str:
     body = {k: v for k, v in doc.items() if k != "mac"}
-    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+    return hmac.digest(key, _canonical(body), "sha256").hex()
+
+
+def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
+    """The record's MAC and its canonical line (with `mac`), serializing the fields once.
+
+    Same bytes as `_canonical(doc | {"mac": mac})`: the keys sorting before "mac" and those
+    after it are serialized separately, the MAC is computed over both joined, and the line is
+    the two with `"mac":…` between them.
+    """
+    lo = json.dumps(
+        {k: v for k, v in doc.items() if k < "mac"},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )[1:-1]
+    hi = json.dumps(
+        {k: v for k, v in doc.items() if k > "mac"},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )[1:-1]
+    mac = None
+    if key is not None:
+        body = "{" + lo + ("," if lo and hi else "") + hi + "}"
+        mac = hmac.digest(key, body.encode(), "sha256").hex()
+    mac_json = f'"mac":"{mac}"' if mac is not None else '"mac":null'
+    line = "{" + lo + ("," if lo else "") + mac_json + ("," if hi else "") + hi + "}"
+    return mac, line.encode()
 
 
 @dataclass
@@ -127,8 +155,7 @@ class AuditLog:
                 **{k: v for k, v in fields.items() if v is not None},
                 "prev": self.prev,
             }
-            doc["mac"] = _mac(self.key, doc) if self.key is not None else None
-            line = _canonical(doc)
+            doc["mac"], line = _seal(self.key, doc)
             try:
                 if self._fh is None:
                     raise OSError("audit log is not open")
@@ -147,9 +174,8 @@ class AuditLog:
         """Rewrite the checkpoint in place: one small pwrite, padded to a fixed size (a temp
         file and rename per record cost ~1 ms of disk wait on every tool call). A torn write
         shows as a checkpoint whose authentication code does not match."""
-        head = {"seq": self.seq, "hash": self.prev}
-        head["mac"] = _mac(self.key, head) if self.key is not None else None
-        data = _canonical(head).ljust(HEAD_SIZE, b" ")
+        _, data = _seal(self.key, {"seq": self.seq, "hash": self.prev})
+        data = data.ljust(HEAD_SIZE, b" ")
         try:
             if self._head_fd is None:
                 self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o600)

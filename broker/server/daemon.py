@@ -147,14 +147,26 @@ async def _reaper(state: dispatch.State) -> None:
 
 
 async def _serve(state: dispatch.State, transport: Transport) -> None:
+    """Receive until cancelled: MCP frames inline (one connection's frames stay in order),
+    wire requests each in a task of its own."""
     uid = os.getuid()
     pending: set[asyncio.Task[None]] = set()
 
     async def one(identity: bytes, raw: bytes, peer: Peer) -> None:
-        await transport.send(identity, await dispatch.handle(state, raw, peer, identity))
+        transport.send(identity, await dispatch.handle(state, raw, peer, identity))
 
-    while True:
-        identity, frames, peer = await transport.recv()
+    def mcp_frame(identity: bytes, frames: list[bytes], peer: Peer) -> None:
+        host_future = state._mcp_host
+        if host_future is None:
+            return
+        if not host_future.done():  # still importing: deliver in order once it is there
+            host_future.add_done_callback(lambda _: mcp_frame(identity, frames, peer))
+            return
+        host = None if host_future.cancelled() or host_future.exception() else host_future.result()
+        if host is not None:
+            host.on_frame(identity, frames[1], frames[2], peer)
+
+    def on_message(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
         if peer is None or peer.uid != uid:
             log.warning(
                 "dropped message from peer uid=%s pid=%s (not our uid %s)",
@@ -162,18 +174,22 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
                 getattr(peer, "pid", "?"),
                 uid,
             )
-            continue
+            return
         if len(frames) == 3 and frames[0] == MCP_FRAME:
-            host = await state.mcp_host()  # inline: frames of one connection stay in order
-            if host is not None:
-                await host.on_frame(identity, frames[1], frames[2], peer)
-            continue
+            mcp_frame(identity, frames, peer)
+            return
         if len(frames) != 1:
             log.warning("dropped message with %d frames from pid=%s", len(frames), peer.pid)
-            continue
+            return
         task = asyncio.create_task(one(identity, frames[0], peer))
         pending.add(task)
         task.add_done_callback(pending.discard)
+
+    transport.start(on_message)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        transport.stop()
 
 
 async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:

@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -39,18 +40,23 @@ from broker.wire.errors import ApmError, InternalError, SessionRequired, VaultLo
 from broker.wire.protocol import MCP_DETACHED, MCP_FRAME, McpAttachParams, McpAttachResult
 from shim.status_tool import APM_STATUS_TOOL, status_result
 
-from . import mcp_tools
+from . import eager, mcp_tools
 from .dispatch import Context, State
 from .transport import Peer, Transport
 
 log = logging.getLogger("apm.broker.mcp")
 
 MAX_CONNECTIONS = 512
+MAX_BACKLOG = 1024  # messages one connection may have waiting for its SDK server
 IDLE_CONNECTION_SECONDS = 6 * 3600
 CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
 MODERN_VERSION = "2026-07-28"
 SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+# what a 2026-07-28 result carries besides the 2025-11-25 fields
+MODERN_EXTRA = ',"resultType":"complete","_meta":' + json.dumps(
+    {SERVER_INFO_META: {"name": "apm", "version": __version__}}, separators=(",", ":")
+)
 
 
 def instructions(rec: SessionRecord) -> str:
@@ -83,6 +89,7 @@ class Connection:
     task: asyncio.Task[None] | None = None
     initialized: bool = False  # legacy era: the client sent notifications/initialized
     fast: set[asyncio.Task[None]] = field(default_factory=set)
+    backlog: collections.deque[SessionMessage] | None = None  # waiting for the SDK's stream
 
 
 class McpHost:
@@ -169,10 +176,11 @@ class McpHost:
 
     # ------------------------------------------------------------------ frames
 
-    async def on_frame(self, identity: bytes, conn_id: bytes, payload: bytes, peer: Peer) -> None:
+    def on_frame(self, identity: bytes, conn_id: bytes, payload: bytes, peer: Peer) -> None:
+        """One MCP message from a shim. Synchronous: called in order for each frame received."""
         conn = self.conns.get(conn_id.decode(errors="replace"))
         if conn is None or conn.identity != identity:
-            await self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"UNKNOWN_CONNECTION")
+            self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"UNKNOWN_CONNECTION")
             return
         conn.peer = peer
         conn.last_seen = time.monotonic()
@@ -181,16 +189,44 @@ class McpHost:
         try:
             message = types.jsonrpc_message_adapter.validate_json(payload, by_name=False)
         except ValidationError:
-            await self._invalid(conn, payload)
+            self._invalid(conn, payload)
             return
         self._note_client(conn, message)
         root = getattr(message, "root", message)  # a RootModel or the concrete message
         if getattr(root, "method", None) == "notifications/initialized":
             conn.initialized = True
+        self._deliver(conn, SessionMessage(message=message), getattr(root, "id", None))
+
+    def _deliver(self, conn: Connection, msg: SessionMessage, rid: Any) -> None:
+        """Hand a message to the connection's SDK server, in order, without blocking the
+        broker: what its stream cannot take now waits in a bounded backlog."""
+        if conn.backlog is not None:
+            if len(conn.backlog) >= MAX_BACKLOG:
+                log.warning("mcp connection %s: %d messages waiting", conn.conn, MAX_BACKLOG)
+                if isinstance(rid, str | int) and not isinstance(rid, bool):
+                    self._send_error(conn, rid, -32000, "too many requests in flight; retry later")
+                return
+            conn.backlog.append(msg)
+            return
         try:
-            await conn.inbound.send(SessionMessage(message=message))
+            conn.inbound.send_nowait(msg)
+        except anyio.WouldBlock:
+            conn.backlog = collections.deque([msg])
+            task = asyncio.create_task(self._drain_backlog(conn))
+            conn.fast.add(task)
+            task.add_done_callback(conn.fast.discard)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            await self.transport.send_frames(identity, MCP_DETACHED, conn_id, b"CLOSED")
+            self.transport.send_frames(conn.identity, MCP_DETACHED, conn.conn.encode(), b"CLOSED")
+
+    async def _drain_backlog(self, conn: Connection) -> None:
+        try:
+            while conn.backlog:
+                await conn.inbound.send(conn.backlog[0])
+                conn.backlog.popleft()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.transport.send_frames(conn.identity, MCP_DETACHED, conn.conn.encode(), b"CLOSED")
+        finally:
+            conn.backlog = None
 
     # ------------------------------------------------------------------ the hot path
 
@@ -228,9 +264,12 @@ class McpHost:
                 conn.client_name = info["name"][:128]
         elif not conn.initialized:
             return False
-        task = asyncio.create_task(self._answer_fast(conn, rid, name, args, modern))
-        conn.fast.add(task)
-        task.add_done_callback(conn.fast.discard)
+        # run inline: a read-only tool finishes without suspending, so no task and no extra
+        # event-loop turn; one that must wait (a session use to persist) becomes a task
+        task = eager.start(self._answer_fast(conn, rid, name, args, modern))
+        if task is not None:
+            conn.fast.add(task)
+            task.add_done_callback(conn.fast.discard)
         return True
 
     async def _answer_fast(
@@ -239,37 +278,32 @@ class McpHost:
         async def authorize() -> tuple[Context, SessionRecord]:
             return await self._authorize(conn)
 
-        params = types.CallToolRequestParams(name=name, arguments=args)
         caller = Caller(conn.accessor, conn.peer, conn.client_name)
         try:
-            result = await serve_call(self.state, authorize, caller, None, params)
-            body = result.model_dump(by_alias=True, exclude_none=True, mode="json")
-        except Exception:  # serve_call turns failures into results; this is a last resort
+            outcome = await serve_outcome(self.state, authorize, caller, None, name, args)
+            body = outcome.json_body(MODERN_EXTRA if modern else "")
+        except Exception:  # serve_outcome turns failures into results; this is a last resort
             log.error("fast tools/call failed", exc_info=True)
-            body = mcp_tools.error_result(InternalError()).model_dump(
-                by_alias=True, exclude_none=True, mode="json"
+            body = mcp_tools.error_outcome(InternalError()).json_body(
+                MODERN_EXTRA if modern else ""
             )
-        if modern:
-            body["resultType"] = "complete"
-            body["_meta"] = {SERVER_INFO_META: {"name": "apm", "version": __version__}}
-        out = json.dumps({"jsonrpc": "2.0", "id": rid, "result": body}, separators=(",", ":"))
-        await self.transport.send_frames(conn.identity, MCP_FRAME, conn.conn.encode(), out.encode())
+        head = b'{"jsonrpc":"2.0","id":' + json.dumps(rid).encode() + b',"result":'
+        self.transport.send_frames(conn.identity, MCP_FRAME, conn.conn.encode(), head + body + b"}")
 
-    async def _invalid(self, conn: Connection, payload: bytes) -> None:
+    def _send_error(self, conn: Connection, rid: Any, code: int, message: str) -> None:
+        err = {"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": message}}
+        self.transport.send_frames(
+            conn.identity, MCP_FRAME, conn.conn.encode(), json.dumps(err).encode()
+        )
+
+    def _invalid(self, conn: Connection, payload: bytes) -> None:
         rid: Any = None
         with contextlib.suppress(ValueError, TypeError, AttributeError):
             doc = json.loads(payload)
             rid = doc.get("id") if isinstance(doc, dict) else None
         if not isinstance(rid, str | int) or isinstance(rid, bool):
             rid = None
-        err = {
-            "jsonrpc": "2.0",
-            "id": rid,
-            "error": {"code": -32600, "message": "invalid JSON-RPC message"},
-        }
-        await self.transport.send_frames(
-            conn.identity, MCP_FRAME, conn.conn.encode(), json.dumps(err).encode()
-        )
+        self._send_error(conn, rid, -32600, "invalid JSON-RPC message")
 
     @staticmethod
     def _note_client(conn: Connection, message: Any) -> None:
@@ -296,7 +330,7 @@ class McpHost:
             async with out_recv:
                 async for msg in out_recv:
                     raw = msg.message.model_dump_json(by_alias=True, exclude_unset=True)
-                    await self.transport.send_frames(
+                    self.transport.send_frames(
                         conn.identity, MCP_FRAME, conn.conn.encode(), raw.encode()
                     )
 
@@ -384,7 +418,20 @@ async def serve_call(
     params: types.CallToolRequestParams,
 ) -> types.CallToolResult:
     """tools/call: re-check the session, run the tool, record it (fail closed)."""
-    if params.name == "apm_status":
+    outcome = await serve_outcome(state, authorize, caller, mcp_ctx, params.name, params.arguments)
+    return outcome.to_mcp()
+
+
+async def serve_outcome(
+    state: State,
+    authorize: Authorize,
+    caller: Caller,
+    mcp_ctx: Any,
+    name: str,
+    arguments: dict[str, Any] | None,
+) -> mcp_tools.Outcome:
+    """`serve_call` short of the SDK model (the relay's fast path serializes it itself)."""
+    if name == "apm_status":
         return await serve_status(authorize)
     try:
         c, _ = await authorize()
@@ -399,46 +446,39 @@ async def serve_call(
                 "session.denied",
                 session=caller.accessor,
                 pid=caller.peer.pid,
-                tool=params.name[:64],
+                tool=name[:64],
                 reason=why,
                 client=caller.client_name,
             )
-        return mcp_tools.error_result(exc)
+        return mcp_tools.error_outcome(exc)
     c.mcp = mcp_ctx  # for the client approval policy (elicitation)
-    result = await mcp_tools.call(c, params.name, params.arguments)
+    result = await mcp_tools.run(c, name, arguments)
     try:  # fail closed: no record, no result
         state.record(
             "tool",
             c,
-            tool=params.name[:64],
+            tool=name[:64],
             code=mcp_tools.result_code(result),
             client=caller.client_name,
-            **mcp_tools.result_refs(params.arguments, result),
+            **mcp_tools.result_refs(arguments, result),
         )
     except ApmError as exc:
-        return mcp_tools.error_result(exc)
+        return mcp_tools.error_outcome(exc)
     return result
 
 
-async def serve_status(authorize: Authorize) -> types.CallToolResult:
+async def serve_status(authorize: Authorize) -> mcp_tools.Outcome:
     try:
         _, rec = await authorize()
     except VaultLocked as exc:
         return _status(exc.code, exc.message, exc.hint or 'run "apm unlock"')
     except ApmError as exc:
         return _status(exc.code, exc.message, 'ask the person to run "apm delegate"')
-    body = {
-        "ready": True,
-        "code": "OK",
-        "message": f"ready: scopes {', '.join(scopes_up_to(rec.scope))}",
-        "hint": "",
-    }
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=body["message"])],
-        structured_content=body,
-        is_error=False,
-    )
+    message = f"ready: scopes {', '.join(scopes_up_to(rec.scope))}"
+    body = {"ready": True, "code": "OK", "message": message, "hint": ""}
+    return mcp_tools.Outcome(body, message, is_error=False)
 
 
-def _status(code: str, message: str, hint: str) -> types.CallToolResult:
-    return types.CallToolResult.model_validate(status_result(code, message, hint, is_error=False))
+def _status(code: str, message: str, hint: str) -> mcp_tools.Outcome:
+    doc = status_result(code, message, hint, is_error=False)
+    return mcp_tools.Outcome(doc["structuredContent"], str(doc["content"][0]["text"]), False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -307,14 +308,52 @@ def tools_for(scope: str, has_grant: bool = False) -> list[types.Tool]:
     return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank or (has_grant and t.grantable)]
 
 
-def result_code(result: types.CallToolResult) -> str:
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A tool call's result before it becomes an SDK model: the hot path serializes it straight
+    to JSON (a CallToolResult built and dumped by pydantic cost more than the tool)."""
+
+    structured: dict[str, Any]
+    text: str  # for the model: a sentence, or the structured content as JSON
+    is_error: bool
+    structured_json: str | None = None  # `structured` already serialized (compact), if it is
+
+    def to_mcp(self) -> types.CallToolResult:
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=self.text)],
+            structured_content=self.structured,
+            is_error=self.is_error,
+        )
+
+    def json_body(self, extra: str = "") -> bytes:
+        """The CallToolResult as compact JSON; `extra` (`,"key":value…`) goes inside it."""
+        structured = self.structured_json or json.dumps(
+            self.structured, ensure_ascii=False, separators=(",", ":")
+        )
+        body = (
+            f'{{"content":[{{"type":"text","text":{json.dumps(self.text)}}}],'
+            f'"structuredContent":{structured},'
+            f'"isError":{"true" if self.is_error else "false"}{extra}}}'
+        )
+        try:
+            return body.encode()
+        except UnicodeEncodeError:  # a lone surrogate in stored text: escape everything
+            doc = self.to_mcp().model_dump(by_alias=True, exclude_none=True, mode="json")
+            return (json.dumps(doc, separators=(",", ":"))[:-1] + extra + "}").encode()
+
+
+def result_code(result: types.CallToolResult | Outcome) -> str:
+    if isinstance(result, Outcome):
+        return str(result.structured.get("code", "INTERNAL_ERROR")) if result.is_error else "OK"
     if not result.is_error:
         return "OK"
     body = result.structured_content or {}
     return str(body.get("code", "INTERNAL_ERROR"))
 
 
-def result_refs(arguments: dict[str, Any] | None, result: types.CallToolResult) -> dict[str, Any]:
+def result_refs(
+    arguments: dict[str, Any] | None, result: types.CallToolResult | Outcome
+) -> dict[str, Any]:
     """Entry, transaction and receipt ids of a call, for its audit record (never values)."""
     refs: dict[str, Any] = {}
     args = arguments or {}
@@ -322,7 +361,7 @@ def result_refs(arguments: dict[str, Any] | None, result: types.CallToolResult) 
         value = args.get(key)
         if isinstance(value, str):
             refs["tx" if key == "tx_id" else key] = value[:200]
-    body = result.structured_content or {}
+    body = result.structured if isinstance(result, Outcome) else (result.structured_content or {})
     for key in ("tx_id", "receipt", "id"):
         value = body.get(key)
         if isinstance(value, str):
@@ -333,26 +372,32 @@ def result_refs(arguments: dict[str, Any] | None, result: types.CallToolResult) 
     return refs
 
 
-def error_result(exc: BaseException) -> types.CallToolResult:
+def error_outcome(exc: BaseException) -> Outcome:
     body = to_wire_error(exc)
     text = f"Error {body.code}: {body.message}."
     if body.hint:
         text += f" Fix: {body.hint}"
-    return types.CallToolResult(
-        content=[types.TextContent(type="text", text=text)],
-        # data never holds secrets (field names, ids; a conflict's fresh, masked preview)
-        structured_content={
-            "code": body.code,
-            "message": body.message,
-            "hint": body.hint or "",
-            **({"data": body.data} if body.data else {}),
-        },
-        is_error=True,
-    )
+    # data never holds secrets (field names, ids; a conflict's fresh, masked preview)
+    structured = {
+        "code": body.code,
+        "message": body.message,
+        "hint": body.hint or "",
+        **({"data": body.data} if body.data else {}),
+    }
+    return Outcome(structured, text, is_error=True)
+
+
+def error_result(exc: BaseException) -> types.CallToolResult:
+    return error_outcome(exc).to_mcp()
 
 
 async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
     """Validate, check scope, run; every failure becomes an error result."""
+    return (await run(ctx, name, arguments)).to_mcp()
+
+
+async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
+    """`call` without the SDK model: what the relay's fast path serializes itself."""
     try:
         spec = TOOLS_BY_NAME.get(name)
         if spec is None:
@@ -368,15 +413,12 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
         args = spec.args.model_validate(arguments or {})
         out = await spec.run(ctx, args)
         structured = out.model_dump(mode="json")
-        # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x slower)
-        text = json.dumps(structured, ensure_ascii=False, separators=(",", ": "))
-        return types.CallToolResult(
-            content=[types.TextContent(type="text", text=text)],
-            structured_content=structured,
-            is_error=False,
-        )
+        # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x slower);
+        # the same text is the structured content on the wire
+        text = json.dumps(structured, ensure_ascii=False, separators=(",", ":"))
+        return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
-        return error_result(exc)
+        return error_outcome(exc)
     except Exception as exc:
         log.error("tool %s failed", name[:64], exc_info=exc)
-        return error_result(InternalError())
+        return error_outcome(InternalError())

@@ -1,0 +1,367 @@
+"""The pieces the relay's hot path is made of, each against the slower thing it replaces:
+
+- `eager.start` runs a coroutine inline and behaves like a task once it suspends;
+- the audit record is serialized once (`_seal`), byte-identical to the canonical form the
+  verifier recomputes;
+- `Outcome.json_body` is the CallToolResult the SDK would have written;
+- the transport's edge-triggered receive loses no message when replies are sent later, from
+  outside a receive batch, and from many peers at once;
+- the MCP host hands messages to a connection's SDK server in order through a bounded backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.core.audit import _canonical, _mac, _seal
+from broker.server import eager, mcp_host, mcp_tools
+from broker.server.mcp_host import MODERN_EXTRA, Connection, McpHost
+from broker.server.transport import Peer, Transport
+from broker.wire.errors import EntryNotFound, VaultLocked
+
+KEY = bytes(range(32))
+
+
+# ------------------------------------------------------------------ eager.start
+
+
+def test_a_coroutine_that_never_suspends_finishes_inline_without_a_task() -> None:
+    async def main() -> None:
+        seen: list[str] = []
+
+        async def quick() -> None:
+            seen.append("ran")
+
+        assert eager.start(quick()) is None
+        assert seen == ["ran"]  # before the caller's next statement, not a loop turn later
+
+    asyncio.run(main())
+
+
+def test_a_coroutine_that_suspends_is_finished_by_a_task_with_each_awaited_result() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        seen: list[Any] = []
+
+        async def slow() -> None:
+            seen.append(await first)
+            await asyncio.sleep(0)  # a bare yield
+            try:
+                await second
+            except ValueError as exc:
+                seen.append(f"caught {exc}")
+            seen.append(await asyncio.sleep(0.001, result="slept"))
+
+        task = eager.start(slow())
+        assert task is not None and seen == []
+        first.set_result("one")
+        await asyncio.sleep(0.01)
+        assert seen == ["one"]
+        second.set_exception(ValueError("two"))
+        await asyncio.wait_for(task, 5)
+        assert seen == ["one", "caught two", "slept"]
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_task_cancels_the_coroutine_where_it_waits() -> None:
+    async def main() -> None:
+        seen: list[str] = []
+
+        async def waits() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen.append("cancelled inside")
+                raise
+
+        task = eager.start(waits())
+        assert task is not None
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen == ["cancelled inside"]
+
+    asyncio.run(main())
+
+
+def test_an_exception_before_the_first_suspension_reaches_the_caller() -> None:
+    async def main() -> None:
+        async def fails() -> None:
+            raise KeyError("early")
+
+        with pytest.raises(KeyError):
+            eager.start(fails())
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ audit serialization
+
+_keys = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1, max_size=12
+).filter(lambda k: k != "mac")
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=8), st.booleans())
+def test_a_sealed_record_is_byte_identical_to_the_canonical_form_the_verifier_checks(
+    doc: dict[str, Any], signed: bool
+) -> None:
+    key = KEY if signed else None
+    mac, line = _seal(key, doc)
+    assert line == _canonical({**doc, "mac": mac})
+    if signed:
+        assert mac == _mac(KEY, json.loads(line))
+    else:
+        assert mac is None
+
+
+# ------------------------------------------------------------------ Outcome.json_body
+
+
+def _sdk_form(outcome: mcp_tools.Outcome) -> dict[str, Any]:
+    """What the SDK server writes for this result (`McpHost._run`'s pump: exclude_unset)."""
+    doc: dict[str, Any] = json.loads(
+        outcome.to_mcp().model_dump_json(by_alias=True, exclude_unset=True)
+    )
+    return doc
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        mcp_tools.Outcome(
+            {"entry": {"id": "e1", "name": "naïve ☃", "tags": ["a", 'q"uote']}},
+            json.dumps(
+                {"entry": {"id": "e1", "name": "naïve ☃", "tags": ["a", 'q"uote']}},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            ),
+            is_error=False,
+            structured_json=json.dumps(
+                {"entry": {"id": "e1", "name": "naïve ☃", "tags": ["a", 'q"uote']}},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            ),
+        ),
+        mcp_tools.error_outcome(EntryNotFound("no entry named 'x\\y'")),
+        mcp_tools.error_outcome(VaultLocked()),
+        mcp_tools.Outcome({"ready": True, "message": "ok"}, "ok", is_error=False),
+    ],
+    ids=["success", "not-found", "locked", "status"],
+)
+def test_the_fast_json_body_is_the_result_the_sdk_would_write(
+    outcome: mcp_tools.Outcome,
+) -> None:
+    assert json.loads(outcome.json_body()) == _sdk_form(outcome)
+    modern = json.loads(outcome.json_body(MODERN_EXTRA))
+    assert modern.pop("resultType") == "complete"
+    assert modern.pop("_meta")[mcp_host.SERVER_INFO_META]["name"] == "apm"
+    assert modern == _sdk_form(outcome)
+
+
+def test_a_lone_surrogate_in_stored_text_still_gives_valid_utf8_json() -> None:
+    structured = {"entry": {"name": "bad \ud800 name"}}
+    text = json.dumps(structured, ensure_ascii=False, separators=(",", ":"))
+    outcome = mcp_tools.Outcome(structured, text, is_error=False, structured_json=text)
+    raw = outcome.json_body(MODERN_EXTRA)
+    raw.decode("utf-8")  # strict: no surrogate bytes on the wire
+    doc = json.loads(raw)
+    assert doc["structuredContent"] == structured and doc["resultType"] == "complete"
+
+
+# ------------------------------------------------------------------ transport
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, receiver_for: Any) -> Iterator[str]:
+    """A real Transport on its own event loop (a thread); `receiver_for(transport)` gives the
+    receiver callback. Yields the address to connect to."""
+    run_dir = tmp_path / "run"
+    addr = f"ipc://{run_dir}/t.sock"
+    ready, done = threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        transport = Transport(addr, run_dir / "t.lock")
+        transport.bind()
+        transport.start(receiver_for(transport))
+        ready.set()
+        try:
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            transport.close()
+
+    server = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    server.start()
+    assert ready.wait(10)
+    try:
+        yield addr
+    finally:
+        done.set()
+        server.join(10)
+
+
+def _dealer(addr: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    return ctx, sock
+
+
+def test_a_message_arriving_while_a_later_reply_is_sent_is_still_received(
+    tmp_path: Path,
+) -> None:
+    """libzmq's descriptor is edge-triggered: a send processes the socket's pending commands,
+    including the one announcing a message that has just arrived, and the descriptor does not
+    fire for it again. The message must not be stranded until some other peer writes."""
+
+    def receiver_for(transport: Transport) -> Any:
+        pending: set[asyncio.Task[None]] = set()
+
+        async def later(identity: bytes, body: bytes) -> None:
+            time.sleep(0.05)  # busy: the next request arrives meanwhile, unread
+            transport.send_frames(identity, body)
+
+        def receiver(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
+            if frames[0].startswith(b"slow"):
+                task = asyncio.create_task(later(identity, frames[0]))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            else:
+                transport.send_frames(identity, frames[0])
+
+        return receiver
+
+    with serving(tmp_path, receiver_for) as addr:
+        ctx, sock = _dealer(addr)
+        try:
+            for i in range(3):
+                sock.send(b"slow-%d" % i)
+                time.sleep(0.015)
+                sock.send(b"quick-%d" % i)
+                answers: set[bytes] = set()
+                for _ in range(2):
+                    assert sock.poll(3000), f"round {i}: answered only {answers}"
+                    answers.add(sock.recv())
+                assert answers == {b"slow-%d" % i, b"quick-%d" % i}
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+
+def test_many_peers_with_replies_inline_and_from_tasks_all_get_every_answer(
+    tmp_path: Path,
+) -> None:
+    peers, per_peer = 8, 300
+    got: dict[str, int] = {}
+
+    def receiver_for(transport: Transport) -> Any:
+        pending: set[asyncio.Task[None]] = set()
+
+        async def later(identity: bytes, body: bytes) -> None:
+            await asyncio.sleep(0)
+            transport.send_frames(identity, body)
+
+        def receiver(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
+            assert peer is not None and peer.uid == os.getuid()
+            if int(frames[0]) % 3 == 0:  # inline, inside the batch
+                transport.send_frames(identity, frames[0])
+            else:  # from a task, after the batch
+                task = asyncio.create_task(later(identity, frames[0]))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+
+        return receiver
+
+    def client(addr: str, name: str) -> None:
+        ctx, sock = _dealer(addr)
+        answered = 0
+        try:
+            for i in range(per_peer):  # 4 in flight at a time
+                sock.send(str(i).encode())
+                if i % 4 == 3:
+                    for _ in range(4):
+                        if not sock.poll(5000):
+                            return
+                        sock.recv()
+                        answered += 1
+        finally:
+            got[name] = answered
+            sock.close(linger=0)
+            ctx.term()
+
+    with serving(tmp_path, receiver_for) as addr:
+        clients = [threading.Thread(target=client, args=(addr, f"c{j}")) for j in range(peers)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(60)
+    assert got == {f"c{j}": per_peer for j in range(peers)}
+
+
+# ------------------------------------------------------------------ the SDK path's backlog
+
+
+class Frames:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, ...]] = []
+
+    def send_frames(self, identity: bytes, *frames: bytes) -> None:
+        self.sent.append((identity, *frames))
+
+
+def test_messages_wait_in_order_for_a_busy_sdk_server_and_a_flood_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mcp_host, "MAX_BACKLOG", 3)
+
+    async def main() -> None:
+        frames = Frames()
+        host = McpHost(state=None, transport=frames)  # type: ignore[arg-type]
+        send, recv = anyio.create_memory_object_stream[Any](1)
+        conn = Connection(
+            conn="c1", identity=b"id", accessor="acc", peer=Peer(os.getuid(), os.getgid(), None)
+        )
+        conn.inbound = send
+        host.conns["c1"] = conn
+        for i in range(6):  # 1 fits the stream, 3 wait, 2 are refused
+            payload = json.dumps({"jsonrpc": "2.0", "id": i, "method": "ping"}).encode()
+            host.on_frame(b"id", b"c1", payload, conn.peer)
+        refused = [json.loads(f[3]) for f in frames.sent]
+        assert [r["id"] for r in refused] == [4, 5]
+        assert all(r["error"]["code"] == -32000 for r in refused)
+        delivered = []
+        async with recv:
+            for _ in range(4):
+                msg = await recv.receive()
+                delivered.append(msg.message.id)
+        assert delivered == [0, 1, 2, 3]
+        await asyncio.sleep(0)
+        assert conn.backlog is None  # drained: the next message goes straight to the stream
+        await send.aclose()
+
+    asyncio.run(main())
