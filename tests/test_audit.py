@@ -10,7 +10,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -112,6 +112,52 @@ def test_each_record_carries_seq_the_previous_lines_hash_and_a_mac(tmp_path: Pat
     assert head["seq"] == 3
     assert head["hash"] == hashlib.sha256(lines(log)[-1].rstrip(b"\n")).hexdigest()
     assert os.stat(log.path).st_mode & 0o777 == 0o600
+
+
+def test_a_deferred_checkpoint_is_written_once_after_a_burst_and_covers_its_last_record(
+    tmp_path: Path,
+) -> None:
+    queued: list[Callable[[], None]] = []
+    log = new_log(tmp_path, 1)
+    log.defer = queued.append  # the broker passes its event loop's call_soon
+    for i in range(4):
+        log.append("tool", tool="get_entry", entry=f"burst{i}", code="OK")
+    assert len(queued) == 1  # one checkpoint write for the whole burst
+    assert json.loads(log.head_path.read_bytes())["seq"] == 1  # behind: the safe direction
+    assert problems(log) == []
+    queued.pop()()
+    head = json.loads(log.head_path.read_bytes())
+    assert head["seq"] == 5
+    assert head["hash"] == hashlib.sha256(lines(log)[-1].rstrip(b"\n")).hexdigest()
+    assert problems(log) == []
+    log.append("tool", tool="get_entry", entry="after", code="OK")
+    assert len(queued) == 1  # the next burst schedules again
+    log.close()  # closing writes what is pending
+    OPEN.remove(log)
+    assert json.loads(log.head_path.read_bytes())["seq"] == 6
+
+
+def test_a_deferred_checkpoint_that_cannot_be_written_refuses_the_next_append(
+    tmp_path: Path,
+) -> None:
+    queued: list[Callable[[], None]] = []
+    log = new_log(tmp_path, 1)
+    log.defer = queued.append
+    log.append("tool", tool="get_entry", entry="x", code="OK")
+    assert log._head_fd is not None
+    os.close(log._head_fd)  # the checkpoint's descriptor fails from now on
+    log._head_fd = os.open(os.devnull, os.O_RDONLY)
+    queued.pop()()
+    for _ in range(2):  # refused for as long as the checkpoint cannot be written
+        with pytest.raises(StorageError):
+            log.append("tool", tool="get_entry", entry="refused", code="OK")
+    assert b"refused" not in log.path.read_bytes()
+    os.close(log._head_fd)
+    log._head_fd = None  # writable again: the next append goes through
+    log.append("tool", tool="get_entry", entry="accepted", code="OK")
+    assert b"accepted" in log.path.read_bytes()
+    queued.pop()()
+    assert problems(log) == []
 
 
 def test_a_clean_log_verifies_without_findings(tmp_path: Path) -> None:

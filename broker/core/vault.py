@@ -82,7 +82,9 @@ class StoredEntry(BaseModel):
     updated_at: datetime
 
     def meta(self) -> EntryMeta:
-        return EntryMeta(
+        # built from already-validated fields: construct skips a second validation (this runs
+        # for every entry a tool call or a listing returns)
+        return EntryMeta.model_construct(
             id=self.id,
             name=self.name,
             type=self.type,
@@ -91,7 +93,7 @@ class StoredEntry(BaseModel):
             url=self.url,
             notes=self.notes,
             fields={
-                k: FieldMeta(
+                k: FieldMeta.model_construct(
                     secret=f.secret, value=None if f.secret else f.value, history=len(f.history)
                 )
                 for k, f in self.fields.items()

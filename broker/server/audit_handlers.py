@@ -45,6 +45,7 @@ async def process_audit_verify(ctx: Context, p: Empty) -> AuditVerifyResult:
     audit = ctx.state.audit
     if audit is None:
         raise InternalError("the audit log is not open")
+    audit.flush()  # a checkpoint still pending for the last records
     findings = await ctx.state.io(audit.verify)
     count = sum(1 for _ in audit.records())
     return AuditVerifyResult(ok=not findings, records=count, findings=[str(f) for f in findings])

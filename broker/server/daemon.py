@@ -243,7 +243,8 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         request_max_minutes=config.request_max_minutes,
     )
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
-    state.audit = AuditLog(p.state_dir / "audit.jsonl")
+    # the checkpoint is rewritten once per burst of records (after the event-loop turn)
+    state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=asyncio.get_running_loop().call_soon)
     try:
         state.audit.open()
         state.record("broker.start", version=__version__, pid=os.getpid())
