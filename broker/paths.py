@@ -1,6 +1,7 @@
 """Where apm keeps its files: vault, config, state, logs and the broker socket, per platform.
 
-Stdlib only: the CLI, the shim and the broker all import it to agree on locations.
+Stdlib only: the CLI, the shim and the broker all import it to agree on locations. Kept light
+for the shim's cold start: no dataclasses (it imports inspect) and tempfile only on macOS.
 
 `APM_HOME` roots everything in one directory (tests use it); otherwise each OS's convention.
 """
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
     vault: Path
     config_dir: Path
     state_dir: Path
@@ -47,6 +46,8 @@ def _home() -> Path:
 
 def _default_runtime_dir() -> Path:
     if sys.platform == "darwin":
+        import tempfile
+
         return Path(tempfile.gettempdir()) / "apm"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):

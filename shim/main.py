@@ -7,7 +7,9 @@ invalid, it answers `initialize`, `server/discover`, `tools/list` and `tools/cal
 one `apm_status` tool that names the fix, and it re-attaches on its own when things recover.
 
 Rules:
-- Imports only the standard library and pyzmq (and stdlib-only `broker`/`broker.paths`).
+- Imports only the standard library and pyzmq (and stdlib-only `broker`/`broker.paths`), and
+  only what a start needs: cold start is part of the contract (<= 0.25x an SDK server's), so
+  `logging` loads only with --debug, and zmq.utils.monitor (which imports asyncio) not at all.
 - Stdout carries protocol bytes only; diagnostics go to stderr and the optional debug log.
 - The debug log never holds a token or a message payload (payloads may carry secrets).
 """
@@ -16,19 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
+import struct
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from broker import __version__, paths
 
@@ -46,39 +45,67 @@ SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 REINIT_PREFIX = "apm-shim-reinit-"
 ATTACH_TIMEOUT = 3.0
 
-log = logging.getLogger("apm.mcp")
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
 
 
-@dataclass
+class _QuietLog:
+    """The log without --debug: every call is a no-op, and `logging` is never imported."""
+
+    def debug(self, *args: Any) -> None: ...
+    def info(self, *args: Any) -> None: ...
+    def warning(self, *args: Any) -> None: ...
+
+
+log: Any = _QuietLog()
+
+
 class Problem:
-    code: str
-    message: str
-    hint: str
+    __slots__ = ("code", "hint", "message")
+
+    def __init__(self, code: str, message: str, hint: str) -> None:
+        self.code, self.message, self.hint = code, message, hint
 
 
-class _Redact(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = _TOKEN_RE.sub("eps_<redacted>", str(record.msg))
-        if record.args:
-            record.args = tuple(
-                _TOKEN_RE.sub("eps_<redacted>", a) if isinstance(a, str) else a
-                for a in (record.args if isinstance(record.args, tuple) else (record.args,))
-            )
-        return True
+def _redact(value: Any) -> Any:
+    return _TOKEN_RE.sub("eps_<redacted>", value) if isinstance(value, str) else value
 
 
 def setup_debug_log() -> Path:
+    import logging
+
+    class Redact(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.msg = _redact(str(record.msg))
+            if record.args:
+                args = record.args if isinstance(record.args, tuple) else (record.args,)
+                record.args = tuple(_redact(a) for a in args)
+            return True
+
+    global log
     p = paths.resolve()
     p.config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = p.config_dir / "mcp_logging.log"
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s pid=%(process)d %(message)s"))
-    handler.addFilter(_Redact())
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
+    handler.addFilter(Redact())
+    logger = logging.getLogger("apm.mcp")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    log = logger
     return path
+
+
+def _monitor_event(frames: list[bytes]) -> int | None:
+    """The event number of a ZeroMQ monitor message (frame 1: uint16 event, uint32 value)."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        return None
+    event: int = struct.unpack("=hi", frames[0])[0]
+    return event
+
+
+def _new_id() -> str:
+    return os.urandom(16).hex()
 
 
 def _stderr(message: str) -> None:
@@ -194,7 +221,7 @@ class Shim:
             self._schedule_retry(cap=5.0)
             self._fail_waiting()
             return
-        self.attach_id = uuid.uuid4().hex
+        self.attach_id = _new_id()
         self.attach_sent = time.monotonic()
         req = {
             "v": PROTOCOL_VERSION,
@@ -306,7 +333,7 @@ class Shim:
     def _after_attach(self) -> None:
         """On a new broker connection: re-initialize for the client if needed, then resend."""
         if self.era == "legacy" and self.init_request is not None:
-            self.reinit_id = f"{REINIT_PREFIX}{uuid.uuid4().hex[:8]}"
+            self.reinit_id = f"{REINIT_PREFIX}{_new_id()[:8]}"
             replay = dict(self.init_request, id=self.reinit_id)
             self._to_broker(json.dumps(replay).encode())
             return
@@ -352,15 +379,15 @@ class Shim:
 
     def on_monitor(self) -> None:
         try:
-            event = recv_monitor_message(self.monitor)
+            event = _monitor_event(self.monitor.recv_multipart())
         except zmq.ZMQError:
             return
-        if event["event"] == zmq.EVENT_CONNECTED and self.conn is None:
+        if event == zmq.EVENT_CONNECTED and self.conn is None:
             # a (re)started broker: whatever attach was in flight went to the old connection
             self.attach_id = None
             self.attach()
             return
-        if event["event"] == zmq.EVENT_DISCONNECTED and self.conn is not None:
+        if event == zmq.EVENT_DISCONNECTED and self.conn is not None:
             log.warning("lost the broker connection")
             _stderr("lost the apm broker; waiting for it to come back")
             self.conn = None
