@@ -100,7 +100,7 @@ def _monitor_event(frames: list[bytes]) -> int | None:
     """The event number of a ZeroMQ monitor message (frame 1: uint16 event, uint32 value)."""
     if len(frames) != 2 or len(frames[0]) != 6:
         return None
-    event: int = struct.unpack("=hi", frames[0])[0]
+    event: int = struct.unpack("=Hi", frames[0])[0]
     return event
 
 
@@ -150,10 +150,7 @@ class Shim:
         self.token = token
         self.agent = agent
         self.ctx = zmq.Context()
-        self.sock: zmq.Socket[bytes] = self._socket()
-        self.monitor: zmq.Socket[bytes] = self.sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-        )
+        self.sock, self.monitor = self._socket()
         self.conn: bytes | None = None
         self.problem: Problem | None = None
         self.attach_id: str | None = None
@@ -180,7 +177,11 @@ class Shim:
                 '"apm delegate" in the server\'s env',
             )
 
-    def _socket(self) -> zmq.Socket[bytes]:
+    def _socket(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """A DEALER for the broker and its monitor, attached before connecting so no event is
+        missed. An attach waits for HANDSHAKE_SUCCEEDED, not CONNECTED: with zmq.IMMEDIATE a
+        send fails until the ZMTP handshake is done, and an attach tried at CONNECTED waited
+        for the 100 ms retry (most of a cold start)."""
         sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -188,8 +189,11 @@ class Shim:
         # never queue onto a connection that is not up: a message sent into a broker's dying
         # connection would be lost; sending fails instead and we retry
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitor: zmq.Socket[bytes] = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         sock.connect(self.addr)
-        return sock
+        return sock, monitor
 
     # ------------------------------------------------------------------ output
 
@@ -271,8 +275,7 @@ class Shim:
         # a fresh socket drops the queued attach so it is not delivered twice later
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
-        self.sock = self._socket()
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock, self.monitor = self._socket()
         self._schedule_retry(cap=5.0)
         self._fail_waiting()
 
@@ -382,7 +385,7 @@ class Shim:
             event = _monitor_event(self.monitor.recv_multipart())
         except zmq.ZMQError:
             return
-        if event == zmq.EVENT_CONNECTED and self.conn is None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.conn is None:
             # a (re)started broker: whatever attach was in flight went to the old connection
             self.attach_id = None
             self.attach()

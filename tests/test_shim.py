@@ -521,3 +521,34 @@ def test_without_apm_home_the_debug_log_goes_to_the_xdg_config_directory(tmp_pat
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     assert FAKE_TOKEN not in log.read_text()
     assert not (tmp_path / "home" / ".config").exists()
+
+
+def test_the_event_the_shim_attaches_on_is_the_one_after_which_a_send_goes_through(
+    tmp_path: Path,
+) -> None:
+    """With zmq.IMMEDIATE a send fails until the ZMTP handshake is done. The shim attaches on
+    HANDSHAKE_SUCCEEDED (CONNECTED comes too early and left every cold start waiting for the
+    100 ms retry): the first event it reads is that one, and a send right after it works."""
+    import zmq
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    addr = f"ipc://{run}/b.sock"
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(addr)
+    s = shim.main.Shim(addr, FAKE_TOKEN, None)
+    try:
+        assert s.monitor.poll(5000), "no monitor event"
+        event = shim.main._monitor_event(s.monitor.recv_multipart())
+        assert event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        s.sock.send(b"first", zmq.NOBLOCK)  # raises zmq.Again if the pipe were not up
+        assert router.poll(5000)
+        assert router.recv_multipart()[-1] == b"first"
+    finally:
+        s.monitor.close(linger=0)
+        s.sock.close(linger=0)
+        s.ctx.term()
+        router.close(linger=0)
+        ctx.term()
