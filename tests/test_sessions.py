@@ -574,6 +574,34 @@ def test_revoke_all_while_locked_ends_every_session_at_the_next_unlock(twin: Twi
     assert twin.call("entry.list", token=fresh).ok
 
 
+def test_sessions_ended_more_than_a_week_ago_are_forgotten_at_the_next_unlock(
+    twin: Twin,
+) -> None:
+    _, expired = twin.delegate(ttl_seconds=3600)
+    _, revoked = twin.delegate(ttl_seconds=30 * 86400)
+    live, kept = twin.delegate(ttl_seconds=30 * 86400)
+    twin.owner("session.revoke", {"accessor": revoked})
+    twin.clock.advance(seconds=6 * 86400)
+    twin.ok("vault.lock")
+    twin.owner("vault.unlock")  # six days: ended, but still listed
+    listed = {s["accessor"] for s in twin.owner("session.list")["sessions"]}
+    assert {expired, revoked, kept} <= listed
+    twin.clock.advance(seconds=2 * 86400)
+    twin.ok("vault.lock")
+    twin.owner("vault.unlock")
+    listed = {s["accessor"] for s in twin.owner("session.list")["sessions"]}
+    assert kept in listed and expired not in listed and revoked not in listed
+    assert twin.call("entry.list", token=live).ok
+    assert twin.state.audit is not None
+    pruned = [r for r in twin.state.audit.records() if r["event"] == "session.pruned"]
+    assert [r["count"] for r in pruned] == [2]
+    # durable: what a fresh unlock of the file sees
+    twin.ok("vault.lock")
+    twin.owner("vault.unlock")
+    listed = {s["accessor"] for s in twin.owner("session.list")["sessions"]}
+    assert expired not in listed and revoked not in listed
+
+
 def test_sessions_survive_lock_and_unlock_and_keep_their_use_count(twin: Twin) -> None:
     token, accessor = twin.delegate()
     for _ in range(2):

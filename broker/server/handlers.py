@@ -60,7 +60,7 @@ from broker.wire.protocol import (
 
 from . import hardening
 from .dispatch import Access, Context, State, log, route
-from .session_handlers import apply_pending_revocations
+from .session_handlers import apply_pending_revocations, forget_ended_sessions
 
 OWNER = Access(unlocked=True, owner_only=True)
 READ = Access(unlocked=True, scope="read")
@@ -184,6 +184,7 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
             await ctx.state.flush_and_lock()  # fail closed: no unlock without its record
         raise
     await apply_pending_revocations(ctx.state)
+    await forget_ended_sessions(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
     if idle_at is None or hard_at is None:
         raise VaultLocked()

@@ -7,6 +7,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 
 from pydantic import SecretStr
@@ -18,7 +19,7 @@ from broker.core.sessions import (
     SessionRecord,
     scopes_up_to,
 )
-from broker.wire.errors import EntryNotFound, InvalidParameters, SessionRequired
+from broker.wire.errors import ApmError, EntryNotFound, InvalidParameters, SessionRequired
 from broker.wire.protocol import (
     DenialInfo,
     Empty,
@@ -81,6 +82,22 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
 
 def _pending(state: State) -> PendingRevocations:
     return PendingRevocations(state.paths.state_dir / "pending-revocations.json")
+
+
+FORGET_ENDED_AFTER = timedelta(days=7)
+
+
+async def forget_ended_sessions(state: State) -> int:
+    """Called right after an unlock: sessions that expired or were revoked more than a week ago
+    leave the vault (and `apm session ls`); their audit records stay."""
+    store = state.sessions()
+    gone = store.prune(FORGET_ENDED_AFTER)
+    if gone:
+        await state.persist_sessions()
+        log.info("forgot %d session(s) that ended more than %s ago", gone, FORGET_ENDED_AFTER)
+        with contextlib.suppress(ApmError):
+            state.record("session.pruned", count=gone)
+    return gone
 
 
 async def apply_pending_revocations(state: State) -> None:
