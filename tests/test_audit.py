@@ -19,26 +19,21 @@ from typing import Any
 import mcp.types as mt
 import pytest
 from mcp import Client
-from pydantic import SecretStr
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
 from broker.core.audit import GENESIS, AuditLog, derive_audit_key
-from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
-from broker.paths import Paths
-from broker.server import dispatch
 from broker.server.dispatch import State
 from broker.server.mcp_host import Connection, McpHost
 from broker.server.transport import Peer
 from broker.wire.errors import StorageError
-from broker.wire.protocol import Auth, Request, Response
+from broker.wire.protocol import Response
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret, sweep
+from .twin import broker_state, wire
 
 KEY = bytes(range(32))
-FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)
 SECRET = "audit-Secret-Value-6120"
 WRONG_PASSWORD = "not-the-master-password-31"
 register_secret(SECRET)
@@ -323,42 +318,19 @@ class Twin:
         return self.state.sessions().create(spec)
 
     async def wire(self, method: str, params: dict[str, Any], **auth: str) -> Response:
-        a = Auth(**{k: SecretStr(v) for k, v in auth.items()}) if auth else None
-        frame = Request(v=1, method=method, params=params, auth=a).encode()
-        return Response.model_validate_json(await dispatch.handle(self.state, frame, self.peer))
+        return await wire(self.state, self.peer, method, params, **auth)
+
+
+def _seed_bank(vault: Vault) -> None:
+    change = Change(fields={"username": "me"}, secrets={"password": SECRET}, remove_fields=[])
+    vault.add("login", "bank", "default", [], None, None, change)
 
 
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    paths = Paths(
-        vault=tmp_path / "vault.apm",
-        config_dir=tmp_path / "config",
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        broker_addr=f"ipc://{tmp_path}/run/broker.sock",
-    )
-    paths.state_dir.mkdir()
-    state = State(paths=paths, cache=KeyCache(LockPolicy()))
-    vault = Vault.create(paths.vault, normalize_password(PASSWORD), FAST_KDF)
-    state.cache.put(vault)
-    vault.add(
-        "login",
-        "bank",
-        "default",
-        [],
-        None,
-        None,
-        Change(fields={"username": "me"}, secrets={"password": SECRET}, remove_fields=[]),
-    )
-    state.audit = AuditLog(paths.state_dir / "audit.jsonl")
-    state.audit.open()
-    state.audit.key = vault.audit_key()
-    t = Twin(state, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
-    yield t
-    state.cache.lock()
-    state.kdf_pool.shutdown(wait=True)
-    state.io_pool.shutdown(wait=True)
-    state.audit.close()
+    with broker_state(tmp_path, PASSWORD, seed=_seed_bank) as state:
+        t = Twin(state, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
+        yield t
     if t.real_fh is not None:
         t.real_fh.close()
 

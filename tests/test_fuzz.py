@@ -78,12 +78,9 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
-from broker.core.audit import AuditLog
-from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
+from broker.core.crypto import normalize_password
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
-from broker.paths import Paths
 from broker.server import dispatch, handlers, mcp_tools
 from broker.server.dispatch import Context, State, Throttle
 from broker.server.mcp_host import McpHost
@@ -98,10 +95,11 @@ from broker.wire.protocol import (
     Response,
 )
 
+from .twin import FAST_KDF, broker_state
+
 PASSWORD = "fuzz master password 7731"
 SENTINEL = "SNTL-q7Zk3vX9"  # rides in every secret-bearing position; never in an error
 SEED_SECRET = "seed-secret-" + SENTINEL
-FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)  # the smallest a header accepts
 TOTP_SEED = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 REGRESSIONS = Path(__file__).parent / "fuzz_regressions"
 CALL_TIMEOUT = 30.0
@@ -378,38 +376,23 @@ MARKERS = ("@entry_id", "@accessor", "@tx", "@request")
 
 @contextlib.contextmanager
 def open_twin(root: Path) -> Iterator[Twin]:
-    paths = Paths(
-        vault=root / "vault.apm",
-        config_dir=root / "config",
-        state_dir=root / "state",
-        runtime_dir=root / "run",
-        broker_addr=f"ipc://{root}/run/broker.sock",
-    )
-    paths.state_dir.mkdir(parents=True)
-    loop = asyncio.new_event_loop()
-    state = State(paths=paths, cache=KeyCache(LockPolicy()), throttle=NoDelayThrottle())
-    vault = Vault.create(paths.vault, normalize_password(PASSWORD), FAST_KDF)
-    state.cache.put(vault)
-    state.audit = AuditLog(paths.state_dir / "audit.jsonl")
-    state.audit.open()
-    state.audit.key = vault.audit_key()
-    host = McpHost(state, FramesSink())  # type: ignore[arg-type]
-    state._mcp_host = loop.create_future()
-    state._mcp_host.set_result(host)
-    twin = Twin(state, loop, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()), host)
     fast = {name: dataclasses.replace(FAST_KDF, profile=name) for name in KDF_PROFILE_NAMES}
-    with pytest.MonkeyPatch.context() as mp:
+    with (
+        broker_state(root, PASSWORD, throttle=NoDelayThrottle()) as state,
+        pytest.MonkeyPatch.context() as mp,
+    ):
         mp.setattr(handlers, "PROFILES", fast)
+        loop = asyncio.new_event_loop()
+        host = McpHost(state, FramesSink())  # type: ignore[arg-type]
+        state._mcp_host = loop.create_future()
+        state._mcp_host.set_result(host)
+        twin = Twin(state, loop, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()), host)
         try:
             seed(twin)
             yield twin
         finally:
             with contextlib.suppress(Exception):
                 loop.run_until_complete(host.close_all())
-            state.cache.lock()
-            state.kdf_pool.shutdown(wait=True)
-            state.io_pool.shutdown(wait=True)
-            state.audit.close()
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

@@ -34,6 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from broker.server import mcp_tools
 
 from .conftest import PY, Apm, Broker, clean_env, make_home
+from .mcp_client import unwrapped
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "scripts" / "conformance.sh"
@@ -158,27 +159,16 @@ def read_token(world: World) -> str:
     return world.delegate("--scope", "read")[0]
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
 @contextlib.asynccontextmanager
 async def http_client(url: str, token: str, mode: str = "legacy") -> AsyncIterator[Client]:
     """The SDK's streamable-HTTP client with a Bearer header; a failure comes out unwrapped."""
     headers = {"Authorization": f"Bearer {token}"}
-    try:
+    with unwrapped():
         async with (
             httpx2.AsyncClient(headers=headers, timeout=CALL_TIMEOUT) as hc,
             Client(streamable_http_client(url, http_client=hc), mode=mode) as client,
         ):
             yield client
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from group
-        raise
 
 
 def code_of(result: mt.CallToolResult) -> str:

@@ -16,13 +16,13 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp import types as mt
 from pydantic import SecretStr
 
@@ -32,10 +32,10 @@ from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
 from .conftest import sweep as sweep_home
+from .mcp_client import shim_client
 
 pytestmark = pytest.mark.slow
 
-SHIM = Path(sys.executable).parent / "apm-mcp"
 STRIPE = "sk_live_Stripe-7719-unique"
 OTHER = "other-Key-2203-unique"
 WHY = "run the billing migration script"
@@ -141,25 +141,8 @@ def world() -> Iterator[World]:
         assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-@contextlib.asynccontextmanager
-async def mcp_client(home: Path, token: str, mode: str) -> AsyncIterator[Client]:
-    params = StdioServerParameters(
-        command=str(SHIM), args=[], env={"APM_HOME": str(home), "APM_EPHEMERAL_ID": token}
-    )
-    try:
-        async with Client(params, mode=mode, read_timeout_seconds=CALL_TIMEOUT) as client:
-            yield client
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from group
-        raise
+def mcp_client(home: Path, token: str, mode: str) -> Any:
+    return shim_client(home, token, mode, CALL_TIMEOUT)
 
 
 def ok_of(result: mt.CallToolResult) -> dict[str, Any]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import anyio
 import pyotp
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp import types as mt
 from pydantic import SecretStr
 
@@ -34,10 +33,10 @@ from broker.server.mcp_tools import TOOLS, TOOLS_BY_NAME
 from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, Apm, Broker, make_home
+from .mcp_client import shim_client
 
 pytestmark = pytest.mark.slow
 
-SHIM = Path(sys.executable).parent / "apm-mcp"
 MODES = ("legacy", "auto")
 SCOPES = ("read", "secrets", "write", "admin")
 GH_SECRET = "gh-Secret-7731-unique"
@@ -185,26 +184,9 @@ def tokens(world: World) -> dict[str, str]:
     return {scope: world.delegate(scope)[0] for scope in SCOPES}
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-@contextlib.asynccontextmanager
-async def mcp_client(home: Path, token: str, mode: str, **kw: Any) -> AsyncIterator[Client]:
+def mcp_client(home: Path, token: str, mode: str, **kw: Any) -> Any:
     """The SDK's stdio client running the real shim; a failure inside comes out unwrapped."""
-    params = StdioServerParameters(
-        command=str(SHIM), args=[], env={"APM_HOME": str(home), "APM_EPHEMERAL_ID": token}
-    )
-    try:
-        async with Client(params, mode=mode, read_timeout_seconds=CALL_TIMEOUT, **kw) as client:
-            yield client
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from group
-        raise
+    return shim_client(home, token, mode, CALL_TIMEOUT, **kw)
 
 
 def error_of(result: mt.CallToolResult) -> dict[str, Any]:

@@ -24,29 +24,24 @@ from typing import Any
 
 import pytest
 from mcp import types as mt
-from pydantic import SecretStr
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
 from broker.cli.masking import MARK, Masker
-from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, Proc
-from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
 from broker.core.requests import PENDING_TTL, RequestStore
 from broker.core.sessions import SessionRecord
-from broker.core.vault import Change, Vault
-from broker.paths import Paths
-from broker.server import dispatch, mcp_tools
+from broker.core.vault import Change
+from broker.server import mcp_tools
 from broker.server.dispatch import Context, State, Throttle
 from broker.server.notify import Notifier
 from broker.server.transport import Peer
 from broker.wire.errors import ApmError
-from broker.wire.protocol import Auth, Request, Response
+from broker.wire.protocol import Response
 
 from .conftest import register_secret
+from .twin import Clock, broker_state, wire
 
 PASSWORD = "correct horse battery staple"
-FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)
 STRIPE = "sk_live_Stripe-4471-unique"
 OTHER = "other-Secret-9182-unique"
 WHY = "run the billing migration script"
@@ -55,17 +50,6 @@ for _s in (STRIPE, OTHER):
 
 
 # ---------------------------------------------------------------------- fakes and the twin
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kw: float) -> None:
-        self.now += timedelta(**kw)
 
 
 def _walk(pid: int) -> tuple[Proc, ...]:
@@ -103,15 +87,8 @@ class Twin:
         token: str | None = None,
         password: str | None = None,
     ) -> Response:
-        auth = None
-        if token is not None or password is not None:
-            auth = Auth(
-                token=SecretStr(token) if token is not None else None,
-                password=SecretStr(password) if password is not None else None,
-            )
-        frame = Request(v=1, method=method, params=params or {}, auth=auth).encode()
-        answer = self.loop.run_until_complete(dispatch.handle(self.state, frame, self.peer))
-        return Response.model_validate_json(answer)
+        call = wire(self.state, self.peer, method, params, token=token, password=password)
+        return self.loop.run_until_complete(call)
 
     def ok(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         resp = self.call(method, params, **kw)
@@ -169,38 +146,24 @@ def tool_code(result: mt.CallToolResult) -> str:
 
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    paths = Paths(
-        vault=tmp_path / "vault.apm",
-        config_dir=tmp_path / "config",
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        broker_addr=f"ipc://{tmp_path}/run/broker.sock",
-    )
-    paths.state_dir.mkdir()
     clock = Clock()
     notifier = FakeNotifier()
-    state = State(
-        paths=paths,
-        cache=KeyCache(LockPolicy()),
+    with broker_state(
+        tmp_path,
+        PASSWORD,
+        sign_audit=False,
         clock=clock,
         ancestry=AncestryCache(walk=_walk, create_time_of=lambda pid: float(pid)),
         host="host-a",
         throttle=Throttle(),
-    )
-    state.notifier = notifier  # type: ignore[assignment]
-    state.cache.put(Vault.create(paths.vault, normalize_password(PASSWORD), FAST_KDF))
-    state.audit = AuditLog(paths.state_dir / "audit.jsonl")
-    state.audit.open()
-    loop = asyncio.new_event_loop()
-    t = Twin(state, loop, clock, notifier, Peer(uid=os.getuid(), gid=os.getgid(), pid=4242))
-    t.add("stripe", {"key": STRIPE})
-    t.add("other", {"key": OTHER})
-    yield t
-    state.cache.lock()
-    state.kdf_pool.shutdown(wait=True)
-    state.io_pool.shutdown(wait=True)
-    state.audit.close()
-    loop.close()
+    ) as state:
+        state.notifier = notifier  # type: ignore[assignment]
+        loop = asyncio.new_event_loop()
+        t = Twin(state, loop, clock, notifier, Peer(uid=os.getuid(), gid=os.getgid(), pid=4242))
+        t.add("stripe", {"key": STRIPE})
+        t.add("other", {"key": OTHER})
+        yield t
+        loop.close()
 
 
 # ---------------------------------------------------------------------- the request store
@@ -625,7 +588,6 @@ def test_nothing_is_held_back_beyond_a_secrets_length_and_flush_returns_the_tail
 
 
 def test_an_approval_refused_for_its_duration_leaves_the_request_untouched() -> None:
-    from datetime import UTC, datetime
 
     from broker.core.requests import RequestStore
     from broker.wire.errors import InvalidParameters

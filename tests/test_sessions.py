@@ -14,18 +14,15 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, get_origin
 
 import pytest
-from pydantic import SecretStr
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
-from broker.core.audit import AuditLog
 from broker.core.bindings import AGENT_PROFILES, AncestryCache, Proc
-from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
+from broker.core.crypto import normalize_password
 from broker.core.sessions import (
     CreateSpec,
     EntryFilter,
@@ -33,15 +30,15 @@ from broker.core.sessions import (
     hash_token,
 )
 from broker.core.vault import Change, Vault
-from broker.paths import Paths
 from broker.server import dispatch
 from broker.server.dispatch import ROUTES, State, Throttle
 from broker.server.transport import Peer
 from broker.wire.errors import ApmError
-from broker.wire.protocol import Auth, McpAttachParams, McpAttachResult, Request, Response
+from broker.wire.protocol import McpAttachParams, McpAttachResult, Response
+
+from .twin import Clock, broker_state, request_frame
 
 PASSWORD = "correct horse battery staple"
-FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)  # the smallest a header accepts
 HOST = "host-fingerprint-a"
 TOKEN_RE = re.compile(r"^eps_[A-Za-z0-9_-]{43,}$")
 TOTP_SEED = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"  # 160 bits
@@ -49,17 +46,6 @@ SCOPES = ("read", "secrets", "write", "admin")
 
 
 # ---------------------------------------------------------------------- fakes
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kw: float) -> None:
-        self.now += timedelta(**kw)
 
 
 class Procs:
@@ -151,14 +137,7 @@ class Twin:
         agent: str | None = None,
         pid: int | str | None = "default",
     ) -> Response:
-        auth = None
-        if token is not None or password is not None:
-            auth = Auth(
-                token=SecretStr(token) if token is not None else None,
-                password=SecretStr(password) if password is not None else None,
-                agent=agent,
-            )
-        frame = Request(v=1, method=method, params=params or {}, auth=auth).encode()
+        frame = request_frame(method, params, token=token, password=password, agent=agent)
         who = peer(self.pid if pid == "default" else pid)  # type: ignore[arg-type]
         answer = self.loop.run_until_complete(dispatch.handle(self.state, frame, who))
         resp = Response.model_validate_json(answer)
@@ -199,39 +178,25 @@ def error_code(resp: Response) -> str:
 
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    paths = Paths(
-        vault=tmp_path / "vault.apm",
-        config_dir=tmp_path / "config",
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        broker_addr=f"ipc://{tmp_path}/run/broker.sock",
-    )
-    paths.state_dir.mkdir()
     clock = Clock()
     procs = Procs()
     throttle = NoDelayThrottle()
-    state = State(
-        paths=paths,
-        cache=KeyCache(LockPolicy()),
+    ancestry = AncestryCache(walk=procs.walk, create_time_of=procs.create_time)
+    with broker_state(
+        tmp_path,
+        PASSWORD,
+        sign_audit=False,
         clock=clock,
-        ancestry=AncestryCache(walk=procs.walk, create_time_of=procs.create_time),
+        ancestry=ancestry,
         host=HOST,
         throttle=throttle,
-    )
-    state.cache.put(Vault.create(paths.vault, normalize_password(PASSWORD), FAST_KDF))
-    state.audit = AuditLog(paths.state_dir / "audit.jsonl")
-    state.audit.open()
-    loop = asyncio.new_event_loop()
-    state._mcp_host = loop.create_future()
-    state._mcp_host.set_result(FakeMcpHost())
-    shell = procs.spawn(500, 1, exe="/usr/bin/bash")
-    t = Twin(state, loop, clock, procs, throttle, pid=procs.spawn(501, shell))
-    yield t
-    state.cache.lock()
-    state.kdf_pool.shutdown(wait=True)
-    state.io_pool.shutdown(wait=True)
-    state.audit.close()
-    loop.close()
+    ) as state:
+        loop = asyncio.new_event_loop()
+        state._mcp_host = loop.create_future()
+        state._mcp_host.set_result(FakeMcpHost())
+        shell = procs.spawn(500, 1, exe="/usr/bin/bash")
+        yield Twin(state, loop, clock, procs, throttle, pid=procs.spawn(501, shell))
+        loop.close()
 
 
 def store(procs: Procs | None = None, clock: Clock | None = None, host: str = HOST) -> SessionStore:

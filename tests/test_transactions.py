@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,10 @@ import pytest
 from pydantic import SecretStr
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
-from broker.core.audit import AuditLog
-from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.transactions import DEFAULT_TTL, TxStore, args_hash
 from broker.core.vault import Change, Vault
-from broker.paths import Paths
-from broker.server import dispatch, mcp_tools
+from broker.server import mcp_tools
 from broker.server.dispatch import Context, State
 from broker.server.transport import Peer
 from broker.server.write_tools import WRITE_TOOLS
@@ -39,30 +35,19 @@ from broker.wire.errors import (
     TransactionExpired,
     TransactionNotFound,
 )
-from broker.wire.protocol import Auth, EntryAddParams, Request, Response, SecretValue
+from broker.wire.protocol import EntryAddParams, Response, SecretValue
+
+from .twin import T0, Clock, broker_state, wire
 
 PASSWORD = "correct horse battery staple"
-FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)  # the smallest a header accepts
 SECRET = "s3cret-Previewed-4417"
 OTHER_SECRET = "s3cret-Smuggled-9902"
 OLD_SECRET = "old-value-1"
-T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **kw: float) -> None:
-        self.now += timedelta(**kw)
 
 
 # ---------------------------------------------------------------------- the store alone
@@ -273,14 +258,7 @@ class Twin:
         token: str | None = None,
         password: str | None = None,
     ) -> Response:
-        auth = None
-        if token is not None or password is not None:
-            auth = Auth(
-                token=SecretStr(token) if token is not None else None,
-                password=SecretStr(password) if password is not None else None,
-            )
-        frame = Request(v=1, method=method, params=params or {}, auth=auth).encode()
-        return Response.model_validate_json(await dispatch.handle(self.state, frame, self.peer))
+        return await wire(self.state, self.peer, method, params, token=token, password=password)
 
     def add(self, name: str, secret: str = OLD_SECRET) -> str:
         change = Change(fields={"username": "u"}, secrets={"password": secret}, remove_fields=[])
@@ -295,26 +273,9 @@ class Twin:
 
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    paths = Paths(
-        vault=tmp_path / "vault.apm",
-        config_dir=tmp_path / "config",
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        broker_addr=f"ipc://{tmp_path}/run/broker.sock",
-    )
-    paths.state_dir.mkdir()
     clock = Clock()
-    state = State(paths=paths, cache=KeyCache(LockPolicy()), clock=clock)
-    vault = Vault.create(paths.vault, normalize_password(PASSWORD), FAST_KDF)
-    state.cache.put(vault)
-    state.audit = AuditLog(paths.state_dir / "audit.jsonl", clock=clock)
-    state.audit.open()
-    state.audit.key = vault.audit_key()
-    yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
-    state.cache.lock()
-    state.kdf_pool.shutdown(wait=True)
-    state.io_pool.shutdown(wait=True)
-    state.audit.close()
+    with broker_state(tmp_path, PASSWORD, audit_clock=clock, clock=clock) as state:
+        yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
 
 
 ADD = {

@@ -9,26 +9,24 @@ Waits poll with a deadline; nothing sleeps for a fixed time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import secrets
 import shutil
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp import types as mt
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret, sweep
+from .mcp_client import shim_client
 
 pytestmark = pytest.mark.slow
 
-SHIM = Path(sys.executable).parent / "apm-mcp"
 MODES = ("legacy", "auto")
 CALL_TIMEOUT = 30.0  # seconds any single MCP request may take before the test fails
 READ_TOOLS = {"list_entries", "search_entries", "get_entry", "assist"}
@@ -127,28 +125,9 @@ def world() -> Iterator[World]:
         close_world(w)
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-@contextlib.asynccontextmanager
-async def mcp_client(
-    home: Path, token: str, mode: str = "legacy", **kw: Any
-) -> AsyncIterator[Client]:
+def mcp_client(home: Path, token: str, mode: str = "legacy", **kw: Any) -> Any:
     """The SDK's stdio client running the real shim; a failure inside comes out unwrapped."""
-    params = StdioServerParameters(
-        command=str(SHIM), args=[], env={"APM_HOME": str(home), "APM_EPHEMERAL_ID": token}
-    )
-    try:
-        async with Client(params, mode=mode, read_timeout_seconds=CALL_TIMEOUT, **kw) as client:
-            yield client
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from group
-        raise
+    return shim_client(home, token, mode, CALL_TIMEOUT, **kw)
 
 
 def error_of(result: mt.CallToolResult) -> dict[str, Any]:

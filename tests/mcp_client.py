@@ -1,0 +1,47 @@
+"""The mcp SDK's client against apm, for the end-to-end tests: the stdio client spawning the
+real `apm-mcp` shim, and the helper that unwraps the exception groups anyio raises so a test
+failure names the one error that happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from mcp import Client, StdioServerParameters
+
+SHIM = Path(sys.executable).parent / "apm-mcp"
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+@contextlib.contextmanager
+def unwrapped() -> Iterator[None]:
+    """Re-raise a group holding a single error as that error."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        found = leaves(group)
+        if len(found) == 1:
+            raise found[0] from group
+        raise
+
+
+@contextlib.asynccontextmanager
+async def shim_client(
+    home: Path, token: str, mode: str, timeout: float, **kw: Any
+) -> AsyncIterator[Client]:
+    """The SDK's stdio client running the real shim with `token`, against the broker of `home`."""
+    params = StdioServerParameters(
+        command=str(SHIM), args=[], env={"APM_HOME": str(home), "APM_EPHEMERAL_ID": token}
+    )
+    with unwrapped():
+        async with Client(params, mode=mode, read_timeout_seconds=timeout, **kw) as client:
+            yield client
