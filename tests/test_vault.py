@@ -6,12 +6,15 @@ import base64
 import errno
 import os
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.core.crypto import KdfParams, normalize_password
-from broker.core.vault import HISTORY_MAX, Change, StoredEntry, Vault
+from broker.core.vault import HISTORY_MAX, Change, StoredEntry, StoredField, Vault, _score
 from broker.wire.entries import ENTRY_TYPES
 from broker.wire.errors import ApmError
 
@@ -299,6 +302,78 @@ def test_search_honours_space_type_and_limit_filters(searchable: Vault) -> None:
     assert [e.space for e, _ in searchable.search("git", space="work")] == ["work"]
     assert searchable.search("git", type_="custom") == []
     assert len(searchable.search("git", limit=2)) == 2
+
+
+def _full_scan(vault: Vault, query: str) -> list[tuple[str, float]]:
+    """The search as a plain loop over every entry: what the index must reproduce."""
+    q = query.casefold().strip()
+    hits = [(e, _score(e, q)) for e in vault.entries.values()]
+    ranked = sorted((h for h in hits if h[1] > 0), key=lambda h: (-h[1], h[0].name.casefold()))
+    return [(e.id, score) for e, score in ranked]
+
+
+_texts = st.text(alphabet="abcAB-ß.İ ", max_size=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            _texts.filter(lambda n: n.strip() != ""), _texts, _texts, st.lists(_texts, max_size=2)
+        ),
+        max_size=12,
+    ),
+    st.text(alphabet="abcAB-ß.İ *", min_size=1, max_size=4),
+)
+def test_search_through_the_index_finds_exactly_what_a_full_scan_finds(
+    tmp_path_factory: pytest.TempPathFactory,
+    rows: list[tuple[str, str, str, list[str]]],
+    query: str,
+) -> None:
+    path = tmp_path_factory.mktemp("idx") / "vault.apm"
+    vault = Vault.create(path, normalize_password(PASSWORD), FAST)
+    try:
+        now = datetime.now(UTC)
+        for i, (name, user, notes, tags) in enumerate(rows):
+            e = StoredEntry(
+                id=f"e{i}",
+                name=name.strip(),
+                type="login",
+                space="default",
+                tags=tags,
+                url=None,
+                notes=notes or None,
+                fields={"username": StoredField(secret=False, value=user or None)},
+                created_at=now,
+                updated_at=now,
+            )
+            vault.entries[e.id] = e
+        got = [(e.id, score) for e, score in vault.search(query, limit=1000)]
+        assert got == _full_scan(vault, query)
+    finally:
+        vault.close()
+
+
+def test_search_sees_every_add_rename_and_removal_made_after_an_earlier_search(
+    searchable: Vault,
+) -> None:
+    assert [e.name for e, _ in searchable.search("zebra")] == []
+    zebra = login(searchable, "zebra-crossing")
+    assert [e.name for e, _ in searchable.search("zebra")] == ["zebra-crossing"]
+    searchable.edit(
+        zebra,
+        new_name="okapi",
+        move_to=None,
+        add_tags=[],
+        remove_tags=[],
+        url=None,
+        notes=None,
+        change=change(),
+    )
+    assert searchable.search("zebra") == []
+    assert [e.name for e, _ in searchable.search("okapi")] == ["okapi"]
+    searchable.remove(searchable.resolve("okapi"))
+    assert searchable.search("okapi") == []
 
 
 # ---------------------------------------------------------------------- spaces
