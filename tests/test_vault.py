@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -14,7 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.core.crypto import KdfParams, normalize_password
-from broker.core.vault import HISTORY_MAX, Change, StoredEntry, StoredField, Vault, _score
+from broker.core.vault import (
+    HISTORY_MAX,
+    Change,
+    Payload,
+    StoredEntry,
+    StoredField,
+    Vault,
+    _score,
+)
 from broker.wire.entries import ENTRY_TYPES
 from broker.wire.errors import ApmError
 
@@ -374,6 +383,48 @@ def test_search_sees_every_add_rename_and_removal_made_after_an_earlier_search(
     assert [e.name for e, _ in searchable.search("okapi")] == ["okapi"]
     searchable.remove(searchable.resolve("okapi"))
     assert searchable.search("okapi") == []
+
+
+# ---------------------------------------------------------------------- saving
+
+
+def test_the_saved_payload_is_the_payload_model_after_every_kind_of_change(
+    vault: Vault, path: Path
+) -> None:
+    """Saves reuse each unchanged entry's JSON: the result must still be exactly `Payload`."""
+
+    def expected() -> object:
+        entries = list(vault.entries.values())
+        model = Payload(spaces=vault.spaces, entries=entries, extra=vault.extra)
+        return json.loads(model.model_dump_json(by_alias=True))
+
+    a = login(vault, "alpha", username="ann")
+    login(vault, "beta", tags=["x"])
+    assert json.loads(vault.payload_json()) == expected()
+    vault.edit(
+        a,
+        new_name="alpha2",
+        move_to=None,
+        add_tags=["y"],
+        remove_tags=[],
+        url="https://a.example",
+        notes=None,
+        change=change(secrets={"password": "rotated-1"}),
+    )
+    assert json.loads(vault.payload_json()) == expected()
+    vault.space_add("work")
+    vault.space_rename("default", "home")
+    vault.extra["sessions"] = [{"accessor": "ses_1", "n": 1}]
+    assert json.loads(vault.payload_json()) == expected()
+    vault.remove(vault.resolve("beta"))
+    assert json.loads(vault.payload_json()) == expected()
+    vault.save()
+    again = reopen(path)
+    try:
+        assert json.loads(again.payload_json()) == expected()
+        assert again.reveal(again.resolve("alpha2"), "password")[1] == "rotated-1"
+    finally:
+        again.close()
 
 
 # ---------------------------------------------------------------------- spaces

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydantic_core
 from pydantic import BaseModel, Field, ValidationError
 
 from broker.wire.entries import (
@@ -72,6 +73,9 @@ class StoredField(BaseModel):
 
 
 class StoredEntry(BaseModel):
+    """One entry as the vault holds it. Never changed in place: an edit stores a new object
+    (model_copy), which the search index and the save's per-entry JSON rely on."""
+
     id: str
     name: str
     type: EntryType
@@ -156,6 +160,7 @@ class Vault:
         self._by_name: dict[tuple[str, str], str] = {}
         self._by_fold: dict[str, list[str]] = {}
         self._search: _SearchIndex | None = None
+        self._entry_json: dict[str, tuple[StoredEntry, bytes]] = {}
         self._reindex()
 
     # ------------------------------------------------------------------ lifecycle
@@ -233,12 +238,38 @@ class Vault:
             self.header, self._header_bytes, self._keyblock = old
             raise
 
+    def payload_json(self) -> bytes:
+        """The plaintext the vault file encrypts: `Payload` as JSON (UTF-8).
+
+        Each entry's JSON is kept from the save before and reused while the entry object is
+        the same (the vault replaces an entry on every change), so a save serializes only
+        what changed; pydantic serialization was two thirds of a save at 100k entries. The
+        cache holds what the entry objects hold: sealed values, never a plaintext secret."""
+        cache: dict[str, tuple[StoredEntry, bytes]] = {}
+        old = self._entry_json
+        for e in self.entries.values():
+            hit = old.get(e.id)
+            if hit is None or hit[0] is not e:
+                hit = (e, e.__pydantic_serializer__.to_json(e, by_alias=True))
+            cache[e.id] = hit
+        self._entry_json = cache
+        rest = Payload(spaces=self.spaces, extra=self.extra)
+        return b"".join(
+            (
+                b'{"version":%d,"spaces":' % rest.version,
+                pydantic_core.to_json(rest.spaces),
+                b',"entries":[',
+                b",".join([j for _, j in cache.values()]),
+                b'],"extra":',
+                pydantic_core.to_json(rest.extra),
+                b"}",
+            )
+        )
+
     def encode(self) -> bytes:
-        payload = Payload(
-            spaces=self.spaces, entries=list(self.entries.values()), extra=self.extra
-        ).model_dump_json(by_alias=True)
+        payload = self.payload_json()
         ad = self._header_bytes + len(self._keyblock).to_bytes(4, "big") + self._keyblock
-        sealed = self._cipher.seal(payload.encode(), ad)
+        sealed = self._cipher.seal(payload, ad)
         return vault_file.encode(self._header_bytes, self._keyblock, sealed)
 
     def save(self) -> None:
