@@ -17,7 +17,8 @@ MCP client library cost is counted:
 
 - preview   = `add_entry` without tx_id (validate, store the transaction, audit record);
 - commit    = `add_entry` with {tx_id, approve: true}: audit record, then the durable save of the
-              whole vault (serialise, AES-GCM, write temp file, fsync, rename, fsync dir);
+              whole vault (serialise the new entry and join the others' kept JSON, AES-GCM,
+              write temp file, fsync, rename, fsync dir);
 - tx_status = a read-only tool call through the same shim: the relay + SDK floor.
 
 Baselines, measured in the same run and interleaved with the commits so both see the same
@@ -229,8 +230,9 @@ def raw_saves(vault: Vault, copy: Path, n: int) -> dict[str, Any]:
     try:
         for _ in range(n):
             t("Vault.save() (all of it)", vault.save)
-            dumped = t(
-                "serialise (pydantic model_dump_json)",
+            dumped = t("serialise (payload_json: unchanged entries reused)", vault.payload_json)
+            t(
+                "for comparison: whole payload through pydantic (a first save after unlock)",
                 lambda: (
                     Payload(
                         spaces=vault.spaces, entries=list(vault.entries.values()), extra=vault.extra
