@@ -18,7 +18,7 @@ from broker.cli.main import build_parser, main
 from broker.wire import errors
 from broker.wire.protocol import PROTOCOL_VERSION
 
-from .conftest import PASSWORD, Apm, Broker
+from .conftest import PASSWORD, Apm, Broker, register_secret
 from .test_broker_process import wait_for
 
 pytestmark = pytest.mark.slow
@@ -298,3 +298,23 @@ def test_help_of_the_real_executable_exits_0(apm: Apm) -> None:
     proc = apm("--help")
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: apm")
+
+
+def test_ls_lists_every_entry_however_many_pages_the_broker_returns(
+    vault: Broker, apm: Apm, home: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """`apm ls` once showed only the broker's first page (1,000 entries), silently."""
+    from broker.cli import entry_cmd
+
+    names = {f"k{i}" for i in range(5)}
+    for name in names:
+        apm.ok("add", "api_key", name, "--from-stdin", stdin="v-ls-page\n")
+    out = apm.ok("delegate", "--scope", "read", "--ttl", "10m", "--json").stdout
+    token = json.loads(out)["token"]
+    register_secret(token)
+    monkeypatch.setattr(entry_cmd, "LS_PAGE", 2)  # 5 entries: three pages
+    monkeypatch.setenv("APM_HOME", str(home))
+    monkeypatch.setenv("APM_EPHEMERAL_ID", token)
+    assert main(["ls", "--json"]) == 0
+    listed = [e["name"] for e in json.loads(capsys.readouterr().out)]
+    assert sorted(listed) == sorted(names)

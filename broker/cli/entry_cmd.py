@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES
+from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES, EntryMeta
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import (
     EntryAddParams,
@@ -99,18 +99,32 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
+LS_PAGE = 1000  # entries per entry.list call (~0.5 MB); `apm ls` pages through them all
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     owner = Credentials(args)
+    entries: list[EntryMeta] = []
     with BrokerClient() as c:
-        res = c.call(
-            "entry.list",
-            EntryListParams(space=args.space, type=args.type, tag=args.tag),
-            **owner.creds(),
-        )
+        while True:  # every entry, not only the broker's first page
+            res = c.call(
+                "entry.list",
+                EntryListParams(
+                    space=args.space,
+                    type=args.type,
+                    tag=args.tag,
+                    offset=len(entries),
+                    limit=LS_PAGE,
+                ),
+                **owner.creds(),
+            )
+            entries.extend(res.entries)
+            if not res.entries or len(entries) >= res.total:
+                break
     if args.json:
-        emit_json(res.entries)
-    elif res.entries:
-        table(ENTRY_HEADERS, [entry_row(e) for e in res.entries])
+        emit_json(entries)
+    elif entries:
+        table(ENTRY_HEADERS, [entry_row(e) for e in entries])
     else:
         info('no entries; add one with "apm add TYPE NAME"')
     return 0
