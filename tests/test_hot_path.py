@@ -365,3 +365,33 @@ def test_messages_wait_in_order_for_a_busy_sdk_server_and_a_flood_is_refused(
         await send.aclose()
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ the audit checkpoint hook
+
+
+def test_the_checkpoint_hook_wakes_the_loop_when_a_record_is_written_from_another_thread() -> None:
+    """Records may be written from the broker's I/O threads; the deferred checkpoint must then
+    run on the loop's thread and not wait for the loop's next unrelated wake-up."""
+    from broker.server.daemon import _on_loop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        defer = _on_loop(loop)
+        ran = asyncio.Event()
+        threads: list[int] = []
+
+        def checkpoint() -> None:
+            threads.append(threading.get_ident())
+            ran.set()
+
+        worker = threading.Thread(target=defer, args=(checkpoint,))
+        worker.start()
+        await asyncio.wait_for(ran.wait(), timeout=5)  # nothing else wakes this loop
+        worker.join()
+        assert threads == [threading.get_ident()]
+        defer(checkpoint)  # from the loop's own thread: the next turn
+        ran.clear()
+        await asyncio.wait_for(ran.wait(), timeout=5)
+
+    asyncio.run(main())

@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -192,6 +194,19 @@ async def _serve(state: dispatch.State, transport: Transport) -> None:
         transport.stop()
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], object]:
+    """Schedule a callback on `loop` from any thread (records may be written from the I/O
+    pool): call_soon on the loop's own thread, call_soon_threadsafe from any other."""
+    loop_thread = threading.get_ident()
+
+    def defer(callback: Callable[[], None]) -> object:
+        if threading.get_ident() == loop_thread:
+            return loop.call_soon(callback)
+        return loop.call_soon_threadsafe(callback)
+
+    return defer
+
+
 async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:
     """Import the MCP host (and the mcp SDK, ~0.5 s) off the event loop, once, at start."""
     try:
@@ -244,7 +259,7 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
     )
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     # the checkpoint is rewritten once per burst of records (after the event-loop turn)
-    state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=asyncio.get_running_loop().call_soon)
+    state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=_on_loop(asyncio.get_running_loop()))
     try:
         state.audit.open()
         state.record("broker.start", version=__version__, pid=os.getpid())
