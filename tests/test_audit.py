@@ -560,6 +560,9 @@ def test_apm_audit_lists_security_events_and_filters_by_session(audited: Audited
     assert mine and all(r["session"] == accessor for r in mine)
     assert any(r.get("method") == "entry.get" and r.get("code") == "OK" for r in mine)
     assert any(isinstance(r.get("pid"), int) and r.get("exe") for r in mine)
+    last_two = json.loads(apm.ok("audit", "--json", "--limit", "2").stdout)
+    assert len(last_two) == 2 and last_two[1]["seq"] == last_two[0]["seq"] + 1
+    assert last_two[1]["seq"] >= everything[-1]["seq"]  # the newest ones
     text = audit_path(home).read_text() + audit_path(home).with_name("audit.jsonl.head").read_text()
     assert SECRET not in text and token not in text and PASSWORD not in text
 

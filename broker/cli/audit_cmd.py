@@ -56,7 +56,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 0 if res.ok else 1
     who = Credentials(args)
     params = AuditListParams(
-        since=parse_since(args.since) if args.since else None, session=args.session
+        since=parse_since(args.since) if args.since else None,
+        session=args.session,
+        limit=args.limit,
     )
     with BrokerClient() as c:
         res = c.call("audit.list", params, **who.creds())
@@ -82,12 +84,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "audit",
         help="show or verify the tamper-evident audit log",
-        description="Show the audit log (owner or an admin session). `apm audit verify` checks "
-        "the hash chain and authentication codes (vault unlocked; no password).",
+        description="Show the audit log (owner or an admin session): the last --limit matching "
+        "records, oldest first. `apm audit verify` checks the hash chain and authentication "
+        "codes of the whole log (vault unlocked; no password).",
     )
     p.add_argument("audit_cmd", nargs="?", choices=("verify",), help="verify the log")
     p.add_argument("--since", help="ISO time or a duration back from now (15m, 2h, 7d)")
     p.add_argument("--session", metavar="ACCESSOR", help="only this session's records")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="show the last N matching records (default 1000, at most 10000)",
+    )
     p.add_argument("--follow", action="store_true", help="keep printing new records")
     p.add_argument("--json", action="store_true", help="JSON (one array, or lines with --follow)")
     p.add_argument(
