@@ -18,7 +18,7 @@ import fnmatch
 import operator
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -325,8 +325,10 @@ class Vault:
         type_: str | None = None,
         tag: str | None = None,
         visible: Callable[[StoredEntry], bool] | None = None,
+        among: Iterable[StoredEntry] | None = None,
     ) -> Iterator[StoredEntry]:
-        for e in self.entries.values():
+        """Entries (of `among`, else all) that pass the filters."""
+        for e in self.entries.values() if among is None else among:
             if visible is not None and not visible(e):
                 continue
             if space is not None and e.space != space:
@@ -348,22 +350,13 @@ class Vault:
     ) -> list[tuple[StoredEntry, float]]:
         """Ranked fuzzy match over name, username, url, tags and non-secret notes only."""
         q = query.casefold().strip()
+        candidates: Iterable[StoredEntry] | None = None  # None: every entry
         if _SearchIndex.usable_for(q):
             if self._search is None or not self._search.current(self.entries):
                 self._search = _SearchIndex(self.entries)
-            candidates: Iterator[StoredEntry] = self._search.candidates(q)
-        else:
-            candidates = iter(self.entries.values())
+            candidates = self._search.candidates(q)
         hits: list[tuple[StoredEntry, float]] = []
-        for e in candidates:
-            if visible is not None and not visible(e):
-                continue
-            if space is not None and e.space != space:
-                continue
-            if type_ is not None and e.type != type_:
-                continue
-            if tag is not None and tag not in e.tags:
-                continue
+        for e in self.iter_entries(space, type_, tag, visible, among=candidates):
             score = _score(e, q)
             if score > 0:
                 hits.append((e, score))
