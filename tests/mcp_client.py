@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import mcp.types as mt
 from mcp import Client, StdioServerParameters
 
 SHIM = Path(sys.executable).parent / "apm-mcp"
@@ -45,3 +46,32 @@ async def shim_client(
     with unwrapped():
         async with Client(params, mode=mode, read_timeout_seconds=timeout, **kw) as client:
             yield client
+
+
+# ------------------------------------------------------------------ reading tool results
+
+
+def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
+    """The structured content of a successful tool result (asserting it is one)."""
+    assert not result.is_error, f"tool failed: {result.structured_content}"
+    body = result.structured_content
+    assert isinstance(body, dict)
+    return body
+
+
+def error_of(result: mt.CallToolResult) -> dict[str, Any]:
+    """The structured {code, message, hint} of a tool error (asserting it is one)."""
+    assert result.is_error, f"expected a tool error, got {result.structured_content}"
+    body = result.structured_content
+    assert isinstance(body, dict)
+    assert set(body) >= {"code", "message", "hint"}
+    return body
+
+
+def whole(result: mt.CallToolResult) -> str:
+    """Everything a client receives in a tool result, as one string."""
+    return result.model_dump_json(by_alias=True)
+
+
+async def tool_names(client: Client) -> set[str]:
+    return {t.name for t in (await client.list_tools()).tools}

@@ -32,7 +32,7 @@ from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
 from .conftest import sweep as sweep_home
-from .mcp_client import shim_client
+from .mcp_client import ok_of, shim_client, tool_names, whole
 
 pytestmark = pytest.mark.slow
 
@@ -145,24 +145,10 @@ def mcp_client(home: Path, token: str, mode: str) -> Any:
     return shim_client(home, token, mode, CALL_TIMEOUT)
 
 
-def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, f"tool failed: {result.structured_content}"
-    assert isinstance(result.structured_content, dict)
-    return result.structured_content
-
-
 def code_of(result: mt.CallToolResult) -> str:
     assert result.is_error, f"expected a tool error, got {result.structured_content}"
     assert isinstance(result.structured_content, dict)
     return str(result.structured_content["code"])
-
-
-def whole(result: mt.CallToolResult) -> str:
-    return result.model_dump_json(by_alias=True)
-
-
-async def tool_names(client: Client) -> set[str]:
-    return {t.name for t in (await client.list_tools()).tools}
 
 
 async def ask(client: Client, entry: str = "stripe", minutes: int = 5) -> str:

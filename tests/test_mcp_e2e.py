@@ -33,7 +33,7 @@ from broker.server.mcp_tools import TOOLS, TOOLS_BY_NAME
 from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, Apm, Broker, make_home
-from .mcp_client import shim_client
+from .mcp_client import error_of, ok_of, shim_client, tool_names, whole
 
 pytestmark = pytest.mark.slow
 
@@ -187,31 +187,6 @@ def tokens(world: World) -> dict[str, str]:
 def mcp_client(home: Path, token: str, mode: str, **kw: Any) -> Any:
     """The SDK's stdio client running the real shim; a failure inside comes out unwrapped."""
     return shim_client(home, token, mode, CALL_TIMEOUT, **kw)
-
-
-def error_of(result: mt.CallToolResult) -> dict[str, Any]:
-    """The structured {code, message, hint} of a tool error (asserting it is one)."""
-    assert result.is_error, f"expected a tool error, got {result.structured_content}"
-    body = result.structured_content
-    assert isinstance(body, dict)
-    assert set(body) >= {"code", "message", "hint"}
-    return body
-
-
-def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, f"tool failed: {result.structured_content}"
-    body = result.structured_content
-    assert isinstance(body, dict)
-    return body
-
-
-def whole(result: mt.CallToolResult) -> str:
-    """Everything a client receives in a tool result, as one string."""
-    return result.model_dump_json(by_alias=True)
-
-
-async def tool_names(client: Client) -> set[str]:
-    return {t.name for t in (await client.list_tools()).tools}
 
 
 async def entry_id(client: Client, name: str) -> str:

@@ -23,7 +23,7 @@ from mcp import Client
 from mcp import types as mt
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret, sweep
-from .mcp_client import shim_client
+from .mcp_client import error_of, ok_of, shim_client, whole
 
 pytestmark = pytest.mark.slow
 
@@ -128,25 +128,6 @@ def world() -> Iterator[World]:
 def mcp_client(home: Path, token: str, mode: str = "legacy", **kw: Any) -> Any:
     """The SDK's stdio client running the real shim; a failure inside comes out unwrapped."""
     return shim_client(home, token, mode, CALL_TIMEOUT, **kw)
-
-
-def error_of(result: mt.CallToolResult) -> dict[str, Any]:
-    assert result.is_error, f"expected a tool error, got {result.structured_content}"
-    body = result.structured_content
-    assert isinstance(body, dict) and "code" in body
-    return body
-
-
-def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
-    assert not result.is_error, f"tool failed: {result.structured_content}"
-    body = result.structured_content
-    assert isinstance(body, dict)
-    return body
-
-
-def whole(result: mt.CallToolResult) -> str:
-    """Everything a client receives in a tool result, as one string."""
-    return result.model_dump_json(by_alias=True)
 
 
 async def preview(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
