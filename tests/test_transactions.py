@@ -1,6 +1,7 @@
 """Two-phase writes below the MCP boundary: the transaction store with an injected clock, and
 the write tools run in-process (real handlers, a real vault file, fake time) through the same
-`mcp_tools.call` the broker's MCP host uses, plus the owner's side through the dispatcher.
+`mcp_tools.run` the broker's MCP host uses (as `mcp_tools.call`, its SDK-model form), plus
+the owner's side through the dispatcher.
 
 The end-to-end versions, through the real shim and broker, are in test_writes_e2e.py.
 """

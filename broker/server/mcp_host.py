@@ -10,7 +10,7 @@ Rules:
   identity are treated as unknown.
 - Every tools/list and tools/call re-checks the session by accessor against the peer pid of
   the frame that carried it: revocation and expiry take effect at the very next message.
-- Nothing raised in a handler leaves as a protocol error: see `mcp_tools.call`.
+- Nothing raised in a handler leaves as a protocol error: see `mcp_tools.run`.
 """
 
 from __future__ import annotations

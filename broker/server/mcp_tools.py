@@ -387,10 +387,6 @@ def error_outcome(exc: BaseException) -> Outcome:
     return Outcome(structured, text, is_error=True)
 
 
-def error_result(exc: BaseException) -> types.CallToolResult:
-    return error_outcome(exc).to_mcp()
-
-
 async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
     """Validate, check scope, run; every failure becomes an error result."""
     return (await run(ctx, name, arguments)).to_mcp()
