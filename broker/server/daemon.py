@@ -34,6 +34,7 @@ from . import (
     dispatch,
     handlers,
     hardening,
+    limits,
     mcp_routes,
     request_handlers,
     sd_notify,
@@ -65,10 +66,38 @@ class Config:
     webhook_url: str | None = None
     desktop_notifications: bool = True
     http: str | None = None
+    http_limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
+
+
+HTTP_LIMIT_KEYS = (
+    "max_connections",
+    "max_connections_per_uid",
+    "max_sessions",
+    "max_sessions_per_uid",
+    "session_idle_minutes",
+)
+
+
+def _http_limits(section: dict[str, Any]) -> limits.HttpLimits:
+    """[http] caps; unknown keys are refused (a typo must not silently leave a default)."""
+    unknown = set(section) - {"listen", *HTTP_LIMIT_KEYS}
+    if unknown:
+        raise ValueError(f"unknown [http] key(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for key in HTTP_LIMIT_KEYS:
+        if key in section:
+            value = section[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"http.{key} must be a number")
+            values[key] = float(value) if key == "session_idle_minutes" else value
+    caps = limits.HttpLimits(**values)
+    caps.check()
+    return caps
 
 
 def load_config(config_file: Path) -> Config:
-    """config.toml: [lock] idle_minutes, max_hours; [sessions] max_ttl_days."""
+    """config.toml: [lock] idle_minutes, max_hours; [sessions] max_ttl_days; [http] listen and
+    caps (limits.HttpLimits)."""
     if not config_file.exists():
         return Config()
     try:
@@ -81,9 +110,11 @@ def load_config(config_file: Path) -> Config:
         notify = doc.get("notify", {})
         webhook = notify.get("webhook_url")
         desktop = bool(notify.get("desktop", True))
-        http = doc.get("http", {}).get("listen")
+        http_section = doc.get("http", {})
+        http = http_section.get("listen")
         if http is not None and not isinstance(http, str):
             raise ValueError("http.listen must be a string like 127.0.0.1:8765")
+        http_limits = _http_limits(http_section)
         if webhook is not None and not (
             isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
         ):
@@ -109,6 +140,7 @@ def load_config(config_file: Path) -> Config:
         webhook_url=webhook,
         desktop_notifications=desktop,
         http=http,
+        http_limits=http_limits,
     )
 
 
@@ -223,6 +255,7 @@ class HttpOptions:
     allow_remote: bool = False
     tls_cert: str | None = None
     tls_key: str | None = None
+    limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
 
 
 def _check_http(opts: HttpOptions) -> tuple[Any, tuple[str, str] | None]:
@@ -242,7 +275,7 @@ async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
     from .http import HttpFrontend
 
     listen, tls = _check_http(opts)
-    frontend = HttpFrontend(state, listen, tls)
+    frontend = HttpFrontend(state, listen, tls, opts.limits)
     await frontend.start()
     return frontend
 
@@ -324,13 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"apm-broker {__version__}")
     args = parser.parse_args(argv)
     hardening.apply()
+    nofile = limits.raise_nofile()  # before zmq opens anything: see limits.py
     p = paths.resolve()
     try:
         setup_logging(p.log_path, args.log_level, stderr=not args.no_stderr_log)
+        log.debug("open-file limit %d", nofile)
         config = load_config(p.config_file)
         listen = args.http or config.http
         http = (
-            HttpOptions(listen, args.allow_remote, args.tls_cert, args.tls_key) if listen else None
+            HttpOptions(listen, args.allow_remote, args.tls_cert, args.tls_key, config.http_limits)
+            if listen
+            else None
         )
         if http is not None:
             _check_http(http)
