@@ -56,7 +56,14 @@ from broker.core.sessions import SessionRecord, scopes_up_to
 from broker.wire.errors import InvalidParameters, SessionRequired, VaultLocked
 
 from .dispatch import Context, State
-from .limits import FIRST_REQUEST_SECONDS, OVERFLOW, RETRY_AFTER_SECONDS, HttpLimits, current_nofile
+from .limits import (
+    ACCEPT_BATCH,
+    FIRST_REQUEST_SECONDS,
+    OVERFLOW,
+    RETRY_AFTER_SECONDS,
+    HttpLimits,
+    current_nofile,
+)
 from .mcp_host import Caller, serve_call, serve_list
 from .tcp_peers import SocketOwner, find_owner, pids_holding
 from .transport import Peer
@@ -217,10 +224,12 @@ def _protocol_class(gate: ConnectionGate) -> type[H11Protocol]:
                 return
             self.apm_conn = conn
             self.app = _with_connection(self.app, conn)
-            # nothing sent yet: closed after a while, like an idle keep-alive connection
-            self.timeout_keep_alive_task = self.loop.call_later(
-                FIRST_REQUEST_SECONDS, self.timeout_keep_alive_handler
-            )
+            # a connection that never gets a request under way is closed (slow-loris)
+            self.loop.call_later(FIRST_REQUEST_SECONDS, self._no_request_yet)
+
+        def _no_request_yet(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
             if self.apm_conn is not None:
@@ -534,6 +543,7 @@ class HttpFrontend:
             ssl_certfile=self.tls[0] if self.tls else None,
             ssl_keyfile=self.tls[1] if self.tls else None,
             http=_protocol_class(self.gate),
+            backlog=ACCEPT_BATCH,  # also the accept() batch per loop turn: bounds fds in flight
             proxy_headers=False,  # X-Forwarded-For must not rename the peer
         )
         self._server = _Server(config)

@@ -5,8 +5,10 @@ holder of file descriptors is capped well below RLIMIT_NOFILE.
 
 Rules:
 - At start the soft RLIMIT_NOFILE is raised to the hard limit.
-- HTTP connections (including those being refused with 503) never take more than half of the
-  soft limit; the other half is for the ipc socket's peers, files and the runtime.
+- Admitted HTTP connections take at most a quarter of the soft limit. Beyond the caps a few
+  more get a 503, and the rest are reset as soon as they are accepted; accept() takes at most
+  ACCEPT_BATCH connections per event-loop turn, so those in flight stay bounded too. The rest
+  is for the ipc socket's peers, files and the runtime.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ OVERFLOW = 16
 RETRY_AFTER_SECONDS = 5
 # a connection that has sent nothing this long after accept is closed
 FIRST_REQUEST_SECONDS = 10.0
+# the listen() backlog, which is also how many connections asyncio accepts per loop turn
+ACCEPT_BATCH = 64
 # on macOS the hard limit may be "unlimited", which setrlimit refuses for the soft one
 _FALLBACK_CEILING = 10240
 
@@ -47,8 +51,8 @@ class HttpLimits:
             raise ValueError("http.session_idle_minutes must be more than 0 and at most 1440")
 
     def within(self, nofile: int) -> HttpLimits:
-        """These caps, lowered where needed so that HTTP holds at most half of `nofile`."""
-        budget = max(2, nofile // 2 - OVERFLOW)
+        """These caps, lowered where needed so that HTTP holds at most a quarter of `nofile`."""
+        budget = max(2, nofile // 4)
         total = min(self.max_connections, budget)
         fitted = replace(
             self,
