@@ -250,6 +250,30 @@ def test_a_request_with_an_unknown_token_gets_401(world: World) -> None:
     assert "invalid_token" in r.headers["WWW-Authenticate"]
 
 
+def test_the_401_points_to_metadata_that_says_bearer_tokens_only_and_no_oauth(
+    world: World,
+) -> None:
+    """#13.14: the challenge used to name this listener as an OAuth authorization server, which
+    has no /.well-known/oauth-authorization-server, so OAuth clients started a dead-end flow."""
+    base = f"http://127.0.0.1:{world.broker.port}"
+    challenge = raw_post(world.broker.url, {}).headers["WWW-Authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert "error=" not in challenge  # RFC 6750: no error code when no token was sent
+    assert f'resource_metadata="{base}/.well-known/oauth-protected-resource/mcp"' in challenge
+    for path in (
+        "/.well-known/oauth-protected-resource/mcp",
+        "/.well-known/oauth-protected-resource",
+    ):
+        r = httpx2.get(base + path, timeout=CALL_TIMEOUT)
+        assert r.status_code == 200, path
+        doc = r.json()
+        assert doc["resource"] == world.broker.url
+        assert doc["bearer_methods_supported"] == ["header"]
+        assert "authorization_servers" not in doc
+    for path in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
+        assert httpx2.get(base + path, timeout=CALL_TIMEOUT).status_code == 404, path
+
+
 def test_a_request_naming_a_foreign_host_gets_421(world: World, read_token: str) -> None:
     r = raw_post(
         world.broker.url,
