@@ -12,12 +12,14 @@ with any Python 3; the token always travels on stdin.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,12 +41,37 @@ ATTACKER_USER = "apmhttpx"  # the other local user
 BROKER_USER = "apmhttpb"  # runs a non-root broker
 
 
+@functools.cache
 def other_python() -> str:
-    """A Python 3 that any user may run (the venv's may sit under a private directory)."""
-    for cand in ("/usr/bin/python3", "/usr/local/bin/python3", os.path.realpath(PY)):
-        if os.path.exists(cand) and os.access(cand, os.X_OK):
+    """A Python of this interpreter's version that any user may run (the venv's may sit under a
+    private directory, like /root/.pyenv here): the broker's C extensions need the same 3.x."""
+    want = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = [
+        os.path.realpath(PY),
+        *(shutil.which(want, path=d) for d in ("/usr/bin", "/usr/local/bin", "/opt/python/bin")),
+    ]
+    for cand in dict.fromkeys(c for c in candidates if c):
+        try:
+            probe = subprocess.run(
+                [cand, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                user=NOBODY,
+                group=NOBODY,
+                extra_groups=[],
+                cwd="/",
+                env={"PATH": "/usr/bin:/bin"},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError:  # not there, or not ours to run
+            continue
+        if probe.stdout.strip() == want.removeprefix("python"):
             return cand
-    raise AssertionError("no Python 3 interpreter for another user")
+    raise AssertionError(f"no {want} that other users may run; install it (apt-get install {want})")
+
+
+NOBODY = 65534
 
 
 def raw(

@@ -304,6 +304,7 @@ class SessionManager(StreamableHTTPSessionManager):
         if transport is not None and transport.mcp_session_id is not None:
             self.owner_key[transport.mcp_session_id] = key
             self.per_key[key] += 1
+            log.debug("MCP session opened for uid %s (%d open for it)", key, self.per_key[key])
         return transport
 
     async def _discard_session(self, session_id: str, transport: Any) -> None:
