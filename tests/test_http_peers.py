@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.server import tcp_peers
+from broker.server import http, tcp_peers
+from broker.server.limits import OVERFLOW, HttpLimits
 from broker.server.tcp_peers import (
     NetlinkUnavailable,
     SocketOwner,
@@ -126,3 +127,47 @@ def test_time_wait_entries_and_ambiguous_tables_have_no_owner() -> None:
     assert parse_owner([head + live + "\n" + other, ""], client, server) is None
     # the reversed tuple (the server's own accepted socket) is not the client end
     assert parse_owner([head + _line(remote, local, "01", 0, 7), ""], client, server) is None
+
+
+# ------------------------------------------------------------------ admission at accept
+
+
+def gate(
+    monkeypatch: pytest.MonkeyPatch, owner: SocketOwner | None, allow_remote: bool = False
+) -> http.ConnectionGate:
+    """The accept-time gate, with the kernel's answer replaced by `owner`."""
+    monkeypatch.setattr(http, "find_owner", lambda client, server: owner)
+    limits = HttpLimits(max_connections=2, max_connections_per_uid=2)
+    return http.ConnectionGate(limits, allow_remote=allow_remote)
+
+
+LOCAL = ("127.0.0.1", 40000), ("127.0.0.1", 8765)
+
+
+def test_a_connection_whose_owner_is_not_found_is_refused_even_with_allow_remote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert gate(monkeypatch, None).admit(*LOCAL) is None
+    remote_ok = gate(monkeypatch, None, allow_remote=True)
+    assert remote_ok.admit(*LOCAL) is None  # loopback: a local peer
+    far = remote_ok.admit(("192.0.2.7", 40000), ("192.0.2.1", 8765))
+    assert far is not None and far.owner is None  # a remote peer, only with --allow-remote
+
+
+def test_a_connection_owned_by_another_uid_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    other = SocketOwner(uid=os.getuid() + 4343, inode=99)
+    assert gate(monkeypatch, other).admit(*LOCAL) is None
+
+
+def test_connections_over_the_cap_are_marked_for_503_then_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = gate(monkeypatch, SocketOwner(uid=os.getuid(), inode=7))
+    admitted = [g.admit(*LOCAL) for _ in range(2)]
+    assert all(c is not None and not c.over_cap for c in admitted)
+    busy = [g.admit(*LOCAL) for _ in range(OVERFLOW)]
+    assert all(c is not None and c.over_cap for c in busy)
+    assert g.admit(*LOCAL) is None
+    g.release(admitted[0])
+    again = g.admit(*LOCAL)
+    assert again is not None and not again.over_cap
