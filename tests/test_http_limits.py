@@ -25,6 +25,8 @@ from typing import Any
 import httpx2
 import pytest
 
+from broker.server.limits import HttpLimits
+
 from .conftest import PY, Apm, clean_env, make_home
 from .test_http import INIT, MCP_HEADERS, HttpBroker, free_port
 
@@ -231,6 +233,13 @@ def test_the_broker_raises_its_open_file_soft_limit_to_the_hard_limit() -> None:
 
 
 # ------------------------------------------------------------------------------- caps
+
+
+def test_caps_are_lowered_to_a_quarter_of_the_open_file_limit() -> None:
+    fitted = HttpLimits(max_connections=1000, max_connections_per_uid=900).within(1024)
+    assert fitted.max_connections == 256
+    assert fitted.max_connections_per_uid == 256
+    assert HttpLimits().within(1_048_576) == HttpLimits()
 
 
 CAPS = """

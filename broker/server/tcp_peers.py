@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger("apm.broker.http")
 TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 # TIME_WAIT, CLOSE, LISTEN: not a live client end (a time-wait entry has uid 0 and inode 0)
 _DEAD_STATES = {"06", "07", "0A"}
@@ -186,8 +188,9 @@ def find_owner(
             return diag_owner(client, server)
         except ValueError:  # not an IP address
             return None
-        except NetlinkUnavailable:
+        except NetlinkUnavailable as exc:
             _netlink_ok = False
+            log.warning("sock_diag unavailable (%s): reading /proc/net/tcp instead", exc)
     return table_owner(client, server, attempts)
 
 
