@@ -342,7 +342,7 @@ def test_unknown_http_keys_and_bad_caps_in_config_toml_refuse_to_start() -> None
 
 
 def test_idle_mcp_sessions_expire() -> None:
-    home = home_with_config("[http]\nsession_idle_minutes = 0.02\nmax_sessions = 1\n")
+    home = home_with_config("[http]\nsession_idle_minutes = 0.05\nmax_sessions = 1\n")
     broker = LimitedBroker(home, port=free_port())
     broker.nofile = (4096, 4096)
     broker.start()
@@ -366,11 +366,11 @@ def test_idle_mcp_sessions_expire() -> None:
             def expired() -> bool:
                 return c.post(broker.url, headers=headers, json=ping, timeout=20).status_code == 404
 
-            # polled with a deadline: the idle timeout is 1.2 s; polls every 2 s keep it idle
+            # polled with a deadline: the idle timeout is 3 s; a poll every 4 s leaves it idle
             deadline = time.monotonic() + 30
             while not expired():
                 assert time.monotonic() < deadline, "the idle session never expired"
-                time.sleep(2)
+                time.sleep(4)
             assert initialize(c, broker.url, token).status_code == 200
     finally:
         broker.stop()
