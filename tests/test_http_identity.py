@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PASSWORD, PY, register_secret
+from .conftest import PASSWORD, PY, SWEEP_HITS, register_secret, sweep
 from .test_http import SECRET, World, free_port
 from .test_http import world as world  # the module-scoped broker fixture
 
@@ -337,9 +337,9 @@ class UserBroker:
                 self.proc.wait()
 
 
-def _readable_code() -> str:
-    """PYTHONPATH entries another user can read: this checkout and the venv's site-packages,
-    copied to a world-readable place when they sit under a private directory."""
+def _readable_code(spare: Path) -> str:
+    """PYTHONPATH entries the broker's user can read: this checkout and the venv's
+    site-packages, copied under `spare` (its own directory) when they sit somewhere private."""
     import pydantic  # any installed package: its parent is site-packages
 
     site = str(Path(pydantic.__file__).resolve().parent.parent)
@@ -357,8 +357,7 @@ def _readable_code() -> str:
     )
     if probe.returncode == 0:
         return ":".join(paths)
-    copy = Path(tempfile.mkdtemp(prefix="apmcode-", dir="/tmp"))
-    copy.chmod(0o755)
+    copy = spare / "code"
     shutil.copytree(ROOT / "broker", copy / "src" / "broker")
     shutil.copytree(site, copy / "site", symlinks=True)
     subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True, timeout=120)
@@ -371,7 +370,7 @@ def user_broker(needs_root: None) -> Iterator[UserBroker]:
     base = Path(tempfile.mkdtemp(prefix="apmu-", dir="/tmp"))
     os.chown(base, user.pw_uid, user.pw_gid)
     base.chmod(0o700)
-    b = UserBroker(user, base, _readable_code(), free_port())
+    b = UserBroker(user, base, _readable_code(base), free_port())
     try:
         b.start()
         b.apm("init", "--profile", "interactive")
@@ -387,7 +386,10 @@ def user_broker(needs_root: None) -> Iterator[UserBroker]:
         yield b
     finally:
         b.stop()
+        hits = sweep(base / "apm")
+        SWEEP_HITS.extend(hits)
         shutil.rmtree(base, ignore_errors=True)
+        assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
 def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(

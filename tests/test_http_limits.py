@@ -27,7 +27,7 @@ import pytest
 
 from broker.server.limits import HttpLimits
 
-from .conftest import PY, Apm, clean_env, make_home
+from .conftest import PY, SWEEP_HITS, Apm, clean_env, make_home, sweep
 from .test_http import INIT, MCP_HEADERS, HttpBroker, free_port
 
 pytestmark = pytest.mark.slow
@@ -137,6 +137,16 @@ def _can_connect(port: int) -> bool:
     return False
 
 
+def swept(home: Path) -> None:
+    """The suite's secret sweep (conftest) over a home this module made, then remove it."""
+    try:
+        hits = sweep(home)
+        SWEEP_HITS.extend(hits)
+        assert not hits, f"secrets found in plaintext: {hits[:5]}"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def home_with_config(text: str) -> Path:
     home = make_home()
     (home / "config").mkdir(mode=0o700)
@@ -162,7 +172,7 @@ def flood_broker() -> Iterator[tuple[LimitedBroker, Apm]]:
         yield broker, apm
     finally:
         broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        swept(home)
 
 
 def test_a_connection_flood_gets_503s_while_the_ipc_socket_keeps_answering(
@@ -229,7 +239,7 @@ def test_the_broker_raises_its_open_file_soft_limit_to_the_hard_limit() -> None:
         assert limits_of(broker.pid) == (4096, 4096)
     finally:
         broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        swept(home)
 
 
 # ------------------------------------------------------------------------------- caps
@@ -264,7 +274,7 @@ def capped() -> Iterator[tuple[LimitedBroker, str]]:
         yield broker, token
     finally:
         broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        swept(home)
 
 
 def initialize(client: httpx2.Client, url: str, token: str) -> httpx2.Response:
@@ -374,4 +384,4 @@ def test_idle_mcp_sessions_expire() -> None:
             assert initialize(c, broker.url, token).status_code == 200
     finally:
         broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        swept(home)
