@@ -169,16 +169,27 @@ class Holder:
     """A pid-bound process: makes its own calls from a chosen source port, then stays alive
     (so its pid stays valid) until released."""
 
-    def __init__(self, port: int, src_port: int) -> None:
+    def __init__(
+        self,
+        port: int,
+        src_port: int,
+        user: pwd.struct_passwd | None = None,
+        python: str = PY,
+        script: Path = RAW_CLIENT,
+    ) -> None:
+        kw: dict[str, Any] = {}
+        if user is not None:
+            kw = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": "/"}
         self.proc = subprocess.Popen(
             [
-                *(PY, str(RAW_CLIENT), "--port", str(port), "--src-port", str(src_port)),
+                *(python, str(script), "--port", str(port), "--src-port", str(src_port)),
                 *("--tool", "search_entries", "--args", json.dumps({"query": "git"})),
                 *("--rst", "--hold"),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            **kw,
         )
 
     def run(self, token: str) -> dict[str, Any]:
@@ -426,3 +437,34 @@ def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(
     )
     assert tool_code(call_result(mine)) == "OK", mine
     assert SECRET in json.dumps(mine)
+
+
+def test_a_non_root_broker_identifies_its_own_users_processes_for_pid_bindings(
+    user_broker: UserBroker, public_client: Path
+) -> None:
+    """The same source-port attack against a broker that is not root: it can read only its own
+    user's /proc/<pid>/fd, which is all it needs."""
+    src_port = free_port()
+    holder = Holder(user_broker.port, src_port, user_broker.user, other_python(), public_client)
+    try:
+        out = user_broker.apm(
+            "delegate", "--scope", "read", "--ttl", "1h", "--pid", str(holder.proc.pid), "--json"
+        )
+        token = json.loads(out.stdout)["token"]
+        own = holder.run(token)
+        assert tool_code(call_result(own)) == "OK", own
+        stolen = raw(
+            user_broker.port,
+            token,
+            tool="search_entries",
+            args={"query": "git"},
+            src_port=src_port,
+            user=user_broker.user.pw_name,
+            python=other_python(),
+            script=public_client,
+        )
+        assert stolen["src_port"] == src_port
+        assert tool_code(call_result(stolen)) == "SESSION_REQUIRED", stolen
+        assert "github" not in json.dumps(stolen)
+    finally:
+        holder.release()
