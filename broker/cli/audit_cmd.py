@@ -53,6 +53,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             for finding in res.findings:
                 sys.stdout.write(f"{finding}\n")
             info(f"audit log has {len(res.findings)} problem(s)")
+        if not args.json and res.warnings:
+            for warning in res.warnings:
+                sys.stdout.write(f"warning: {warning}\n")
+            info(f"the log records {len(res.warnings)} incident(s): rollback or deletion")
         return 0 if res.ok else 1
     who = Credentials(args)
     params = AuditListParams(

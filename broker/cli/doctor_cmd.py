@@ -172,6 +172,34 @@ class Doctor:
                 "vault", "ok", f"{st.vault_path} unlocked, {st.entries} entries, kdf {st.profile}"
             )
 
+    def integrity(self) -> None:
+        """A rolled-back vault or audit log, a log deleted under the broker (core/rollback.py):
+        what the broker noticed, and `audit.verify` against the vault's record of the log."""
+        st = self.status
+        if st is None or not st.vault_exists:
+            self.add("vault integrity", "skip", "broker not running or no vault")
+            self.add("audit", "skip", "broker not running or no vault")
+            return
+        notes = list(getattr(st, "integrity", []))
+        vault_notes = [n for n in notes if not n.startswith("audit")]
+        audit_notes = [n for n in notes if n.startswith("audit")]
+        fix = 'apm audit verify; see "Threat model" in the README'
+        if vault_notes:
+            self.add("vault integrity", "fail", " | ".join(vault_notes), fix)
+        else:
+            self.add("vault integrity", "ok", "no rollback noticed by this broker")
+        if st.locked:
+            status = "warn" if audit_notes else "skip"
+            self.add("audit", status, " | ".join(audit_notes) or "not verified: vault locked")
+            return
+        res = self._call("audit.verify")
+        if res.findings:
+            self.add("audit", "fail", " | ".join([*res.findings[:3], *audit_notes]), fix)
+        elif res.warnings or audit_notes:
+            self.add("audit", "warn", " | ".join([*audit_notes, *res.warnings[-3:]]), fix)
+        else:
+            self.add("audit", "ok", f"{res.records} records, chain intact, as the vault recorded")
+
     def session(self) -> None:
         token = os.environ.get(TOKEN_ENV, "").strip()
         if not token:
@@ -341,6 +369,7 @@ class Doctor:
             self.broker,
             self.socket_modes,
             self.vault,
+            self.integrity,
             self.session,
             self.clients,
             self.service_unit,

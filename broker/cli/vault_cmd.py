@@ -67,6 +67,10 @@ def cmd_unlock(args: argparse.Namespace) -> int:
             f"unlocked ({res.entries} entries); auto-locks at "
             f"{res.idle_lock_at.astimezone().strftime('%H:%M')} if idle"
         )
+    for warning in res.warnings:  # a rolled-back vault or audit log (also with --json)
+        info(f"warning: {warning}")
+    if res.warnings:
+        info('hint: see "apm doctor" and "apm audit verify"; the README\'s threat model says why')
     return 0
 
 
@@ -105,6 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{st.hard_lock_at.astimezone().strftime('%Y-%m-%d %H:%M')} at the latest"
             )
     lines.append(f"log:      {st.log_path}")
+    lines += [f"WARNING:  {note}" for note in st.integrity]  # rollback, deleted audit log
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -19,6 +19,15 @@ Rules:
   turn at most, always in the safe direction (a checkpoint behind the log flags nothing). A
   deferred checkpoint that cannot be written refuses the next append, so failing storage still
   fails closed.
+- The log file can be deleted or replaced under a running broker (any same-user process can).
+  `check_file` compares the open file with the path (nlink, device and inode): every
+  `CHECK_EVERY` records, at most `CHECK_SECONDS` apart while records flow, and before status,
+  unlock and verify, so the hot path pays one monotonic clock read per record. On a mismatch it
+  writes the records it still holds open into a fresh file at the path (a replacement is moved
+  aside, kept as evidence), appends an `audit.gap` record, and reports it (`incidents`).
+- The log is also a journal of what the vault file could lose to a rollback: the newest vault
+  generation saved (`vault.saved`) and every session revocation (`session.revoked`). `open`
+  collects them while it reads the log anyway; `append` adds new ones (see core/rollback.py).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +58,13 @@ _FORBIDDEN_KEYS = frozenset({"password", "token", "value", "secret", "secrets", 
 
 
 AUDIT_KEY_INFO = b"apm audit log v1"
+CHECK_EVERY = 64  # records between two checks that the log file is still ours
+CHECK_SECONDS = 2.0
+_COPY_CHUNK = 1 << 20
+# records an incident left in the log: `verify` reports them as warnings for as long as they exist
+INCIDENTS = frozenset(
+    {"audit.gap", "audit.behind_vault", "vault.rolled_back", "session.pending_mismatch"}
+)
 
 
 def derive_audit_key(dek: bytearray) -> bytes:
@@ -96,10 +113,54 @@ class Finding:
     seq: int | None
     line: int
     problem: str
+    warning: bool = False  # an incident the log recorded, not damage to the log itself
 
     def __str__(self) -> str:
         where = f"record {self.seq}" if self.seq is not None else f"line {self.line}"
         return f"{where}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One `session.revoked` record: the accessors it revoked, or all sessions created before
+    `all_before` (a revocation of every session made while the vault was locked)."""
+
+    seq: int
+    accessors: tuple[str, ...] = ()
+    all_before: str | None = None
+
+
+@dataclass
+class Journal:
+    """What the log says the vault file must hold: its newest generation, every revocation."""
+
+    generation: int = 0  # the newest vault generation a `vault.saved` record names
+    generation_seq: int = 0
+    generation_ts: str = ""
+    revocations: list[Revocation] = field(default_factory=list)
+
+    def note(self, doc: dict[str, Any]) -> None:
+        event, seq = doc.get("event"), doc.get("seq")
+        if not isinstance(seq, int):
+            return
+        if event == "vault.saved":
+            gen = doc.get("generation")
+            if isinstance(gen, int) and gen >= self.generation:
+                self.generation, self.generation_seq = gen, seq
+                self.generation_ts = str(doc.get("ts", ""))
+        elif event in ("session.revoked", "session.revocations_reapplied"):
+            target, before = doc.get("target"), doc.get("all_before")
+            if isinstance(before, str):
+                self.revocations.append(Revocation(seq, all_before=before))
+            elif isinstance(target, str) and target and target != "all":
+                self.revocations.append(Revocation(seq, tuple(target.split(","))))
+
+    def revocations_after(self, seq: int) -> list[Revocation]:
+        return [r for r in self.revocations if r.seq > seq]
+
+
+_JOURNALED = frozenset({"vault.saved", "session.revoked", "session.revocations_reapplied"})
+_JOURNAL_MARKS = tuple(b'"event":"%s"' % e.encode() for e in sorted(_JOURNALED))
 
 
 @dataclass
@@ -115,6 +176,12 @@ class AuditLog:
     defer: Callable[[Callable[[], None]], object] | None = None
     _head_due: bool = False  # a deferred checkpoint write is scheduled
     _head_failed: StorageError | None = None
+    journal: Journal = field(default_factory=Journal)
+    incidents: list[str] = field(default_factory=list)  # noticed by this broker, for status
+    _fd: int | None = None  # the open log's descriptor (under `_fh`)
+    _file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the open log
+    _since_check: int = 0
+    _checked_at: float = 0.0
 
     @property
     def head_path(self) -> Path:
@@ -129,6 +196,11 @@ class AuditLog:
                 for raw in f:
                     if raw.endswith(b"\n"):
                         last = raw
+                        if any(m in raw for m in _JOURNAL_MARKS):
+                            with contextlib.suppress(ValueError):
+                                doc = json.loads(raw)
+                                if isinstance(doc, dict):
+                                    self.journal.note(doc)
         if last is not None:
             try:
                 doc = json.loads(last)
@@ -136,8 +208,13 @@ class AuditLog:
                 self.prev = hashlib.sha256(last.rstrip(b"\n")).hexdigest()
             except (ValueError, KeyError, TypeError):
                 pass  # verify reports it; new records continue after it
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # readable too: if the path is deleted or replaced, the records are copied from here
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._fh = os.fdopen(fd, "ab", buffering=0)
+        self._fd = fd
+        st = os.fstat(fd)
+        self._file_id = (st.st_dev, st.st_ino)
+        self._checked_at = time.monotonic()
         self._terminate_torn_tail()
 
     def _terminate_torn_tail(self) -> None:
@@ -162,31 +239,162 @@ class AuditLog:
             if self._head_failed is not None:  # refuse until a checkpoint can be written
                 self._write_head()
                 self._head_failed = None
-            doc: dict[str, Any] = {
-                "seq": self.seq + 1,
-                "ts": self.clock().isoformat(timespec="microseconds"),
-                "event": event,
-                **{k: v for k, v in fields.items() if v is not None},
-                "prev": self.prev,
-            }
-            doc["mac"], line = _seal(self.key, doc)
-            try:
-                if self._fh is None:
-                    raise OSError("audit log is not open")
-                self._fh.write(line + b"\n")
-            except OSError as exc:
-                raise StorageError(
-                    "cannot write the audit log; the operation was refused",
-                    hint=f"check free space and permissions of {self.path.parent}",
-                ) from exc
-            self.seq += 1
-            self.prev = hashlib.sha256(line).hexdigest()
-            if self.defer is None:
-                self._write_head()
-            elif not self._head_due:
-                self._head_due = True
-                self.defer(self._deferred_head)
+            self._since_check += 1
+            if (
+                self._since_check >= CHECK_EVERY
+                or time.monotonic() - self._checked_at >= CHECK_SECONDS
+            ):
+                self._check_file()
+            return self._append(event, fields)
+
+    def _append(self, event: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Write one record; hold `_lock`."""
+        doc: dict[str, Any] = {
+            "seq": self.seq + 1,
+            "ts": self.clock().isoformat(timespec="microseconds"),
+            "event": event,
+            **{k: v for k, v in fields.items() if v is not None},
+            "prev": self.prev,
+        }
+        doc["mac"], line = _seal(self.key, doc)
+        try:
+            if self._fh is None:
+                raise OSError("audit log is not open")
+            self._fh.write(line + b"\n")
+        except OSError as exc:
+            raise StorageError(
+                "cannot write the audit log; the operation was refused",
+                hint=f"check free space and permissions of {self.path.parent}",
+            ) from exc
+        self.seq += 1
+        self.prev = hashlib.sha256(line).hexdigest()
+        if event in _JOURNALED:
+            self.journal.note(doc)
+        if self.defer is None:
+            self._write_head()
+        elif not self._head_due:
+            self._head_due = True
+            self.defer(self._deferred_head)
         return doc
+
+    def head(self) -> tuple[int, str]:
+        """The seq and line hash of the newest record (what the vault records at each save)."""
+        with self._lock:
+            return self.seq, self.prev
+
+    # ------------------------------------------------------------------ deleted or replaced
+
+    def check_file(self) -> str | None:
+        """Notice the log (or its checkpoint) deleted or replaced; see `_check_file`."""
+        with self._lock:
+            return self._check_file()
+
+    def _check_file(self) -> str | None:
+        """Is the open file still the one at the path? If not, put the records this broker
+        holds open back at the path, then an `audit.gap` record. Returns what happened.
+        Hold `_lock`. Raises StorageError (fail closed) if the log cannot be put back."""
+        self._since_check = 0
+        self._checked_at = time.monotonic()
+        if self._fh is None or self._fd is None:
+            return None
+        try:
+            st = os.fstat(self._fd)
+            cur: os.stat_result | None = os.lstat(self.path)
+        except FileNotFoundError:
+            cur = None
+        except OSError:
+            return None
+        if st.st_nlink > 0 and cur is not None and (cur.st_dev, cur.st_ino) == self._file_id:
+            self._check_head()
+            return None
+        reason = "deleted" if cur is None else "replaced"
+        try:
+            return self._restore(reason, self._fd)
+        except OSError as exc:
+            log.error("the audit log was %s and cannot be put back: %s", reason, exc)
+            raise StorageError(
+                f"the audit log was {reason} and cannot be recreated; operations are refused",
+                hint=f"check {self.path.parent}, then restart the broker",
+            ) from exc
+
+    def _restore(self, reason: str, old: int) -> str:
+        stamp = self.clock().strftime("%Y%m%dT%H%M%S.%fZ")
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        aside = None
+        if reason == "replaced":  # the replacement is evidence: keep it beside the log
+            aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+            os.replace(self.path, aside)
+        tmp = self.path.with_name(f".{self.path.name}.restore.tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            offset = 0
+            while chunk := os.pread(old, _COPY_CHUNK, offset):
+                os.write(fd, chunk)
+                offset += len(chunk)
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = os.fdopen(fd, "ab", buffering=0)
+        self._fd = fd
+        st = os.fstat(fd)
+        self._file_id = (st.st_dev, st.st_ino)
+        if self._head_fd is not None:  # the checkpoint is rewritten at a fresh file too
+            os.close(self._head_fd)
+            self._head_fd = None
+        restored = self.seq
+        gap = self._append(
+            "audit.gap",
+            {
+                "reason": reason,
+                "restored_records": restored,
+                "restored_bytes": offset,
+                "moved_aside": aside.name if aside is not None else None,
+            },
+        )
+        self._write_head()
+        note = (
+            f"audit log {reason} while the broker ran (noticed at {gap['ts'][:19]}): "
+            f"{restored} records restored from the broker's open file, gap record {gap['seq']}"
+            + (f"; the replacement was kept as {aside.name}" if aside is not None else "")
+        )
+        self.incidents.append(note)
+        log.error("%s", note)
+        return note
+
+    def _check_head(self) -> None:
+        """The checkpoint deleted or replaced: write it afresh at its path, and say so."""
+        if self._head_fd is None:
+            return
+        try:
+            st = os.fstat(self._head_fd)
+            cur: os.stat_result | None = os.lstat(self.head_path)
+        except FileNotFoundError:
+            cur = None
+        except OSError:
+            return
+        if (
+            st.st_nlink > 0
+            and cur is not None
+            and (cur.st_dev, cur.st_ino)
+            == (
+                st.st_dev,
+                st.st_ino,
+            )
+        ):
+            return
+        os.close(self._head_fd)
+        self._head_fd = None
+        if cur is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.head_path)
+        self._write_head()
+        note = f"audit checkpoint {'deleted' if cur is None else 'replaced'}; rewritten"
+        self.incidents.append(note)
+        log.error("%s", note)
 
     def _deferred_head(self) -> None:
         with self._lock:
@@ -223,6 +431,7 @@ class AuditLog:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            self._fd = None
         if self._head_fd is not None:
             os.close(self._head_fd)
             self._head_fd = None
@@ -239,9 +448,13 @@ class AuditLog:
                     if isinstance(doc, dict):
                         yield doc
 
-    def verify(self) -> list[Finding]:
-        """Every edited, removed, reordered or truncated record, and where."""
+    def verify(self, vault_head: tuple[int, str] | None = None) -> list[Finding]:
+        """Every edited, removed, reordered or truncated record, and where; a log shorter
+        than, or diverging from, the head the vault recorded at its last save (`vault_head`);
+        and, as warnings, the incidents the log recorded."""
         findings: list[Finding] = []
+        vseq, vhash = vault_head or (0, GENESIS)
+        vault_line_seen = False
         if self.key is None:
             return [Finding(None, 0, "no audit key: unlock the vault first")]
         prev, expected_seq, n = GENESIS, 1, 0
@@ -270,6 +483,12 @@ class AuditLog:
             mac = doc.get("mac")
             if mac is not None and not hmac.compare_digest(str(mac), _mac(self.key, doc)):
                 findings.append(Finding(seq, n, "edited: authentication code does not match"))
+            if seq == vseq and not vault_line_seen:
+                vault_line_seen = True
+                if hashlib.sha256(raw).hexdigest() != vhash:
+                    findings.append(Finding(seq, n, _DIVERGES.format(seq=seq)))
+            if doc.get("event") in INCIDENTS:
+                findings.append(Finding(seq, n, incident_text(doc), warning=True))
             if mac is None:
                 unsigned_after_signed.append(seq)
             else:
@@ -291,6 +510,8 @@ class AuditLog:
                     "no signed record follows them",
                 )
             )
+        if vseq and not vault_line_seen:
+            findings.append(Finding(None, n, _SHORTER.format(last=expected_seq - 1, seq=vseq)))
         head = self._read_head()
         if head is None and signed_seen:
             findings.append(
@@ -314,9 +535,88 @@ class AuditLog:
                 findings.append(Finding(hseq, n, "last record differs from the checkpoint"))
         return findings
 
+    def compare_vault_head(self, vault_head: tuple[int, str]) -> str | None:
+        """At unlock: is the record the vault saw last at its last save still in the log?"""
+        vseq, vhash = vault_head
+        with self._lock:
+            seq, prev = self.seq, self.prev
+        if vseq == 0:
+            return None
+        if vseq == seq:
+            return None if prev == vhash else _DIVERGES.format(seq=vseq)
+        if vseq > seq:
+            return _SHORTER.format(last=seq, seq=vseq)
+        raw = self._line_at(vseq)
+        if raw is None:
+            return _SHORTER.format(last=seq, seq=vseq)  # missing from the middle
+        return None if hashlib.sha256(raw).hexdigest() == vhash else _DIVERGES.format(seq=vseq)
+
+    def _line_at(self, seq: int) -> bytes | None:
+        """The line of record `seq`, read backwards from the end (it is usually near it)."""
+        try:
+            f = self.path.open("rb")
+        except OSError:
+            return None
+        with f:
+            pos = f.seek(0, os.SEEK_END)
+            rest = b""
+            while pos > 0:
+                step = min(1 << 16, pos)
+                pos -= step
+                f.seek(pos)
+                rows = (f.read(step) + rest).split(b"\n")
+                rest = rows.pop(0) if pos > 0 else b""
+                for raw in reversed(rows):
+                    try:
+                        found = int(json.loads(raw)["seq"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if found == seq:
+                        return raw
+                    if found < seq:
+                        return None
+        return None
+
     def _read_head(self) -> dict[str, Any] | None:
         try:
             doc = json.loads(self.head_path.read_bytes())
         except (OSError, ValueError):
             return None
         return doc if isinstance(doc, dict) else None
+
+
+_SHORTER = (
+    "the log ends at record {last}, but the vault recorded record {seq} at its last save: "
+    "the audit log was truncated or replaced with an older copy"
+)
+_DIVERGES = (
+    "not the record the vault recorded at its last save: the audit log was replaced with "
+    "another copy"
+)
+
+
+def incident_text(raw: dict[str, Any]) -> str:
+    """An incident record, for `apm audit verify` and `apm doctor` (a forged record may hold
+    anything: its strings lose their control characters and are cut short)."""
+    doc = {k: "".join(c if c.isprintable() else "?" for c in str(v)[:300]) for k, v in raw.items()}
+    ts, event = doc.get("ts", "")[:19], doc.get("event")
+    if event == "audit.gap":
+        aside = doc.get("moved_aside")
+        return (
+            f"the log file was {doc.get('reason')} under the running broker at {ts}; it put back "
+            f"{doc.get('restored_records')} records from its open file"
+            + (f" and kept the replacement as {aside}" if aside else "")
+        )
+    if event == "audit.behind_vault":
+        return f"at the unlock at {ts}: {doc.get('problem')}"
+    if event == "vault.rolled_back":
+        return (
+            f"at the unlock at {ts}: the vault file was rolled back (generation "
+            f"{doc.get('generation')}, the log had recorded {doc.get('recorded')})"
+        )
+    if event == "session.pending_mismatch":
+        return (
+            f"at the unlock at {ts}: revocations made while locked were missing from "
+            f"pending-revocations.json: {doc.get('target')}"
+        )
+    return f"{event} at {ts}"

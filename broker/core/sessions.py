@@ -392,11 +392,14 @@ class PendingRevocations:
     """Revocations asked for while the vault is locked, applied at the next unlock.
 
     Revoking never needs the password, but a locked vault cannot be rewritten; the accessor ids
-    (not secret) are kept durably beside it until then. Locked, no session can be used anyway.
+    (not secret) are kept durably beside it until then, and in the broker's memory, because any
+    same-user process can delete the file: at unlock both are applied, and what the file lost
+    is reported. Locked, no session can be used anyway.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.memory: list[dict[str, str]] = []
 
     def load(self) -> list[dict[str, str]]:
         try:
@@ -408,16 +411,29 @@ class PendingRevocations:
     def add(self, item: dict[str, str]) -> None:
         items = [*self.load(), item]
         atomic_write(self.path, json.dumps(items).encode(), keep_backup=False)
+        self.memory.append(item)
+
+    def missing_from_file(self) -> list[dict[str, str]]:
+        """What this broker was asked to revoke while locked that the file no longer holds."""
+        on_file = self.load()
+        return [item for item in self.memory if item not in on_file]
 
     def apply(self, store: SessionStore) -> list[str]:
         done: list[str] = []
-        for item in self.load():
+        items = self.load()
+        items += [item for item in self.memory if item not in items]
+        for item in items:
             if "accessor" in item and store.revoke(item["accessor"]):
                 done.append(item["accessor"])
             elif "all_before" in item:
                 done += store.revoke_all(datetime.fromisoformat(item["all_before"]))
         return done
 
+    @property
+    def waiting(self) -> bool:
+        return bool(self.memory) or self.path.exists()
+
     def clear(self) -> None:
+        self.memory = []
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

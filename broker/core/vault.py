@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pydantic_core
 from pydantic import BaseModel, Field, ValidationError
@@ -135,8 +135,17 @@ def _key(space: str, name: str) -> tuple[str, str]:
     return (space, name.casefold())
 
 
+class SaveHook(Protocol):
+    """Called around every write of the vault file (core/rollback.py: generation + audit head)."""
+
+    def before(self, vault: Vault) -> None: ...
+    def after(self, vault: Vault) -> None: ...
+
+
 class Vault:
     """An open vault. Construct with `create` or `open`; `close` zeroes the key."""
+
+    save_hook: SaveHook | None = None  # set by the broker on the vault it holds
 
     def __init__(
         self,
@@ -229,11 +238,15 @@ class Vault:
         self._header_bytes = vault_file.prefix(self.header)
         self._keyblock = _wrap(self._dek, password, self.header)
         try:
+            if self.save_hook is not None:
+                self.save_hook.before(self)
             data = self.encode()
             vault_file.atomic_write(self.path, data)
             vault_file.atomic_write(
                 self.path.with_name(self.path.name + ".bak"), data, keep_backup=False
             )
+            if self.save_hook is not None:
+                self.save_hook.after(self)
         except Exception:
             self.header, self._header_bytes, self._keyblock = old
             raise
@@ -273,7 +286,11 @@ class Vault:
         return vault_file.encode(self._header_bytes, self._keyblock, sealed)
 
     def save(self) -> None:
+        if self.save_hook is not None:
+            self.save_hook.before(self)
         vault_file.atomic_write(self.path, self.encode())
+        if self.save_hook is not None:
+            self.save_hook.after(self)
 
     @contextlib.contextmanager
     def mutation(self) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from broker.core.rollback import Anchor
 from broker.wire.errors import InternalError
 from broker.wire.protocol import AuditListParams, AuditListResult, AuditVerifyResult, Empty
 
@@ -45,7 +46,15 @@ async def process_audit_verify(ctx: Context, p: Empty) -> AuditVerifyResult:
     audit = ctx.state.audit
     if audit is None:
         raise InternalError("the audit log is not open")
+    ctx.state.rollback.integrity(audit)  # a log deleted or replaced is put back first
     audit.flush()  # a checkpoint still pending for the last records
-    findings = await ctx.state.io(audit.verify)
+    anchor = Anchor.of(ctx.state.cache.get())
+    found = await ctx.state.io(audit.verify, (anchor.audit_seq, anchor.audit_hash))
+    findings = [str(f) for f in found if not f.warning]
     count = sum(1 for _ in audit.records())
-    return AuditVerifyResult(ok=not findings, records=count, findings=[str(f) for f in findings])
+    return AuditVerifyResult(
+        ok=not findings,
+        records=count,
+        findings=findings,
+        warnings=[str(f) for f in found if f.warning],
+    )

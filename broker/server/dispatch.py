@@ -28,7 +28,8 @@ from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.crypto import normalize_password, zero
 from broker.core.key_cache import KeyCache
 from broker.core.requests import RequestStore
-from broker.core.sessions import SessionRecord, SessionStore, scope_rank
+from broker.core.rollback import RollbackGuard
+from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore, scope_rank
 from broker.core.transactions import TxStore
 from broker.core.vault import StoredEntry, Vault, utcnow
 from broker.paths import Paths
@@ -122,6 +123,7 @@ class State:
     notifier: Notifier | None = None
     request_max_minutes: int = 60
     txs: TxStore = field(init=False)
+    rollback: RollbackGuard = field(init=False)  # rollback defences (core/rollback.py)
     max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -143,6 +145,8 @@ class State:
 
     def __post_init__(self) -> None:
         self.txs = TxStore(self.clock)
+        pending = PendingRevocations(self.paths.state_dir / "pending-revocations.json")
+        self.rollback = RollbackGuard(pending)
 
     _store: SessionStore | None = None
     _store_vault: Vault | None = None

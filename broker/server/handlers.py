@@ -60,7 +60,7 @@ from broker.wire.protocol import (
 
 from . import hardening
 from .dispatch import Access, Context, State, log, route
-from .session_handlers import apply_pending_revocations, forget_ended_sessions
+from .session_handlers import check_at_unlock, forget_ended_sessions
 
 OWNER = Access(unlocked=True, owner_only=True)
 READ = Access(unlocked=True, scope="read")
@@ -116,6 +116,7 @@ async def process_status(ctx: Context, p: Empty) -> StatusResult:
         log_path=str(st.paths.log_path),
         hardening=hardening.report(st.cache.mlocked),
         mcp_connections=await _mcp_connections(st),
+        integrity=st.rollback.integrity(st.audit),
     )
 
 
@@ -149,6 +150,7 @@ async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
             ctx.state.cache.put(vault)
             if ctx.state.audit is not None:
                 ctx.state.audit.key = vault.audit_key()
+            ctx.state.rollback.attach(vault, ctx.state.audit)
     finally:
         zero(password)
     log.info("vault created at %s (profile %s)", path, p.profile)
@@ -183,13 +185,15 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
         async with ctx.state.write_lock:
             await ctx.state.flush_and_lock()  # fail closed: no unlock without its record
         raise
-    await apply_pending_revocations(ctx.state)
+    warnings = await check_at_unlock(ctx.state)
     await forget_ended_sessions(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
     if idle_at is None or hard_at is None:
         raise VaultLocked()
     log.info("vault unlocked by pid=%s", ctx.peer.pid)
-    return UnlockResult(entries=len(vault.entries), idle_lock_at=idle_at, hard_lock_at=hard_at)
+    return UnlockResult(
+        entries=len(vault.entries), idle_lock_at=idle_at, hard_lock_at=hard_at, warnings=warnings
+    )
 
 
 @route("vault.lock")

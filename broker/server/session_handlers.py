@@ -81,7 +81,7 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
 
 
 def _pending(state: State) -> PendingRevocations:
-    return PendingRevocations(state.paths.state_dir / "pending-revocations.json")
+    return state.rollback.pending  # the file, and the broker's memory of it
 
 
 FORGET_ENDED_AFTER = timedelta(days=7)
@@ -100,16 +100,22 @@ async def forget_ended_sessions(state: State) -> int:
     return gone
 
 
-async def apply_pending_revocations(state: State) -> None:
-    """Called right after an unlock."""
-    pending = _pending(state)
-    if not pending.path.exists():
-        return
-    done = pending.apply(state.sessions())
-    await state.persist_sessions()
-    pending.clear()
-    if done:
-        log.info("applied %d revocation(s) recorded while locked: %s", len(done), ",".join(done))
+async def check_at_unlock(state: State) -> list[str]:
+    """Called right after an unlock: compare the vault with the audit log and apply every
+    revocation the vault file lost (core/rollback.py). Returns the warnings for the owner.
+    Fails closed: if this cannot finish, the vault is locked again."""
+    vault = state.cache.get()
+    try:
+        state.rollback.attach(vault, state.audit)
+        check = state.rollback.at_unlock(vault, state.audit, state.sessions())
+        if check.must_save:
+            await state.persist_sessions()
+        state.rollback.pending.clear()
+    except Exception:
+        async with state.write_lock:
+            await state.flush_and_lock()
+        raise
+    return check.warnings
 
 
 @route("session.create", OWNER)
@@ -216,7 +222,13 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
         )
         await state.io(_pending(state).add, item)
         log.info("revocation recorded while locked (%s), by pid=%s", item, ctx.peer.pid)
-        state.record("session.revoked", ctx, target=p.accessor or "all", pending=True)
+        state.record(
+            "session.revoked",
+            ctx,
+            target=p.accessor or "all",
+            pending=True,
+            all_before=item.get("all_before"),
+        )
         return SessionRevokeResult(revoked=[p.accessor] if p.accessor else [], pending=True)
     store = state.sessions()
     if p.all:

@@ -146,6 +146,7 @@ class StatusResult(Wire):
     log_path: str
     hardening: Hardening
     mcp_connections: int = 0
+    integrity: list[str] = Field(default_factory=list)  # rollback / deleted log, this broker
 
 
 class InitParams(Strict):
@@ -161,6 +162,7 @@ class UnlockResult(Wire):
     entries: int
     idle_lock_at: datetime
     hard_lock_at: datetime
+    warnings: list[str] = Field(default_factory=list)  # vault or audit log rolled back
 
 
 class LockResult(Wire):
@@ -477,6 +479,7 @@ class AuditVerifyResult(Wire):
     ok: bool
     records: int
     findings: list[str]
+    warnings: list[str] = Field(default_factory=list)  # incidents the log recorded
 
 
 # ---------------------------------------------------------------- transactions (owner side)
