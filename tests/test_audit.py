@@ -587,3 +587,105 @@ def test_truncation_with_the_checkpoint_deleted_is_found(tmp_path: Path) -> None
     rewrite(log, lines(log)[:-2])
     log.head_path.unlink()
     assert problems(log)
+
+
+# ---------------------------------------------------------------------- deleted, replaced, journal
+
+
+def test_a_log_deleted_under_an_open_audit_log_is_put_back_with_a_gap_record(
+    tmp_path: Path,
+) -> None:
+    log = new_log(tmp_path, 3)
+    kept = log.path.read_bytes()
+    log.path.unlink()
+    log.head_path.unlink()
+    note = log.check_file()
+    assert note is not None and "deleted" in note and log.incidents == [note]
+    rows = lines(log)
+    assert b"".join(rows[:3]) == kept  # the records written before, byte for byte
+    gap = json.loads(rows[3])
+    assert gap["event"] == "audit.gap" and gap["reason"] == "deleted" and gap["seq"] == 4
+    assert gap["restored_records"] == 3
+    assert json.loads(log.head_path.read_bytes())["seq"] == 4
+    log.append("tool", tool="get_entry", entry="after", code="OK")
+    found = log.verify()
+    assert [f for f in found if not f.warning] == []
+    assert [f.seq for f in found if f.warning] == [4]
+
+
+def test_a_replaced_log_is_moved_aside_and_the_open_one_put_back(tmp_path: Path) -> None:
+    log = new_log(tmp_path, 2)
+    older = log.path.read_bytes()
+    log.append("tool", tool="get_entry", entry="hidden", code="OK")
+    fake = tmp_path / "fake"
+    fake.write_bytes(older)
+    fake.replace(log.path)
+    note = log.check_file()
+    assert note is not None and "replaced" in note
+    aside = list(tmp_path.glob("audit.jsonl.replaced-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == older
+    assert b'"entry":"hidden"' in log.path.read_bytes()
+    assert [f for f in log.verify() if not f.warning] == []
+
+
+def test_the_file_check_runs_every_check_every_records_not_on_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import broker.core.audit as audit_mod
+
+    log = new_log(tmp_path, 0)
+    monkeypatch.setattr(audit_mod.time, "monotonic", lambda: log._checked_at)  # time stands
+    calls: list[int] = []
+    real = log._check_file
+    monkeypatch.setattr(log, "_check_file", lambda: calls.append(log.seq) or real())
+    log.path.unlink()  # noticed at the next due check, and nothing is lost until then
+    for i in range(audit_mod.CHECK_EVERY + 1):
+        log.append("tool", tool="get_entry", entry=f"e{i}", code="OK")
+    assert len(calls) == 1
+    assert log.path.exists() and len(lines(log)) == audit_mod.CHECK_EVERY + 2  # + gap record
+
+
+def test_a_deleted_checkpoint_is_rewritten_and_reported(tmp_path: Path) -> None:
+    log = new_log(tmp_path, 2)
+    log.head_path.unlink()
+    assert log.check_file() is None  # the log itself is fine
+    assert json.loads(log.head_path.read_bytes())["seq"] == 2
+    assert log.incidents and "checkpoint deleted" in log.incidents[0]
+
+
+def test_verify_reports_a_log_shorter_than_or_diverging_from_the_vaults_record(
+    tmp_path: Path,
+) -> None:
+    log = new_log(tmp_path, 5)
+    seq, head = log.head()
+    assert problems(log) == [] and [str(f) for f in log.verify((seq, head))] == []
+    assert log.compare_vault_head((seq, head)) is None
+    assert (
+        log.compare_vault_head((3, hashlib.sha256(lines(log)[2].rstrip(b"\n")).hexdigest())) is None
+    )
+    shorter = [str(f) for f in log.verify((seq + 4, "f" * 64))]
+    assert any("vault recorded record 9" in f for f in shorter), shorter
+    assert "record 9" in (log.compare_vault_head((seq + 4, "f" * 64)) or "")
+    other = [str(f) for f in log.verify((3, "e" * 64))]
+    assert any(f.startswith("record 3:") and "vault" in f for f in other), other
+    assert "vault" in (log.compare_vault_head((3, "e" * 64)) or "")
+
+
+def test_reopening_a_log_rebuilds_its_journal_of_saves_and_revocations(tmp_path: Path) -> None:
+    log = new_log(tmp_path, 1)
+    log.append("vault.saved", generation=4)
+    log.append("session.revoked", target="ses_a,ses_b")
+    log.append("vault.saved", generation=5)
+    log.append("session.revoked", target="all", pending=True, all_before="2026-11-20T12:00:00")
+    log.append("session.revoked", target=None, how="token")  # revoked nothing
+    live = log.journal
+    log.close()
+    OPEN.remove(log)
+    again = new_log(tmp_path)
+    for j in (live, again.journal):
+        assert (j.generation, j.generation_seq) == (5, 4)
+        assert [(r.seq, r.accessors, r.all_before) for r in j.revocations] == [
+            (3, ("ses_a", "ses_b"), None),
+            (5, (), "2026-11-20T12:00:00"),
+        ]
+        assert [r.seq for r in j.revocations_after(3)] == [5]

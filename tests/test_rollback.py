@@ -24,7 +24,7 @@ import zmq
 
 from broker.wire.protocol import PROTOCOL_VERSION, Auth, Request
 
-from .conftest import PASSWORD, Apm, Broker, register_secret
+from .conftest import Apm, Broker, register_secret
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,9 @@ register_secret(SECRET)
 # ---------------------------------------------------------------------- helpers
 
 
-def wire(home: Path, method: str, params: dict[str, Any] | None = None, **auth: str) -> dict[str, Any]:
+def wire(
+    home: Path, method: str, params: dict[str, Any] | None = None, **auth: str
+) -> dict[str, Any]:
     """One request straight on the broker socket, as any same-user process can send it."""
     req = Request(
         v=PROTOCOL_VERSION,
@@ -149,7 +151,7 @@ def test_deleting_the_audit_log_under_a_running_broker_is_noticed_and_nothing_is
     for _ in range(3):  # reads after the deletion must still reach the log on disk
         assert code_of(read_secret(home, token)) == "OK"
 
-    notes = status(apm)["integrity"] if "integrity" in status(apm) else []
+    notes = status(apm).get("integrity", [])
     recs = events(home) if audit_file(home).exists() else []
     reads = [r for r in recs if r.get("method") == "entry.get" and r.get("code") == "OK"]
     assert len(reads) == 4  # the one before and the three after: all on disk
