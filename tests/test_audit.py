@@ -689,3 +689,11 @@ def test_reopening_a_log_rebuilds_its_journal_of_saves_and_revocations(tmp_path:
             (5, (), "2026-11-20T12:00:00"),
         ]
         assert [r.seq for r in j.revocations_after(3)] == [5]
+
+
+@pytest.mark.parametrize("field", ["seq", "ts", "prev", "mac"])
+def test_a_record_refuses_fields_that_would_overwrite_the_chain(tmp_path: Path, field: str) -> None:
+    log = new_log(tmp_path, 1)
+    with pytest.raises(ValueError):
+        log.append("tool", **{field: 7})
+    assert problems(log) == []

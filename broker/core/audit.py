@@ -55,16 +55,19 @@ log = logging.getLogger("apm.broker.audit")
 GENESIS = "0" * 64
 HEAD_SIZE = 256
 _FORBIDDEN_KEYS = frozenset({"password", "token", "value", "secret", "secrets", "new_password"})
+_RESERVED_KEYS = frozenset({"seq", "ts", "event", "prev", "mac"})  # the chain's own fields
 
 
 AUDIT_KEY_INFO = b"apm audit log v1"
 CHECK_EVERY = 64  # records between two checks that the log file is still ours
 CHECK_SECONDS = 2.0
 _COPY_CHUNK = 1 << 20
-# records an incident left in the log: `verify` reports them as warnings for as long as they exist
+# records an incident left in the log: `verify` reports them for as long as they exist, as a
+# warning, or, when records were lost for good (the log put back older), as a finding
 INCIDENTS = frozenset(
     {"audit.gap", "audit.behind_vault", "vault.rolled_back", "session.pending_mismatch"}
 )
+_RECORDS_LOST = frozenset({"audit.behind_vault"})
 
 
 def derive_audit_key(dek: bytearray) -> bytes:
@@ -235,6 +238,8 @@ class AuditLog:
         for k in fields:
             if k in _FORBIDDEN_KEYS:
                 raise ValueError(f"audit records never hold {k!r}")
+            if k in _RESERVED_KEYS:
+                raise ValueError(f"{k!r} is a field of the chain itself")
         with self._lock:
             if self._head_failed is not None:  # refuse until a checkpoint can be written
                 self._write_head()
@@ -488,7 +493,8 @@ class AuditLog:
                 if hashlib.sha256(raw).hexdigest() != vhash:
                     findings.append(Finding(seq, n, _DIVERGES.format(seq=seq)))
             if doc.get("event") in INCIDENTS:
-                findings.append(Finding(seq, n, incident_text(doc), warning=True))
+                lost = doc.get("event") in _RECORDS_LOST
+                findings.append(Finding(seq, n, incident_text(doc), warning=not lost))
             if mac is None:
                 unsigned_after_signed.append(seq)
             else:

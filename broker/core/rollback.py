@@ -121,7 +121,7 @@ class RollbackGuard:
         problem = audit.compare_vault_head((anchor.audit_seq, anchor.audit_hash))
         if problem is not None:
             self._warn(out, f"audit log: {problem}")
-            audit.append("audit.behind_vault", problem=problem, seq=anchor.audit_seq)
+            audit.append("audit.behind_vault", problem=problem, vault_seq=anchor.audit_seq)
             out.must_save = True  # the next save records the log as it is now
         j = audit.journal
         if anchor.generation < j.generation:
