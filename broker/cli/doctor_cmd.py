@@ -180,7 +180,7 @@ class Doctor:
             self.add("vault integrity", "skip", "broker not running or no vault")
             self.add("audit", "skip", "broker not running or no vault")
             return
-        notes = list(getattr(st, "integrity", []))
+        notes = list(st.integrity)
         vault_notes = [n for n in notes if not n.startswith("audit")]
         audit_notes = [n for n in notes if n.startswith("audit")]
         fix = 'apm audit verify; see "Threat model" in the README'

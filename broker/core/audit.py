@@ -282,6 +282,17 @@ class AuditLog:
             self.defer(self._deferred_head)
         return doc
 
+    def sync(self) -> None:
+        """Make every record written so far durable: the vault is about to record the head,
+        and a crash must not leave it pointing past the end of the log."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:  # the vault then may name a lost record: a warning, not a loss
+            log.warning("cannot sync the audit log: %s", exc)
+
     def head(self) -> tuple[int, str]:
         """The seq and line hash of the newest record (what the vault records at each save)."""
         with self._lock:

@@ -73,6 +73,7 @@ class SaveStamp:
 
     def before(self, vault: Vault) -> None:
         seq, head = self.audit.head()
+        self.audit.sync()
         self.generation = max(Anchor.of(vault).generation, self.audit.journal.generation) + 1
         vault.extra[ANCHOR] = Anchor(self.generation, seq, head).to_extra()
 
