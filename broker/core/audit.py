@@ -62,6 +62,7 @@ AUDIT_KEY_INFO = b"apm audit log v1"
 CHECK_EVERY = 64  # records between two checks that the log file is still ours
 CHECK_SECONDS = 2.0
 _COPY_CHUNK = 1 << 20
+MAX_INCIDENTS = 20  # kept for status: the newest ones (each is in the broker log too)
 # records an incident left in the log: `verify` reports them for as long as they exist, as a
 # warning, or, when records were lost for good (the log put back older), as a finding
 INCIDENTS = frozenset(
@@ -377,8 +378,7 @@ class AuditLog:
             f"{restored} records restored from the broker's open file, gap record {gap['seq']}"
             + (f"; the replacement was kept as {aside.name}" if aside is not None else "")
         )
-        self.incidents.append(note)
-        log.error("%s", note)
+        self._incident(note)
         return note
 
     def _check_head(self) -> None:
@@ -408,9 +408,11 @@ class AuditLog:
             with contextlib.suppress(OSError):
                 os.unlink(self.head_path)
         self._write_head()
-        note = f"audit checkpoint {'deleted' if cur is None else 'replaced'}; rewritten"
-        self.incidents.append(note)
+        self._incident(f"audit checkpoint {'deleted' if cur is None else 'replaced'}; rewritten")
+
+    def _incident(self, note: str) -> None:
         log.error("%s", note)
+        self.incidents = [*self.incidents[-(MAX_INCIDENTS - 1) :], note]
 
     def _deferred_head(self) -> None:
         with self._lock:
