@@ -156,3 +156,25 @@ def test_pending_revocations_deleted_from_disk_are_applied_from_memory(files: Fi
     assert mismatch and mismatch[0]["target"] == rec.accessor
     pending.clear()
     assert not pending.waiting
+
+
+def test_a_revoke_all_made_while_locked_is_applied_from_the_journal_after_a_restart(
+    files: Files,
+) -> None:
+    store = files.store(files.vault)
+    _, a = store.create(CreateSpec(label="a", scope="secrets", ttl=timedelta(hours=1)))
+    _, b = store.create(CreateSpec(label="b", scope="read", ttl=timedelta(hours=1)))
+    files.save_sessions(store)
+    before = files.clock().isoformat()
+    files.guard.pending.add({"all_before": before})  # `apm session revoke --all`, locked
+    files.audit.append("session.revoked", target="all", pending=True, all_before=before)
+    files.guard.pending.path.unlink()
+    files.audit.close()  # the broker restarts: its memory is gone, the log is not
+    files.audit = AuditLog(files.audit.path, key=files.audit.key)
+    files.audit.open()
+    guard = RollbackGuard(PendingRevocations(files.guard.pending.path))
+    vault = files.reopen()
+    store = files.store(vault)
+    check = guard.at_unlock(vault, files.audit, store)
+    assert {r.accessor for r in store.records.values() if r.revoked_at} == {a.accessor, b.accessor}
+    assert check.must_save
