@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,19 @@ def test_deleting_the_audit_log_under_a_running_broker_is_noticed_and_nothing_is
     assert checks["audit"]["status"] in ("warn", "fail"), checks["audit"]
     assert "deleted" in checks["audit"]["detail"]
     assert "audit log" in (home / "state" / "broker.log").read_text()
+
+
+def test_an_idle_broker_puts_a_deleted_audit_log_back_on_its_own(
+    seeded: Broker, apm: Apm, home: Path
+) -> None:
+    kept = audit_file(home).read_bytes()
+    audit_file(home).unlink()
+    deadline = time.monotonic() + 30  # a wait, not a timing assertion: the reaper's next turn
+    while not audit_file(home).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert audit_file(home).read_bytes().startswith(kept)
+    assert events(home)[-1]["event"] == "audit.gap"
+    assert "audit log deleted" in (home / "state" / "broker.log").read_text()
 
 
 def test_replacing_the_audit_log_under_a_running_broker_keeps_both_copies(

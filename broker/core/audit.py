@@ -21,8 +21,9 @@ Rules:
   fails closed.
 - The log file can be deleted or replaced under a running broker (any same-user process can).
   `check_file` compares the open file with the path (nlink, device and inode): every
-  `CHECK_EVERY` records, at most `CHECK_SECONDS` apart while records flow, and before status,
-  unlock and verify, so the hot path pays one monotonic clock read per record. On a mismatch it
+  `CHECK_EVERY` records, at most `CHECK_SECONDS` apart while records flow, on the broker's
+  reaper timer while idle, and before status, unlock and verify, so the hot path pays one
+  monotonic clock read per record. On a mismatch it
   writes the records it still holds open into a fresh file at the path (a replacement is moved
   aside, kept as evidence), appends an `audit.gap` record, and reports it (`incidents`).
 - The log is also a journal of what the vault file could lose to a rollback: the newest vault

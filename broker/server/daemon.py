@@ -171,6 +171,7 @@ async def _reaper(state: dispatch.State) -> None:
         host = state._mcp_host.result() if state._mcp_host and state._mcp_host.done() else None
         if host is not None:
             await host.reap()
+        state.rollback.integrity(state.audit)  # the audit log deleted or replaced: put it back
         left = state.cache.seconds_to_lock()
         if left is not None and left <= 0:
             async with state.write_lock:
