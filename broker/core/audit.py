@@ -152,7 +152,8 @@ class Journal:
             gen = doc.get("generation")
             if isinstance(gen, int) and gen >= self.generation:
                 self.generation, self.generation_seq = gen, seq
-                self.generation_ts = str(doc.get("ts", ""))
+                ts = str(doc.get("ts", ""))[:32]  # shown at unlock; a forged one holds anything
+                self.generation_ts = "".join(c if c.isprintable() else "?" for c in ts)
         elif event in ("session.revoked", "session.revocations_reapplied"):
             target, before = doc.get("target"), doc.get("all_before")
             if isinstance(before, str):
