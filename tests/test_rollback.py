@@ -288,3 +288,19 @@ def test_a_revocation_made_while_locked_survives_deleting_its_pending_file(
     else:  # a new broker has no memory of it; the audit journal has
         reapplied = [r for r in events(home) if r["event"] == "session.revocations_reapplied"]
         assert reapplied and accessor in reapplied[-1]["target"]
+
+
+def test_a_new_vault_made_where_an_old_one_was_deleted_is_not_called_rolled_back(
+    seeded: Broker, apm: Apm, home: Path
+) -> None:
+    apm.ok("add", "api_key", "old", "--from-stdin", stdin="value-old\n")  # generations 1, 2, …
+    shutdown(home, seeded)
+    for name in ("vault.apm", "vault.apm.bak"):
+        (home / name).unlink()
+    seeded.start()
+    apm.ok("init", "--profile", "interactive")
+    shutdown(home, seeded)  # the new vault is not saved again before the next unlock
+    seeded.start()
+    unlocked = apm.ok("unlock")
+    assert "rolled back" not in unlocked.stderr, unlocked.stderr
+    assert status(apm)["integrity"] == []

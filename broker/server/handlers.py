@@ -151,6 +151,7 @@ async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
             if ctx.state.audit is not None:
                 ctx.state.audit.key = vault.audit_key()
             ctx.state.rollback.attach(vault, ctx.state.audit)
+            await ctx.state.io(vault.save)  # generation after any the log saw (old vault here)
     finally:
         zero(password)
     log.info("vault created at %s (profile %s)", path, p.profile)
