@@ -3,6 +3,8 @@
 Rules:
 - Secret field values are prompted without echo or read with --from-stdin; never from argv.
 - `get` writes the value to stdout and nothing else; messages go to stderr.
+- `get` and `totp` with a session take oneshot's lean path; `cmd_get`/`cmd_totp` here are the
+  full (pydantic) path, for the owner, and tests hold the two to the same behaviour.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from broker.wire.protocol import (
     SecretValue,
 )
 
+from . import oneshot
 from .auth import Credentials
 from .client import BrokerClient
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
@@ -286,12 +289,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("get", help="print one secret value to stdout")
-    p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
-    p.add_argument("--field", help="field to print (default: the type's main secret)")
-    p.add_argument("-n", "--no-newline", action="store_true", help="no trailing newline")
-    _common(p, json_flag=False)
+    p = sub.add_parser("get", help=oneshot.GET_HELP)
+    oneshot.get_arguments(p)  # one definition for the lean path and this one
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("edit", help="change an entry; --secret-field F sets a new secret value")
@@ -315,8 +314,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.set_defaults(func=cmd_rm)
 
-    p = sub.add_parser("totp", help="print the current TOTP code of an entry")
-    p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
-    _common(p)
+    p = sub.add_parser("totp", help=oneshot.TOTP_HELP)
+    oneshot.totp_arguments(p)
     p.set_defaults(func=cmd_totp)

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import IO
 
 from broker.wire.errors import InvalidParameters
-from broker.wire.protocol import SecretResolveParams
 
-from .auth import AGENT_ENV, TOKEN_ENV, Credentials
-from .client import BrokerClient
+from .auth import AGENT_ENV, TOKEN_ENV
 from .masking import Masker
+from .oneshot import resolve_refs  # lean: `apm run` starts without pydantic
 
 FORWARDED = (
     signal.SIGINT,
@@ -95,10 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = sorted({v for _, v in pairs if v.startswith("apm://")})
     values: dict[str, str] = {}
     if refs:
-        who = Credentials(args)
-        with BrokerClient() as c:
-            res = c.call("secret.resolve", SecretResolveParams(refs=refs), **who.creds())
-        values = {s.ref: s.value.get_secret_value() for s in res.secrets}
+        values = resolve_refs(refs, args)
     env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, AGENT_ENV)}
     for name, value in pairs:
         env[name] = values.get(value, value)

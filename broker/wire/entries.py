@@ -12,6 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .limits import DEFAULT_SPACE as DEFAULT_SPACE  # re-exported: entries has always named them
+from .limits import FIELD_NAME_PATTERN as FIELD_NAME_PATTERN
+from .limits import NAME_MAX as NAME_MAX
+from .limits import SPACE_PATTERN as SPACE_PATTERN
+from .limits import TAG_MAX as TAG_MAX
+from .limits import VALUE_MAX as VALUE_MAX
+
 EntryType = Literal["login", "totp", "api_key", "token", "ssh_key", "database", "note", "custom"]
 ENTRY_TYPE_NAMES: tuple[str, ...] = (
     "login",
@@ -23,13 +30,6 @@ ENTRY_TYPE_NAMES: tuple[str, ...] = (
     "note",
     "custom",
 )
-
-NAME_MAX = 200
-FIELD_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-VALUE_MAX = 64 * 1024
-TAG_MAX = 64
-SPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-DEFAULT_SPACE = "default"
 
 
 class FieldSpec(BaseModel):
