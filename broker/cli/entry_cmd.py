@@ -1,7 +1,9 @@
 """`apm add|ls|search|show|get|edit|rm|totp`: working with entries through the broker.
 
 Rules:
-- Secret field values are prompted without echo or read with --from-stdin; never from argv.
+- Secret field values are prompted without echo or read with --from-stdin, --from-file or
+  --editor; never from argv. Multi-line fields (keys, notes) are read until EOF (Ctrl-D).
+- An ssh_key's private_key is parsed before it is sent; a broken key is refused.
 - `get` writes the value to stdout and nothing else; messages go to stderr.
 - `get` and `totp` with a session take oneshot's lean path; `cmd_get`/`cmd_totp` here are the
   full (pydantic) path, for the owner, and tests hold the two to the same behaviour.
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from pydantic import SecretStr
 
 from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES, EntryMeta
 from broker.wire.errors import InvalidParameters
@@ -28,7 +32,7 @@ from . import oneshot
 from .auth import Credentials
 from .client import BrokerClient
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
-from .prompt import Input
+from .prompt import Input, read_file_value
 
 
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -41,24 +45,71 @@ def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _value_source(
+    args: argparse.Namespace, owner: Credentials, target: str, required: bool = True
+) -> SecretStr | None:
+    """The one value --from-stdin, --from-file or --editor gives (None: none of them used)."""
+    chosen = [
+        flag
+        for flag, used in (
+            ("--from-stdin", args.from_stdin),
+            ("--from-file", args.from_file),
+            ("--editor", args.editor),
+        )
+        if used
+    ]
+    if len(chosen) > 1:
+        raise InvalidParameters(
+            f"{' and '.join(chosen)} both give a value; use one", hint="pick one way in"
+        )
+    if args.from_file:
+        return read_file_value(target, args.from_file)
+    if args.from_stdin:
+        owner.prime()  # the password line comes first on stdin
+        return owner.input.secret_from_stdin(target)
+    if args.editor:
+        owner.prime()  # asked before the editor takes the terminal
+        from .editor import edit_secret
+
+        return edit_secret(target, required)
+    return None
+
+
+def _check_values(type_: str, out: dict[str, SecretValue]) -> None:
+    if type_ == "ssh_key" and "private_key" in out:
+        from .ssh_keys import check_private_key
+
+        check_private_key(out["private_key"].value.get_secret_value())
+
+
 def _secrets(
+    args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
+) -> dict[str, SecretValue]:
+    out = _secret_values(args, owner, type_, adding)
+    _check_values(type_, out)
+    return out
+
+
+def _secret_values(
     args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
     spec = ENTRY_TYPES[type_]
     wanted = list(args.secret_field or [])
+    wanted += [n for n in args.multiline or [] if n not in wanted]
+    multiline = {f.name for f in spec.fields if f.multiline} | set(args.multiline or [])
     plain = set(_kv(args.field, "--field"))
     for f in spec.fields:
         if f.secret and f.name in plain:
             raise InvalidParameters(
                 f"{f.name!r} is a secret field and cannot be given on the command line",
-                hint="leave it out to be prompted, or use --from-stdin",
+                hint="leave it out to be prompted, or use --from-stdin, --from-file or --editor",
             )
-    if args.from_stdin:
+    if args.from_stdin or args.from_file or args.editor:
         target = wanted[0] if wanted else spec.primary
         if target is None:
             raise InvalidParameters("name the secret field with --secret-field F")
-        owner.prime()  # the password line comes first on stdin
-        return {target: SecretValue(value=owner.input.secret_from_stdin(target))}
+        value = _value_source(args, owner, target)
+        return {target: SecretValue(value=value)} if value is not None else {}
     out: dict[str, SecretValue] = {}
     if adding:
         fields = [(f.name, f.required) for f in spec.fields if f.secret]
@@ -70,12 +121,15 @@ def _secrets(
         if missing:
             raise InvalidParameters(
                 f"secret field {missing[0]!r} needs a value and there is no terminal",
-                hint="pipe it in with --from-stdin",
+                hint="pipe it in with --from-stdin, or use --from-file PATH",
             )
         return out
     owner.prime()
     for name, required in fields:
-        value = owner.input.secret_prompt(name, required)
+        if name in multiline:
+            value = owner.input.secret_lines(name, required)
+        else:
+            value = owner.input.secret_prompt(name, required)
         if value is not None:
             out[name] = SecretValue(value=value)
     return out
@@ -240,9 +294,28 @@ def _secret_opts(p: argparse.ArgumentParser) -> None:
         help="a secret field to set (prompted without echo, or read by --from-stdin)",
     )
     p.add_argument(
+        "--multiline",
+        action="append",
+        metavar="F",
+        help="secret field F is multi-line: read at the prompt until Ctrl-D (ssh_key "
+        "private_key and note content always are)",
+    )
+    p.add_argument(
         "--from-stdin",
         action="store_true",
         help="read the secret value from stdin (after the password line with --password-stdin)",
+    )
+    p.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="read the secret value from a file (e.g. a private key); one trailing newline "
+        "is dropped",
+    )
+    p.add_argument(
+        "--editor",
+        action="store_true",
+        help="write the secret value in $VISUAL/$EDITOR (a 0600 file in a private directory, "
+        "removed afterwards)",
     )
 
 

@@ -37,6 +37,7 @@ class FieldSpec(BaseModel):
     name: str
     secret: bool = False
     required: bool = False
+    multiline: bool = False  # read until EOF at a prompt (keys, notes), not one line
 
 
 class TypeSpec(BaseModel):
@@ -47,8 +48,10 @@ class TypeSpec(BaseModel):
     free_fields: bool = False  # custom: any named field
 
 
-def _f(name: str, *, secret: bool = False, required: bool = False) -> FieldSpec:
-    return FieldSpec(name=name, secret=secret, required=required)
+def _f(
+    name: str, *, secret: bool = False, required: bool = False, multiline: bool = False
+) -> FieldSpec:
+    return FieldSpec(name=name, secret=secret, required=required, multiline=multiline)
 
 
 ENTRY_TYPES: dict[str, TypeSpec] = {
@@ -82,7 +85,7 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
     "ssh_key": TypeSpec(
         name="ssh_key",
         fields=(
-            _f("private_key", secret=True, required=True),
+            _f("private_key", secret=True, required=True, multiline=True),
             _f("public_key"),
             _f("passphrase", secret=True),
         ),
@@ -100,7 +103,9 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
         primary="password",
     ),
     "note": TypeSpec(
-        name="note", fields=(_f("content", secret=True, required=True),), primary="content"
+        name="note",
+        fields=(_f("content", secret=True, required=True, multiline=True),),
+        primary="content",
     ),
     "custom": TypeSpec(name="custom", fields=(), primary=None, free_fields=True),
 }
