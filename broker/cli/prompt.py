@@ -163,11 +163,11 @@ def _read_tty_until_eof(prompt: str) -> bytes:
         old = termios.tcgetattr(fd)
         quiet = list(old)
         quiet[3] = quiet[3] & ~termios.ECHO  # lflags: no echo; ICANON stays, so Ctrl-D is EOF
-        os.write(fd, prompt.encode())
-        termios.tcsetattr(fd, termios.TCSANOW, quiet)
         chunks: list[bytes] = []
         size = 0
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)  # before the prompt: a fast paste
         try:
+            os.write(fd, prompt.encode())  # that follows it must not be echoed
             while True:
                 chunk = os.read(fd, 65536)
                 if not chunk:
