@@ -257,8 +257,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="allow a non-loopback --http address (needs --tls-cert and --tls-key)",
     )
-    run.add_argument("--tls-cert")
-    run.add_argument("--tls-key")
+    run.add_argument("--tls-cert", metavar="PEM", help="certificate for a non-loopback --http")
+    run.add_argument("--tls-key", metavar="PEM", help="its private key")
     run.set_defaults(func=cmd_run)
     start = bsub.add_parser("start", help="start the broker as a background process")
     start.add_argument("--json", action="store_true", help="machine-readable output")

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         broker_cmd,
         doctor_cmd,
         entry_cmd,
+        history_cmd,
         mcp_cmd,
         request_cmd,
         run_cmd,
@@ -29,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         tx_cmd,
         vault_cmd,
     )
+    from .parser import Parser
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="apm",
         description="apm: a local secret broker that lets AI agents use your credentials "
         "safely. The broker holds the vault key; this CLI talks to it.",
@@ -38,9 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "APM_VAULT_PATH, APM_BROKER_ADDR.",
     )
     parser.add_argument("--version", action="version", version=f"apm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # typed as argparse's own: every command's register() takes that (subparsers are Parsers)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(  # type: ignore[assignment]
+        dest="command", required=True, metavar="COMMAND"
+    )
     vault_cmd.register(sub)
     entry_cmd.register(sub)
+    history_cmd.register(sub)
     space_cmd.register(sub)
     session_cmd.register(sub)
     mcp_cmd.register(sub)
@@ -80,6 +86,9 @@ def report(exc: BaseException) -> int:
 def main(argv: list[str] | None = None, *, lean: bool = True) -> int:
     """Run one command; `lean=False` forces the full path (tests compare the two)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # `apm` alone: what it can do, not an error
+        build_parser().print_help()
+        return 0
     try:
         args = None
         if lean:

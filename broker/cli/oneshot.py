@@ -150,8 +150,13 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
     or the owner path asked for with --password-stdin)."""
     if not argv or argv[0] not in HOT or session_token() is None:
         return None
-    parser = argparse.ArgumentParser(prog="apm")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .parser import Parser
+
+    parser = Parser(prog="apm")
+    # typed as argparse's own: every command's register() takes that (subparsers are Parsers)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(  # type: ignore[assignment]
+        dest="command", required=True, metavar="COMMAND"
+    )
     _register(sub, argv[0])
     args = parser.parse_args(argv)
     if getattr(args, "password_stdin", False):

@@ -133,7 +133,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "replace every occurrence of a value in its output with <concealed by apm>, and exit "
         "with its exit code.",
     )
-    p.add_argument("--env", action="append", metavar="NAME=apm://SPACE/ENTRY/FIELD")
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="NAME=apm://SPACE/ENTRY/FIELD",
+        help="set NAME in the child's environment to this secret (repeatable)",
+    )
     p.add_argument(
         "--env-file",
         action="append",
