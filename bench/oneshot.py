@@ -10,7 +10,7 @@ Prints, from one run:
   whole vault, as the original Go APM does on every MCP call, at 1k / 10k / 100k entries,
   beside apm's in-memory lookup + open of one sealed field.
 
-Usage: .venv/bin/python bench/oneshot.py [--quick] [--json PATH]
+Usage: .venv/bin/python bench/oneshot.py [--quick] [--pairs N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -226,8 +226,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--pairs", type=int, help="pairs per one-shot command (default 3 quick, 15)")
     args = ap.parse_args()
-    n = 3 if args.quick else 15
+    n = args.pairs or (3 if args.quick else 15)
     sizes = [1000] if args.quick else [1000, 10_000, 100_000]
     print(f"# one-shot clients (median of {n} pairs, wall time of a whole process)")
     print("# each pair: the apm command, then the bare client, in turn; ratio = median of A/B")
