@@ -12,6 +12,7 @@ import pty
 import select
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -250,3 +251,46 @@ def test_the_editor_directory_is_on_a_memory_file_system_when_there_is_one() -> 
     if root is not None:
         assert stat.S_ISDIR(os.stat(root).st_mode)
         assert root in {os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"}
+
+
+def test_a_terminated_apm_still_removes_the_editor_directory(
+    vault: Broker, apm: Apm, home: Path, tmp_path: Path
+) -> None:
+    editor = tmp_path / "ed"
+    editor.write_text(
+        EDITOR.format(py=sys.executable).replace(
+            'sys.exit(int(os.environ.get("EXIT", "0")))', "import time; time.sleep(60)"
+        )
+    )
+    editor.chmod(0o700)
+    value = "half-written secret 51c2"
+    register_secret(value)
+    report = tmp_path / "report.json"
+    env = clean_env(home, EDITOR=str(editor), VALUE=value, REPORT=str(report))
+    env.pop("VISUAL", None)
+    proc = subprocess.Popen(
+        [PY, "-m", "broker.cli.main", "add", "note", "hup", "--editor", "--password-stdin"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(PASSWORD + "\n")
+    proc.stdin.close()
+    deadline = time.monotonic() + 30
+    while not report.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the editor never started"
+        time.sleep(0.05)
+    path = Path(json.loads(report.read_text())["path"])
+    assert path.exists()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.stderr is not None and proc.stdout is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    proc.stdout.close()
+    assert proc.returncode == 130, err
+    assert not path.parent.exists()
+    assert apm("get", "hup", password=PASSWORD).returncode == 6

@@ -7,6 +7,7 @@ Rules:
 - Afterwards the file is overwritten and the whole directory removed, with whatever the editor
   left beside it (swap, backup, auto-save files), on success, failure and Ctrl-C alike.
 - vim and neovim are started with -n (no swap file) and -i NONE (no viminfo/shada history).
+- SIGHUP (the terminal closed) and SIGTERM unwind through the clean-up too.
 - What this cannot promise: a copy the editor itself keeps elsewhere (a plugin, an undo
   directory configured outside the file's directory), or the file after `kill -9` of apm.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -66,10 +68,20 @@ def _shred(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+class _Hangup(Exception):
+    """SIGHUP/SIGTERM while the editor runs: unwind so the directory is still removed."""
+
+
+def _raise_hangup(signum: int, _frame: object) -> None:
+    raise _Hangup(signum)
+
+
 def edit_secret(field: str, required: bool = True) -> SecretStr | None:
     """Open the editor on an empty private file; its saved content is the value."""
     argv = editor_argv()
     directory = Path(tempfile.mkdtemp(prefix="apm-edit-", dir=_private_root()))  # 0700
+    # a closed terminal (SIGHUP) or a polite kill (SIGTERM) must not skip the clean-up below
+    previous = {s: signal.signal(s, _raise_hangup) for s in (signal.SIGHUP, signal.SIGTERM)}
     try:
         path = directory / f"{field}.txt"
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -86,10 +98,12 @@ def edit_secret(field: str, required: bool = True) -> SecretStr | None:
             data = path.read_bytes()
         except OSError as exc:
             raise Cancelled("the editor left no file; nothing was saved") from exc
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, _Hangup) as exc:
         raise Cancelled() from exc
     finally:
         _shred(directory)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     value = strip_one_newline(checked_text(data, field, "the editor"))
     if not value:
         if required:

@@ -15,6 +15,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any
@@ -92,8 +93,6 @@ def entry_ref(name: str, space: str | None, **extra: str | None) -> dict[str, An
 
 
 def _session(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     return {"token": session_token(args), "agent": os.environ.get(AGENT_ENV) or None}
 
 
