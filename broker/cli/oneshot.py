@@ -131,11 +131,10 @@ def cmd_totp(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_refs(refs: list[str], args: argparse.Namespace) -> dict[str, str]:
+def resolve_refs(refs: list[str], who: Credentials) -> dict[str, str]:
     """secret.resolve for `apm run`: {ref: value}, with the session or the owner's password."""
     if not 1 <= len(refs) <= RESOLVE_REFS_MAX:
         raise _invalid(["refs"])
-    who = Credentials(args)
     with BrokerClient() as c:
         res = c.call_raw("secret.resolve", {"refs": refs}, **who.creds())
     secrets = res.get("secrets")

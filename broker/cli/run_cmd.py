@@ -23,7 +23,7 @@ from typing import IO
 
 from broker.wire.errors import InvalidParameters
 
-from .auth import AGENT_ENV, TOKEN_ENV
+from .auth import AGENT_ENV, TOKEN_ENV, Credentials
 from .masking import Masker
 from .oneshot import resolve_refs  # lean: `apm run` starts without pydantic
 
@@ -94,7 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = sorted({v for _, v in pairs if v.startswith("apm://")})
     values: dict[str, str] = {}
     if refs:
-        values = resolve_refs(refs, args)
+        who = Credentials(args)
+        values = resolve_refs(refs, who)
     env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, AGENT_ENV)}
     for name, value in pairs:
         env[name] = values.get(value, value)
