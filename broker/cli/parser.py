@@ -5,7 +5,6 @@ command or choice. Stdlib only (the one-shot path uses it too).
 from __future__ import annotations
 
 import argparse
-import difflib
 from typing import Any
 
 
@@ -20,6 +19,8 @@ class Parser(argparse.ArgumentParser):
         if choices is None or value in choices or not isinstance(value, str):
             super()._check_value(action, value)
             return
+        import difflib  # only on a mistake: keeps the one-shot start-up lean
+
         names = [str(c) for c in choices]
         close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
         if not close:  # a prefix or a substring is a good guess too ("pass" -> "passwd")
