@@ -84,7 +84,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         info(
             f"restored version {args.version} of {res.entry.name!r}"
             + (f" field {args.field!r}" if args.field else "")
-            + "; the value it replaced is now version 1"
+            + "; the value it replaced is kept as version 1"
         )
     return 0
 
