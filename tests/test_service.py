@@ -466,8 +466,10 @@ def test_install_with_systemd_reloads_enables_and_reports_systemd(home: Path) ->
             "active",
             True,
         )
-        # the unit's ExecStart --http works: the listener answers, and wants a Bearer token
-        assert httpx2.post(f"http://127.0.0.1:{port}/mcp", timeout=20).status_code == 401
+        # the unit's ExecStart --http works: the broker's own listener answers (no vault yet,
+        # so its lock gate: 503 VAULT_LOCKED, before any token is looked at)
+        r = httpx2.post(f"http://127.0.0.1:{port}/mcp", timeout=20)
+        assert (r.status_code, r.json()["code"]) == (503, "VAULT_LOCKED")
 
         r = svc.apm("broker", "uninstall", "--json")
         assert r.returncode == 0, r.stderr
