@@ -186,6 +186,16 @@ def test_from_file_takes_a_whole_key_and_refuses_a_broken_one(
     proc = apm("add", "ssh_key", "bad2", "--from-stdin", password=PASSWORD, stdin="garbage\n")
     assert proc.returncode == 10
     assert apm("get", "bad", password=PASSWORD).returncode == 6
+    # a passphrase-protected PEM key: its envelope is checked, its sealed part is the person's
+    sealed = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"key passphrase 77"),
+    )
+    register_secret(sealed.decode().strip())
+    (tmp_path / "sealed.pem").write_bytes(sealed)
+    apm.ok("add", "ssh_key", "sealed", "--from-file", str(tmp_path / "sealed.pem"))
+    assert apm.ok("get", "sealed").stdout == sealed.decode()
     proc = apm("add", "ssh_key", "x", "--from-file", str(tmp_path / "missing"), password=PASSWORD)
     assert proc.returncode == 10 and "cannot read" in proc.stderr
     proc = apm("add", "ssh_key", "y", "--from-file", str(good), "--from-stdin", password=PASSWORD)
