@@ -561,6 +561,8 @@ WIRE_SEEDS: dict[str, dict[str, Any]] = {
     "entry.show": {"ref": "seed"},
     "entry.get": {"ref": "seed"},
     "entry.totp": {"ref": "otp"},
+    "entry.history": {"ref": "seed"},
+    "entry.restore": {"ref": "seed", "version": 1},
     "entry.search": {"query": "seed"},
     "entry.edit": {"ref": "seed", "notes": "edited", "secrets": {"password": {"value": SENTINEL}}},
     "entry.remove": {"ref": "key", "space": "work"},

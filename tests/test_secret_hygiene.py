@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from .conftest import PASSWORD, Apm, Broker
 
@@ -26,7 +28,17 @@ API_KEY = "sk-proj-BRAVO-4c2e8a9d7b"
 TOKEN = "glpat-CHARLIE-77ab12cd"
 NOTE_1 = "recovery code DELTA-5512"
 NOTE_2 = "second line ECHO-8830"
-SSH_BODY = "b3BlbnNzaC1rZXktdjEAAAA-FOXTROT-6621"
+# a real key (apm parses a key before saving it); its third line is key material, unique to it
+SSH_KEY = (
+    ed25519.Ed25519PrivateKey.generate()
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    .decode()
+)
+SSH_BODY = SSH_KEY.splitlines()[2]
 DB_PW = "DbPass-GOLF-30c9e1"
 PIN = "pin-INDIA-0042-x"
 ARGV_SECRET = "argv-LIMA-6060-z"
@@ -99,8 +111,7 @@ def test_no_secret_or_password_leaks_anywhere_after_a_full_run(
     run("add", "api_key", "openai", "--field", "service=openai", "--from-stdin", stdin=API_KEY)
     run("add", "token", "gitlab", "--from-stdin", stdin=TOKEN + "\n")
     run("add", "note", "recovery", "--from-stdin", stdin=f"{NOTE_1}\n{NOTE_2}\n")
-    ssh_key = f"-----BEGIN OPENSSH PRIVATE KEY-----\n{SSH_BODY}\n-----END OPENSSH PRIVATE KEY-----"
-    run("add", "ssh_key", "deploy", "--from-stdin", stdin=ssh_key + "\n")
+    run("add", "ssh_key", "deploy", "--from-stdin", stdin=SSH_KEY)
     run("add", "database", "prod-db", "--field", "host=db.local", "--from-stdin", stdin=DB_PW)
     run("add", "totp", "aws-mfa", "--from-stdin", stdin=TOTP_SEED + "\n")
     run("add", "custom", "misc", "--secret-field", "pin", "--from-stdin", stdin=PIN)

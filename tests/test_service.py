@@ -371,9 +371,21 @@ def test_install_without_a_service_manager_starts_a_background_broker_and_says_s
     svc: ServiceEnv,
 ) -> None:
     doc = install(svc)
-    assert doc["manager"] == "background-process"
+    assert (doc["manager"], doc["enabled"], doc["files"]) == (
+        "background-process",
+        False,
+        [str(svc.unit)],
+    )
     pid = doc["pid"]
     assert isinstance(pid, int) and alive(pid)
+    broker = doc["broker"]
+    assert isinstance(broker, dict)
+    assert (broker["pid"], broker["started_by"], broker["started_now"]) == (
+        pid,
+        "background process",
+        True,
+    )
+    assert "broker.server.daemon" in str(broker["command"])  # which installation runs it
     status = svc.apm("status", "--json")
     assert status.returncode == 0, status.stderr
     st = json.loads(svc.apm("broker", "status", "--json").stdout)
@@ -383,10 +395,32 @@ def test_install_without_a_service_manager_starts_a_background_broker_and_says_s
         True,
         pid,
     )
+    # one story: the unit file exists, and nothing enables it here
+    assert st["service_state"] == "unit written, not enabled (no service manager running here)"
+    assert str(st["started_by"]).startswith("background process")
     human = svc.apm("broker", "install")
     assert human.returncode == 0, human.stderr
-    assert "no service manager is running here: started a background process" in human.stderr
+    assert f"wrote {svc.unit}" in human.stderr
+    assert "the unit is written but NOT enabled" in human.stderr
+    assert f"running broker: pid {pid}" in human.stderr and "already running" in human.stderr
     assert ["--user", "enable", "--now", service.UNIT_NAME] not in svc.calls()
+
+
+@pytest.mark.slow
+def test_broker_status_never_says_installed_and_not_installed_at_once(svc: ServiceEnv) -> None:
+    st = json.loads(svc.apm("broker", "status", "--json").stdout)
+    assert (st["unit_installed"], st["service_state"], st["broker_running"]) == (
+        False,
+        "no unit written",
+        False,
+    )
+    assert st["started_by"] is None
+    svc.unit.parent.mkdir(parents=True)
+    svc.unit.write_text(service.render_unit())  # written by hand, or by an earlier install
+    st = json.loads(svc.apm("broker", "status", "--json").stdout)
+    assert st["unit_installed"] is True
+    assert "not installed" not in st["service_state"] and "no unit" not in st["service_state"]
+    assert st["service_state"].startswith("unit written, not enabled")
 
 
 @pytest.mark.slow
@@ -432,8 +466,10 @@ def test_install_with_systemd_reloads_enables_and_reports_systemd(home: Path) ->
             "active",
             True,
         )
-        # the unit's ExecStart --http works: the listener answers, and wants a Bearer token
-        assert httpx2.post(f"http://127.0.0.1:{port}/mcp", timeout=20).status_code == 401
+        # the unit's ExecStart --http works: the broker's own listener answers (no vault yet,
+        # so its lock gate: 503 VAULT_LOCKED, before any token is looked at)
+        r = httpx2.post(f"http://127.0.0.1:{port}/mcp", timeout=20)
+        assert (r.status_code, r.json()["code"]) == (503, "VAULT_LOCKED")
 
         r = svc.apm("broker", "uninstall", "--json")
         assert r.returncode == 0, r.stderr

@@ -132,10 +132,40 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_command(pid: int) -> str | None:
+    """The running broker's command line, to say which installation it is (Linux /proc)."""
+    try:
+        raw = open(f"/proc/{pid}/cmdline", "rb").read()  # noqa: SIM115 - one read
+    except OSError:
+        return None
+    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a) or None
+
+
+def _running_broker(started_by: str, started_now: bool) -> dict[str, object] | None:
+    running = ping()
+    if running is None:
+        return None
+    return {
+        "pid": running.pid,
+        "version": running.version,
+        "command": _process_command(running.pid),
+        "started_by": started_by,
+        "started_now": started_now,
+    }
+
+
+def _describe(broker: dict[str, object]) -> str:
+    how = "started now" if broker["started_now"] else "already running"
+    where = f": {broker['command']}" if broker.get("command") else ""
+    return (
+        f"running broker: pid {broker['pid']}, version {broker['version']}, {how} as a "
+        f"{broker['started_by']}{where}"
+    )
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     m = service.Manager.detect()
     files = service.write_service_files(http=args.http)
-    note = ""
     if m.name != "background-process" and ping() is not None:
         # a broker started by hand (apm init/unlock) holds the socket: hand it to the manager
         cmd_stop(argparse.Namespace(json=False, quiet=True))
@@ -148,6 +178,7 @@ def cmd_install(args: argparse.Namespace) -> int:
             if rc != 0:
                 raise BrokerUnavailable(f"{' '.join(argv)} failed: {out[:300]}")
         pid = _wait_for_broker()
+        started_by, started_now = "systemd user service", True
     elif m.name == "launchd":
         target = f"gui/{os.getuid()}"
         service.run(["launchctl", "bootout", target, str(files[0])])
@@ -155,15 +186,47 @@ def cmd_install(args: argparse.Namespace) -> int:
         if rc != 0:
             raise BrokerUnavailable(f"launchctl bootstrap failed: {out[:300]}")
         pid = _wait_for_broker()
+        started_by, started_now = "launchd agent", True
     else:
-        pid, _ = start_detached(["--http", args.http] if args.http else None)
-        note = "no service manager is running here: started a background process instead"
+        pid, started_now = start_detached(["--http", args.http] if args.http else None)
+        started_by = "background process"
+    enabled = m.name != "background-process"
+    broker = _running_broker(started_by, started_now) or {
+        "pid": pid,
+        "version": None,
+        "command": None,
+        "started_by": started_by,
+        "started_now": started_now,
+    }
     if args.json:
-        emit_json({"manager": m.name, "files": [str(f) for f in files], "pid": pid})
+        emit_json(
+            {
+                "manager": m.name,
+                "files": [str(f) for f in files],
+                "enabled": enabled,
+                "pid": pid,
+                "broker": broker,
+            }
+        )
         return 0
     for f in files:
         info(f"wrote {f}")
-    info(note or f"enabled and started with {m.name} (pid {pid})")
+    if enabled:
+        info(f"enabled and started with {m.name} (pid {pid}); it starts again at login")
+    else:
+        info(
+            "no service manager is running here (no systemd --user session, no launchd): the "
+            "unit is written but NOT enabled, so nothing starts the broker at login or restarts "
+            "it if it stops"
+        )
+        if not started_now:
+            info("a broker was already running; it was left as it is")
+    info(_describe(broker))
+    if not enabled:
+        info(
+            'hint: where systemd --user runs, "apm broker install" again enables the unit; '
+            'until then "apm broker start" (or apm init/unlock) starts a background broker'
+        )
     return 0
 
 
@@ -192,22 +255,35 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     m = _installed_manager()
     detected = service.Manager.detect()
-    state = "not installed"
+    unit = service.plist_path() if detected.name == "launchd" else service.unit_path()
+    written = service.unit_path().exists() or service.plist_path().exists()
     if m.name == "systemd":
         _, state = service.run(["systemctl", "--user", "is-active", service.UNIT_NAME])
     elif m.name == "launchd":
         rc, _ = service.run(["launchctl", "print", f"gui/{os.getuid()}/{service.AGENT_LABEL}"])
         state = "loaded" if rc == 0 else "not loaded"
+    elif written:  # one fact per line: the file exists, and nothing manages it here
+        state = "unit written, not enabled (no service manager running here)"
+    else:
+        state = "no unit written"
     running = ping()
+    managed = (m.name == "systemd" and state == "active") or (
+        m.name == "launchd" and state == "loaded"
+    )
+    started_by = None
+    if running is not None:
+        started_by = m.name if managed else "background process (not managed by a service)"
     doc = {
         "manager": m.name,
         "detected_manager": detected.name,
-        "unit": str(service.plist_path() if detected.name == "launchd" else service.unit_path()),
-        "unit_installed": service.unit_path().exists() or service.plist_path().exists(),
+        "unit": str(unit),
+        "unit_installed": written,
         "service_state": state,
         "broker_running": running is not None,
         "pid": running.pid if running else None,
         "version": running.version if running else None,
+        "started_by": started_by,
+        "command": _process_command(running.pid) if running else None,
     }
     if args.json:
         emit_json(doc)
@@ -257,8 +333,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="allow a non-loopback --http address (needs --tls-cert and --tls-key)",
     )
-    run.add_argument("--tls-cert")
-    run.add_argument("--tls-key")
+    run.add_argument("--tls-cert", metavar="PEM", help="certificate for a non-loopback --http")
+    run.add_argument("--tls-key", metavar="PEM", help="its private key")
     run.set_defaults(func=cmd_run)
     start = bsub.add_parser("start", help="start the broker as a background process")
     start.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,14 +1,20 @@
 """`apm add|ls|search|show|get|edit|rm|totp`: working with entries through the broker.
 
 Rules:
-- Secret field values are prompted without echo or read with --from-stdin; never from argv.
+- Secret field values are prompted without echo or read with --from-stdin, --from-file or
+  --editor; never from argv. Multi-line fields (keys, notes) are read until EOF (Ctrl-D).
+- An ssh_key's private_key is parsed before it is sent; a broken key is refused.
 - `get` writes the value to stdout and nothing else; messages go to stderr.
+- `get` and `totp` with a session take oneshot's lean path; `cmd_get`/`cmd_totp` here are the
+  full (pydantic) path, for the owner, and tests hold the two to the same behaviour.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pydantic import SecretStr
 
 from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES, EntryMeta
 from broker.wire.errors import InvalidParameters
@@ -22,10 +28,11 @@ from broker.wire.protocol import (
     SecretValue,
 )
 
+from . import oneshot
 from .auth import Credentials
 from .client import BrokerClient
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
-from .prompt import Input
+from .prompt import Input, read_file_value
 
 
 def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -38,24 +45,71 @@ def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
     return out
 
 
+def _value_source(
+    args: argparse.Namespace, owner: Credentials, target: str, required: bool = True
+) -> SecretStr | None:
+    """The one value --from-stdin, --from-file or --editor gives (None: none of them used)."""
+    chosen = [
+        flag
+        for flag, used in (
+            ("--from-stdin", args.from_stdin),
+            ("--from-file", args.from_file),
+            ("--editor", args.editor),
+        )
+        if used
+    ]
+    if len(chosen) > 1:
+        raise InvalidParameters(
+            f"{' and '.join(chosen)} both give a value; use one", hint="pick one way in"
+        )
+    if args.from_file:
+        return read_file_value(target, args.from_file)
+    if args.from_stdin:
+        owner.prime()  # the password line comes first on stdin
+        return owner.input.secret_from_stdin(target)
+    if args.editor:
+        owner.prime()  # asked before the editor takes the terminal
+        from .editor import edit_secret
+
+        return edit_secret(target, required)
+    return None
+
+
+def _check_values(type_: str, out: dict[str, SecretValue]) -> None:
+    if type_ == "ssh_key" and "private_key" in out:
+        from .ssh_keys import check_private_key
+
+        check_private_key(out["private_key"].value.get_secret_value())
+
+
 def _secrets(
+    args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
+) -> dict[str, SecretValue]:
+    out = _secret_values(args, owner, type_, adding)
+    _check_values(type_, out)
+    return out
+
+
+def _secret_values(
     args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
     spec = ENTRY_TYPES[type_]
     wanted = list(args.secret_field or [])
+    wanted += [n for n in args.multiline or [] if n not in wanted]
+    multiline = {f.name for f in spec.fields if f.multiline} | set(args.multiline or [])
     plain = set(_kv(args.field, "--field"))
     for f in spec.fields:
         if f.secret and f.name in plain:
             raise InvalidParameters(
                 f"{f.name!r} is a secret field and cannot be given on the command line",
-                hint="leave it out to be prompted, or use --from-stdin",
+                hint="leave it out to be prompted, or use --from-stdin, --from-file or --editor",
             )
-    if args.from_stdin:
+    if args.from_stdin or args.from_file or args.editor:
         target = wanted[0] if wanted else spec.primary
         if target is None:
             raise InvalidParameters("name the secret field with --secret-field F")
-        owner.prime()  # the password line comes first on stdin
-        return {target: SecretValue(value=owner.input.secret_from_stdin(target))}
+        value = _value_source(args, owner, target)
+        return {target: SecretValue(value=value)} if value is not None else {}
     out: dict[str, SecretValue] = {}
     if adding:
         fields = [(f.name, f.required) for f in spec.fields if f.secret]
@@ -67,12 +121,15 @@ def _secrets(
         if missing:
             raise InvalidParameters(
                 f"secret field {missing[0]!r} needs a value and there is no terminal",
-                hint="pipe it in with --from-stdin",
+                hint="pipe it in with --from-stdin, or use --from-file PATH",
             )
         return out
     owner.prime()
     for name, required in fields:
-        value = owner.input.secret_prompt(name, required)
+        if name in multiline:
+            value = owner.input.secret_lines(name, required)
+        else:
+            value = owner.input.secret_prompt(name, required)
         if value is not None:
             out[name] = SecretValue(value=value)
     return out
@@ -237,9 +294,28 @@ def _secret_opts(p: argparse.ArgumentParser) -> None:
         help="a secret field to set (prompted without echo, or read by --from-stdin)",
     )
     p.add_argument(
+        "--multiline",
+        action="append",
+        metavar="F",
+        help="secret field F is multi-line: read at the prompt until Ctrl-D (ssh_key "
+        "private_key and note content always are)",
+    )
+    p.add_argument(
         "--from-stdin",
         action="store_true",
         help="read the secret value from stdin (after the password line with --password-stdin)",
+    )
+    p.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="read the secret value from a file (e.g. a private key); one trailing newline "
+        "is dropped",
+    )
+    p.add_argument(
+        "--editor",
+        action="store_true",
+        help="write the secret value in $VISUAL/$EDITOR (a 0600 file in a private directory, "
+        "removed afterwards)",
     )
 
 
@@ -254,69 +330,63 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=f"Add an entry. Types and fields (* = secret): {types}; custom takes any "
         "field names. Secret fields are prompted for without echo, or read with --from-stdin.",
     )
-    p.add_argument("type", choices=ENTRY_TYPE_NAMES, metavar="TYPE")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("type", choices=ENTRY_TYPE_NAMES, metavar="TYPE", help="the entry type (above)")
+    p.add_argument("name", metavar="NAME", help="the entry's name, unique within its space")
     p.add_argument("--space", help="space to add it to (default: default)")
     p.add_argument("--field", action="append", metavar="K=V", help="a non-secret field")
-    p.add_argument("--tag", action="append", metavar="T")
-    p.add_argument("--url")
+    p.add_argument("--tag", action="append", metavar="T", help="a tag (repeatable)")
+    p.add_argument("--url", help="the site or service it belongs to")
     p.add_argument("--notes", help="non-secret notes (use a note entry for secret text)")
     _secret_opts(p)
     _common(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("ls", help="list entries (metadata only)")
-    p.add_argument("--space")
-    p.add_argument("--type", choices=ENTRY_TYPE_NAMES)
-    p.add_argument("--tag")
+    p.add_argument("--space", help="only entries in this space")
+    p.add_argument("--type", choices=ENTRY_TYPE_NAMES, help="only entries of this type")
+    p.add_argument("--tag", help="only entries with this tag")
     _common(p)
     p.set_defaults(func=cmd_ls)
 
     p = sub.add_parser("search", help="fuzzy search over names, usernames, urls, tags, notes")
-    p.add_argument("query")
-    p.add_argument("--space")
-    p.add_argument("--type", choices=ENTRY_TYPE_NAMES)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("query", help="words to look for (typos are forgiven)")
+    p.add_argument("--space", help="only entries in this space")
+    p.add_argument("--type", choices=ENTRY_TYPE_NAMES, help="only entries of this type")
+    p.add_argument("--limit", type=int, default=50, help="at most this many hits (default 50)")
     _common(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("show", help="show an entry's metadata (never its secrets)")
     p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
+    p.add_argument("--space", help="the space the entry is in (needed if the name is in several)")
     _common(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("get", help="print one secret value to stdout")
-    p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
-    p.add_argument("--field", help="field to print (default: the type's main secret)")
-    p.add_argument("-n", "--no-newline", action="store_true", help="no trailing newline")
-    _common(p, json_flag=False)
+    p = sub.add_parser("get", help=oneshot.GET_HELP)
+    oneshot.get_arguments(p)  # one definition for the lean path and this one
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("edit", help="change an entry; --secret-field F sets a new secret value")
     p.add_argument("name", help="entry name or id")
     p.add_argument("--space", help="the space the entry is in")
-    p.add_argument("--rename", metavar="NEW_NAME")
-    p.add_argument("--move-to", metavar="SPACE")
-    p.add_argument("--field", action="append", metavar="K=V")
-    p.add_argument("--remove-field", action="append", metavar="F")
+    p.add_argument("--rename", metavar="NEW_NAME", help="give the entry a new name")
+    p.add_argument("--move-to", metavar="SPACE", help="move the entry to another space")
+    p.add_argument("--field", action="append", metavar="K=V", help="set a non-secret field")
+    p.add_argument("--remove-field", action="append", metavar="F", help="remove a field")
     p.add_argument("--tag", action="append", metavar="T", help="add a tag")
     p.add_argument("--untag", action="append", metavar="T", help="remove a tag")
-    p.add_argument("--url")
-    p.add_argument("--notes")
+    p.add_argument("--url", help="set the url")
+    p.add_argument("--notes", help="set the non-secret notes")
     _secret_opts(p)
     _common(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("rm", help="remove an entry")
     p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
+    p.add_argument("--space", help="the space the entry is in (needed if the name is in several)")
     _common(p)
     p.set_defaults(func=cmd_rm)
 
-    p = sub.add_parser("totp", help="print the current TOTP code of an entry")
-    p.add_argument("name", help="entry name or id")
-    p.add_argument("--space")
-    _common(p)
+    p = sub.add_parser("totp", help=oneshot.TOTP_HELP)
+    oneshot.totp_arguments(p)
     p.set_defaults(func=cmd_totp)

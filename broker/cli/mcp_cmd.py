@@ -287,25 +287,44 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _delegate_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--client", required=True, choices=sorted(CLIENTS))
+    p.add_argument(
+        "--client", required=True, choices=sorted(CLIENTS), help="the AI client to set up"
+    )
     p.add_argument("--name", default=SERVER_NAME, help="server name in the config (default apm)")
-    p.add_argument("--label")
-    p.add_argument("--scope", choices=("read", "secrets", "write", "admin"), default="read")
+    p.add_argument("--label", help="a name for the session in listings and the audit log")
+    p.add_argument(
+        "--scope",
+        choices=("read", "secrets", "write", "admin"),
+        default="read",
+        help="cumulative: read < secrets < write < admin (default read)",
+    )
     p.add_argument("--ttl", type=_duration, default=parse_duration("30d"), help="default 30d")
-    p.add_argument("--idle", type=_duration)
-    p.add_argument("--max-uses", type=int)
-    p.add_argument("--bind-host", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--idle", type=_duration, help="end the session after this long unused")
+    p.add_argument("--max-uses", type=int, metavar="N", help="end the session after N requests")
+    p.add_argument(
+        "--bind-host",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="only this machine and user (default on)",
+    )
     p.add_argument("--agent-exe", metavar="PATH", help="bind to this executable instead")
     p.add_argument(
         "--no-agent-binding",
         action="store_true",
         help="do not bind to the client's agent profile (not recommended)",
     )
-    p.add_argument("--pin", action="store_true")
-    p.add_argument("--approve", choices=("agent", "client", "owner"), default="agent")
-    p.add_argument("--space", action="append", metavar="S")
-    p.add_argument("--tag", action="append", metavar="T")
-    p.add_argument("--entries", action="append", metavar="GLOB")
+    p.add_argument(
+        "--pin", action="store_true", help="bind to the first process tree that uses the session"
+    )
+    p.add_argument(
+        "--approve",
+        choices=("agent", "client", "owner"),
+        default="agent",
+        help="who approves writes: the agent (default), the person in the client, or the owner",
+    )
+    p.add_argument("--space", action="append", metavar="S", help="only entries in these spaces")
+    p.add_argument("--tag", action="append", metavar="T", help="only entries with these tags")
+    p.add_argument("--entries", action="append", metavar="GLOB", help="only names matching")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--password-stdin",
@@ -333,9 +352,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inst.add_argument("--config", help="config file to edit (default: the client's own)")
     inst.set_defaults(func=cmd_install)
     un = msub.add_parser("uninstall", help="remove apm from a client's config; revoke its session")
-    un.add_argument("--client", required=True, choices=sorted(CLIENTS))
-    un.add_argument("--name", default=SERVER_NAME)
-    un.add_argument("--config")
+    un.add_argument(
+        "--client", required=True, choices=sorted(CLIENTS), help="the AI client to remove apm from"
+    )
+    un.add_argument("--name", default=SERVER_NAME, help="server name in the config (default apm)")
+    un.add_argument("--config", help="config file to edit (default: the client's own)")
     un.add_argument("--json", action="store_true")
     un.set_defaults(func=cmd_uninstall)
     cfg = msub.add_parser("config", help="print the config snippet (and Cursor's deeplink)")

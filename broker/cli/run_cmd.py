@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import IO
 
 from broker.wire.errors import InvalidParameters
-from broker.wire.protocol import SecretResolveParams
 
 from .auth import AGENT_ENV, TOKEN_ENV, Credentials
-from .client import BrokerClient
 from .masking import Masker
+from .oneshot import resolve_refs  # lean: `apm run` starts without pydantic
 
 FORWARDED = (
     signal.SIGINT,
@@ -96,9 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     values: dict[str, str] = {}
     if refs:
         who = Credentials(args)
-        with BrokerClient() as c:
-            res = c.call("secret.resolve", SecretResolveParams(refs=refs), **who.creds())
-        values = {s.ref: s.value.get_secret_value() for s in res.secrets}
+        values = resolve_refs(refs, who)
     env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, AGENT_ENV)}
     for name, value in pairs:
         env[name] = values.get(value, value)
@@ -137,7 +134,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "replace every occurrence of a value in its output with <concealed by apm>, and exit "
         "with its exit code.",
     )
-    p.add_argument("--env", action="append", metavar="NAME=apm://SPACE/ENTRY/FIELD")
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="NAME=apm://SPACE/ENTRY/FIELD",
+        help="set NAME in the child's environment to this secret (repeatable)",
+    )
     p.add_argument(
         "--env-file",
         action="append",

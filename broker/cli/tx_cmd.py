@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.add_argument("--pending", action="store_true", help="only those waiting for a decision")
     for name, text in (("approve", "approve a write (master password)"), ("deny", "deny a write")):
         d = tsub.add_parser(name, help=text)
-        d.add_argument("tx_id")
+        d.add_argument("tx_id", help="the transaction id (see apm tx ls)")
         d.add_argument("--reason", help="recorded and shown to the agent")
         d.add_argument("--json", action="store_true")
         d.add_argument(

@@ -19,6 +19,7 @@ from .broker_cmd import start_detached
 from .client import BrokerClient
 from .output import emit_json, info
 from .prompt import Input
+from .strength import check_master_password
 
 
 def _client_autostart() -> BrokerClient:
@@ -46,6 +47,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 hint='unlock it with "apm unlock", or set APM_VAULT_PATH for another one',
             )
         password = inp.new_password("master password")
+        check_master_password(password, allow_weak=args.allow_weak)
         info(f"deriving the key ({args.profile} profile)...")
         res = c.call("vault.init", InitParams(profile=args.profile), password=password)
     if args.json:
@@ -119,6 +121,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     with BrokerClient() as c:
         current = inp.password("current master password")
         new = inp.new_password("new master password")
+        check_master_password(new, allow_weak=args.allow_weak)
         c.call("vault.passwd", PasswdParams(new_password=new), password=current)
     info("master password changed; entries untouched (only the data key was re-wrapped)")
     return 0
@@ -163,6 +166,14 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _allow_weak(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-weak",
+        action="store_true",
+        help="accept a master password the strength check calls weak (it still warns)",
+    )
+
+
 def _pw(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--password-stdin",
@@ -181,6 +192,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true")
     _pw(p)
+    _allow_weak(p)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("unlock", help="unlock the vault in the broker (starts it if needed)")
@@ -202,6 +214,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="read the current password, then the new one, one per line from stdin",
     )
+    _allow_weak(p)
     p.set_defaults(func=cmd_passwd)
 
     p = sub.add_parser("profile", help="show or change the vault's key-derivation profile")
@@ -211,7 +224,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _pw(show)
     show.set_defaults(func=cmd_profile)
     setp = psub.add_parser("set", help="re-wrap the data key with another profile")
-    setp.add_argument("profile", choices=KDF_PROFILE_NAMES)
+    setp.add_argument(
+        "profile", choices=KDF_PROFILE_NAMES, help="interactive, standard or hardened (see init)"
+    )
     setp.add_argument("--json", action="store_true")
     _pw(setp)
     setp.set_defaults(func=cmd_profile)

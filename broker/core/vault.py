@@ -405,6 +405,19 @@ class Vault:
             return field, stored.value or ""
         return field, self._open(entry.id, field, stored.sealed or "")
 
+    def previous(self, entry: StoredEntry, field: str, version: int) -> str:
+        """Open a secret field's value from `version` changes ago (1 = the one before now)."""
+        stored = entry.fields.get(field)
+        if stored is None or not stored.secret:
+            raise EntryNotFound("entry has no such secret field", data={"field": field})
+        if not 1 <= version <= len(stored.history):
+            raise EntryNotFound(
+                "no such previous version",
+                hint=f'run "apm history {entry.name}" to list the versions kept',
+                data={"field": field, "version": version, "kept": len(stored.history)},
+            )
+        return self._open(entry.id, field, stored.history[version - 1].sealed)
+
     def _open(self, entry_id: str, field: str, sealed: str) -> str:
         try:
             return self._cipher.open(base64.b64decode(sealed), _field_ad(entry_id, field)).decode()

@@ -34,6 +34,7 @@ from . import (
     dispatch,
     handlers,
     hardening,
+    history_handlers,
     limits,
     mcp_routes,
     request_handlers,
@@ -52,6 +53,7 @@ _ = (
     mcp_routes,
     audit_handlers,
     tx_handlers,
+    history_handlers,
 )  # importing them registers the routes
 
 

@@ -12,6 +12,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .limits import DEFAULT_SPACE as DEFAULT_SPACE  # re-exported: entries has always named them
+from .limits import FIELD_NAME_PATTERN as FIELD_NAME_PATTERN
+from .limits import NAME_MAX as NAME_MAX
+from .limits import SPACE_PATTERN as SPACE_PATTERN
+from .limits import TAG_MAX as TAG_MAX
+from .limits import VALUE_MAX as VALUE_MAX
+
 EntryType = Literal["login", "totp", "api_key", "token", "ssh_key", "database", "note", "custom"]
 ENTRY_TYPE_NAMES: tuple[str, ...] = (
     "login",
@@ -24,19 +31,13 @@ ENTRY_TYPE_NAMES: tuple[str, ...] = (
     "custom",
 )
 
-NAME_MAX = 200
-FIELD_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-VALUE_MAX = 64 * 1024
-TAG_MAX = 64
-SPACE_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-DEFAULT_SPACE = "default"
-
 
 class FieldSpec(BaseModel):
     model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     secret: bool = False
     required: bool = False
+    multiline: bool = False  # read until EOF at a prompt (keys, notes), not one line
 
 
 class TypeSpec(BaseModel):
@@ -47,8 +48,10 @@ class TypeSpec(BaseModel):
     free_fields: bool = False  # custom: any named field
 
 
-def _f(name: str, *, secret: bool = False, required: bool = False) -> FieldSpec:
-    return FieldSpec(name=name, secret=secret, required=required)
+def _f(
+    name: str, *, secret: bool = False, required: bool = False, multiline: bool = False
+) -> FieldSpec:
+    return FieldSpec(name=name, secret=secret, required=required, multiline=multiline)
 
 
 ENTRY_TYPES: dict[str, TypeSpec] = {
@@ -82,7 +85,7 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
     "ssh_key": TypeSpec(
         name="ssh_key",
         fields=(
-            _f("private_key", secret=True, required=True),
+            _f("private_key", secret=True, required=True, multiline=True),
             _f("public_key"),
             _f("passphrase", secret=True),
         ),
@@ -100,7 +103,9 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
         primary="password",
     ),
     "note": TypeSpec(
-        name="note", fields=(_f("content", secret=True, required=True),), primary="content"
+        name="note",
+        fields=(_f("content", secret=True, required=True, multiline=True),),
+        primary="content",
     ),
     "custom": TypeSpec(name="custom", fields=(), primary=None, free_fields=True),
 }

@@ -286,6 +286,32 @@ class EntryRemoveResult(Wire):
     name: str
 
 
+class EntryHistoryParams(EntryRef):
+    reveal: bool = False  # previous values in clear: the owner only
+
+
+class SecretVersion(Wire):
+    field: str
+    version: int  # 0 = the current value, 1 = the one before it, ...
+    replaced_at: datetime | None  # None for the current value
+    value: SecretStr | None = None  # only with reveal
+
+    @field_serializer("value")
+    def _ser(self, v: SecretStr | None, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class EntryHistoryResult(Wire):
+    id: str
+    name: str
+    versions: list[SecretVersion]
+
+
+class EntryRestoreParams(EntryRef):
+    field: str | None = Field(default=None, pattern=FIELD_NAME_PATTERN)
+    version: int = Field(ge=1, le=1000)
+
+
 class TotpResult(Wire):
     id: str
     name: str
@@ -588,6 +614,8 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "entry.edit": (EntryEditParams, EntryResult),
     "entry.remove": (EntryRemoveParams, EntryRemoveResult),
     "entry.totp": (EntryRef, TotpResult),
+    "entry.history": (EntryHistoryParams, EntryHistoryResult),
+    "entry.restore": (EntryRestoreParams, EntryResult),
     "space.list": (Empty, SpaceListResult),
     "space.add": (SpaceAddParams, SpaceInfo),
     "space.rename": (SpaceRenameParams, SpaceInfo),
