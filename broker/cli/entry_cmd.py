@@ -24,6 +24,8 @@ from broker.wire.protocol import (
 
 from .auth import Credentials
 from .client import BrokerClient
+from .generate_cmd import add_options as add_generate_options
+from .generate_cmd import generated_secrets
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
 from .prompt import Input
 
@@ -41,6 +43,8 @@ def _kv(pairs: list[str] | None, what: str) -> dict[str, str]:
 def _secrets(
     args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
+    if getattr(args, "generate", False):
+        return generated_secrets(args, type_)
     spec = ENTRY_TYPES[type_]
     wanted = list(args.secret_field or [])
     plain = set(_kv(args.field, "--field"))
@@ -166,6 +170,11 @@ def cmd_get(args: argparse.Namespace) -> int:
             EntryGetParams(ref=args.name, space=args.space, field=args.field),
             **owner.creds(),
         )
+    if args.clip:
+        from .clipboard import copy_and_schedule_clear
+
+        copy_and_schedule_clear(res.value.get_secret_value(), args.clear_after)
+        return 0
     sys.stdout.write(res.value.get_secret_value() + ("" if args.no_newline else "\n"))
     sys.stdout.flush()
     return 0
@@ -262,6 +271,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--url")
     p.add_argument("--notes", help="non-secret notes (use a note entry for secret text)")
     _secret_opts(p)
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="fill the main secret field (or --secret-field F) with a generated password",
+    )
+    add_generate_options(p)
     _common(p)
     p.set_defaults(func=cmd_add)
 
@@ -291,6 +306,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--space")
     p.add_argument("--field", help="field to print (default: the type's main secret)")
     p.add_argument("-n", "--no-newline", action="store_true", help="no trailing newline")
+    p.add_argument("--clip", action="store_true", help="copy to the clipboard instead of printing")
+    p.add_argument(
+        "--clear-after",
+        type=int,
+        default=20,
+        metavar="S",
+        help="with --clip: clear it after S seconds if it still holds the value (default 20)",
+    )
     _common(p, json_flag=False)
     p.set_defaults(func=cmd_get)
 

@@ -15,6 +15,7 @@ from . import (
     broker_cmd,
     doctor_cmd,
     entry_cmd,
+    generate_cmd,
     mcp_cmd,
     request_cmd,
     run_cmd,
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     vault_cmd.register(sub)
     entry_cmd.register(sub)
+    generate_cmd.register(sub)
     space_cmd.register(sub)
     session_cmd.register(sub)
     mcp_cmd.register(sub)

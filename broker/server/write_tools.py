@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +39,7 @@ from broker.wire.errors import (
     SpaceNotFound,
     TransactionConflict,
 )
+from broker.wire.passwords import generate_password
 from broker.wire.protocol import (
     EntryAddParams,
     EntryEditParams,
@@ -301,23 +300,9 @@ async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
 
 
 def generate(a: GeneratePasswordArgs) -> str:
-    classes = [
-        c
-        for on, c in (
-            (a.lowercase, string.ascii_lowercase),
-            (a.uppercase, string.ascii_uppercase),
-            (a.digits, string.digits),
-            (a.symbols, "!#$%&()*+,-./:;<=>?@[]^_{|}~"),
-        )
-        if on
-    ]
-    if not classes:
-        raise InvalidParameters("choose at least one character class")
-    alphabet = "".join(classes)
-    while True:
-        value = "".join(secrets.choice(alphabet) for _ in range(a.length))
-        if all(any(ch in c for ch in value) for c in classes):
-            return value
+    return generate_password(
+        a.length, lowercase=a.lowercase, uppercase=a.uppercase, digits=a.digits, symbols=a.symbols
+    )
 
 
 async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
