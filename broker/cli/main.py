@@ -13,6 +13,7 @@ from broker.wire.errors import ApmError
 from . import (
     audit_cmd,
     broker_cmd,
+    credential_cmd,
     doctor_cmd,
     entry_cmd,
     generate_cmd,
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.register(sub)
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
+    credential_cmd.register(sub)
     return parser
 
 
