@@ -16,6 +16,7 @@ from . import (
     credential_cmd,
     doctor_cmd,
     entry_cmd,
+    env_cmd,
     generate_cmd,
     mcp_cmd,
     request_cmd,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     tx_cmd.register(sub)
     request_cmd.register(sub)
     run_cmd.register(sub)
+    env_cmd.register(sub)
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
     credential_cmd.register(sub)
