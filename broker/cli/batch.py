@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from broker.wire.entries import NAME_MAX, EntryMeta
-from broker.wire.errors import ApmError, InvalidParameters, SpaceNotFound
+from broker.wire.errors import AlreadyExists, ApmError, InvalidParameters, SpaceNotFound
 from broker.wire.protocol import (
     Empty,
     EntryAddParams,
@@ -138,6 +138,10 @@ def _chunks(items: Sequence[EntryAddParams]) -> list[list[EntryAddParams]]:
     return out
 
 
+class _Refused(Exception):
+    pass
+
+
 def _add_batch(
     client: BrokerClient, creds: dict[str, Any], chunk: list[EntryAddParams]
 ) -> list[str] | None:
@@ -148,7 +152,11 @@ def _add_batch(
     except InvalidParameters as exc:
         if exc.message == "unknown method" or exc.data.get("method") == BATCH_METHOD:
             return None
-        raise
+        raise _Refused() from exc
+    except (AlreadyExists, SpaceNotFound) as exc:
+        # one entry the vault refuses fails the whole (all-or-nothing) batch: the per-entry
+        # path then adds the others and names the one that failed
+        raise _Refused() from exc
     entries = raw.get("entries") or raw.get("added") or []
     names = [e.get("name", "") if isinstance(e, dict) else str(e) for e in entries]
     return names or [p.name for p in chunk]
@@ -212,15 +220,20 @@ def commit_entries(
                     summary.failed.append((p.name, exc.code))
             progress.advance()
     renamed_to = {new for _, new in summary.renamed}
-    batch_ok = True
+    batch_ok = True  # until the broker says it has no batch method
     for chunk in _chunks(to_add):
-        names = _add_batch(client, creds, chunk) if batch_ok else None
+        names = None
+        if batch_ok:
+            try:
+                names = _add_batch(client, creds, chunk)
+                batch_ok = names is not None
+            except _Refused:
+                pass
         if names is not None:
             summary.used_batch = True
             summary.added.extend(p.name for p in chunk if p.name not in renamed_to)
             progress.advance(len(chunk))
             continue
-        batch_ok = False
         for p in chunk:
             try:
                 client.call("entry.add", p, **creds)

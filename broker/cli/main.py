@@ -18,6 +18,7 @@ from . import (
     entry_cmd,
     env_cmd,
     generate_cmd,
+    import_cmd,
     mcp_cmd,
     request_cmd,
     run_cmd,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     request_cmd.register(sub)
     run_cmd.register(sub)
     env_cmd.register(sub)
+    import_cmd.register(sub)
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
     credential_cmd.register(sub)
