@@ -13,6 +13,7 @@ from broker.wire.errors import ApmError
 from . import (
     audit_cmd,
     broker_cmd,
+    completion_cmd,
     credential_cmd,
     doctor_cmd,
     entry_cmd,
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
     credential_cmd.register(sub)
+    completion_cmd.register(sub)
     return parser
 
 
