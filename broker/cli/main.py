@@ -21,6 +21,7 @@ from . import (
     generate_cmd,
     import_cmd,
     mcp_cmd,
+    plugin_cmd,
     request_cmd,
     run_cmd,
     session_cmd,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_cmd.register(sub)
     env_cmd.register(sub)
     import_cmd.register(sub)
+    plugin_cmd.register(sub)
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
     credential_cmd.register(sub)

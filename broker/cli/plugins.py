@@ -74,7 +74,7 @@ def load_target(plugin: Plugin) -> Any:
 
 
 def enabled_names(path: Path | None = None) -> set[str]:
-    from .plugin_state import read_enabled
+    from broker.plugin_state import read_enabled
 
     return read_enabled(path)
 

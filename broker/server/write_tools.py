@@ -171,6 +171,7 @@ class Plan:
     entry_id: str | None = None
     base_updated_at: datetime | None = None
     generated: str | None = None
+    owner_only: bool = False  # the owner approves, whatever the session's policy (plugins)
 
 
 Build = Callable[[Context, Any], Awaitable[Plan]]
@@ -363,7 +364,7 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         params=plan.params,
         raw_args=raw,
         preview=plan.preview,
-        policy=rec.approve,
+        policy="owner" if plan.owner_only else rec.approve,
         entry_id=plan.entry_id,
         base_updated_at=plan.base_updated_at,
         extra={"generated": plan.generated} if plan.generated else {},
@@ -373,13 +374,13 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         "agent": "this session may commit it itself",
         "client": "the person will be asked to confirm in the client",
         "owner": 'the owner approves it with "apm tx approve"',
-    }[rec.approve]
+    }["owner" if plan.owner_only else rec.approve]
     return WriteOut(
         status="pending",
         tx_id=tx.tx_id,
         tool=tool,
         preview=tx.preview,
-        policy=rec.approve,
+        policy=tx.policy,
         expires_at=tx.expires_at,
         next_step=f"{_commit_hint(tool, tx.tx_id)}; {who}",
     )

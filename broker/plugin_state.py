@@ -1,5 +1,8 @@
 """Which third-party plugins the owner enabled: `plugins.json` in apm's config directory.
 
+Shared by the CLI (`apm plugin enable|disable`, importers) and the broker (the committed
+`install_plugin` transaction); it imports nothing but the stdlib and `broker.paths`.
+
 Rules:
 - Written atomically with mode 0600; a missing or unreadable file means "none enabled".
 - Built-ins are always on and never listed here.
