@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from broker.cli.completion_cmd import bash, fish, man, zsh
+from broker.cli.completion import bash, fish, man, zsh
 from broker.cli.main import build_parser
 
 TOP = sorted(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]

@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import IO
-
-from pydantic import SecretStr
+from typing import IO, TYPE_CHECKING
 
 from broker.wire.errors import InvalidParameters
 
-from .auth import Credentials
-from .client import BrokerClient
-from .credential_store import LoginStore, Target, space_from_env, username_of
+if TYPE_CHECKING:
+    from .credential_store import Target
 
 TAG = "git-credential"
 MAX_INPUT = 64 * 1024
@@ -50,6 +47,8 @@ def read_request(stream: IO[str]) -> dict[str, str]:
 
 
 def target_of(req: dict[str, str]) -> Target:
+    from .credential_store import Target
+
     if req.get("url") and not req.get("host"):
         t = Target.from_url(req["url"])
         if t is None:
@@ -67,6 +66,12 @@ def _safe(value: str, what: str) -> str:
 
 
 def cmd_credential(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
+    from .auth import Credentials
+    from .client import BrokerClient
+    from .credential_store import LoginStore, space_from_env, username_of
+
     req = read_request(sys.stdin)
     want = target_of(req)
     who = Credentials(args)

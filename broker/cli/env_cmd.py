@@ -18,26 +18,21 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
-from pydantic import SecretStr
-
-from broker.wire.entries import NAME_MAX
 from broker.wire.errors import InternalError, InvalidParameters
-from broker.wire.protocol import EntryAddParams, SecretResolveParams, SecretValue
 
-from .auth import Credentials
-from .batch import commit_entries, print_summary
-from .client import BrokerClient
-from .env_scan import classify, env_files, parse_lines, read_small, scan_text
 from .output import info, table
+
+# the rest is imported inside the commands: `apm` start-up stays lean for every other command
 
 FIELD = "key"
 RESOLVE_CHUNK = 64
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
+    from .env_scan import env_files, read_small, scan_text
+
     root = Path(args.dir)
     if not root.exists():
         raise InvalidParameters(f"no such file or directory: {args.dir}")
@@ -90,6 +85,8 @@ def _write_backup(path: Path, data: bytes) -> Path:
 
 
 def _replace_file(path: Path, text: str) -> None:
+    import tempfile
+
     mode = path.stat().st_mode & 0o777
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -110,6 +107,16 @@ def _replace_file(path: Path, text: str) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from pydantic import SecretStr
+
+    from broker.wire.entries import NAME_MAX
+    from broker.wire.protocol import EntryAddParams, SecretResolveParams, SecretValue
+
+    from .auth import Credentials
+    from .batch import commit_entries, print_summary
+    from .client import BrokerClient
+    from .env_scan import classify, parse_lines
+
     path = Path(args.file)
     if not path.is_file():
         raise InvalidParameters(f"no such file: {args.file}")

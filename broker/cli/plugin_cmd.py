@@ -15,14 +15,9 @@ import argparse
 import json
 import sys
 
-from broker.plugin_state import read_enabled, write_enabled
 from broker.wire.errors import EntryNotFound, InvalidParameters
-from broker.wire.protocol import TxListParams
 
-from .auth import Credentials
-from .client import BrokerClient
 from .output import info, table
-from .plugins import discover
 
 
 def _state(name: str, builtin: bool, enabled: set[str]) -> str:
@@ -32,6 +27,10 @@ def _state(name: str, builtin: bool, enabled: set[str]) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from broker.plugin_state import read_enabled
+
+    from .plugins import discover
+
     enabled = read_enabled()
     plugins = discover()
     rows = [
@@ -56,6 +55,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _find(name: str) -> list[str]:
     """Entry-point names matching NAME: one plugin (KIND.NAME) or a whole distribution."""
+    from .plugins import discover
+
     plugins = discover()
     hits = [p for p in plugins if p.name == name or p.dist == name]
     if not hits:
@@ -69,6 +70,12 @@ def _find(name: str) -> list[str]:
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
+    from broker.plugin_state import read_enabled, write_enabled
+    from broker.wire.protocol import TxListParams
+
+    from .auth import Credentials
+    from .client import BrokerClient
+
     names = _find(args.name)
     owner = Credentials(args, owner_only=True)
     with BrokerClient() as c:
@@ -81,6 +88,10 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 
 def cmd_disable(args: argparse.Namespace) -> int:
+    from broker.plugin_state import read_enabled, write_enabled
+
+    from .plugins import discover
+
     enabled = read_enabled()
     names = {n for n in enabled if n == args.name} or {
         p.name for p in discover() if p.dist == args.name and p.name in enabled
