@@ -42,11 +42,15 @@ class FakeBroker:
         if method == batch.BATCH_METHOD:
             if not self.has_batch:
                 raise InvalidParameters("unknown method", data={"method": method})
-            names = [e["name"] for e in params["entries"]]
-            if any(n in self.names or n == "refused" for n in names):
-                raise AlreadyExists()
-            self.names.update(names)
-            return {"entries": [{"name": n} for n in names]}
+            assert params["atomic"] is False
+            added, refused = [], []
+            for i, e in enumerate(params["entries"]):
+                if e["name"] in self.names or e["name"] == "refused":
+                    refused.append({"index": i, "code": "ALREADY_EXISTS", "message": "exists"})
+                else:
+                    self.names.add(e["name"])
+                    added.append("id-" + e["name"])
+            return {"added": added, "refused": refused}
         raise AssertionError(method)
 
     def call(self, method: str, params: BaseModel | None = None, **kw: Any) -> Any:
@@ -92,12 +96,14 @@ def test_a_broker_without_it_gets_one_add_per_entry() -> None:
     assert fake.calls.count("entry.add") == 3
 
 
-def test_a_refused_entry_fails_alone_and_the_rest_still_go_in() -> None:
-    fake = FakeBroker(has_batch=True)  # the vault refuses "refused" (say, a bad TOTP seed)
+@pytest.mark.parametrize("has_batch", [True, False])
+def test_a_refused_entry_fails_alone_and_the_rest_still_go_in(has_batch: bool) -> None:
+    fake = FakeBroker(has_batch=has_batch)  # the vault refuses "refused" (a bad TOTP seed, say)
     items = _items("a", "refused", "b")
     s = batch.commit_entries(fake, {}, items)  # type: ignore[arg-type]
     assert s.added == ["a", "b"]
     assert s.failed == [("refused", "ALREADY_EXISTS")]
+    assert s.used_batch is has_batch
 
 
 def test_duplicates_skip_rename_and_overwrite() -> None:

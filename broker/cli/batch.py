@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from broker.wire.entries import NAME_MAX, EntryMeta
-from broker.wire.errors import AlreadyExists, ApmError, InvalidParameters, SpaceNotFound
+from broker.wire.errors import ApmError, InvalidParameters, SpaceNotFound
 from broker.wire.protocol import (
     Empty,
     EntryAddParams,
@@ -144,22 +144,30 @@ class _Refused(Exception):
 
 def _add_batch(
     client: BrokerClient, creds: dict[str, Any], chunk: list[EntryAddParams]
-) -> list[str] | None:
-    """Names added through the batch method, or None when the broker does not have it."""
-    payload = {"entries": [json.loads(p.model_dump_json(context={"reveal": True})) for p in chunk]}
+) -> list[tuple[int, str]] | None:
+    """Send one chunk to `entry.add_batch`; return the refused items as (index, code), or
+    None when the broker does not have the method.
+
+    The contract (storage's): params {"entries": [EntryAddParams...], "atomic": false};
+    result {"added": [ids], "refused": [{"index", "code", "message"}]} — one commit, and a
+    refused item does not stop the others.
+    """
+    payload = {
+        "entries": [json.loads(p.model_dump_json(context={"reveal": True})) for p in chunk],
+        "atomic": False,
+    }
     try:
         raw = client.call_raw(BATCH_METHOD, payload, **creds)
     except InvalidParameters as exc:
         if exc.message == "unknown method" or exc.data.get("method") == BATCH_METHOD:
             return None
-        raise _Refused() from exc
-    except (AlreadyExists, SpaceNotFound) as exc:
-        # one entry the vault refuses fails the whole (all-or-nothing) batch: the per-entry
-        # path then adds the others and names the one that failed
-        raise _Refused() from exc
-    entries = raw.get("entries") or raw.get("added") or []
-    names = [e.get("name", "") if isinstance(e, dict) else str(e) for e in entries]
-    return names or [p.name for p in chunk]
+        raise _Refused() from exc  # the chunk as a whole was refused: try item by item
+    refused = raw.get("refused") or []
+    return [
+        (int(r["index"]), str(r.get("code") or "REFUSED"))
+        for r in refused
+        if isinstance(r, dict) and isinstance(r.get("index"), int)
+    ]
 
 
 def commit_entries(
@@ -222,16 +230,22 @@ def commit_entries(
     renamed_to = {new for _, new in summary.renamed}
     batch_ok = True  # until the broker says it has no batch method
     for chunk in _chunks(to_add):
-        names = None
+        refusals = None
         if batch_ok:
             try:
-                names = _add_batch(client, creds, chunk)
-                batch_ok = names is not None
+                refusals = _add_batch(client, creds, chunk)
+                batch_ok = refusals is not None
             except _Refused:
                 pass
-        if names is not None:
+        if refusals is not None:
             summary.used_batch = True
-            summary.added.extend(p.name for p in chunk if p.name not in renamed_to)
+            bad = dict(refusals)
+            for i, p in enumerate(chunk):
+                if i in bad:
+                    summary.failed.append((p.name, bad[i]))
+                    summary.renamed = [(a, b) for a, b in summary.renamed if b != p.name]
+                elif p.name not in renamed_to:
+                    summary.added.append(p.name)
             progress.advance(len(chunk))
             continue
         for p in chunk:
