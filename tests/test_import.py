@@ -4,6 +4,7 @@ entry types, committed through the bulk path, summarised without a secret."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,25 @@ def test_keepass_wrong_password_is_bad_password_and_garbage_is_invalid(
     junk.write_bytes(b"not a database at all")
     with pytest.raises(InvalidParameters):
         keepass.load(junk, CTX)
+
+
+def test_keepass_with_a_key_file(tmp_path: Path) -> None:
+    from pykeepass import create_database
+
+    keyfile = tmp_path / "db.key"
+    keyfile.write_bytes(os.urandom(64))
+    db = tmp_path / "kf.kdbx"
+    kp = create_database(str(db), password=None, keyfile=str(keyfile))
+    kp.add_entry(kp.root_group, "Mail", "me", "kf-s3cret")
+    kp.save()
+    no_pw = ImportContext(source_password=lambda label: SecretStr(""), keyfile=keyfile)
+    got, _ = _build(keepass.load(db, no_pw), "keepass")
+    assert _secret(got["Mail"], "password") == "kf-s3cret"
+    with pytest.raises(BadPassword):
+        keepass.load(db, CTX)  # the password alone does not open it
+    missing = ImportContext(source_password=CTX.source_password, keyfile=tmp_path / "nope")
+    with pytest.raises(InvalidParameters):
+        keepass.load(db, missing)
 
 
 def _bw_check(got: dict[str, EntryAddParams]) -> None:

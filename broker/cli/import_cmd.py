@@ -31,6 +31,9 @@ def _source_password(args: argparse.Namespace) -> object:
     src = Input(args.source_password_stdin)
 
     def ask(label: str) -> SecretStr:
+        if args.keyfile:  # a key file alone may open a KeePass database: empty is allowed
+            line = f"{label} (empty if none)"
+            return SecretStr(src._stdin_line(label) if src.password_stdin else src._ask(line))
         return src.password(label)
 
     return ask
@@ -52,7 +55,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     who = Credentials(args)
     if not args.dry_run:
         who.prime()  # the master password's line comes first on stdin
-    ctx = ImportContext(source_password=_source_password(args))  # type: ignore[arg-type]
+    ctx = ImportContext(
+        source_password=_source_password(args),  # type: ignore[arg-type]
+        keyfile=Path(args.keyfile).expanduser() if args.keyfile else None,
+    )
     loaded = loader(path, ctx)
     params, failed = build(loaded, args.space or "default", args.format)
     kinds = Counter(p.type for p in params)
@@ -113,5 +119,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="read the export's own password (Bitwarden, KeePass) from the next stdin line",
     )
+    p.add_argument("--keyfile", metavar="FILE", help="KeePass: the database's key file")
     p.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
     p.set_defaults(func=cmd_import)

@@ -57,6 +57,7 @@ class ImportContext:
     """What a loader may ask for: the export's own password (prompted or from stdin)."""
 
     source_password: Callable[[str], SecretStr]
+    keyfile: Path | None = None  # KeePass: a key file, with or without a password
 
 
 def field_name(raw: str, taken: set[str] | dict[str, str]) -> str:

@@ -93,8 +93,14 @@ def load(path: Path, ctx: ImportContext) -> Loaded:
     except ImportError as exc:  # pragma: no cover - a dependency of apm
         raise InvalidParameters("pykeepass is not installed", hint="pip install pykeepass") from exc
     password = ctx.source_password("KeePass database password")
+    if ctx.keyfile is not None and not ctx.keyfile.is_file():
+        raise InvalidParameters(f"no such key file: {ctx.keyfile}")
     try:
-        kp = PyKeePass(str(path), password=password.get_secret_value())
+        kp = PyKeePass(
+            str(path),
+            password=password.get_secret_value() or None,
+            keyfile=str(ctx.keyfile) if ctx.keyfile else None,
+        )
     except CredentialsError as exc:
         raise BadPassword("wrong password (or key file) for this KeePass database") from exc
     except (HeaderChecksumError, PayloadChecksumError) as exc:
