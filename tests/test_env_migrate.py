@@ -163,3 +163,16 @@ def test_migrate_with_a_wrong_password_changes_nothing(
     assert bad.returncode == 4
     assert env_file.read_text() == ENV_TEXT
     assert not list(tmp_path.glob("*.apm-backup*"))
+
+
+def test_migrate_refuses_a_symlink_and_a_missing_file_before_asking_anything(
+    apm: Apm, tmp_path: Path
+) -> None:
+    real = tmp_path / "real.env"
+    real.write_text(ENV_TEXT)
+    link = tmp_path / ".env"
+    link.symlink_to(real)
+    got = apm("env", "migrate", str(link))
+    assert got.returncode == 10 and "symbolic link" in got.stderr
+    assert apm("env", "migrate", str(tmp_path / "none.env")).returncode == 10
+    assert real.read_text() == ENV_TEXT and link.is_symlink()

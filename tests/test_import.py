@@ -220,6 +220,10 @@ def test_1password_csv_and_browser_csvs(tmp_path: Path) -> None:
     assert ff.fields == {"username": "dave"} and _secret(ff, "password") == "ffx-s3cret-1"
     with pytest.raises(InvalidParameters):
         browser_csv.load(f, CTX)  # 1Password's CSV is not a browser CSV
+    huge = tmp_path / "huge.csv"
+    huge.write_text('url,username,password\nhttps://x,"' + "a" * 200_000 + '",pw\n')
+    with pytest.raises(InvalidParameters):
+        browser_csv.load(huge, CTX)
 
 
 def test_env_file_import(tmp_path: Path) -> None:

@@ -118,6 +118,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from .env_scan import classify, parse_lines
 
     path = Path(args.file)
+    if path.is_symlink():
+        raise InvalidParameters(
+            f"{args.file} is a symbolic link", hint="migrate the file it points to instead"
+        )
     if not path.is_file():
         raise InvalidParameters(f"no such file: {args.file}")
     raw = path.read_bytes()

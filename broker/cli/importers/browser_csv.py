@@ -20,11 +20,16 @@ def host_of(url: str) -> str:
 
 def rows(text: str) -> list[dict[str, str]]:
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None:
-        raise InvalidParameters("the CSV file is empty")
     out = []
-    for row in reader:
-        out.append({(k or "").strip().lower(): (v or "") for k, v in row.items()})
+    try:
+        if reader.fieldnames is None:
+            raise InvalidParameters("the CSV file is empty")
+        for row in reader:
+            out.append(
+                {(k or "").strip().lower(): v if isinstance(v, str) else "" for k, v in row.items()}
+            )
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit
+        raise InvalidParameters(f"the CSV file is malformed near line {reader.line_num}") from exc
     return out
 
 
