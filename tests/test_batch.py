@@ -12,7 +12,7 @@ from pydantic import BaseModel, SecretStr
 
 from broker.cli import batch
 from broker.wire.entries import EntryMeta
-from broker.wire.errors import AlreadyExists, InvalidParameters
+from broker.wire.errors import AlreadyExists, InvalidParameters, PermissionDenied
 from broker.wire.protocol import (
     METHODS,
     EntryAddParams,
@@ -141,3 +141,17 @@ def test_the_progress_bar_shows_only_on_a_terminal_and_only_for_big_imports(
     monkeypatch.setattr(sys, "stderr", pipe)
     batch.Progress(1000).advance()
     assert pipe.getvalue() == ""
+
+
+def test_a_session_without_write_stops_at_the_first_refusal() -> None:
+    class ReadOnly(FakeBroker):
+        def call(self, method: str, params: BaseModel | None = None, **kw: Any) -> Any:
+            if method == "entry.add":
+                self.calls.append(method)
+                raise PermissionDenied()
+            return super().call(method, params, **kw)
+
+    fake = ReadOnly(has_batch=False)
+    with pytest.raises(PermissionDenied):
+        batch.commit_entries(fake, {}, _items("a", "b", "c"))  # type: ignore[arg-type]
+    assert fake.calls.count("entry.add") == 1

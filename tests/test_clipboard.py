@@ -114,3 +114,13 @@ def test_get_clip_without_a_tool_fails_with_a_hint(vault: Broker, apm: Apm, home
     assert got.returncode == 13
     assert "no clipboard tool" in got.stderr
     assert "another-s3cret" not in got.stdout + got.stderr
+
+
+def test_generate_clip_copies_a_fresh_password_and_prints_nothing(
+    apm: Apm, fake_clip: Path
+) -> None:
+    got = apm("generate", "--clip", "--clear-after", "0", "--length", "30", env=clean_env(apm.home))
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == ""
+    assert len(fake_clip.read_text()) == 30
+    assert fake_clip.read_text() not in got.stderr

@@ -35,6 +35,17 @@ BATCH_METHOD = "entry.add_batch"
 CHUNK_BYTES = 512 * 1024  # well under the broker's 1 MiB frame cap
 CHUNK_ENTRIES = 500
 PROGRESS_MIN = 50  # a bar only for imports at least this big
+# errors about the caller or the broker, not the entry: stop at the first instead of N failures
+FATAL = frozenset(
+    {
+        "PERMISSION_DENIED",
+        "SESSION_REQUIRED",
+        "VAULT_LOCKED",
+        "BAD_PASSWORD",
+        "BROKER_UNAVAILABLE",
+        "STORAGE_ERROR",
+    }
+)
 
 
 @dataclass
@@ -254,6 +265,9 @@ def commit_entries(
                 if p.name not in renamed_to:
                     summary.added.append(p.name)
             except ApmError as exc:
+                if exc.code in FATAL:
+                    progress.close()
+                    raise
                 summary.failed.append((p.name, exc.code))
                 summary.renamed = [(a, b) for a, b in summary.renamed if b != p.name]
             progress.advance()
