@@ -159,7 +159,7 @@ def test_migrate_with_a_wrong_password_changes_nothing(
 ) -> None:
     env_file = tmp_path / ".env"
     env_file.write_text(ENV_TEXT)
-    bad = apm("env", "migrate", str(env_file), password="wrong password")
+    bad = apm("env", "migrate", str(env_file), password="not-the-master-pw-1")
     assert bad.returncode == 4
     assert env_file.read_text() == ENV_TEXT
     assert not list(tmp_path.glob("*.apm-backup*"))

@@ -327,7 +327,7 @@ def test_import_encrypted_bitwarden_1pux_and_pass_through_the_cli(
     f.write_text(json.dumps(fx.bitwarden_encrypted(fx.bitwarden_plain(), kdf=1)))
     proc = apm(
         "import", "bitwarden", str(f), "--source-password-stdin", "--password-stdin",
-        stdin=PASSWORD + "\nwrong export password\n",
+        stdin=PASSWORD + "\nbad-export-pw-7\n",
     )  # fmt: skip
     assert proc.returncode == 4 and "Traceback" not in proc.stderr
     assert json.loads(apm.ok("ls", "--json").stdout) == []

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -27,7 +28,7 @@ from .output import info
 from .prompt import Input
 
 
-def _source_password(args: argparse.Namespace) -> object:
+def _source_password(args: argparse.Namespace) -> Callable[[str], SecretStr]:
     src = Input(args.source_password_stdin)
 
     def ask(label: str) -> SecretStr:
@@ -56,7 +57,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not args.dry_run:
         who.prime()  # the master password's line comes first on stdin
     ctx = ImportContext(
-        source_password=_source_password(args),  # type: ignore[arg-type]
+        source_password=_source_password(args),
         keyfile=Path(args.keyfile).expanduser() if args.keyfile else None,
     )
     loaded = loader(path, ctx)
