@@ -163,3 +163,94 @@ async def test_install_plugin_refuses_what_is_not_installed_or_not_a_plugin_or_b
         names = {t.name for t in (await client.list_tools()).tools}
         assert "install_plugin" not in names
     assert not (home / "config" / "plugins.json").exists()
+
+
+NOTIFY = """
+import json, os
+
+
+def record(title, body, payload):
+    with open(os.environ["APM_TEST_NOTIFY_FILE"], "a") as f:
+        f.write(json.dumps(payload) + "\\n")
+
+
+def explode(title, body, payload):
+    raise SystemExit(3)
+"""
+
+
+@pytest.fixture
+def notify_world(tmp_path: Path) -> Iterator[tuple[Apm, Broker, Path, Path]]:
+    home = make_home()
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "apm_demo_notify.py").write_text(NOTIFY)
+    (site / "apm_broken_notify.py").write_text("import sys\nsys.exit('no')\n")
+    info = site / "apm_demo_notify-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: apm-demo-notify\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[apm.plugins]\n"
+        "notifier.record = apm_demo_notify:record\n"
+        "notifier.exploding = apm_demo_notify:explode\n"
+        "notifier.loadfail = apm_broken_notify:notify\n"
+    )
+    out = tmp_path / "notified.jsonl"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "config.toml").write_text("[notify]\ndesktop = false\n")
+    env = {"PYTHONPATH": str(site), "APM_TEST_NOTIFY_FILE": str(out)}
+    broker = Broker(home, extra_env=env).start()
+    apm = Apm(home, env={"PYTHONPATH": str(site)})
+    apm.ok("init", "--profile", "interactive")
+    try:
+        yield apm, broker, home, out
+    finally:
+        broker.stop()
+        reap_brokers(home)
+
+
+async def _ask(home: Path, token: str) -> str:
+    args = {"entry": "db", "duration_minutes": 5, "justification": "run the nightly job"}
+    async with shim_client(home, token, "legacy", 30.0) as client:
+        body = ok_of(await client.call_tool("request_access", args))
+    return str(body["request_id"])
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_an_enabled_notifier_plugin_runs_in_the_broker_and_a_failing_one_cannot_stop_it(
+    notify_world: tuple[Apm, Broker, Path, Path],
+) -> None:
+    import time
+
+    apm, broker, home, out = notify_world
+    apm.ok("add", "api_key", "db", "--from-stdin", stdin="notify-s3cret-9\n")
+    token = json.loads(apm.ok("delegate", "--json", "--scope", "read").stdout)["token"]
+    before = await _ask(home, token)  # no plugin enabled yet: nothing runs
+    apm.ok("plugin", "enable", "apm-demo-notify")
+    after = await _ask(home, token)
+    deadline = time.monotonic() + 30
+    while not (out.exists() and after in out.read_text()):
+        assert time.monotonic() < deadline, broker.output()[-2000:]
+        time.sleep(0.1)
+    payloads = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["request_id"] for p in payloads] == [after]
+    assert payloads[0]["entry"] == "db" and "notify-s3cret-9" not in out.read_text()
+    assert before != after
+    # the exploding and unloadable plugins were caught and named; the broker still serves
+    deadline = time.monotonic() + 30
+    while "notifier.exploding failed: SystemExit" not in broker.output():
+        assert time.monotonic() < deadline, broker.output()[-2000:]
+        time.sleep(0.1)
+    assert "notifier.loadfail failed to load (SystemExit)" in broker.output()
+    assert broker.proc is not None and broker.proc.poll() is None
+    assert apm("status", "--json").returncode == 0
+    apm("plugin", "disable", "apm-demo-notify", check=True)
+    third = await _ask(home, token)
+    apm.ok("plugin", "enable", "notifier.record")
+    fourth = await _ask(home, token)
+    deadline = time.monotonic() + 30
+    while fourth not in out.read_text():  # delivered in order: the third's turn came first
+        assert time.monotonic() < deadline, broker.output()[-2000:]
+        time.sleep(0.1)
+    assert third not in out.read_text()
