@@ -356,3 +356,51 @@ def test_import_refuses_unknown_formats_and_missing_files_with_codes(apm: Apm) -
     assert "keepass" in bad.stderr  # the hint lists the formats
     missing = apm("import", "keepass", "/nonexistent/db.kdbx", "--dry-run")
     assert missing.returncode == 10 and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_big_import_shows_a_progress_bar_on_a_terminal_only(
+    vault: Broker, apm: Apm, tmp_path: Path
+) -> None:
+    import pty
+    import subprocess
+    import sys
+    import threading
+
+    from .conftest import clean_env
+
+    big = tmp_path / "big.env"
+    big.write_text("".join(f"KEY_{i}=value-number-{i}\n" for i in range(120)))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli.main", "import", "env", str(big), "--password-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=clean_env(apm.home),
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read the terminal while the child writes (its buffer is small)
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    proc.communicate(PASSWORD.encode() + b"\n", timeout=120)
+    reader.join(timeout=30)
+    os.close(master)
+    seen = b"".join(chunks)
+    assert proc.returncode == 0, seen
+    assert b"\rimporting [" in seen and b"120/120" in seen
+    assert b"added 120" in seen
+    piped = apm("import", "env", str(big), "--space", "other", password=PASSWORD)
+    assert piped.returncode == 0
+    assert "importing [" not in piped.stderr and "added 120" in piped.stderr
