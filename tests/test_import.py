@@ -226,6 +226,18 @@ def test_1password_csv_and_browser_csvs(tmp_path: Path) -> None:
         browser_csv.load(huge, CTX)
 
 
+def test_a_totp_apm_cannot_read_is_kept_as_a_secret_field_not_dropped(tmp_path: Path) -> None:
+    doc = fx.bitwarden_plain()
+    doc["items"][0]["login"]["totp"] = "steam://ABCDEFGH"
+    f = tmp_path / "bw.json"
+    f.write_text(json.dumps(doc))
+    got, _ = _build(bw.load(f, CTX), "bitwarden")
+    assert "Example (totp)" not in got
+    assert _secret(got["Example (fields)"], "totp") == "steam://ABCDEFGH"
+    rec = pass_store.parse("x", None, "pw\notpauth://hotp/x?secret=ABC&counter=1\n")
+    assert rec.totp is None and rec.notes == "otpauth://hotp/x?secret=ABC&counter=1"
+
+
 def test_env_file_import(tmp_path: Path) -> None:
     f = tmp_path / ".env"
     f.write_text("A_TOKEN=ghp_" + "x" * 36 + "\nEMPTY=\nREF=apm://default/x/key\n")

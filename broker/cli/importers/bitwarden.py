@@ -144,7 +144,10 @@ def _item(item: dict[str, Any], folders: dict[str, str]) -> Record | None:
         login = item.get("login") or {}
         rec.username = _s(login.get("username"))
         rec.password = _s(login.get("password"))
-        rec.totp = totp_of(_s(login.get("totp")))
+        raw_totp = _s(login.get("totp"))
+        rec.totp = totp_of(raw_totp)
+        if raw_totp and rec.totp is None:  # steam://, hotp...: kept, not lost
+            rec.secret["totp"] = raw_totp
         raw_uris = [u.get("uri") for u in login.get("uris") or [] if isinstance(u, dict)]
         uris: list[str] = [u for u in raw_uris if isinstance(u, str) and u]
         rec.url = uris[0] if uris else None

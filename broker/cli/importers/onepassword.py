@@ -132,7 +132,10 @@ def load_csv(path: Path, ctx: ImportContext) -> Loaded:
             totp=totp_of(row.get("otpauth") or row.get("one-time password")),
             tags=tags,
         )
-        if not (rec.password or rec.totp or rec.notes):
+        raw_totp = row.get("otpauth") or row.get("one-time password")
+        if raw_totp and rec.totp is None:  # not a TOTP apm reads: kept, not lost
+            rec.secret["otp"] = raw_totp
+        if not (rec.password or rec.totp or rec.notes or rec.secret):
             out.failed.append((rec.name, f"line {i}: nothing secret to import"))
             continue
         if not rec.password and rec.notes and not rec.totp:

@@ -31,8 +31,8 @@ def parse(name: str, folder: str | None, text: str) -> Record:
     notes: list[str] = []
     for line in lines[1:]:
         stripped = line.strip()
-        if stripped.lower().startswith("otpauth://"):
-            rec.totp = rec.totp or totp_of(stripped)
+        if stripped.lower().startswith("otpauth://") and rec.totp is None and totp_of(stripped):
+            rec.totp = totp_of(stripped)
             continue
         key, sep, value = stripped.partition(":")
         k = key.strip().lower()
