@@ -67,6 +67,9 @@ def _item(item: dict[str, Any], vault: str) -> Record | None:
             rec.username = value or None
         elif designation == "password":
             rec.password = value or None
+        elif value:  # other form fields of the login: kept, secret if 1Password hid them
+            label = str(f.get("name") or f.get("id") or "field")
+            (rec.secret if f.get("fieldType") == "P" else rec.plain)[label] = value
     if det.get("password"):
         rec.password = str(det["password"])
     for section in det.get("sections") or []:
