@@ -31,6 +31,8 @@ from broker.wire.protocol import (
 from . import oneshot
 from .auth import Credentials
 from .client import BrokerClient
+from .generate_cmd import add_options as add_generate_options
+from .generate_cmd import generated_secrets
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
 from .prompt import Input, read_file_value
 
@@ -85,6 +87,8 @@ def _check_values(type_: str, out: dict[str, SecretValue]) -> None:
 def _secrets(
     args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
+    if getattr(args, "generate", False):
+        return generated_secrets(args, type_)
     out = _secret_values(args, owner, type_, adding)
     _check_values(type_, out)
     return out
@@ -223,6 +227,11 @@ def cmd_get(args: argparse.Namespace) -> int:
             EntryGetParams(ref=args.name, space=args.space, field=args.field),
             **owner.creds(),
         )
+    if args.clip:
+        from .clipboard import copy_and_schedule_clear
+
+        copy_and_schedule_clear(res.value.get_secret_value(), args.clear_after)
+        return 0
     sys.stdout.write(res.value.get_secret_value() + ("" if args.no_newline else "\n"))
     sys.stdout.flush()
     return 0
@@ -338,6 +347,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--url", help="the site or service it belongs to")
     p.add_argument("--notes", help="non-secret notes (use a note entry for secret text)")
     _secret_opts(p)
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="fill the main secret field (or --secret-field F) with a generated password",
+    )
+    add_generate_options(p)
     _common(p)
     p.set_defaults(func=cmd_add)
 

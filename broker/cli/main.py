@@ -19,10 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import (
         audit_cmd,
         broker_cmd,
+        completion_cmd,
+        credential_cmd,
         doctor_cmd,
         entry_cmd,
+        env_cmd,
+        generate_cmd,
         history_cmd,
+        import_cmd,
         mcp_cmd,
+        plugin_cmd,
         request_cmd,
         run_cmd,
         session_cmd,
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     vault_cmd.register(sub)
     entry_cmd.register(sub)
     history_cmd.register(sub)
+    generate_cmd.register(sub)
     space_cmd.register(sub)
     session_cmd.register(sub)
     mcp_cmd.register(sub)
@@ -54,8 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     tx_cmd.register(sub)
     request_cmd.register(sub)
     run_cmd.register(sub)
+    env_cmd.register(sub)
+    import_cmd.register(sub)
+    plugin_cmd.register(sub)
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
+    credential_cmd.register(sub)
+    completion_cmd.register(sub)
     return parser
 
 

@@ -43,6 +43,14 @@ def get_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", help="the space the entry is in (needed if the name is in several)")
     p.add_argument("--field", help="field to print (default: the type's main secret)")
     p.add_argument("-n", "--no-newline", action="store_true", help="no trailing newline")
+    p.add_argument("--clip", action="store_true", help="copy to the clipboard instead of printing")
+    p.add_argument(
+        "--clear-after",
+        type=int,
+        default=20,
+        metavar="S",
+        help="with --clip: clear it after S seconds if it still holds the value (default 20)",
+    )
     _password_stdin(p)
 
 
@@ -145,7 +153,7 @@ def resolve_refs(refs: list[str], who: Credentials) -> dict[str, str]:
 
 def parse(argv: list[str]) -> argparse.Namespace | None:
     """The hot command's arguments, or None when the full CLI must handle it (no session,
-    or the owner path asked for with --password-stdin)."""
+    the owner path asked for with --password-stdin, or `get --clip`)."""
     if not argv or argv[0] not in HOT or session_token() is None:
         return None
     from .parser import Parser
@@ -157,7 +165,7 @@ def parse(argv: list[str]) -> argparse.Namespace | None:
     )
     _register(sub, argv[0])
     args = parser.parse_args(argv)
-    if getattr(args, "password_stdin", False):
+    if getattr(args, "password_stdin", False) or getattr(args, "clip", False):
         return None
     if argv[0] != "run":
         args.func = cmd_get if argv[0] == "get" else cmd_totp

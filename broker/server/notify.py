@@ -37,7 +37,13 @@ class Notifier:
 
     def send(self, title: str, body: str, payload: dict[str, Any]) -> None:
         """Fire and forget."""
-        for coro in (self._desktop(title, body), self._webhook(title, body, payload)):
+        from .plugin_host import HOST  # enabled notifier plugins (none unless the owner said)
+
+        for coro in (
+            self._desktop(title, body),
+            self._webhook(title, body, payload),
+            HOST.deliver(title, body, payload),
+        ):
             task = asyncio.get_running_loop().create_task(coro)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +39,7 @@ from broker.wire.errors import (
     SpaceNotFound,
     TransactionConflict,
 )
+from broker.wire.passwords import generate_password
 from broker.wire.protocol import (
     EntryAddParams,
     EntryEditParams,
@@ -172,6 +171,7 @@ class Plan:
     entry_id: str | None = None
     base_updated_at: datetime | None = None
     generated: str | None = None
+    owner_only: bool = False  # the owner approves, whatever the session's policy (plugins)
 
 
 Build = Callable[[Context, Any], Awaitable[Plan]]
@@ -301,23 +301,9 @@ async def _plan_spaces(ctx: Context, a: ManageSpacesArgs) -> Plan:
 
 
 def generate(a: GeneratePasswordArgs) -> str:
-    classes = [
-        c
-        for on, c in (
-            (a.lowercase, string.ascii_lowercase),
-            (a.uppercase, string.ascii_uppercase),
-            (a.digits, string.digits),
-            (a.symbols, "!#$%&()*+,-./:;<=>?@[]^_{|}~"),
-        )
-        if on
-    ]
-    if not classes:
-        raise InvalidParameters("choose at least one character class")
-    alphabet = "".join(classes)
-    while True:
-        value = "".join(secrets.choice(alphabet) for _ in range(a.length))
-        if all(any(ch in c for ch in value) for c in classes):
-            return value
+    return generate_password(
+        a.length, lowercase=a.lowercase, uppercase=a.uppercase, digits=a.digits, symbols=a.symbols
+    )
 
 
 async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
@@ -378,7 +364,7 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         params=plan.params,
         raw_args=raw,
         preview=plan.preview,
-        policy=rec.approve,
+        policy="owner" if plan.owner_only else rec.approve,
         entry_id=plan.entry_id,
         base_updated_at=plan.base_updated_at,
         extra={"generated": plan.generated} if plan.generated else {},
@@ -388,13 +374,13 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         "agent": "this session may commit it itself",
         "client": "the person will be asked to confirm in the client",
         "owner": 'the owner approves it with "apm tx approve"',
-    }[rec.approve]
+    }["owner" if plan.owner_only else rec.approve]
     return WriteOut(
         status="pending",
         tx_id=tx.tx_id,
         tool=tool,
         preview=tx.preview,
-        policy=rec.approve,
+        policy=tx.policy,
         expires_at=tx.expires_at,
         next_step=f"{_commit_hint(tool, tx.tx_id)}; {who}",
     )

@@ -229,6 +229,14 @@ class Cancelled(ApmError):
     default_message = "cancelled"
 
 
+class ExternalToolMissing(ApmError):
+    """A program apm drives (a clipboard tool, gpg) is not installed or cannot run."""
+
+    code = "EXTERNAL_TOOL_MISSING"
+    exit_code = 13
+    default_message = "a program apm needs for this is not installed"
+
+
 def _all_subclasses(cls: type[ApmError]) -> list[type[ApmError]]:
     out: list[type[ApmError]] = []
     for sub in cls.__subclasses__():
