@@ -1,0 +1,416 @@
+"""MCP clients apm did not write, against a real broker: over stdio (`apm-mcp`) and over HTTP.
+
+"Your own client is not a real client": the other end-to-end tests drive the Python SDK, which
+skips checks the TypeScript SDK makes (it validates `structuredContent` against the tool's
+`outputSchema` also on errors). Here the clients are:
+- the TypeScript SDK client (`@modelcontextprotocol/sdk` 1.32.x, tests/clients/node/ts_client.mjs),
+  the library inside Claude Desktop, Claude Code, Cursor and VS Code;
+- the MCP Inspector CLI (`@modelcontextprotocol/inspector` 2.x, `--cli --config F --server S`).
+Both are pinned in tests/clients/node/package-lock.json and installed on first use by
+tests/real_clients.py (Node 22 as scripts/conformance.py provides it).
+
+Each runs the success path and every error path a model meets: not found, permission denied,
+vault locked, invalid parameters, an expired transaction. An error must reach the client as a
+tool result (`isError`) whose text and `_meta` carry the stable code: never a protocol error.
+
+The expired transaction needs the broker's wall clock 20 minutes ahead without waiting: the
+broker runs under libfaketime with a timestamp file the test rewrites (no test hook in apm).
+The session token never goes into argv: the TS client reads it from its environment; the
+Inspector reads a 0600 config file in a private temporary directory, as a client's own config
+holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import real_clients
+from .conftest import PY, Apm, Broker, clean_env, make_home
+from .mcp_client import SHIM
+
+pytestmark = pytest.mark.slow
+
+TS_SDK = "@modelcontextprotocol/sdk"
+INSPECTOR = "@modelcontextprotocol/inspector"
+TRANSPORTS = ("stdio", "http")
+CLIENTS = ("ts-sdk", "inspector")
+SECRET = "real-client-Secret-9035"
+RUN_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ClockedHttpBroker(Broker):
+    """A real broker serving MCP over HTTP too, its wall clock movable through libfaketime."""
+
+    port: int = field(default_factory=free_port)
+
+    def start(self, wait: bool = True) -> ClockedHttpBroker:
+        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
+        argv += ["--http", f"127.0.0.1:{self.port}"]
+        with open(self.stdout_path, "a") as out:
+            self.proc = subprocess.Popen(
+                argv,
+                env=clean_env(self.home, **self.extra_env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        self.wait_ready()
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
+                return self
+            assert time.monotonic() < deadline, "the HTTP listener did not come up"
+            time.sleep(0.05)
+
+
+@dataclass
+class Seen:
+    """What a client showed for one tool call."""
+
+    result: dict[str, Any] | None  # the CallToolResult as the client received it
+    protocol_error: str | None  # the client raised instead of returning a result
+
+    @property
+    def code(self) -> str:
+        assert self.protocol_error is None, (
+            f"protocol error instead of a result: {self.protocol_error}"
+        )
+        assert self.result is not None
+        if not self.result.get("isError"):
+            return "OK"
+        meta = self.result.get("_meta") or {}
+        return str((meta.get("apm/error") or {}).get("code"))
+
+    @property
+    def text(self) -> str:
+        assert self.result is not None
+        return "".join(c.get("text", "") for c in self.result.get("content", []))
+
+    @property
+    def structured(self) -> dict[str, Any]:
+        assert self.result is not None and not self.result.get("isError"), self.result
+        body = self.result.get("structuredContent")
+        assert isinstance(body, dict)
+        return body
+
+
+@dataclass
+class World:
+    home: Path
+    apm: Apm
+    broker: ClockedHttpBroker
+    clock_file: Path
+    node: str
+    prefix: Path  # .cache/clients/node
+    scratch: Path  # private (0700) directory for client configs and the clients' HOME
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.broker.port}/mcp"
+
+    def delegate(self, *args: str) -> str:
+        out = json.loads(self.apm.ok("delegate", "--ttl", "2h", "--json", *args).stdout)
+        return str(out["token"])
+
+    @contextlib.contextmanager
+    def clock_ahead(self, offset: str) -> Iterator[None]:
+        self.clock_file.write_text(offset + "\n")
+        try:
+            yield
+        finally:
+            self.clock_file.write_text("+0\n")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.apm("lock", check=True)
+        try:
+            yield
+        finally:
+            self.apm.ok("unlock")
+
+    def node_env(self, **extra: str) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.scratch),
+            "MCP_INSPECTOR_SECRET_STORE": "memory",
+            **extra,
+        }
+
+    # ------------------------------------------------------------------ the two clients
+
+    def ts(self, transport: str, token: str, calls: list[tuple[str, dict[str, Any]]]) -> list[Seen]:
+        """The TypeScript SDK client: connect, list tools, make the calls in order."""
+        spec = {
+            "transport": transport,
+            "command": str(SHIM),
+            "env": {"APM_HOME": str(self.home)},
+            "url": self.url,
+            "calls": [{"tool": t, "arguments": a} for t, a in calls],
+        }
+        r = subprocess.run(
+            [self.node, str(self.prefix / "ts_client.mjs")],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            env=self.node_env(APM_EPHEMERAL_ID=token),
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )
+        assert r.stdout.strip(), f"ts client printed nothing ({r.returncode}): {r.stderr[-2000:]}"
+        out = json.loads(r.stdout)
+        if "fatal" in out:
+            return [Seen(None, str(out["fatal"]["message"])) for _ in calls]
+        return [
+            Seen(c.get("result"), None if "result" in c else str(c["error"]["message"]))
+            for c in out["calls"]
+        ]
+
+    def inspector(self, transport: str, token: str, tool: str, args: dict[str, str]) -> Seen:
+        """The MCP Inspector CLI: one `tools/call` per process, the server from a config file."""
+        if transport == "stdio":
+            server: dict[str, Any] = {
+                "command": str(SHIM),
+                "args": [],
+                "env": {"APM_HOME": str(self.home), "APM_EPHEMERAL_ID": token},
+            }
+        else:
+            server = {
+                "type": "streamable-http",
+                "url": self.url,
+                "headers": {"Authorization": f"Bearer {token}"},
+            }
+        config = self.scratch / "inspector.json"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"mcpServers": {"apm": server}}, f)
+        argv = [self.node, str(self.prefix / "node_modules" / ".bin" / "mcp-inspector"), "--cli"]
+        argv += ["--config", str(config), "--server", "apm", "--method", "tools/call"]
+        argv += ["--tool-name", tool]
+        for k, v in args.items():
+            argv += ["--tool-arg", f"{k}={v}"]
+        try:
+            r = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=self.node_env(),
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+        finally:
+            config.unlink()
+        # the result as JSON; for an error result a line {"error": {"code": "tool_is_error"}}
+        # follows and the exit status is 1; a protocol error prints only {"error": ...}
+        text = r.stdout.strip()
+        with contextlib.suppress(ValueError):
+            out, _ = json.JSONDecoder().raw_decode(text)
+            if isinstance(out, dict) and "content" in out:
+                return Seen(out, None)
+            if isinstance(out, dict) and isinstance(out.get("error"), dict):
+                return Seen(None, str(out["error"].get("message")))
+        return Seen(None, (r.stdout + r.stderr)[-1000:])
+
+    def call(
+        self, client: str, transport: str, token: str, tool: str, args: dict[str, Any]
+    ) -> Seen:
+        if client == "ts-sdk":
+            return self.ts(transport, token, [(tool, args)])[0]
+        flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in args.items()}
+        return self.inspector(transport, token, tool, flat)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    node = str(real_clients.require("Node 22", real_clients.node))
+    prefix = real_clients.require("the pinned MCP clients", real_clients.installed, "node")
+    lib = str(real_clients.require("libfaketime", real_clients.libfaketime))
+    home = make_home()
+    scratch = Path(tempfile.mkdtemp(prefix="apmrc-", dir="/tmp"))
+    clock_file = home / "faketime"
+    broker = ClockedHttpBroker(home, extra_env=real_clients.faketime_env(lib, clock_file))
+    broker.start()
+    apm = Apm(home)
+    try:
+        apm.ok("init", "--profile", "interactive")
+        apm.ok(
+            *("add", "login", "github", "--field", "username=octo", "--from-stdin"),
+            stdin=SECRET + "\n",
+        )
+        assert isinstance(prefix, Path)
+        yield World(home, apm, broker, clock_file, node, prefix, scratch)
+    finally:
+        broker.stop()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def read_token(world: World) -> str:
+    return world.delegate("--scope", "read", "--label", "real-clients-read")
+
+
+@pytest.fixture(scope="module")
+def write_token(world: World) -> str:
+    return world.delegate("--scope", "write", "--label", "real-clients-write")
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def assert_tool_error(seen: Seen, code: str) -> None:
+    """A readable tool result with the stable code in its text and `_meta`."""
+    assert seen.protocol_error is None, f"{code}: the client raised: {seen.protocol_error}"
+    assert seen.result is not None and seen.result.get("isError") is True, seen.result
+    assert seen.code == code, seen.result
+    assert code in seen.text, seen.text  # what the model reads
+    assert "structuredContent" not in seen.result  # it would not match the outputSchema
+    assert SECRET not in json.dumps(seen.result)
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_the_pinned_clients_are_the_versions_the_tests_name(world: World) -> None:
+    assert real_clients.package_version(world.prefix, TS_SDK).startswith("1.32.")
+    assert real_clients.package_version(world.prefix, INSPECTOR).startswith("2.")
+    r = subprocess.run([world.node, "--version"], capture_output=True, text=True, check=True)
+    assert int(r.stdout.strip().lstrip("v").split(".")[0]) >= 22
+
+
+def test_a_real_client_lists_the_tools_and_reads_an_entry(
+    world: World, read_token: str, client: str, transport: str
+) -> None:
+    seen = world.call(client, transport, read_token, "get_entry", {"entry": "github"})
+    assert seen.code == "OK", seen.result
+    assert seen.structured["entry"]["name"] == "github"
+    assert SECRET not in json.dumps(seen.result)
+    found = world.call(client, transport, read_token, "search_entries", {"query": "git"})
+    assert [h["entry"]["name"] for h in found.structured["hits"]] == ["github"]
+
+
+def test_the_ts_sdk_client_sees_the_read_tools_of_a_read_session(
+    world: World, read_token: str, transport: str
+) -> None:
+    out = subprocess.run(
+        [world.node, str(world.prefix / "ts_client.mjs")],
+        input=json.dumps(
+            {
+                "transport": transport,
+                "command": str(SHIM),
+                "env": {"APM_HOME": str(world.home)},
+                "url": world.url,
+                "calls": [],
+            }
+        ),
+        capture_output=True,
+        text=True,
+        env=world.node_env(APM_EPHEMERAL_ID=read_token),
+        timeout=RUN_TIMEOUT,
+        check=True,
+    )
+    tools = set(json.loads(out.stdout)["tools"])
+    assert {"list_entries", "search_entries", "get_entry", "assist"} <= tools
+    assert "decrypt_entry" not in tools and "add_entry" not in tools
+
+
+def test_entry_not_found_is_a_tool_result_in_a_real_client(
+    world: World, read_token: str, client: str, transport: str
+) -> None:
+    seen = world.call(client, transport, read_token, "get_entry", {"entry": "nope"})
+    assert_tool_error(seen, "ENTRY_NOT_FOUND")
+
+
+def test_permission_denied_is_a_tool_result_in_a_real_client(
+    world: World, read_token: str, client: str, transport: str
+) -> None:
+    args = {"entry": "github", "include_secret": True}  # a read session, no grant
+    seen = world.call(client, transport, read_token, "get_entry", args)
+    assert_tool_error(seen, "PERMISSION_DENIED")
+
+
+def test_a_tool_the_session_may_not_use_is_a_tool_result_in_the_ts_sdk(
+    world: World, read_token: str, transport: str
+) -> None:
+    # not listed for a read session, so the SDK has no outputSchema for it: still a result
+    (seen,) = world.ts(transport, read_token, [("decrypt_entry", {"entry": "github"})])
+    assert_tool_error(seen, "PERMISSION_DENIED")
+
+
+def test_invalid_parameters_are_a_tool_result_in_a_real_client(
+    world: World, read_token: str, client: str, transport: str
+) -> None:
+    seen = world.call(client, transport, read_token, "search_entries", {"query": "x", "limit": 0})
+    assert_tool_error(seen, "INVALID_PARAMETERS")
+    assert "limit" in seen.text
+
+
+def test_a_locked_vault_is_a_tool_result_in_the_ts_sdk(
+    world: World, read_token: str, transport: str
+) -> None:
+    with world.locked():
+        (seen,) = world.ts(transport, read_token, [("get_entry", {"entry": "github"})])
+    if transport == "http" and seen.protocol_error is not None:
+        # a locked vault may refuse the HTTP session itself (503 + unlock hint, issue 13.4)
+        assert "503" in seen.protocol_error or "unlock" in seen.protocol_error, seen
+        return
+    assert_tool_error(seen, "VAULT_LOCKED")
+    assert "apm unlock" in seen.text
+
+
+def test_a_locked_vault_shows_the_inspector_apm_status_with_the_unlock_command(
+    world: World, read_token: str, transport: str
+) -> None:
+    # the Inspector refuses to call a tool tools/list did not name; locked, that is apm_status
+    with world.locked():
+        seen = world.inspector(transport, read_token, "apm_status", {})
+    if transport == "http" and seen.protocol_error is not None:
+        assert "503" in seen.protocol_error or "unlock" in seen.protocol_error, seen
+        return
+    assert seen.structured["code"] == "VAULT_LOCKED"
+    assert "apm unlock" in seen.text
+
+
+def test_an_expired_transaction_is_a_tool_result_in_a_real_client(
+    world: World, write_token: str, client: str, transport: str
+) -> None:
+    name = f"rc-{client}-{transport}"
+    preview = world.call(
+        client, transport, write_token, "add_entry", {"type": "note", "name": name}
+    )
+    tx_id = preview.structured["tx_id"]
+    with world.clock_ahead("+20m"):
+        seen = world.call(
+            client, transport, write_token, "add_entry", {"tx_id": tx_id, "approve": True}
+        )
+    assert_tool_error(seen, "TRANSACTION_EXPIRED")
+    listing = json.loads(world.apm.ok("ls", "--json").stdout)
+    assert name not in json.dumps(listing)
