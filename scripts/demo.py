@@ -60,6 +60,8 @@ async def mcp_demo(env: dict[str, str], tokens: dict[str, str]) -> None:
     def show(label: str, result: object) -> None:
         body = getattr(result, "structured_content", None)
         err = " (error)" if getattr(result, "is_error", False) else ""
+        if err:  # an error's {code, message, hint} is in _meta, not in structuredContent
+            body = (getattr(result, "meta", None) or {}).get("apm/error")
         print(f"  {label}{err}: {json.dumps(body, default=str)[:300]}", flush=True)
 
     async with Client(params(tokens["read"]), mode="legacy") as c:

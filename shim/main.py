@@ -496,12 +496,12 @@ class Shim:
         elif method == "tools/call":
             params = msg.get("params") or {}
             name = params.get("name") if isinstance(params, dict) else None
-            result = {
-                **status_result(
-                    problem.code, problem.message, problem.hint, is_error=name != "apm_status"
-                ),
-                **extra,
-            }
+            answer = status_result(
+                problem.code, problem.message, problem.hint, is_error=name != "apm_status"
+            )
+            result = {**answer, **extra}
+            if "_meta" in answer and "_meta" in extra:
+                result["_meta"] = {**answer["_meta"], **extra["_meta"]}
         elif method == "ping":
             result = {}
         else:

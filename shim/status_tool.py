@@ -37,11 +37,16 @@ APM_STATUS_TOOL: dict[str, Any] = {
 
 
 def status_result(code: str, message: str, hint: str, *, is_error: bool) -> dict[str, Any]:
-    """A CallToolResult (wire form) describing the problem and its fix."""
-    body = {"ready": False, "code": code, "message": message, "hint": hint}
+    """A CallToolResult (wire form) describing the problem and its fix.
+
+    As an error (the answer to another tool while apm is not ready) it has no structuredContent,
+    which would not match that tool's outputSchema (TypeScript clients reject the result then);
+    {code, message, hint} go in `_meta["apm/error"]`, as on every apm tool error.
+    """
     text = f"apm is not ready ({code}): {message}. Ask the person to run: {hint}"
-    return {
-        "content": [{"type": "text", "text": text}],
-        "structuredContent": body,
-        "isError": is_error,
-    }
+    content = [{"type": "text", "text": text}]
+    if is_error:
+        error = {"code": code, "message": message, "hint": hint}
+        return {"content": content, "isError": True, "_meta": {"apm/error": error}}
+    body = {"ready": False, "code": code, "message": message, "hint": hint}
+    return {"content": content, "structuredContent": body, "isError": False}

@@ -14,6 +14,8 @@ from typing import Any
 import mcp.types as mt
 from mcp import Client, StdioServerParameters
 
+from broker.server.mcp_tools import ERROR_META
+
 SHIM = Path(sys.executable).parent / "apm-mcp"
 
 
@@ -59,12 +61,33 @@ def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
     return body
 
 
+def error_body(result: mt.CallToolResult | dict[str, Any]) -> dict[str, Any]:
+    """{code, message, hint, data} of a tool error, from `_meta` (SDK model or wire dict).
+
+    Error results carry no structuredContent: it would not match the tool's outputSchema,
+    which TypeScript clients check also on errors.
+    """
+    if isinstance(result, mt.CallToolResult):
+        is_error, structured, meta = result.is_error, result.structured_content, result.meta
+    else:
+        is_error, structured, meta = (
+            result.get("isError"),
+            result.get("structuredContent"),
+            result.get("_meta"),
+        )
+    assert is_error, f"expected a tool error, got {structured}"
+    assert structured is None, f"an error result carries structuredContent: {structured}"
+    body = (meta or {}).get(ERROR_META)
+    assert isinstance(body, dict), f"no {ERROR_META} in the error's _meta: {meta}"
+    return dict(body)
+
+
 def error_of(result: mt.CallToolResult) -> dict[str, Any]:
-    """The structured {code, message, hint} of a tool error (asserting it is one)."""
-    assert result.is_error, f"expected a tool error, got {result.structured_content}"
-    body = result.structured_content
-    assert isinstance(body, dict)
+    """The {code, message, hint} of a tool error (asserting it is one); its text names the code."""
+    body = error_body(result)
     assert set(body) >= {"code", "message", "hint"}
+    text = "".join(getattr(c, "text", "") for c in result.content)
+    assert body["code"] in text, text  # what the model reads
     return body
 
 

@@ -31,6 +31,7 @@ from broker.wire.errors import StorageError
 from broker.wire.protocol import Response
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret, sweep
+from .mcp_client import error_body
 from .twin import broker_state, wire
 
 KEY = bytes(range(32))
@@ -401,8 +402,7 @@ async def test_mcp_tool_calls_with_an_unwritable_audit_log_are_refused(twin: Twi
             await client.call_tool("add_entry", {"tx_id": tx, "approve": True}),
         ]
     for r in results:
-        assert r.is_error and r.structured_content is not None
-        assert r.structured_content["code"] == "STORAGE_ERROR"
+        assert error_body(r)["code"] == "STORAGE_ERROR"
         assert SECRET not in r.model_dump_json()
     assert {e.name for e in twin.vault.entries.values()} == {"bank"}
 

@@ -95,6 +95,7 @@ from broker.wire.protocol import (
     Response,
 )
 
+from .mcp_client import error_body
 from .twin import FAST_KDF, broker_state
 
 PASSWORD = "fuzz master password 7731"
@@ -903,7 +904,7 @@ def check_tool_result(twin: Twin, name: str, result: Any) -> dict[str, Any]:
     assert isinstance(result, mt.CallToolResult), type(result)
     text = result.model_dump_json()  # what the SDK sends; it must serialise
     no_traceback(text, f"{name} result")
-    body = result.structured_content
+    body = error_body(result) if result.is_error else result.structured_content
     assert isinstance(body, dict), f"{name}: no structured content"
     if result.is_error:
         assert body.get("code") in ERRORS, f"{name}: unstable error code {body.get('code')!r}"
@@ -929,7 +930,7 @@ def check_tool(twin: Twin, case: Case) -> None:
         raise AssertionError(f"{name} raised {type(exc).__name__}: {str(exc)[:300]}") from exc
     known_tool = name in mcp_tools.TOOLS_BY_NAME
     if not known_tool:
-        assert result.is_error and (result.structured_content or {}).get("code") in ERRORS
+        assert error_body(result).get("code") in ERRORS
         no_traceback(result.model_dump_json(), "unknown tool result")
         return
     body = check_tool_result(twin, name, result)

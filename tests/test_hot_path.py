@@ -178,7 +178,10 @@ def test_the_fast_json_body_is_the_result_the_sdk_would_write(
     assert json.loads(outcome.json_body()) == _sdk_form(outcome)
     modern = json.loads(outcome.json_body(MODERN_EXTRA))
     assert modern.pop("resultType") == "complete"
-    assert modern.pop("_meta")[mcp_host.SERVER_INFO_META]["name"] == "apm"
+    meta = modern.pop("_meta")
+    assert meta.pop(mcp_host.SERVER_INFO_META)["name"] == "apm"
+    if meta:  # an error's {code, message, hint} shares `_meta` with the server info
+        modern["_meta"] = meta
     assert modern == _sdk_form(outcome)
 
 
@@ -395,3 +398,12 @@ def test_the_checkpoint_hook_wakes_the_loop_when_a_record_is_written_from_anothe
         await asyncio.wait_for(ran.wait(), timeout=5)
 
     asyncio.run(main())
+
+
+def test_an_error_body_has_no_structured_content_and_its_code_in_meta_in_both_eras() -> None:
+    outcome = mcp_tools.error_outcome(EntryNotFound("no entry named 'x\ud800'"))
+    for extra in ("", MODERN_EXTRA):
+        doc = json.loads(outcome.json_body(extra).decode("utf-8"))
+        assert "structuredContent" not in doc and doc["isError"] is True
+        assert doc["_meta"][mcp_tools.ERROR_META]["code"] == "ENTRY_NOT_FOUND"
+        assert doc["content"][0]["text"].startswith("Error ENTRY_NOT_FOUND:")

@@ -34,7 +34,7 @@ from mcp.client.streamable_http import streamable_http_client
 from broker.server import mcp_tools
 
 from .conftest import PY, Apm, Broker, clean_env, make_home
-from .mcp_client import unwrapped
+from .mcp_client import error_body, unwrapped
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFORMANCE = ROOT / "scripts" / "conformance.sh"
@@ -175,9 +175,7 @@ def code_of(result: mt.CallToolResult) -> str:
     """ "OK", or the code of a tool error."""
     if not result.is_error:
         return "OK"
-    body = result.structured_content
-    assert isinstance(body, dict), result
-    return str(body["code"])
+    return str(error_body(result)["code"])
 
 
 def hit_names(result: mt.CallToolResult) -> set[str]:

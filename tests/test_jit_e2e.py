@@ -32,7 +32,7 @@ from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
 from .conftest import sweep as sweep_home
-from .mcp_client import ok_of, shim_client, tool_names, whole
+from .mcp_client import error_body, ok_of, shim_client, tool_names, whole
 
 pytestmark = pytest.mark.slow
 
@@ -146,9 +146,7 @@ def mcp_client(home: Path, token: str, mode: str) -> Any:
 
 
 def code_of(result: mt.CallToolResult) -> str:
-    assert result.is_error, f"expected a tool error, got {result.structured_content}"
-    assert isinstance(result.structured_content, dict)
-    return str(result.structured_content["code"])
+    return str(error_body(result)["code"])
 
 
 async def ask(client: Client, entry: str = "stripe", minutes: int = 5) -> str:

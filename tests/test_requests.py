@@ -39,6 +39,7 @@ from broker.wire.errors import ApmError
 from broker.wire.protocol import Response
 
 from .conftest import register_secret
+from .mcp_client import error_body
 from .twin import Clock, broker_state, wire
 
 PASSWORD = "correct horse battery staple"
@@ -139,9 +140,7 @@ def ok_of(result: mt.CallToolResult) -> dict[str, Any]:
 
 
 def tool_code(result: mt.CallToolResult) -> str:
-    assert result.is_error, f"expected a tool error, got {result.structured_content}"
-    assert isinstance(result.structured_content, dict)
-    return str(result.structured_content["code"])
+    return str(error_body(result)["code"])
 
 
 @pytest.fixture

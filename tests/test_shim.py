@@ -27,6 +27,7 @@ import shim.main
 from broker.wire import protocol
 
 from .conftest import PY, Apm, Broker, clean_env, make_home
+from .mcp_client import error_body
 from .test_mcp_e2e import start_broker
 
 pytestmark = pytest.mark.slow
@@ -392,8 +393,7 @@ def test_a_shim_without_a_token_still_answers_and_says_how_to_get_one(
     finally:
         proc.kill()
     assert [t["name"] for t in listed["result"]["tools"]] == ["apm_status"]
-    body = called["result"]["structuredContent"]
-    assert called["result"]["isError"] is True
+    body = error_body(called["result"])  # no structuredContent: not list_entries' schema
     assert body["code"] == "SESSION_REQUIRED"
     assert "apm mcp install" in body["hint"] or "apm delegate" in body["hint"]
     assert_only_protocol(proc)

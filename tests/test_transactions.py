@@ -38,6 +38,7 @@ from broker.wire.errors import (
 )
 from broker.wire.protocol import EntryAddParams, Response, SecretValue
 
+from .mcp_client import error_body
 from .twin import T0, Clock, broker_state, wire
 
 PASSWORD = "correct horse battery staple"
@@ -247,9 +248,7 @@ class Twin:
 
     async def code(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> str:
         result = await self.tool(rec, name, args)
-        assert result.is_error, result.structured_content
-        assert isinstance(result.structured_content, dict)
-        return str(result.structured_content["code"])
+        return str(error_body(result)["code"])
 
     async def wire(
         self,
@@ -316,8 +315,7 @@ async def test_a_commit_with_differing_arguments_is_refused_and_the_plain_commit
         {"space": "default"},  # not in the preview call, even though it is the default
     ):
         result = await twin.tool(rec, "add_entry", {"tx_id": tx, "approve": True, **smuggled})
-        assert result.is_error and result.structured_content is not None
-        assert result.structured_content["code"] == "INVALID_PARAMETERS"
+        assert error_body(result)["code"] == "INVALID_PARAMETERS"
         assert OTHER_SECRET not in result.model_dump_json()
         assert twin.names() == set()
     done = await twin.ok(rec, "add_entry", {"tx_id": tx, "approve": True})
@@ -477,8 +475,7 @@ async def test_an_owner_edit_landing_while_the_commit_waits_for_the_write_lock_i
     )
     lock.release()
     result = await asyncio.wait_for(commit, 10)
-    assert result.is_error and result.structured_content is not None
-    assert result.structured_content["code"] == "TRANSACTION_CONFLICT"
+    assert error_body(result)["code"] == "TRANSACTION_CONFLICT"
     assert twin.vault.resolve("db").fields["username"].value == "owner"
 
 
@@ -631,8 +628,7 @@ async def test_removing_a_space_with_force_deletes_only_what_the_preview_named(t
     p = await twin.ok(rec, "manage_spaces", {"action": "remove", "name": "work", "force": True})
     twin.vault.add("api_key", "k2-added-later", "work", [], None, None, change())
     result = await twin.tool(rec, "manage_spaces", {"tx_id": p["tx_id"], "approve": True})
-    assert result.is_error
-    body = result.structured_content or {}
+    body = error_body(result)
     assert body["code"] == "TRANSACTION_CONFLICT"
     assert body["data"]["tx_id"] and "2 entries" in body["data"]["preview"]  # a fresh preview
     assert "k2-added-later" in twin.names()

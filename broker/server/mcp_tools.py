@@ -5,8 +5,10 @@ Rules:
 - Every tool validates its arguments with a pydantic model (the low-level SDK server does not).
 - Tools run the same handlers as the wire methods, with the session in the context, so scopes
   and entry filters apply identically on both paths.
-- Failures are tool results with structured {code, message, hint}; nothing raised in a tool
-  reaches the client as a protocol error or a traceback.
+- Failures are tool results (`isError`) with the code in the text ("Error CODE: ... Fix: ...")
+  and {code, message, hint, data} in `_meta["apm/error"]`, never in `structuredContent`: TS SDK
+  clients validate that against the tool's outputSchema even on errors (-32602 otherwise).
+  Nothing raised in a tool reaches the client as a protocol error or a traceback.
 """
 
 from __future__ import annotations
@@ -309,6 +311,9 @@ def tools_for(scope: str, has_grant: bool = False) -> list[types.Tool]:
     return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank or (has_grant and t.grantable)]
 
 
+ERROR_META = "apm/error"  # _meta key of an error result's {code, message, hint, data}
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A tool call's result before it becomes an SDK model: the hot path serializes it straight
@@ -320,10 +325,16 @@ class Outcome:
     structured_json: str | None = None  # `structured` already serialized (compact), if it is
 
     def to_mcp(self) -> types.CallToolResult:
+        if self.is_error:  # no structuredContent: it would not match the tool's outputSchema
+            return types.CallToolResult(
+                content=[types.TextContent(type="text", text=self.text)],
+                is_error=True,
+                meta={ERROR_META: self.structured},
+            )
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=self.text)],
             structured_content=self.structured,
-            is_error=self.is_error,
+            is_error=False,
         )
 
     def json_body(self, extra: str = "") -> bytes:
@@ -331,16 +342,28 @@ class Outcome:
         structured = self.structured_json or json.dumps(
             self.structured, ensure_ascii=False, separators=(",", ":")
         )
-        body = (
-            f'{{"content":[{{"type":"text","text":{json.dumps(self.text)}}}],'
-            f'"structuredContent":{structured},'
-            f'"isError":{"true" if self.is_error else "false"}{extra}}}'
-        )
+        flag = "true" if self.is_error else "false"
+        text = f'{{"content":[{{"type":"text","text":{json.dumps(self.text)}}}],'
+        if self.is_error:  # as in to_mcp: no structuredContent, the error in `_meta`
+            body = f'{text}"isError":{flag}{_with_error_meta(extra, structured)}}}'
+        else:
+            body = f'{text}"structuredContent":{structured},"isError":{flag}{extra}}}'
         try:
             return body.encode()
         except UnicodeEncodeError:  # a lone surrogate in stored text: escape everything
             doc = self.to_mcp().model_dump(by_alias=True, exclude_none=True, mode="json")
+            if self.is_error:
+                doc.pop("_meta", None)
+                extra = _with_error_meta(extra, json.dumps(self.structured, separators=(",", ":")))
             return (json.dumps(doc, separators=(",", ":"))[:-1] + extra + "}").encode()
+
+
+def _with_error_meta(extra: str, error_json: str) -> str:
+    """`extra` with the error in its `_meta` object (added when it has none)."""
+    meta = f'"{ERROR_META}":{error_json}'
+    if '"_meta":{' in extra:
+        return extra.replace('"_meta":{', f'"_meta":{{{meta},', 1)
+    return f',"_meta":{{{meta}}}{extra}'
 
 
 def result_code(result: types.CallToolResult | Outcome) -> str:
@@ -348,7 +371,7 @@ def result_code(result: types.CallToolResult | Outcome) -> str:
         return str(result.structured.get("code", "INTERNAL_ERROR")) if result.is_error else "OK"
     if not result.is_error:
         return "OK"
-    body = result.structured_content or {}
+    body = (result.meta or {}).get(ERROR_META) or {}
     return str(body.get("code", "INTERNAL_ERROR"))
 
 
