@@ -309,6 +309,11 @@ def _delegate_opts(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--agent-exe", metavar="PATH", help="bind to this executable instead")
     p.add_argument(
+        "--agent-exe-pin",
+        choices=("stat", "sha256"),
+        help="with --agent-exe: also pin that file (stat: device, inode, size, mtime; sha256)",
+    )
+    p.add_argument(
         "--no-agent-binding",
         action="store_true",
         help="do not bind to the client's agent profile (not recommended)",

@@ -74,6 +74,9 @@ def describe_bindings(b: dict[str, object]) -> str:
         parts.append(f"agent {b['agent']}")
     if b.get("agent_exe"):
         parts.append(f"exe {b['agent_exe']}")
+    exe_pin = b.get("agent_exe_pin")
+    if isinstance(exe_pin, dict):
+        parts.append(f"exe file pinned ({exe_pin.get('mode')})")
     pin = b.get("pin")
     if isinstance(pin, dict):
         parts.append(f"pinned to pid {pin.get('pid')} ({pin.get('name')})")
@@ -118,6 +121,7 @@ def create_params(args: argparse.Namespace, **overrides: object) -> SessionCreat
         "pid": getattr(args, "pid", None),
         "agent": getattr(args, "agent", None),
         "agent_exe": getattr(args, "agent_exe", None),
+        "agent_exe_pin": getattr(args, "agent_exe_pin", None),
         "pin": getattr(args, "pin", False),
         "approve": getattr(args, "approve", "agent"),
         "spaces": getattr(args, "space", None) or [],
@@ -282,6 +286,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--agent", choices=AGENTS, help="only processes descending from this AI client"
     )
     agent.add_argument("--agent-exe", metavar="PATH", help="only descendants of this executable")
+    p.add_argument(
+        "--agent-exe-pin",
+        choices=("stat", "sha256"),
+        help="with --agent-exe: also pin that file (stat: device, inode, size, mtime; sha256: "
+        "its content); a changed or replaced file is refused until you re-pin",
+    )
     p.add_argument(
         "--pin", action="store_true", help="bind to the first process tree that uses the session"
     )

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from broker.wire.errors import InvalidParameters, SessionRequired
 
-from .bindings import AGENT_PROFILES, AgentProfile, AncestryCache, Proc
+from .bindings import AGENT_PROFILES, AgentProfile, AncestryCache, Proc, file_identity
 from .vault_file import atomic_write
 
 Scope = Literal["read", "secrets", "write", "admin"]
@@ -61,6 +61,7 @@ class Bindings(BaseModel):
     pid_name: str | None = None
     agent: str | None = None
     agent_exe: str | None = None
+    agent_exe_pin: dict[str, Any] | None = None  # ExeIdentity of agent_exe at delegation
     pin: bool = False
     pinned_pid: int | None = None
     pinned_create_time: float | None = None
@@ -134,6 +135,7 @@ class CreateSpec:
     pid: int | None = None
     agent: str | None = None
     agent_exe: str | None = None
+    agent_exe_pin: str | None = None  # "stat" or "sha256"
     pin: bool = False
     filter: EntryFilter = field(default_factory=EntryFilter)
     approve: Approver = "agent"
@@ -204,6 +206,18 @@ class SessionStore:
             if not spec.agent_exe.startswith("/") and ":\\" not in spec.agent_exe:
                 raise InvalidParameters("--agent-exe must be an absolute path")
             bindings.agent_exe = spec.agent_exe
+            if spec.agent_exe_pin is not None:
+                try:
+                    pinned = file_identity(spec.agent_exe, spec.agent_exe_pin)
+                except (OSError, ValueError) as exc:
+                    raise InvalidParameters(
+                        f"cannot pin --agent-exe: {getattr(exc, 'strerror', None) or exc}",
+                        data={"field": "agent_exe"},
+                        hint="give the path of the client's executable file",
+                    ) from exc
+                bindings.agent_exe_pin = pinned.as_dict()
+        elif spec.agent_exe_pin is not None:
+            raise InvalidParameters("--agent-exe-pin needs --agent-exe PATH")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         rec = SessionRecord(
             accessor=ACCESSOR_PREFIX + secrets.token_hex(8),
@@ -326,16 +340,39 @@ class SessionStore:
             return f"pid binding: peer is not pid {b.pid} or its descendant", chain
         if b.agent:
             profile = AGENT_PROFILES[b.agent]
-            if not any(profile.matches(p) for p in chain):
+            hits = [p for p in chain if profile.matches(p)]
+            if not hits:
                 return f"agent binding: no ancestor runs a {b.agent} executable", chain
+            problems = [self.ancestry.exe_check(p.pid, p.exe) for p in hits]
+            if all(problems):
+                return f"agent binding: {b.agent} pid {hits[0].pid}: {problems[0]}", chain
             if declared_agent and contradicts(profile, declared_agent):
                 return f"declared agent {declared_agent[:64]!r} contradicts {b.agent}", chain
-        if b.agent_exe and not any(p.exe == b.agent_exe for p in chain):
-            return "agent-exe binding: executable not in ancestry", chain
+        if b.agent_exe:
+            reason = self._exe_verdict(rec, chain)
+            if reason is not None:
+                return reason, chain
         pinned = b.pin and b.pinned_pid is not None
         if pinned and not _has(chain, b.pinned_pid or 0, b.pinned_create_time):
             return "pin binding: another process tree", chain
         return None, chain
+
+    def _exe_verdict(self, rec: SessionRecord, chain: tuple[Proc, ...]) -> str | None:
+        b = rec.bindings
+        hit = next((p for p in chain if p.exe == b.agent_exe), None)
+        if hit is None:
+            return "agent-exe binding: executable not in ancestry"
+        problem = self.ancestry.exe_check(hit.pid, hit.exe)
+        if problem is not None:
+            return f"agent-exe binding: pid {hit.pid}: {problem}"
+        if b.agent_exe_pin:
+            change = self.ancestry.identity_change(b.agent_exe_pin, hit.pid, hit.exe)
+            if change is not None:
+                return (
+                    f"agent-exe binding: {b.agent_exe} changed since the session pinned it "
+                    f"({change}); if you updated it, re-pin: {repin_command(rec)}"
+                )
+        return None
 
     def check(
         self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
@@ -375,6 +412,17 @@ def _own_ancestry() -> tuple[Proc, ...]:
     from .bindings import walk_ancestry
 
     return walk_ancestry(os.getpid())
+
+
+def repin_command(rec: SessionRecord) -> str:
+    """The command that makes a session pinned to the executable's current file."""
+    b = rec.bindings
+    mode = str((b.agent_exe_pin or {}).get("mode", "stat"))
+    pin = f"--agent-exe {b.agent_exe} --agent-exe-pin {mode}"
+    client = rec.label.removesuffix(" (apm mcp install)")
+    if client != rec.label and " " not in client:
+        return f'"apm mcp install --client {client} {pin}"'
+    return f'"apm delegate --scope {rec.scope} {pin}", then "apm session revoke {rec.accessor}"'
 
 
 def contradicts(profile: AgentProfile, declared: str) -> bool:

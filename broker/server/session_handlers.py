@@ -51,6 +51,8 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
         bindings["agent"] = b.agent
     if b.agent_exe:
         bindings["agent_exe"] = b.agent_exe
+    if b.agent_exe_pin:
+        bindings["agent_exe_pin"] = b.agent_exe_pin
     if b.pin:
         bindings["pin"] = (
             {"pid": b.pinned_pid, "create_time": b.pinned_create_time, "name": b.pinned_name}
@@ -141,6 +143,7 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
         pid=p.pid,
         agent=p.agent,
         agent_exe=p.agent_exe,
+        agent_exe_pin=p.agent_exe_pin,
         pin=p.pin,
         filter=EntryFilter(spaces=p.spaces, tags=p.tags, globs=p.entries),
         approve=p.approve,

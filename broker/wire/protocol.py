@@ -371,6 +371,8 @@ class SessionCreateParams(Strict):
     pid: int | None = Field(default=None, ge=1)
     agent: str | None = Field(default=None, max_length=64)
     agent_exe: str | None = Field(default=None, max_length=4096)
+    # with agent_exe: also pin that file's identity (stat: device, inode, size, mtime)
+    agent_exe_pin: Literal["stat", "sha256"] | None = None
     pin: bool = False
     approve: Literal["agent", "client", "owner"] = "agent"
     spaces: list[str] = Field(default_factory=list, max_length=64)
