@@ -392,3 +392,92 @@ async def test_the_installed_entry_runs_and_its_agent_binding_refuses_other_proc
     assert not listed.is_error
     assert listed.structured_content is not None
     assert [e["name"] for e in listed.structured_content["entries"]] == ["deploy"]
+
+
+# ---------------------------------------------------------------------- the client's executable
+
+NPM_TAIL = "node_modules/@anthropic-ai/claude-code/bin/claude.exe"
+
+
+def dash_copy(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shutil.which("dash") or "/bin/dash", path)
+    path.chmod(0o755)
+    return path
+
+
+def install_with(desk: Desk, client: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return desk.apm(
+        *("mcp", "install", "--client", client, "--json"),
+        password=PASSWORD,
+        env={**desk.env, **env},
+    )
+
+
+def test_install_finds_claude_code_in_the_npm_global_prefix_and_binds_to_that_file(
+    desk: Desk,
+) -> None:
+    prefix = desk.home / ".npm-global"
+    exe = dash_copy(prefix / "lib" / NPM_TAIL)
+    proc = install_with(desk, "claude-code", NPM_CONFIG_PREFIX=str(prefix))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["executable"] == str(exe)
+    assert out["found_via"].startswith("npm global prefix")
+    assert desk.sessions()[out["accessor"]]["bindings"]["agent_exe"] == str(exe)
+    human = desk.apm(
+        "mcp", "install", "--client", "claude-code", password=PASSWORD,
+        env={**desk.env, "NPM_CONFIG_PREFIX": str(prefix)},
+    )  # fmt: skip
+    assert f"found Claude Code at {exe}" in human.stderr
+
+
+def test_install_follows_a_path_symlink_to_the_native_installer_and_binds_the_profile(
+    desk: Desk,
+) -> None:
+    native = dash_copy(desk.home / ".local/share/claude/versions/2.1.332")
+    bindir = desk.home / "bin"
+    bindir.mkdir()
+    (bindir / "claude").symlink_to(native)
+    path = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    proc = install_with(desk, "claude-code", PATH=path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["executable"] == str(native)
+    assert out["found_via"].startswith("PATH")
+    bindings = desk.sessions()[out["accessor"]]["bindings"]
+    assert bindings["agent"] == "claude-code" and "agent_exe" not in bindings
+    assert "follows its updates" in out["binding"]
+
+
+def test_install_skips_a_script_on_path_whose_process_would_be_its_interpreter(desk: Desk) -> None:
+    bindir = desk.home / "bin"
+    bindir.mkdir()
+    script = bindir / "claude"
+    script.write_text("#!/bin/sh\nexec node cli.js\n")
+    script.chmod(0o755)
+    path = f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    out = json.loads(install_with(desk, "claude-code", PATH=path).stdout)
+    assert out["executable"] is None
+    assert desk.sessions()[out["accessor"]]["bindings"]["agent"] == "claude-code"
+    assert "no Claude Code executable found" in out["binding"]
+
+
+def test_doctor_reports_a_client_whose_session_was_refused_with_the_reason_and_the_fix(
+    desk: Desk,
+) -> None:
+    bound = desk.install("claude-code")
+    entry = entry_of(json.loads(desk.config_file("claude-code").read_text()), "claude-code")
+    token = entry["env"]["APM_EPHEMERAL_ID"]
+    # the token used by a process that is not Claude Code: refused, and audited
+    refused = desk.apm("ls", "--json", env={**desk.env, "APM_EPHEMERAL_ID": token})
+    assert refused.returncode == 5, refused.stderr
+    proc = desk.run("doctor", "--client", "claude-code", "--json", password=False)
+    assert proc.returncode == 1
+    check = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "client claude-code")
+    assert check["status"] == "fail"
+    assert bound["accessor"] in check["detail"] and "refused" in check["detail"]
+    assert "agent binding" in check["detail"]
+    assert "apm mcp install --client claude-code" in check["fix"]
+    human = desk.run("doctor", "--client", "claude-code", password=False)
+    assert "was refused" in human.stdout and "fix: apm mcp install" in human.stdout

@@ -7,11 +7,13 @@ passes (skipped checks pass), 1 otherwise. Nothing here needs the master passwor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import stat
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +305,24 @@ class Doctor:
                 f"{path}: its session is {d.state or 'unknown'}",
                 f"apm mcp install --client {name}",
             )
+            return
+        denied = recent_denial(self.paths.state_dir / "audit.jsonl", d.accessor)
+        if denied is not None:
+            reason = str(denied.get("reason", "unknown"))
+            who = f"pid {denied.get('pid')}" + (
+                f", client {denied['client']!r}" if denied.get("client") else ""
+            )
+            binding = "binding" in reason or "agent" in reason
+            self.add(
+                label,
+                "fail",
+                f"{path}: session {d.accessor} was refused at {denied.get('ts', '?')[:19]} "
+                f"({who}): {reason}",
+                f"apm mcp install --client {name} (binds to the client's executable found "
+                f'now), then restart {spec_display(name)}; details: "apm session why {d.accessor}"'
+                if binding
+                else f"apm session why {d.accessor}",
+            )
         else:
             self.add(
                 label,
@@ -387,6 +407,53 @@ class Doctor:
                     "report this; the other checks ran",
                 )
         return self.checks
+
+
+def spec_display(name: str) -> str:
+    return CLIENTS[name].display
+
+
+def recent_denial(
+    audit: Path, accessor: str | None, within: timedelta = timedelta(days=1)
+) -> dict[str, Any] | None:
+    """The last `session.denied` record of `accessor` in the audit log, when it came within
+    `within` and no use of the session was recorded after it (None: nothing to report).
+
+    Read directly (same user, no password needed): the log holds no secret values. Refusals
+    for a missing scope are the model asking for too much, not a broken client: skipped.
+    """
+    if not accessor:
+        return None
+    try:
+        with open(audit, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (1 << 20)))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    since = datetime.now(UTC) - within
+    last: dict[str, Any] | None = None
+    for raw in lines:
+        if accessor.encode() not in raw:
+            continue
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(doc, dict) or doc.get("session") != accessor:
+            continue
+        if doc.get("event") == "session.denied":
+            if not str(doc.get("reason", "")).startswith("scope lacks"):
+                last = doc
+        elif last is not None:
+            last = None  # used successfully since
+    if last is None:
+        return None
+    try:
+        at = datetime.fromisoformat(str(last.get("ts")))
+    except ValueError:
+        return last
+    return last if at >= since else None
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

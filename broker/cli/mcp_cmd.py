@@ -27,6 +27,7 @@ from pydantic import SecretStr
 from broker.wire.errors import ApmError, InvalidParameters, StorageError, VaultLocked
 from broker.wire.protocol import SessionRevokeParams
 
+from . import client_exe
 from .auth import Credentials
 from .client import BrokerClient
 from .output import emit_json, info
@@ -176,12 +177,44 @@ def _revoke_token(c: BrokerClient, token: str) -> list[str]:
     return []
 
 
-def _mint(args: argparse.Namespace, c: BrokerClient, spec: ClientSpec) -> Any:
+def binding_for(args: argparse.Namespace, spec: ClientSpec) -> tuple[dict[str, object], str]:
+    """The session's client binding (create_params overrides) and a sentence saying what it is.
+
+    The client's real executable is looked up (client_exe.resolve); found, the session is bound
+    to that file, or to the profile when it lives in a versioned directory that its updates
+    replace (the native Claude Code installer). Not found: the profile alone.
+    """
+    if args.agent_exe:
+        return {}, f"bound to --agent-exe {args.agent_exe}"
+    if args.no_agent_binding:
+        return {}, "not bound to a client executable (--no-agent-binding)"
+    found = client_exe.resolve(spec.name)
+    if not found:
+        return {"agent": spec.name}, (
+            f"no {spec.display} executable found on PATH, in npm's global or local prefixes or "
+            f"at its installer's location; bound to the {spec.name} profile "
+            f'(check with "apm doctor --client {spec.name}" once it has started)'
+        )
+    best = found[0]
+    if best.follows_updates:
+        return {"agent": spec.name, "_found": best}, (
+            f"found {spec.display} at {best.path} via {best.how}; bound to the {spec.name} "
+            "profile, which follows its updates"
+        )
+    return {"agent_exe": best.path, "_found": best}, (
+        f"found {spec.display} at {best.path} via {best.how}; bound to that executable"
+    )
+
+
+def _mint(args: argparse.Namespace, c: BrokerClient, spec: ClientSpec) -> tuple[Any, str, Any]:
+    """(session.create result, the binding sentence, the executable found or None)."""
     owner = Credentials(args, owner_only=True)
     overrides: dict[str, object] = {"label": args.label or f"{spec.name} (apm mcp install)"}
-    if not args.agent_exe and not args.no_agent_binding:
-        overrides["agent"] = spec.name
-    return c.call("session.create", create_params(args, **overrides), **owner.creds())
+    binding, said = binding_for(args, spec)
+    found = binding.pop("_found", None)
+    overrides.update(binding)
+    res = c.call("session.create", create_params(args, **overrides), **owner.creds())
+    return res, said, found
 
 
 def cmd_install(args: argparse.Namespace) -> int:
@@ -191,7 +224,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     check_shape(doc, spec, args.name, path)
     with BrokerClient() as c:
         c.call("broker.status")  # broker reachable before we ask for the password
-        res = _mint(args, c, spec)
+        res, said, found = _mint(args, c, spec)
         token = res.token.get_secret_value()
         old = _old_token(doc, spec, args.name)
         servers = doc.get(spec.servers_key) or {}
@@ -209,10 +242,14 @@ def cmd_install(args: argparse.Namespace) -> int:
                 "scopes": res.session.scopes,
                 "expires_at": res.session.expires_at.isoformat(),
                 "revoked": revoked,
+                "executable": found.path if found else None,
+                "found_via": found.how if found else None,
+                "binding": said,
             }
         )
         return 0
     info(f"installed apm for {spec.display} in {path}")
+    info(said)
     info(
         f"session {res.session.accessor}: {', '.join(res.session.scopes)}; "
         f"{describe_bindings(res.session.bindings)}; expires {res.session.expires_at:%Y-%m-%d}"
@@ -257,7 +294,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
     with BrokerClient() as c:
-        res = _mint(args, c, spec)
+        res, _, _ = _mint(args, c, spec)
     token = res.token.get_secret_value()
     entry = server_entry(spec, token)
     snippet = {spec.servers_key: {args.name: entry}}

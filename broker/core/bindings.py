@@ -205,12 +205,22 @@ def file_identity(path: str, mode: str) -> ExeIdentity:
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")
     if mode == "sha256":
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        return ExeIdentity("sha256", size=st.st_size, sha256=digest.hexdigest())
+        # hashed once per file version (Claude Code's executable is ~400 MB), not per request
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        known = _SHA256_CACHE.get(key)
+        if known is None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            known = _SHA256_CACHE[key] = digest.hexdigest()
+            if len(_SHA256_CACHE) > 64:
+                _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
+        return ExeIdentity("sha256", size=st.st_size, sha256=known)
     return ExeIdentity("stat", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+_SHA256_CACHE: dict[tuple[int, int, int, int], str] = {}
 
 
 def _no_problem(pid: int, exe: str) -> str | None:
