@@ -108,6 +108,9 @@ class McpHost:
             raise SessionRequired(
                 "MCP clients attach with a session token", hint='run "apm delegate"'
             )
+        # the session was accepted for this process (a refusal is `session.denied`): what
+        # `apm doctor` and the owner read to tell a working client from a refused one
+        self.state.record("session.attached", ctx, client=params.client_name)
         for old in [c for c in self.conns.values() if c.identity == identity]:
             await self.detach(old.conn)
         if len(self.conns) >= MAX_CONNECTIONS:
