@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from mcp import Client, StdioServerParameters
@@ -303,15 +303,21 @@ def test_a_config_of_the_wrong_shape_is_refused_before_minting_a_session(
 
 
 def cursor_link_config(link: str) -> dict[str, Any]:
-    assert link.startswith("cursor://anysphere.cursor-deeplink/mcp/install?")
-    query = link.split("?", 1)[1]
-    params = dict(part.split("=", 1) for part in query.split("&"))
-    assert params["name"] == "apm"
-    return dict(json.loads(base64.b64decode(unquote(params["config"]), validate=True)))
+    """The config a Cursor deeplink carries, read back with a URL parser."""
+    url = urlsplit(link)
+    assert (url.scheme, url.netloc, url.path) == (
+        "cursor",
+        "anysphere.cursor-deeplink",
+        "/mcp/install",
+    )
+    params = parse_qs(url.query, strict_parsing=True)
+    assert params["name"] == ["apm"]
+    (config,) = params["config"]
+    return dict(json.loads(base64.b64decode(config, validate=True)))
 
 
 def test_mcp_config_for_cursor_prints_a_deeplink_that_decodes_to_the_entry(desk: Desk) -> None:
-    proc = desk.run("mcp", "config", "--client", "cursor", "--json")
+    proc = desk.run("mcp", "config", "--client", "cursor", "--json", "--mint")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     entry = out["config"]["mcpServers"]["apm"]
@@ -322,7 +328,7 @@ def test_mcp_config_for_cursor_prints_a_deeplink_that_decodes_to_the_entry(desk:
     assert not desk.config_file("cursor").exists()  # printed, not written
     assert desk.sessions()[out["accessor"]]["state"] == "active"
 
-    text = desk.run("mcp", "config", "--client", "cursor")
+    text = desk.run("mcp", "config", "--client", "cursor", "--mint")
     assert text.returncode == 0, text.stderr
     links = [ln for ln in text.stdout.splitlines() if ln.startswith("cursor://")]
     assert len(links) == 1
@@ -481,3 +487,106 @@ def test_doctor_reports_a_client_whose_session_was_refused_with_the_reason_and_t
     assert "apm mcp install --client claude-code" in check["fix"]
     human = desk.run("doctor", "--client", "claude-code", password=False)
     assert "was refused" in human.stdout and "fix: apm mcp install" in human.stdout
+
+
+# ---------------------------------------------------------------------- config formats (14.4)
+
+VSCODE_JSONC = """// my VS Code MCP servers
+{
+  /* a block comment */
+  "servers": {
+    "other": {"command": "/usr/bin/other", "args": ["--x"],},  // trailing commas, too
+  },
+  "inputs": [],  // keep me
+}
+"""
+
+
+def test_vscode_jsonc_keeps_every_comment_and_changes_only_servers_apm(desk: Desk) -> None:
+    path = desk.config_file("vscode")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(VSCODE_JSONC)
+    first = desk.install("vscode")
+    text = path.read_text()
+    for kept in (
+        "// my VS Code MCP servers",
+        "/* a block comment */",
+        '"other": {"command": "/usr/bin/other", "args": ["--x"],},  // trailing commas, too',
+        '"inputs": [],  // keep me',
+    ):
+        assert kept in text, text
+    desk.install("vscode")  # replaced in place, comments still there
+    again = path.read_text()
+    assert again.count('"apm"') == 1 and "// keep me" in again
+    proc = desk.run("mcp", "uninstall", "--client", "vscode", "--json", password=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["revoked"]
+    assert path.read_text() == VSCODE_JSONC  # the round trip gives the user's file back
+    assert first["backup"] is not None
+
+
+def test_a_config_that_is_not_jsonc_is_refused_naming_line_and_column(desk: Desk) -> None:
+    path = desk.config_file("vscode")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{\n  "servers": {\n    "a": 1\n    "b": 2\n  }\n}\n')
+    before = path.read_bytes()
+    proc = desk.run("mcp", "install", "--client", "vscode")
+    assert proc.returncode == InvalidParameters.exit_code
+    assert "line 4, column 5" in proc.stderr and "delimiter" in proc.stderr
+    assert path.read_bytes() == before
+
+
+def test_mcp_config_prints_a_placeholder_and_mints_nothing_without_mint(desk: Desk) -> None:
+    before = set(desk.sessions())
+    proc = desk.run("mcp", "config", "--client", "cursor", "--json", password=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["minted"] is False and out["accessor"] is None
+    entry = out["config"]["mcpServers"]["apm"]
+    assert not entry["env"]["APM_EPHEMERAL_ID"].startswith("eps_")
+    assert cursor_link_config(out["deeplink"]) == entry  # URL-encoded: + / = survive
+    assert set(desk.sessions()) == before
+
+
+@pytest.mark.parametrize(
+    ("client", "typed"), [("cursor", False), ("vscode", True), ("claude-code", True)]
+)
+def test_http_transport_writes_the_url_and_an_authorization_header(
+    desk: Desk, client: str, typed: bool
+) -> None:
+    url = "http://127.0.0.1:8765/mcp"
+    out = desk.install(client, "--transport", "http", "--url", url)
+    assert out["transport"] == "http"
+    entry = entry_of(json.loads(desk.config_file(client).read_text()), client)
+    assert entry["url"] == url
+    assert entry["headers"]["Authorization"].startswith("Bearer eps_")
+    assert ("type" in entry) is typed and entry.get("type", "http") == "http"
+    assert "command" not in entry and "env" not in entry
+    # re-installing revokes the session the header held
+    again = desk.install(client, "--transport", "http", "--url", url)
+    assert again["revoked"] == [out["accessor"]]
+
+
+def test_the_cursor_http_deeplink_carries_the_url_and_header(desk: Desk) -> None:
+    url = "http://127.0.0.1:8765/mcp"
+    proc = desk.run(
+        *("mcp", "config", "--client", "cursor", "--transport", "http", "--url", url, "--json"),
+        password=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    linked = cursor_link_config(out["deeplink"])
+    assert linked == out["config"]["mcpServers"]["apm"]
+    assert linked["url"] == url and linked["headers"]["Authorization"].startswith("Bearer ")
+
+
+def test_http_transport_is_refused_for_a_client_that_takes_only_stdio(desk: Desk) -> None:
+    proc = desk.run("mcp", "install", "--client", "claude-desktop", "--transport", "http")
+    assert proc.returncode == InvalidParameters.exit_code
+    assert "stdio" in proc.stderr
+
+
+def test_install_debug_puts_debug_into_the_shim_args(desk: Desk) -> None:
+    desk.install("claude-code", "--debug")
+    entry = entry_of(json.loads(desk.config_file("claude-code").read_text()), "claude-code")
+    assert entry["args"] == ["--debug"]

@@ -9,7 +9,7 @@ import sys
 import time
 
 from broker import paths
-from broker.wire.errors import BrokerUnavailable, InternalError
+from broker.wire.errors import BrokerUnavailable, InternalError, InvalidParameters
 from broker.wire.protocol import PingResult
 
 from . import service
@@ -116,11 +116,21 @@ def _wait_for_broker() -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     m = _installed_manager()
     running = ping()
+    http = ["--http", args.http] if getattr(args, "http", None) else None
     if running is not None:
         pid, started = running.pid, False
+        if http:
+            info(
+                f'--http applies at start: "apm broker stop && apm broker start --http {args.http}"'
+            )
     elif m.name == "background-process":
-        pid, started = start_detached()
+        pid, started = start_detached(http)
     else:
+        if http:
+            raise InvalidParameters(
+                f"{m.name} starts this broker; its unit decides whether it serves HTTP",
+                hint=f'run "apm broker install --http {args.http}"',
+            )
         _manager_start(m)
         pid, started = _wait_for_broker(), True
     if args.json:
@@ -338,6 +348,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.set_defaults(func=cmd_run)
     start = bsub.add_parser("start", help="start the broker as a background process")
     start.add_argument("--json", action="store_true", help="machine-readable output")
+    start.add_argument(
+        "--http", metavar="127.0.0.1:PORT", help="also serve MCP over HTTP at /mcp (loopback)"
+    )
     start.set_defaults(func=cmd_start)
     stop = bsub.add_parser("stop", help="lock the vault and stop the broker")
     stop.add_argument("--json", action="store_true", help="machine-readable output")

@@ -3,9 +3,12 @@
 Rules:
 - The session token goes in the server's `env`, never in `args` (argv is visible to every
   process of the machine).
-- A config file is merged, never replaced: other servers and keys survive; the previous
-  version is kept as `<file>.apm-backup`; the result is written atomically with mode 0600.
-- A file that is not valid JSON is never overwritten.
+- A config file is edited, never rewritten: only the `apm` server member changes; other
+  servers, keys, comments and formatting survive (JSONC, see jsonc.py); the previous version
+  is kept as `<file>.apm-backup`; the result is written atomically with mode 0600.
+- A file that is not valid JSON(C) is never overwritten; the refusal names line and column.
+- `apm mcp config` prints a placeholder instead of a token unless `--mint`: printing a config
+  should not leave a live session behind each time.
 - Re-installing replaces the entry and revokes the session it held; uninstalling removes the
   entry and revokes its session.
 """
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from pydantic import SecretStr
 from broker.wire.errors import ApmError, InvalidParameters, StorageError, VaultLocked
 from broker.wire.protocol import SessionRevokeParams
 
-from . import client_exe
+from . import client_exe, jsonc
 from .auth import Credentials
 from .client import BrokerClient
 from .output import emit_json, info
@@ -90,30 +94,87 @@ def shim_command() -> str:
     return str(Path(found).resolve())
 
 
-def server_entry(spec: ClientSpec, token: str) -> dict[str, Any]:
+TOKEN_PLACEHOLDER = "<APM_EPHEMERAL_ID: run this command with --mint, or apm delegate --json>"  # noqa: S105
+
+
+def server_entry(
+    spec: ClientSpec, token: str, *, debug: bool = False, url: str | None = None
+) -> dict[str, Any]:
+    """The client's `apm` server: the stdio shim (token in env), or with `url` the HTTP
+    endpoint (token in the Authorization header)."""
+    if url is not None:
+        http: dict[str, Any] = {"url": url, "headers": {"Authorization": f"Bearer {token}"}}
+        return http if spec.name == "cursor" else {"type": "http", **http}
     env = {"APM_EPHEMERAL_ID": token, "APM_EPHEMERAL_AGENT": spec.name}
     for var in ("APM_HOME", "APM_BROKER_ADDR", "APM_VAULT_PATH"):
         if os.environ.get(var):
             env[var] = os.environ[var]
-    entry: dict[str, Any] = {"command": shim_command(), "args": [], "env": env}
+    args = ["--debug"] if debug else []
+    entry: dict[str, Any] = {"command": shim_command(), "args": args, "env": env}
     if spec.type_field:
         entry = {"type": "stdio", **entry}
     return entry
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        doc = json.loads(path.read_text() or "{}")
-    except (ValueError, UnicodeDecodeError) as exc:
+HTTP_CLIENTS = ("claude-code", "cursor", "vscode")
+
+
+def http_url(args: argparse.Namespace) -> str | None:
+    """The HTTP endpoint for `--transport http`: --url, else the broker's config.toml."""
+    if getattr(args, "transport", "stdio") != "http":
+        return None
+    if args.client not in HTTP_CLIENTS:
         raise InvalidParameters(
-            f"{path} is not valid JSON; not touching it",
+            f"{CLIENTS[args.client].display} takes only stdio servers in its config",
+            hint="use --transport stdio (the default)",
+        )
+    if args.url:
+        return str(args.url)
+    import tomllib
+
+    from broker import paths
+
+    try:
+        conf = tomllib.loads((paths.resolve().config_dir / "config.toml").read_text())
+        listen = conf.get("http", {}).get("listen")
+    except (OSError, ValueError):
+        listen = None
+    if not isinstance(listen, str):
+        raise InvalidParameters(
+            "no HTTP endpoint to point the client at",
+            hint='pass --url http://127.0.0.1:PORT/mcp (the broker started with "apm broker '
+            'start --http 127.0.0.1:PORT"), or set [http] listen in config.toml',
+        )
+    return f"http://{listen}/mcp"
+
+
+def read_text(path: Path) -> str:
+    if not path.exists():
+        return ""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as exc:
+        raise InvalidParameters(
+            f"{path} is not UTF-8 text; not touching it",
+            hint="fix the file (or move it away) and run the command again",
+        ) from exc
+
+
+def parse_config(path: Path, text: str) -> dict[str, Any]:
+    try:
+        doc = jsonc.parse(text)
+    except jsonc.JsoncError as exc:
+        raise InvalidParameters(
+            f"{path}: line {exc.line}, column {exc.column}: {exc.why}; not touching it",
             hint="fix the file (or move it away) and run the command again",
         ) from exc
     if not isinstance(doc, dict):
         raise InvalidParameters(f"{path} does not hold a JSON object; not touching it")
     return doc
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return parse_config(path, read_text(path))
 
 
 def check_shape(doc: dict[str, Any], spec: ClientSpec, name: str, path: Path) -> None:
@@ -134,8 +195,8 @@ def check_shape(doc: dict[str, Any], spec: ClientSpec, name: str, path: Path) ->
         )
 
 
-def write_config(path: Path, doc: dict[str, Any]) -> Path | None:
-    """Atomically write `doc` (0600), keeping the previous file as `<file>.apm-backup`."""
+def write_config(path: Path, text: str) -> Path | None:
+    """Atomically write `text` (0600), keeping the previous file as `<file>.apm-backup`."""
     backup: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +210,7 @@ def write_config(path: Path, doc: dict[str, Any]) -> Path | None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+            f.write(text if text.endswith("\n") else text + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -160,13 +220,17 @@ def write_config(path: Path, doc: dict[str, Any]) -> Path | None:
     return backup
 
 
+def set_server(path: Path, text: str, spec: ClientSpec, name: str, entry: Any | None) -> str:
+    try:
+        return jsonc.set_member(text, spec.servers_key, name, entry)
+    except jsonc.JsoncError as exc:  # parse_config accepted it: only a shape we cannot edit
+        raise InvalidParameters(
+            f"{path}: line {exc.line}, column {exc.column}: {exc.why}; not touching it"
+        ) from exc
+
+
 def _old_token(doc: dict[str, Any], spec: ClientSpec, name: str) -> str | None:
-    entry = (doc.get(spec.servers_key) or {}).get(name)
-    if isinstance(entry, dict):
-        token = (entry.get("env") or {}).get("APM_EPHEMERAL_ID")
-        if isinstance(token, str) and token.startswith("eps_"):
-            return token
-    return None
+    return _old_entry_token((doc.get(spec.servers_key) or {}).get(name))
 
 
 def _revoke_token(c: BrokerClient, token: str) -> list[str]:
@@ -220,17 +284,17 @@ def _mint(args: argparse.Namespace, c: BrokerClient, spec: ClientSpec) -> tuple[
 def cmd_install(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
     path = Path(args.config) if args.config else spec.config_path()
-    doc = read_config(path)  # refuse early, before minting anything
+    url = http_url(args)
+    text = read_text(path)
+    doc = parse_config(path, text)  # refuse early, before minting anything
     check_shape(doc, spec, args.name, path)
     with BrokerClient() as c:
         c.call("broker.status")  # broker reachable before we ask for the password
         res, said, found = _mint(args, c, spec)
         token = res.token.get_secret_value()
         old = _old_token(doc, spec, args.name)
-        servers = doc.get(spec.servers_key) or {}
-        servers[args.name] = server_entry(spec, token)
-        doc[spec.servers_key] = servers
-        backup = write_config(path, doc)
+        entry = server_entry(spec, token, debug=args.debug, url=url)
+        backup = write_config(path, set_server(path, text, spec, args.name, entry))
         revoked = _revoke_token(c, old) if old and old != token else []
     if args.json:
         emit_json(
@@ -245,10 +309,11 @@ def cmd_install(args: argparse.Namespace) -> int:
                 "executable": found.path if found else None,
                 "found_via": found.how if found else None,
                 "binding": said,
+                "transport": "http" if url else "stdio",
             }
         )
         return 0
-    info(f"installed apm for {spec.display} in {path}")
+    info(f"installed apm for {spec.display} in {path}" + (f" (HTTP, {url})" if url else ""))
     info(said)
     info(
         f"session {res.session.accessor}: {', '.join(res.session.scopes)}; "
@@ -262,10 +327,21 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _old_entry_token(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return None
+    token = (entry.get("env") or {}).get("APM_EPHEMERAL_ID")
+    auth = (entry.get("headers") or {}).get("Authorization")
+    if not isinstance(token, str) and isinstance(auth, str):
+        token = auth.removeprefix("Bearer ").strip()
+    return token if isinstance(token, str) and token.startswith("eps_") else None
+
+
 def cmd_uninstall(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
     path = Path(args.config) if args.config else spec.config_path()
-    doc = read_config(path)
+    text = read_text(path)
+    doc = parse_config(path, text)
     check_shape(doc, spec, args.name, path)
     servers = doc.get(spec.servers_key)
     if not isinstance(servers, dict) or args.name not in servers:
@@ -280,8 +356,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
                     "the vault is locked, so the installed session cannot be revoked",
                     hint='run "apm unlock" first (nothing was changed)',
                 )
-        del servers[args.name]
-        backup = write_config(path, doc)
+        backup = write_config(path, set_server(path, text, spec, args.name, None))
         revoked = _revoke_token(c, old) if old else []
     if args.json:
         emit_json({"client": spec.name, "config": str(path), "revoked": revoked})
@@ -291,29 +366,52 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cursor_deeplink(name: str, entry: dict[str, Any]) -> str:
+    """Cursor's install link: `config` is the entry's JSON in base64, URL-encoded."""
+    cfg = base64.b64encode(json.dumps(entry, separators=(",", ":")).encode()).decode()
+    query = urllib.parse.urlencode({"name": name, "config": cfg})
+    return f"cursor://anysphere.cursor-deeplink/mcp/install?{query}"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     spec = CLIENTS[args.client]
-    with BrokerClient() as c:
-        res, _, _ = _mint(args, c, spec)
-    token = res.token.get_secret_value()
-    entry = server_entry(spec, token)
+    url = http_url(args)
+    res: Any = None
+    said = None
+    if args.mint:
+        with BrokerClient() as c:
+            res, said, _ = _mint(args, c, spec)
+        token = res.token.get_secret_value()
+    else:
+        token = TOKEN_PLACEHOLDER
+    entry = server_entry(spec, token, debug=args.debug, url=url)
     snippet = {spec.servers_key: {args.name: entry}}
-    out: dict[str, Any] = {"client": spec.name, "path": str(spec.config_path()), "config": snippet}
+    out: dict[str, Any] = {
+        "client": spec.name,
+        "path": str(spec.config_path()),
+        "config": snippet,
+        "transport": "http" if url else "stdio",
+        "minted": bool(args.mint),
+    }
     if spec.name == "cursor":
-        cfg = base64.b64encode(json.dumps(entry).encode()).decode()
-        out["deeplink"] = (
-            f"cursor://anysphere.cursor-deeplink/mcp/install?name={args.name}&config={cfg}"
-        )
+        out["deeplink"] = cursor_deeplink(args.name, entry)
     if args.json:
-        emit_json({**out, "accessor": res.session.accessor})
+        emit_json({**out, "accessor": res.session.accessor if res else None})
         return 0
     sys.stdout.write(f"# {spec.display}: merge into {spec.config_path()}\n")
     sys.stdout.write(json.dumps(snippet, indent=2) + "\n")
     if "deeplink" in out:
-        sys.stdout.write(
-            f"# or open this link (it carries the session token):\n{out['deeplink']}\n"
+        carries = "it carries the session token" if args.mint else "replace the placeholder first"
+        sys.stdout.write(f"# or open this link ({carries}):\n{out['deeplink']}\n")
+    if res is not None:
+        info(said or "")
+        info(f"session {res.session.accessor} minted; the token above is shown only this once")
+    else:
+        info(
+            "no session minted: the token is a placeholder; "
+            f'"apm mcp config --client {spec.name} --mint" mints one, '
+            f'"apm mcp install --client {spec.name}" writes the file'
         )
-    info(f"session {res.session.accessor} minted; the token above is shown only this once")
     return 0
 
 
@@ -369,6 +467,15 @@ def _delegate_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entries", action="append", metavar="GLOB", help="only names matching")
     p.add_argument("--json", action="store_true")
     p.add_argument(
+        "--transport",
+        choices=("stdio", "http"),
+        default="stdio",
+        help="stdio: the apm-mcp shim (default); http: the broker's HTTP endpoint with an "
+        "Authorization header (Claude Code, Cursor, VS Code)",
+    )
+    p.add_argument("--url", help="with --transport http: the endpoint (default: config.toml)")
+    p.add_argument("--debug", action="store_true", help="run the shim with --debug (a log file)")
+    p.add_argument(
         "--password-stdin",
         action="store_true",
         help="read the master password from the first line of stdin",
@@ -401,6 +508,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     un.add_argument("--config", help="config file to edit (default: the client's own)")
     un.add_argument("--json", action="store_true")
     un.set_defaults(func=cmd_uninstall)
-    cfg = msub.add_parser("config", help="print the config snippet (and Cursor's deeplink)")
+    cfg = msub.add_parser(
+        "config",
+        help="print the config snippet (and Cursor's deeplink)",
+        description="Print the client's config snippet, with a placeholder for the token unless "
+        "--mint (which mints a session, as install does).",
+    )
     _delegate_opts(cfg)
+    cfg.add_argument("--mint", action="store_true", help="mint a session and print its token")
     cfg.set_defaults(func=cmd_config)
