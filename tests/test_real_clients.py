@@ -347,6 +347,8 @@ def test_entry_not_found_is_a_tool_result_in_a_real_client(
 ) -> None:
     seen = world.call(client, transport, read_token, "get_entry", {"entry": "nope"})
     assert_tool_error(seen, "ENTRY_NOT_FOUND")
+    assert "call search_entries" in seen.text  # a tool to call, not "run apm ls"
+    assert "apm ls" not in seen.text
 
 
 def test_permission_denied_is_a_tool_result_in_a_real_client(
@@ -370,7 +372,7 @@ def test_invalid_parameters_are_a_tool_result_in_a_real_client(
 ) -> None:
     seen = world.call(client, transport, read_token, "search_entries", {"query": "x", "limit": 0})
     assert_tool_error(seen, "INVALID_PARAMETERS")
-    assert "limit" in seen.text
+    assert "limit: Input should be greater than or equal to 1" in seen.text  # the limit
 
 
 def test_a_locked_vault_is_a_tool_result_in_the_ts_sdk(

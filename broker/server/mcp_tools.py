@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -396,8 +397,61 @@ def result_refs(
     return refs
 
 
+# Hints for the model name tools, not CLI commands; what only the person can do is said so.
+MODEL_HINTS = {
+    "ENTRY_NOT_FOUND": "call search_entries with part of the name (or list_entries) and use "
+    "the exact name or id it returns",
+    "AMBIGUOUS_ENTRY": "pass space, or the entry id that search_entries returns",
+    "SPACE_NOT_FOUND": "call assist (or list_entries) to see the spaces this session can use",
+    "REQUEST_NOT_FOUND": "call list_my_requests to see your requests",
+    "VAULT_LOCKED": 'ask the person to run "apm unlock" in a terminal (no tool can unlock '
+    "it), then call the tool again",
+}
+_CLI_HINTS = (  # a CLI step with a tool that does the same
+    (re.compile(r'run "apm show [^"]*" to list its fields'), "call get_entry to see its fields"),
+    (re.compile(r'create it with "apm space add [^"]*"'), "create it with manage_spaces"),
+    (re.compile(r'^(?:run|list them with) ("apm [^"]*")'), r"ask the person to run \1"),
+)
+# pydantic error types whose message states the rule without echoing the input
+_SAFE_MESSAGES = frozenset(
+    {
+        "string_too_short", "string_too_long", "too_short", "too_long", "greater_than",
+        "greater_than_equal", "less_than", "less_than_equal", "multiple_of", "missing",
+        "extra_forbidden", "literal_error", "enum", "string_type", "int_type", "int_parsing",
+        "bool_type", "bool_parsing", "dict_type", "list_type", "float_type", "float_parsing",
+        "string_pattern_mismatch", "int_from_float",
+    }
+)  # fmt: skip
+
+
+def model_hint(code: str, hint: str | None) -> str | None:
+    """The hint as the model should read it: a tool to call, or what to ask the person."""
+    if code in MODEL_HINTS and (not hint or '"apm ' in hint):
+        return MODEL_HINTS[code]
+    for pattern, replacement in _CLI_HINTS:
+        if hint and pattern.search(hint):
+            return pattern.sub(replacement, hint)
+    if hint and '"apm ' in hint and not hint.startswith(("ask ", "the person")):
+        return f"only the person can do this; ask them to: {hint}"
+    return hint
+
+
+def _validation_message(exc: ValidationError) -> str:
+    """Each field and the rule it broke (the limit included), never the value given."""
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(arguments)"
+        rule = e["msg"] if e["type"] in _SAFE_MESSAGES else e["type"].replace("_", " ")
+        parts.append(f"{where}: {rule}")
+    return "invalid parameters: " + "; ".join(parts)
+
+
 def error_outcome(exc: BaseException) -> Outcome:
     body = to_wire_error(exc)
+    if isinstance(exc, ValidationError):
+        body.message = _validation_message(exc)
+        body.hint = "call the tool again with these fields fixed (its inputSchema has the rules)"
+    body.hint = model_hint(body.code, body.hint)
     text = f"Error {body.code}: {body.message}."
     if body.hint:
         text += f" Fix: {body.hint}"
