@@ -22,13 +22,16 @@ holds it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from typing import Any
 import pytest
 
 from . import real_clients
-from .conftest import PY, Apm, Broker, clean_env, make_home
+from .conftest import PY, Apm, Broker, clean_env, make_home, reap_brokers
 from .mcp_client import SHIM
 
 pytestmark = pytest.mark.slow
@@ -416,3 +419,151 @@ def test_an_expired_transaction_is_a_tool_result_in_a_real_client(
     assert_tool_error(seen, "TRANSACTION_EXPIRED")
     listing = json.loads(world.apm.ok("ls", "--json").stdout)
     assert name not in json.dumps(listing)
+
+
+# ----------------------------------------------------- the Inspector with a bearer header (13.14)
+
+
+class RecordingProxy:
+    """127.0.0.1:<port> -> the broker, one request per connection, recording each request line
+    (method and path) so a test can see whether a client went looking for OAuth."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self.requests: list[str] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def __enter__(self) -> RecordingProxy:
+        self._thread.start()
+        assert self._ready.wait(10), "proxy did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_writer: asyncio.StreamWriter | None = None
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            lines = head.split("\r\n")
+            self.requests.append(" ".join(lines[0].split(" ")[:2]))
+            out = [lines[0]]
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                key = name.strip().lower()
+                if not line or key in ("connection", "keep-alive"):
+                    continue
+                if key in ("host", "origin"):
+                    value = value.strip().replace(f":{self.port}", f":{self.upstream}")
+                out.append(f"{name}: {value.strip()}")
+            out.append("Connection: close")
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+            up_writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+            pipes = {
+                asyncio.create_task(_pipe(reader, up_writer)),
+                asyncio.create_task(_pipe(up_reader, writer)),
+            }
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            for p in pipes:
+                p.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            for w in (up_writer, writer):
+                if w is not None:
+                    w.close()
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+
+
+OAUTH_PATHS = re.compile(
+    r"/\.well-known/(oauth-authorization-server|openid-configuration)|/authorize|/token|/register"
+)
+
+
+@pytest.fixture(scope="module")
+def started_http() -> Iterator[tuple[Apm, int, str]]:
+    """A broker started the way a person does it: `apm broker start --http 127.0.0.1:PORT`."""
+    home = make_home()
+    apm = Apm(home)
+    port = free_port()
+    try:
+        started = apm("broker", "start", "--http", f"127.0.0.1:{port}", "--json", check=True)
+        assert json.loads(started.stdout)["started"] is True
+        apm.ok("init", "--profile", "interactive")
+        apm.ok("add", "api_key", "openai", "--from-stdin", stdin="sk-bearer-value\n")
+        token = json.loads(apm.ok("delegate", "--json", "--scope", "read").stdout)["token"]
+        yield apm, port, token
+    finally:
+        apm("broker", "stop")
+        reap_brokers(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def inspector_http(world: World, url: str, token: str) -> subprocess.CompletedProcess[str]:
+    config = world.scratch / "bearer.json"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:  # the header as `--header` would send it, outside argv
+        server = {"type": "streamable-http", "url": url}
+        server["headers"] = {"Authorization": f"Bearer {token}"}  # type: ignore[assignment]
+        json.dump({"mcpServers": {"apm": server}}, f)
+    argv = [world.node, str(world.prefix / "node_modules" / ".bin" / "mcp-inspector"), "--cli"]
+    argv += ["--config", str(config), "--server", "apm", "--method", "tools/list"]
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, env=world.node_env(), timeout=RUN_TIMEOUT
+        )
+    finally:
+        config.unlink()
+
+
+def test_the_inspector_with_a_bearer_header_connects_over_http_without_trying_oauth(
+    world: World, started_http: tuple[Apm, int, str]
+) -> None:
+    _, port, token = started_http
+    with RecordingProxy(port) as proxy:
+        r = inspector_http(world, f"http://127.0.0.1:{proxy.port}/mcp", token)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tools = {t["name"] for t in json.loads(r.stdout)["tools"]}
+    assert {"search_entries", "get_entry"} <= tools
+    assert proxy.requests and all(req.split(" ")[1] == "/mcp" for req in proxy.requests), (
+        proxy.requests
+    )
+
+
+def test_the_inspector_with_a_revoked_bearer_fails_plainly_without_an_oauth_flow(
+    world: World, started_http: tuple[Apm, int, str]
+) -> None:
+    apm, port, _ = started_http
+    made = json.loads(apm.ok("delegate", "--json", "--scope", "read").stdout)
+    apm("session", "revoke", made["accessor"], check=True)
+    with RecordingProxy(port) as proxy:
+        r = inspector_http(world, f"http://127.0.0.1:{proxy.port}/mcp", made["token"])
+    said = r.stdout + r.stderr
+    assert r.returncode != 0
+    # issue 13.14: the 401 named an authorization server, and the Inspector set off on an
+    # OAuth flow that cannot work ("auth_required: Interactive OAuth requires a TTY")
+    assert "auth_required" not in said and "OAuth" not in said, said
+    assert not [req for req in proxy.requests if OAUTH_PATHS.search(req)], (proxy.requests, said)
+    assert any(w in said for w in ("401", "nauthorized", "invalid_token")), said
