@@ -121,7 +121,8 @@ def tool_code(result: dict[str, Any] | None) -> str | None:
         return None
     if not result.get("isError"):
         return "OK"
-    return str((result.get("structuredContent") or {}).get("code"))
+    error = (result.get("_meta") or {}).get("apm/error")  # errors carry no structuredContent
+    return str((error or {}).get("code"))
 
 
 def ensure_user(name: str) -> pwd.struct_passwd:
