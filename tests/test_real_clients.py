@@ -529,8 +529,11 @@ def inspector_http(
     config = world.scratch / "bearer.json"
     fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:  # the header as `--header` would send it, outside argv
-        server = {"type": "streamable-http", "url": url}
-        server["headers"] = {"Authorization": f"Bearer {token}"}  # type: ignore[assignment]
+        server = {
+            "type": "streamable-http",
+            "url": url,
+            "headers": {"Authorization": f"Bearer {token}"},
+        }
         json.dump({"mcpServers": {"apm": server}}, f)
     argv = [world.node, str(world.prefix / "node_modules" / ".bin" / "mcp-inspector"), "--cli"]
     argv += ["--config", str(config), "--server", "apm", "--method", "tools/list"]
