@@ -9,12 +9,13 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from broker.wire.display import escape
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import AuditListParams
 
 from .auth import Credentials
 from .client import BrokerClient
-from .output import emit_json, info
+from .output import emit_json, info, write_lines
 from .session_cmd import parse_duration
 
 _SKIP = {"seq", "ts", "event", "prev", "mac"}
@@ -37,8 +38,8 @@ def parse_since(text: str) -> datetime:
 
 def _line(rec: dict[str, Any]) -> str:
     ts = str(rec.get("ts", ""))[:19].replace("T", " ")
-    rest = " ".join(f"{k}={v}" for k, v in rec.items() if k not in _SKIP)
-    return f"{rec.get('seq', '?'):>6} {ts} {rec.get('event', '?'):<18} {rest}"
+    rest = " ".join(f"{escape(k)}={escape(v)}" for k, v in rec.items() if k not in _SKIP)
+    return f"{rec.get('seq', '?'):>6} {escape(ts)} {escape(rec.get('event', '?')):<18} {rest}"
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -50,8 +51,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         elif res.ok:
             info(f"audit log verified: {res.records} records, chain and codes intact")
         else:
-            for finding in res.findings:
-                sys.stdout.write(f"{finding}\n")
+            write_lines([escape(finding) for finding in res.findings])
             info(f"audit log has {len(res.findings)} problem(s)")
         if not args.json and res.warnings:
             for warning in res.warnings:
@@ -70,15 +70,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.json and not args.follow:
             emit_json(records)
             return 0
-        for rec in records:
-            sys.stdout.write((json.dumps(rec) if args.json else _line(rec)) + "\n")
+        # json.dumps escapes control characters (ensure_ascii); _line escapes every value
+        write_lines([json.dumps(rec) if args.json else _line(rec) for rec in records])
         sys.stdout.flush()
         last = res.last_seq
         while args.follow:
             time.sleep(1.0)
             res = c.call("audit.list", params.model_copy(update={"after_seq": last}), **who.creds())
-            for rec in res.records:
-                sys.stdout.write((json.dumps(rec) if args.json else _line(rec)) + "\n")
+            write_lines([json.dumps(rec) if args.json else _line(rec) for rec in res.records])
             sys.stdout.flush()
             last = res.last_seq
     return 0

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from broker.wire.display import escape
 from broker.wire.protocol import (
     AccessRequestInfo,
     RequestDecideParams,
@@ -15,19 +16,20 @@ from broker.wire.protocol import (
 
 from .auth import Credentials
 from .client import BrokerClient
-from .output import emit_json, info
+from .output import emit_json, info, write_lines
 
 
 def _show(r: AccessRequestInfo) -> None:
-    what = f"{r.entry}" + (f" (field {r.field})" if r.field else "")
-    sys.stdout.write(
-        f"{r.id}  {r.state:<8} {what} for {r.minutes} min — {r.label or r.session}\n"
-        f"    why: {r.justification}\n"
-    )
+    what = escape(r.entry) + (f" (field {escape(r.field)})" if r.field else "")
+    out = [
+        f"{r.id}  {r.state:<8} {what} for {r.minutes} min — {escape(r.label or r.session)}",
+        f"    why: {escape(r.justification)}",
+    ]
     if r.state == "pending":
-        sys.stdout.write(f"    approve: {r.approve_command}    deny: apm request deny {r.id}\n")
+        out.append(f"    approve: {r.approve_command}    deny: apm request deny {r.id}")
     elif r.expires_at and r.state == "approved":
-        sys.stdout.write(f"    until {r.expires_at.astimezone():%H:%M:%S}\n")
+        out.append(f"    until {r.expires_at.astimezone():%H:%M:%S}")
+    write_lines(out)
 
 
 def cmd_request(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import re
 import sys
 from datetime import UTC, datetime
 
+from broker.wire.display import escape
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import (
     SCOPE_NAMES,
@@ -24,7 +25,7 @@ from broker.wire.protocol import (
 
 from .auth import Credentials
 from .client import BrokerClient
-from .output import emit_json, info, table
+from .output import emit_json, info, table, write_lines
 
 AGENTS = ("claude-desktop", "claude-code", "cursor", "vscode", "windsurf")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -66,6 +67,7 @@ def _human(seconds: int) -> str:
 
 
 def describe_bindings(b: dict[str, object]) -> str:
+    """One line, escaped: process names and paths are whatever their creators chose."""
     parts = ["host" if b.get("host") else "any host"]
     pid = b.get("pid")
     if isinstance(pid, dict):
@@ -82,13 +84,13 @@ def describe_bindings(b: dict[str, object]) -> str:
         parts.append(f"pinned to pid {pin.get('pid')} ({pin.get('name')})")
     elif pin:
         parts.append("pin on first use")
-    return ", ".join(parts)
+    return escape(", ".join(parts))
 
 
 def _details(s: SessionInfo) -> list[str]:
     lines = [
         f"accessor:  {s.accessor}",
-        f"label:     {s.label or '-'}",
+        f"label:     {escape(s.label or '-')}",
         f"scopes:    {', '.join(s.scopes)}",
         f"state:     {s.state}",
         f"bindings:  {describe_bindings(s.bindings)}",
@@ -102,11 +104,14 @@ def _details(s: SessionInfo) -> list[str]:
     else:
         lines.append(f"uses:      {s.use_count}")
     if s.filter:
-        lines.append("entries:   " + "; ".join(f"{k}: {', '.join(v)}" for k, v in s.filter.items()))
+        lines.append(
+            "entries:   "
+            + "; ".join(f"{escape(k)}: {', '.join(map(escape, v))}" for k, v in s.filter.items())
+        )
     if s.last_used_at:
         lines.append(f"last used: {_when(s.last_used_at)}")
     if s.declared_agent:
-        lines.append(f"declared:  {s.declared_agent}")
+        lines.append(f"declared:  {escape(s.declared_agent)}")
     return lines
 
 
@@ -219,21 +224,20 @@ def cmd_session(args: argparse.Namespace) -> int:
             if args.json:
                 emit_json(res)
             else:
-                sys.stdout.write("\n".join(_details(res)) + "\n")
+                write_lines(_details(res))
             return 0
         res = c.call("session.why", ref, **who.creds())
         if args.json:
             emit_json(res)
             return 0
-        sys.stdout.write("\n".join(_details(res.session)) + "\n")
+        out = _details(res.session)
         if not res.denials:
-            sys.stdout.write("no denials recorded since the broker started\n")
+            out.append("no denials recorded since the broker started")
         for d in res.denials:
-            sys.stdout.write(
-                f"denied {d.at.astimezone().strftime('%H:%M:%S')} pid {d.peer_pid}: {d.reason}\n"
-            )
-            for line in d.seen:
-                sys.stdout.write(f"    ancestry: {line}\n")
+            when = d.at.astimezone().strftime("%H:%M:%S")
+            out.append(f"denied {when} pid {d.peer_pid}: {escape(d.reason)}")
+            out += [f"    ancestry: {escape(line)}" for line in d.seen]
+        write_lines(out)
     return 0
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from broker.wire.display import args_lines, escape
 from broker.wire.protocol import TxDecideParams, TxListParams
 
 from .auth import Credentials
 from .client import BrokerClient
-from .output import emit_json, info
+from .output import emit_json, info, write_lines
 
 
 def cmd_tx(args: argparse.Namespace) -> int:
@@ -23,12 +23,17 @@ def cmd_tx(args: argparse.Namespace) -> int:
             if not res.transactions:
                 info("no transactions")
             for t in res.transactions:
-                sys.stdout.write(
-                    f"{t.tx_id}  {t.status:<15} {t.tool:<18} session {t.session} "
-                    f"({t.label or '-'}), expires {t.expires_at.astimezone():%H:%M:%S}\n"
+                # the preview (the agent's view, values escaped by the broker), then what
+                # approving really executes: the stored arguments, secrets as length + fp
+                write_lines(
+                    [
+                        f"{t.tx_id}  {t.status:<15} {t.tool:<18} session {t.session} "
+                        f"({escape(t.label or '-')}), expires {t.expires_at.astimezone():%H:%M:%S}",
+                        *(f"    {line}" for line in t.preview.splitlines()),
+                        f"    approving runs {escape(t.method or t.tool)} with exactly:",
+                        *args_lines(t.args, "      "),
+                    ]
                 )
-                for line in t.preview.splitlines():
-                    sys.stdout.write(f"    {line}\n")
             return 0
         method = "tx.approve" if args.tx_cmd == "approve" else "tx.deny"
         res = c.call(method, TxDecideParams(tx_id=args.tx_id, reason=args.reason), **owner.creds())

@@ -5,6 +5,9 @@ Rules:
   failures are retried with backoff and then logged.
 - A payload never holds a secret: request id, entry name, session label, justification,
   duration and the approve command.
+- Nothing an agent or client chose reaches a notification daemon, a terminal or a webhook
+  consumer as a control character: `send` escapes the title, each line of the body and every
+  string in the payload (broker.wire.display), whoever built them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import sys
 import urllib.error
 import urllib.request
 from typing import Any
+
+from broker.wire.display import escape
 
 log = logging.getLogger("apm.broker.notify")
 
@@ -39,6 +44,9 @@ class Notifier:
         """Fire and forget."""
         from .plugin_host import HOST  # enabled notifier plugins (none unless the owner said)
 
+        title = escape(title)
+        body = "\n".join(escape(line) for line in body.split("\n"))
+        payload = _escaped(payload)
         for coro in (
             self._desktop(title, body),
             self._webhook(title, body, payload),
@@ -102,3 +110,13 @@ class Notifier:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {escape(str(k)): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_escaped(v) for v in value]
+    return value

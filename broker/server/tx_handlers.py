@@ -9,6 +9,7 @@ from __future__ import annotations
 from broker.core.transactions import Transaction
 from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
 
+from .approval_view import shown_args
 from .dispatch import Access, Context, log, route
 
 OWNER = Access(unlocked=True, owner_only=True)
@@ -20,6 +21,8 @@ def summary(tx: Transaction, ctx: Context) -> TxSummary:
         tool=tx.tool,
         status=tx.status(ctx.state.clock()),
         preview=tx.preview,
+        method=tx.method,
+        args=shown_args(tx.params),
         policy=tx.policy,
         session=tx.accessor,
         label=tx.label,

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction
+from broker.wire.display import escape
 from broker.wire.entries import ENTRY_TYPES, SPACE_PATTERN, EntryMeta, EntryType
 from broker.wire.errors import (
     ApmError,
@@ -51,6 +52,7 @@ from broker.wire.protocol import (
 )
 
 from . import handlers
+from .approval_view import approval_lines
 from .dispatch import Context
 from .tool_base import Args, ToolSpec
 
@@ -181,8 +183,8 @@ Build = Callable[[Context, Any], Awaitable[Plan]]
 
 
 def _fmt_fields(fields: dict[str, str], secret_names: list[str]) -> list[str]:
-    lines = [f"  {k}: {v}" for k, v in fields.items()]
-    lines += [f"  {k}: {MASK} (secret)" for k in secret_names]
+    lines = [f"  {escape(k)}: {escape(v)}" for k, v in fields.items()]
+    lines += [f"  {escape(k)}: {MASK} (secret)" for k in secret_names]
     return lines
 
 
@@ -215,9 +217,9 @@ async def _plan_add(ctx: Context, a: AddEntryArgs) -> Plan:
     lines = [f"+ add {a.type} {a.name!r} in space {a.space!r}"]
     lines += _fmt_fields(a.fields, list(a.secrets))
     if a.tags:
-        lines.append(f"  tags: {', '.join(a.tags)}")
+        lines.append(f"  tags: {', '.join(escape(t) for t in a.tags)}")
     if a.url:
-        lines.append(f"  url: {a.url}")
+        lines.append(f"  url: {escape(a.url)}")
     return Plan("entry.add", params, "\n".join(lines))
 
 
@@ -240,21 +242,25 @@ async def _plan_edit(ctx: Context, a: EditEntryArgs) -> Plan:
     )
     lines = [f"~ edit {entry.type} {entry.name!r} (space {entry.space!r})"]
     if a.new_name:
-        lines.append(f"  name: {entry.name} -> {a.new_name}")
+        lines.append(f"  name: {escape(entry.name)} -> {escape(a.new_name)}")
     if a.move_to:
         lines.append(f"  space: {entry.space} -> {a.move_to}")
     for k, v in a.fields.items():
         old = entry.fields.get(k)
         before = old.value if old is not None and not old.secret else None
-        lines.append(f"  {k}: {before if before is not None else '(none)'} -> {v}")
+        shown = escape(before) if before is not None else "(none)"
+        lines.append(f"  {escape(k)}: {shown} -> {escape(v)}")
     for k in a.secrets:
-        lines.append(f"  {k}: {MASK} -> {MASK} (secret changed; the old value goes to history)")
+        lines.append(
+            f"  {escape(k)}: {MASK} -> {MASK} (secret changed; the old value goes to history)"
+        )
     for k in a.remove_fields:
-        lines.append(f"  {k}: removed")
+        lines.append(f"  {escape(k)}: removed")
     if a.add_tags or a.remove_tags:
-        lines.append(f"  tags: +{','.join(a.add_tags) or '-'} -{','.join(a.remove_tags) or '-'}")
+        added, removed = ",".join(map(escape, a.add_tags)), ",".join(map(escape, a.remove_tags))
+        lines.append(f"  tags: +{added or '-'} -{removed or '-'}")
     if a.url is not None:
-        lines.append(f"  url: {entry.url or '(none)'} -> {a.url or '(none)'}")
+        lines.append(f"  url: {escape(entry.url or '(none)')} -> {escape(a.url or '(none)')}")
     if a.notes is not None:
         lines.append("  notes: changed")
     if len(lines) == 1:
@@ -403,7 +409,11 @@ async def _ask_person(ctx: Context, tx: Transaction) -> None:
         "properties": {"approve": {"type": "boolean", "title": "Approve this change"}},
         "required": ["approve"],
     }
-    message = f"An AI agent ({tx.label or tx.accessor}) wants to make this change:\n{tx.preview}"
+    message = "\n".join(
+        [f"An AI agent ({escape(tx.label or tx.accessor)}) wants to make this change:"]
+        + [escape(line, backslash=False) for line in tx.preview.splitlines()]
+        + approval_lines(tx.method, tx.params)
+    )
     try:
         answer = await mctx.session.elicit_form(message, schema, mctx.request_id)
     except Exception as exc:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Mapping
+from typing import Any
 
 # A process-lifetime random key for fingerprints (see secret_summary). It never leaves memory.
 _FINGERPRINT_KEY = os.urandom(32)
@@ -38,21 +40,22 @@ def _escape_char(ch: str) -> str:
     return f"\\U{code:08x}"
 
 
-def _safe(ch: str) -> bool:
-    # str.isprintable() is False for Cc (C0, DEL, C1), Cf (bidi embeddings, overrides and
-    # isolates, LRM/RLM/ALM, zero-width space/joiners, BOM, invisible operators), Zl/Zp (U+2028,
-    # U+2029), Zs other than the ASCII space (NBSP and friends look like a space but are not),
-    # Cs (lone surrogates from surrogateescape), Co (private use) and Cn (unassigned).
-    return ch.isprintable() and ch != "\\"
-
-
-def escape(text: object) -> str:
+# str.isprintable() is False for Cc (C0, DEL, C1), Cf (bidi embeddings, overrides and
+# isolates, LRM/RLM/ALM, zero-width space/joiners, BOM, invisible operators), Zl/Zp (U+2028,
+# U+2029), Zs other than the ASCII space (NBSP and friends look like a space but are not),
+# Cs (lone surrogates from surrogateescape), Co (private use) and Cn (unassigned): all escaped.
+def escape(text: object, *, backslash: bool = True) -> str:
     """`text` (str() of it if not a string) with every character that is not plainly printable
-    written as a visible escape: `\\x1b`, `\\u202e`, `\\n`, `\\\\` and so on."""
+    written as a visible escape: `\\x1b`, `\\u202e`, `\\n`, `\\\\` and so on.
+
+    `backslash=False` leaves backslashes alone: for a line that may already hold escaped values
+    (a preview), as a last net at a sink; it is idempotent, where the default is not."""
     s = text if isinstance(text, str) else str(text)
-    if s.isprintable() and "\\" not in s:
+    if s.isprintable() and (not backslash or "\\" not in s):
         return s  # the common case costs one C-level scan
-    return "".join(ch if _safe(ch) else _escape_char(ch) for ch in s)
+    return "".join(
+        ch if ch.isprintable() and (not backslash or ch != "\\") else _escape_char(ch) for ch in s
+    )
 
 
 def fingerprint(value: str | bytes, key: bytes | None = None) -> str:
@@ -74,3 +77,19 @@ def secret_summary(value: str | bytes, key: bytes | None = None) -> str:
     n = len(value)
     unit = "chars" if isinstance(value, str) else "bytes"
     return f"<secret: {n} {unit}, fp {fingerprint(value, key)}>"
+
+
+def args_lines(args: Mapping[str, Any], indent: str = "  ") -> list[str]:
+    """Arguments as `key: value` lines, nested mappings indented, lists comma-joined; every
+    key and value escaped, so one line of output is one line of input. Secret values are
+    expected to arrive already replaced by `secret_summary`."""
+    lines: list[str] = []
+    for key, value in args.items():
+        if isinstance(value, Mapping):
+            lines.append(f"{indent}{escape(key)}:" + ("" if value else " {}"))
+            lines += args_lines(value, indent + "  ")
+        elif isinstance(value, list | tuple):
+            lines.append(f"{indent}{escape(key)}: [{', '.join(escape(v) for v in value)}]")
+        else:
+            lines.append(f"{indent}{escape(key)}: {escape('null' if value is None else value)}")
+    return lines

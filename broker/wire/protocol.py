@@ -522,6 +522,9 @@ class TxSummary(Wire):
     tool: str
     status: str
     preview: str
+    # what approving executes: the stored arguments, secrets as length + fingerprint (#13.1)
+    method: str = ""
+    args: dict[str, Any] = Field(default_factory=dict)
     policy: str
     session: str
     label: str
