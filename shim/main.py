@@ -12,6 +12,8 @@ Rules:
   `logging` loads only with --debug, and zmq.utils.monitor (which imports asyncio) not at all.
 - Stdout carries protocol bytes only; diagnostics go to stderr and the optional debug log.
 - The debug log never holds a token or a message payload (payloads may carry secrets).
+- The token leaves the environment block before anything else runs, and the process is
+  non-dumpable (broker.exposure): a sibling of the same user can't read it from /proc.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from broker import __version__, paths
+from broker import __version__, exposure, paths
 
 from .status_tool import APM_STATUS_TOOL, status_result
 
@@ -603,6 +605,11 @@ class Shim:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first: take the token, then make it unreadable to the AI client's other processes
+    # (its shell tool is a sibling): non-dumpable, and gone from /proc/<pid>/environ (#13.9)
+    token = os.environ.get("APM_EPHEMERAL_ID", "").strip() or None
+    exposure.make_non_dumpable()
+    exposure.scrub_environ("APM_EPHEMERAL_ID")
     args = sys.argv[1:] if argv is None else argv
     if "-h" in args or "--help" in args:
         sys.stderr.write(
@@ -620,7 +627,6 @@ def main(argv: list[str] | None = None) -> int:
         _stderr(f"debug log: {where}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    token = os.environ.get("APM_EPHEMERAL_ID", "").strip() or None
     shim = Shim(paths.resolve().broker_addr, token, os.environ.get("APM_EPHEMERAL_AGENT"))
     try:
         return shim.run()

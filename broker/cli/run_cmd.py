@@ -8,6 +8,8 @@ stdout and stderr with `<concealed by apm>`, and exits with the child's code.
 Rules:
 - Values go into the child's environment only: never argv, never a file.
 - The child does not inherit APM_EPHEMERAL_ID: it gets the secrets it was given, not the session.
+  Nor can it read it from `/proc/$PPID/environ`: before anything is resolved, `apm run` makes
+  itself non-dumpable and overwrites the token in its initial environment block (#13.9).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
+from broker import exposure
 from broker.wire.errors import InvalidParameters
 
 from .auth import AGENT_ENV, TOKEN_ENV, Credentials
@@ -82,6 +85,9 @@ def _pump(src: IO[bytes], dst: IO[bytes], masker: Masker) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    exposure.make_non_dumpable()
+    who = Credentials(args)  # takes the token from the environment ...
+    exposure.scrub_environ(TOKEN_ENV)  # ... which then no longer holds it, even in /proc
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -94,7 +100,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     refs = sorted({v for _, v in pairs if v.startswith("apm://")})
     values: dict[str, str] = {}
     if refs:
-        who = Credentials(args)
         values = resolve_refs(refs, who)
     env = {k: v for k, v in os.environ.items() if k not in (TOKEN_ENV, AGENT_ENV)}
     for name, value in pairs:

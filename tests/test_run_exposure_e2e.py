@@ -1,0 +1,288 @@
+"""#13.9 end to end: `apm run` and the `apm-mcp` shim do not hand their session token to other
+processes through /proc/<pid>/environ.
+
+The attack of the review: `apm run --env X=apm://... -- sh -c 'tr "\\0" "\\n" </proc/$PPID/environ'`
+printed APM_EPHEMERAL_ID, and a sibling of the shim (the AI client's shell tool) read it from
+/proc/<shim>/environ. Two defences, each tested where it is the one that matters:
+- as root (we are root; CI too), which ignores non-dumpable: the token's bytes are gone from
+  the initial environment block (the scrub);
+- as another, unprivileged uid (created with useradd), the attacker being a process of that
+  same uid: /proc/<pid>/environ is not readable at all (PR_SET_DUMPABLE 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+import broker
+import shim
+
+from .conftest import Apm, Broker, clean_env, register_secret
+from .mcp_client import SHIM
+
+pytestmark = pytest.mark.slow
+
+TEST_USER = "apmterm"
+DB_KEY = "Prod-Db-Key-4471-unique"
+FAKE_TOKEN = "eps_" + "Zq7" * 15  # what another uid's processes hold; never reaches a broker
+register_secret(DB_KEY)
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "pytest", "version": "1"},
+    },
+}
+
+
+def need_root() -> None:
+    if os.getuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: these attack tests must run there")
+        pytest.skip("needs root (to read other processes' /proc and to create a test user)")
+
+
+def environ_of(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
+
+
+def delegate(apm: Apm, scope: str = "secrets") -> str:
+    out = json.loads(apm.ok("delegate", "--scope", scope, "--ttl", "1h", "--json").stdout)
+    register_secret(out["token"])
+    return str(out["token"])
+
+
+@contextlib.contextmanager
+def running_shim(
+    argv: list[str], env: dict[str, str], **kw: object
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A shim that has answered `initialize`: by then its main() has run its first lines."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **kw
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(INITIALIZE).encode() + b"\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert b'"id":1' in answer.replace(b" ", b""), (answer, proc.stderr)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+# ---------------------------------------------------------------------- as root: the scrub
+
+
+def test_apm_runs_child_finds_no_token_in_its_parents_environ_block(
+    vault: Broker, apm: Apm
+) -> None:
+    need_root()
+    apm.ok("add", "api_key", "proddb", "--from-stdin", stdin=DB_KEY + "\n")
+    token = delegate(apm)
+    script = 'tr "\\0" "\\n" </proc/$PPID/environ; echo "child-sees-X=$X"'
+    proc = apm(
+        "run",
+        "--env",
+        "X=apm://default/proddb/key",
+        "--",
+        "sh",
+        "-c",
+        script,
+        env=clean_env(apm.home, APM_EPHEMERAL_ID=token),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "child-sees-X=<concealed by apm>" in proc.stdout  # it did resolve with the session
+    assert "APM_HOME=" in proc.stdout  # it did read the parent's environment block
+    assert token not in proc.stdout
+    assert "APM_EPHEMERAL_ID" not in proc.stdout
+
+
+def test_the_shims_environ_block_no_longer_holds_its_token_and_it_still_works(
+    vault: Broker, apm: Apm
+) -> None:
+    need_root()
+    token = delegate(apm, "read")
+    env = clean_env(apm.home, APM_EPHEMERAL_ID=token)
+    with running_shim([str(SHIM)], env) as proc:
+        seen = environ_of(proc.pid)  # what a sibling (root here) reads
+        assert b"APM_HOME=" in seen
+        assert token.encode() not in seen and b"APM_EPHEMERAL_ID" not in seen
+        # the shim kept the token in memory: the broker's real catalog comes back
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"jsonrpc":"2.0","method":"notifications/initialized"}\n')
+        proc.stdin.write(b'{"jsonrpc":"2.0","id":2,"method":"tools/list"}\n')
+        proc.stdin.flush()
+        listing = proc.stdout.readline()
+        assert b"list_entries" in listing, listing
+
+
+# ---------------------------------------------------------------------- as another uid
+
+
+def _ensure_test_user() -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(TEST_USER)
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # 9: created meanwhile by a parallel test run
+    assert proc.returncode in (0, 9), proc.stderr
+    return pwd.getpwnam(TEST_USER)
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        shutil.copy2(src, dest)
+
+
+def _python_for(user: pwd.struct_passwd, work: Path) -> str:
+    """An interpreter of this minor version that `user` may run (the venv's may live under a
+    private home), checked by running it as `user`."""
+    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    candidates = [os.path.realpath(sys.executable)]
+    found = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin")
+    if found:
+        candidates.append(found)
+    for interp in candidates:
+        with contextlib.suppress(PermissionError, OSError):
+            proc = subprocess.run(
+                [interp, "-I", "-c", "import ctypes"],
+                user=user.pw_uid,
+                group=user.pw_gid,
+                extra_groups=[],
+                cwd=work,
+                env={"PATH": "/usr/bin:/bin"},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            if proc.returncode == 0:
+                return interp
+    pytest.fail(f"no {minor} that user {user.pw_name} may run: install python3 from the OS")
+
+
+@pytest.fixture(scope="module")
+def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
+    """(the test user, an interpreter it may run, a world-readable copy of apm + its imports)."""
+    need_root()
+    user = _ensure_test_user()
+    work = Path(tempfile.mkdtemp(prefix="apmx-", dir="/tmp"))
+    try:
+        code = work / "code"
+        code.mkdir()
+        for pkg in (broker, shim):
+            _copy_tree(Path(pkg.__file__).parent, code / pkg.__name__)
+        site = Path(zmq.__file__).resolve().parent.parent
+        for name in (
+            "zmq",
+            "pyzmq.libs",
+            "pydantic",
+            "pydantic_core",
+            "annotated_types",
+            "typing_inspection",
+            "typing_extensions.py",
+        ):
+            if (site / name).exists():
+                _copy_tree(site / name, code / name)
+        for path in [work, *work.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+        home = work / "home"
+        home.mkdir(mode=0o700)
+        os.chown(home, user.pw_uid, user.pw_gid)
+        yield user, _python_for(user, work), work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _as_user(
+    setup: tuple[pwd.struct_passwd, str, Path], module: str, args: list[str], **kw: object
+) -> list[str]:
+    _, interp, work = setup
+    boot = (
+        f"import runpy, sys; sys.path[:0] = [{str(work / 'code')!r}]; "
+        f"sys.argv = [{module!r}, *sys.argv[1:]]; runpy.run_module({module!r}, run_name='__main__')"
+    )
+    return [interp, "-I", "-c", boot, *args]
+
+
+def _user_kw(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, object]:
+    user, _, work = setup
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": work}
+
+
+def _user_env(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, str]:
+    _, _, work = setup
+    return {
+        "PATH": "/usr/bin:/bin",
+        "APM_HOME": str(work / "home"),
+        "APM_EPHEMERAL_ID": FAKE_TOKEN,
+    }
+
+
+def test_apm_runs_child_of_the_same_uid_cannot_read_its_parents_environ(
+    other_uid: tuple[pwd.struct_passwd, str, Path],
+) -> None:
+    script = "cat /proc/$PPID/environ >/dev/null 2>&1 && echo READABLE || echo DENIED"
+    argv = _as_user(other_uid, "broker.cli.main", ["run", "--", "sh", "-c", script])
+    proc = subprocess.run(
+        argv,
+        env=_user_env(other_uid),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        **_user_kw(other_uid),  # type: ignore[arg-type]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "DENIED"
+
+
+def test_a_sibling_of_the_same_uid_cannot_read_the_shims_environ(
+    other_uid: tuple[pwd.struct_passwd, str, Path],
+) -> None:
+    argv = _as_user(other_uid, "shim.main", [])
+    # no broker for this user: the shim answers initialize itself (apm_status)
+    with running_shim(argv, _user_env(other_uid), **_user_kw(other_uid)) as proc:
+        sibling = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f"cat /proc/{proc.pid}/environ >/dev/null 2>&1 && echo READABLE || echo DENIED",
+            ],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            **_user_kw(other_uid),  # type: ignore[arg-type]
+        )
+        assert sibling.stdout.strip() == "DENIED"
+        # and root, which non-dumpable does not stop, finds the block scrubbed
+        assert FAKE_TOKEN.encode() not in environ_of(proc.pid)
