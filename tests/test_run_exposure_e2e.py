@@ -208,6 +208,7 @@ def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
             "annotated_types",
             "typing_inspection",
             "typing_extensions.py",
+            "psutil",
         ):
             if (site / name).exists():
                 _copy_tree(site / name, code / name)
@@ -286,3 +287,27 @@ def test_a_sibling_of_the_same_uid_cannot_read_the_shims_environ(
         assert sibling.stdout.strip() == "DENIED"
         # and root, which non-dumpable does not stop, finds the block scrubbed
         assert FAKE_TOKEN.encode() not in environ_of(proc.pid)
+        # a broker of this uid still sees what bindings check (as walk_ancestry reads it):
+        # create_time, name and parent. (/proc/<pid>/exe is withheld; psutil's exe() then
+        # guesses from cmdline[0], which the process chose: bindings must not trust that.)
+        _, interp, work = other_uid
+        probe = (
+            f"import json, os, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
+            "import psutil\n"
+            "p = psutil.Process(int(sys.argv[1]))\n"
+            "try:\n    os.readlink(f'/proc/{p.pid}/exe')\n    exe = 'readable'\n"
+            "except PermissionError:\n    exe = None\n"
+            "print(json.dumps([p.create_time() > 0, p.name(), p.ppid(), exe]))\n"
+        )
+        seen = subprocess.run(
+            [interp, "-I", "-c", probe, str(proc.pid)],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            **_user_kw(other_uid),  # type: ignore[arg-type]
+        )
+        assert seen.returncode == 0, seen.stderr
+        created, name, ppid, exe = json.loads(seen.stdout)
+        assert created and name and ppid == os.getpid() and exe is None
