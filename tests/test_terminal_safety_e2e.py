@@ -306,3 +306,78 @@ async def test_session_listings_and_the_audit_log_escape_labels_and_client_names
         assert not control_chars(out), (args, out)
     assert "\\x1b]0;owned\\x07\\x9b2J\\u2028fake" in world.run("session", "show", accessor)
     assert "\\x1b[8mhidden" in world.run("audit")
+
+
+def test_session_why_escapes_a_hostile_process_name_in_the_ancestry_it_shows(
+    world: World, tmp_path: Path
+) -> None:
+    # a process name is whatever its executable's file is called: here, an escape sequence
+    hostile_dir = tmp_path / "bin"
+    hostile_dir.mkdir()
+    hostile = hostile_dir / "ev\x1b[2Jil"
+    hostile.symlink_to(SHIM)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        res = world.wire(
+            "session.create",
+            {"scope": "read", "ttl_seconds": 3600, "label": "bound", "pid": bystander.pid},
+        )
+        register_secret(res["token"])
+        accessor = res["session"]["accessor"]
+        env = clean_env(world.home, APM_EPHEMERAL_ID=res["token"])
+        shim_proc = subprocess.Popen(
+            [str(hostile)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        try:
+            assert shim_proc.stdin is not None and shim_proc.stdout is not None
+            shim_proc.stdin.write(json.dumps(INITIALIZE).encode() + b"\n")
+            shim_proc.stdin.flush()
+            assert shim_proc.stdout.readline()  # answered: the broker has refused the binding
+        finally:
+            shim_proc.kill()
+            shim_proc.wait()
+            for s in (shim_proc.stdin, shim_proc.stdout):
+                if s is not None:
+                    s.close()
+    finally:
+        bystander.kill()
+        bystander.wait()
+    out = world.run("session", "why", accessor)
+    assert "ancestry:" in out and not control_chars(out), out
+    assert "ev\\x1b[2Jil" in out
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "pytest", "version": "1"},
+    },
+}
+
+
+@pytest.mark.anyio
+async def test_entries_an_agent_wrote_are_escaped_in_apm_ls_and_show(world: World) -> None:
+    name = "hostile-entry"  # names must be printable (the vault refuses others)
+    token = world.delegate("write", label="writer")
+    async with shim(world, token) as client:
+        args = {
+            "type": "login",
+            "name": name,
+            "url": SPOOF_URL,
+            "notes": "fine\x1b[1A\x1b[2Kapproved by security",
+            "fields": {"username": "root\x9b2J"},
+            "secrets": {"password": NEW_PASSWORD},
+        }
+        tx = ok_of(await client.call_tool("add_entry", args))["tx_id"]
+        done = ok_of(await client.call_tool("add_entry", {"tx_id": tx, "approve": True}))
+        assert done["status"] == "committed"
+    for argv in (("ls",), ("show", name), ("ls", "--json"), ("show", name, "--json")):
+        out = world.run(*argv)
+        assert not control_chars(out), (argv, out)
+    shown = world.run("show", name)
+    assert "root\\x9b2J" in shown and "github.com\\x1b[2K" in shown
+    assert "\\x1b[1A\\x1b[2Kapproved" in shown

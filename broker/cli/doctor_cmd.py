@@ -27,7 +27,7 @@ from . import service
 from .auth import AGENT_ENV, TOKEN_ENV
 from .client import BrokerClient
 from .mcp_cmd import CLIENTS, read_config, shim_command
-from .output import emit_json
+from .output import emit_json, write_lines
 
 
 @dataclass
@@ -464,9 +464,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 0 if ok else 1
     for c in checks:
         mark = {"ok": "ok  ", "skip": "--  ", "warn": "warn", "fail": "FAIL"}[c.status]
-        sys.stdout.write(f"{mark} {c.name}: {c.detail}\n")
+        # details may name sessions, clients and processes: escaped (#13.1)
+        write_lines([f"{mark} {c.name}: {c.detail}"])
         if c.fix and c.status in ("fail", "warn"):
-            sys.stdout.write(f"     fix: {c.fix}\n")
+            write_lines([f"     fix: {c.fix}"])
     sys.stdout.write("all checks passed\n" if ok else "some checks failed\n")
     return 0 if ok else 1
 

@@ -155,7 +155,7 @@ def cmd_delegate(args: argparse.Namespace) -> int:
         )
         return 0
     sys.stdout.write(f"APM_EPHEMERAL_ID={token}\n")
-    sys.stdout.write("\n".join(_details(res.session)) + "\n")
+    write_lines(_details(res.session))
     info("the token is shown only this once; give it to the agent through its environment")
     return 0
 
