@@ -381,3 +381,33 @@ async def test_entries_an_agent_wrote_are_escaped_in_apm_ls_and_show(world: Worl
     shown = world.run("show", name)
     assert "root\\x9b2J" in shown and "github.com\\x1b[2K" in shown
     assert "\\x1b[1A\\x1b[2Kapproved" in shown
+
+
+@pytest.mark.anyio
+async def test_the_elicitation_prompt_is_escaped_and_shows_the_stored_arguments(
+    world: World,
+) -> None:
+    token = world.delegate("write", label=HOSTILE_LABEL, approve="client")
+    seen: list[str] = []
+
+    async def respond(ctx: Any, params: Any) -> mt.ElicitResult:
+        seen.append(params.message)
+        return mt.ElicitResult(action="decline")
+
+    params = StdioServerParameters(
+        command=str(SHIM), args=[], env={"APM_HOME": str(world.home), "APM_EPHEMERAL_ID": token}
+    )
+    with unwrapped():
+        async with Client(
+            params, mode="legacy", read_timeout_seconds=CALL_TIMEOUT, elicitation_callback=respond
+        ) as client:
+            args = {"entry": "github", "url": SPOOF_URL, "secrets": {"password": NEW_PASSWORD}}
+            tx = ok_of(await client.call_tool("edit_entry", args))["tx_id"]
+            refused = await client.call_tool("edit_entry", {"tx_id": tx, "approve": True})
+    assert refused.is_error
+    assert len(seen) == 1
+    message = seen[0]
+    assert not control_chars(message), message
+    assert NEW_PASSWORD not in message
+    assert "runs entry.edit with:" in message and "\\x1b[2K" in message
+    assert f"password: <secret: {len(NEW_PASSWORD)} chars, fp " in message
