@@ -40,7 +40,8 @@ CALL_TIMEOUT = 20.0
 # the review's attack: erase the line, go up one, erase it, back to column 1, print a fake line
 SPOOF_URL = "https://github.com\x1b[2K\x1b[1A\x1b[2K\x1b[1G      tags: +reviewed -"
 SPOOF_WHY = (
-    "need it for the weather job\x1b[2K\x1b[1A\x1b[2K\r"
+    "need it for the weather job <!channel> <https://evil.example|approve here>"
+    "\x1b[2K\x1b[1A\x1b[2K\r"
     "req_x  pending  weather-api for 5 min \u2014 cron\u202e\u2066"
 )
 HOSTILE_LABEL = "cron\x1b]0;owned\x07\x9b2J\u2028fake"
@@ -264,6 +265,9 @@ async def test_notifications_and_webhooks_carry_no_control_characters(world: Wor
         for text in _strings(doc):
             assert not control_chars(text.replace("\n", " ")), text
         assert "\\x1b" in doc["apm"]["justification"]
+        # Slack-style markup in an agent's words neither pings a channel nor hides a link
+        assert "<!channel>" not in doc["text"] and "&lt;!channel&gt;" in doc["text"]
+        assert "<https://evil" not in doc["text"]
     for argv in (json.loads(ln) for ln in _notified(world).splitlines() if rid in ln):
         for arg in argv:
             assert not control_chars(arg.replace("\n", " ")), arg

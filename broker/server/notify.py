@@ -84,7 +84,9 @@ class Notifier:
     async def _webhook(self, title: str, body: str, payload: dict[str, Any]) -> None:
         if not self.webhook_url:
             return
-        doc = {"text": f"*{title}*\n{body}", "apm": payload}
+        # Slack-style markup: `<!channel>` pings everyone, `<url|text>` disguises a link; Slack
+        # asks senders to escape &, < and > in text, and the title/body hold agents' words
+        doc = {"text": f"*{_markup_escaped(title)}*\n{_markup_escaped(body)}", "apm": payload}
         data = json.dumps(doc).encode()
         for attempt, delay in enumerate((0.0, *self.retry_delays), start=1):
             if delay:
@@ -120,3 +122,7 @@ def _escaped(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_escaped(v) for v in value]
     return value
+
+
+def _markup_escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
