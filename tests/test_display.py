@@ -97,3 +97,29 @@ def test_the_fingerprint_is_keyed_so_a_plain_hash_of_a_guess_does_not_match_it()
     # another process (another key) gives another fingerprint for the same value
     assert fingerprint(pin, b"k" * 32) != fingerprint(pin, b"j" * 32)
     assert len(fingerprint(pin)) == 8
+
+
+def _loaded_after(code: str) -> set[str]:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"{code}\nimport json, sys\nsys.stdout.write(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout))
+
+
+def test_display_and_exposure_are_standard_library_only_and_load_no_ctypes_on_import() -> None:
+    loaded = _loaded_after("import broker.wire.display, broker.exposure")
+    third_party = {"pydantic", "zmq", "psutil", "cryptography", "mcp"}
+    assert not {m.split(".")[0] for m in loaded} & third_party
+    assert "ctypes" not in loaded  # the shim pays for it only when it scrubs
