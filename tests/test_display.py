@@ -123,3 +123,28 @@ def test_display_and_exposure_are_standard_library_only_and_load_no_ctypes_on_im
     third_party = {"pydantic", "zmq", "psutil", "cryptography", "mcp"}
     assert not {m.split(".")[0] for m in loaded} & third_party
     assert "ctypes" not in loaded  # the shim pays for it only when it scrubs
+
+
+def test_an_approval_lists_every_stored_argument_and_no_secret_value() -> None:
+    from pydantic import SecretStr
+
+    from broker.server.approval_view import approval_lines, shown_args
+    from broker.wire.protocol import EntryEditParams, SecretValue
+
+    value = "Attacker-Known-Pass-8812"
+    params = EntryEditParams(
+        ref="e_1",
+        url="https://github.com\x1b[2K\x1b[1A      tags: +reviewed -",
+        add_tags=["reviewed"],
+        secrets={"password": SecretValue(value=SecretStr(value))},
+    )
+    args = shown_args(params)
+    assert args["url"] == params.url  # exact on the wire; escaped where rendered
+    assert args["secrets"] == {"password": secret_summary(value)}
+    lines = approval_lines("entry.edit", params)
+    text = "\n".join(lines)
+    assert value not in text and "\x1b" not in text
+    assert lines[0] == "runs entry.edit with:"
+    assert "  url: https://github.com\\x1b[2K\\x1b[1A      tags: +reviewed -" in lines
+    assert "  add_tags: [reviewed]" in lines
+    assert f"    password: <secret: {len(value)} chars, fp " in text

@@ -35,11 +35,13 @@ def shown_value(value: Any) -> Any:
 
 
 def shown_args(params: BaseModel) -> dict[str, Any]:
-    """The model's fields that differ from their defaults (a default changes nothing)."""
+    """Every field of the stored model that holds something: None and empty lists or maps
+    (nothing to add, remove or set) are left out; defaults that act (space "default",
+    force false) are shown."""
     out: dict[str, Any] = {}
-    for name, info in type(params).model_fields.items():
+    for name in type(params).model_fields:
         value = getattr(params, name)
-        if not info.is_required() and value == info.get_default(call_default_factory=True):
+        if value is None or (isinstance(value, list | dict | tuple | set) and not value):
             continue
         out[name] = shown_value(value)
     return out
