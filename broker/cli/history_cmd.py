@@ -19,11 +19,6 @@ from .output import emit_json, info, table
 MASK = "********"
 
 
-def _shown(value: str) -> str:
-    """One table cell: newlines and control characters made visible, not acted on."""
-    return value.encode("unicode_escape").decode("ascii")
-
-
 def cmd_history(args: argparse.Namespace) -> int:
     who = Credentials(args, owner_only=args.reveal)
     with BrokerClient() as c:
@@ -56,7 +51,9 @@ def cmd_history(args: argparse.Namespace) -> int:
             v.field,
             str(v.version) if v.version else "current",
             v.replaced_at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if v.replaced_at else "-",
-            _shown(v.value.get_secret_value()) if v.value is not None else MASK,
+            # table() escapes every cell (broker.wire.display): newlines and control
+            # characters are made visible, not acted on
+            v.value.get_secret_value() if v.value is not None else MASK,
         ]
         for v in versions
     ]
