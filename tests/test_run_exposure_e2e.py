@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -311,3 +312,48 @@ def test_a_sibling_of_the_same_uid_cannot_read_the_shims_environ(
         assert seen.returncode == 0, seen.stderr
         created, name, ppid, exe = json.loads(seen.stdout)
         assert created and name and ppid == os.getpid() and exe is None
+
+
+def test_a_non_dumpable_process_cannot_pass_for_another_executable_through_its_argv0(
+    other_uid: tuple[pwd.struct_passwd, str, Path],
+) -> None:
+    # The attack: a same-uid process makes itself non-dumpable (so a non-root broker cannot
+    # read /proc/<pid>/exe) and sets argv[0] to the client it wants to pass for. psutil's
+    # exe() then falls back to argv[0]; the ancestry walk must report no executable instead.
+    _, interp, work = other_uid
+    spoof = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); time.sleep(30)"
+    attacker = subprocess.Popen(  # 4: PR_SET_DUMPABLE; argv[0] names another file
+        ["/usr/bin/env", "-I", "-c", spoof],
+        executable=interp,
+        env={"PATH": "/usr/bin:/bin"},
+        **_user_kw(other_uid),  # type: ignore[arg-type]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until it is non-dumpable (its /proc is root's)
+            if os.stat(f"/proc/{attacker.pid}/environ").st_uid == 0:
+                break
+            time.sleep(0.05)
+        probe = (
+            f"import json, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
+            "import psutil\n"
+            "from broker.core.bindings import walk_ancestry\n"
+            "pid = int(sys.argv[1])\n"
+            "print(json.dumps([psutil.Process(pid).exe(), walk_ancestry(pid)[0].exe]))\n"
+        )
+        out = subprocess.run(
+            [interp, "-I", "-c", probe, str(attacker.pid)],
+            env={"PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            **_user_kw(other_uid),  # type: ignore[arg-type]
+        )
+        assert out.returncode == 0, out.stderr
+        psutil_guess, walked = json.loads(out.stdout)
+        assert psutil_guess == "/usr/bin/env"  # the spoof works on psutil alone
+        assert walked == ""  # the walk trusts only the kernel's link: no executable to match
+    finally:
+        attacker.kill()
+        attacker.wait(timeout=10)

@@ -52,16 +52,32 @@ def walk_ancestry(pid: int) -> Ancestry:
             with proc.oneshot():
                 ct = proc.create_time()
                 name = proc.name()
-                try:
-                    exe = proc.exe()
-                except psutil.Error:
-                    exe = ""
+                exe = _exe_of(proc)
                 parent = proc.parent()
         except psutil.Error:
             break
         chain.append(Proc(pid=proc.pid, create_time=ct, name=name, exe=exe))
         proc = parent
     return tuple(chain)
+
+
+def _exe_of(proc: psutil.Process) -> str:
+    """The file a process runs, from the kernel only ("" when it cannot be read).
+
+    psutil's exe() falls back to argv[0] when /proc/<pid>/exe is unreadable, and argv[0] is
+    whatever the process says: a non-dumpable process started with `exec -a /usr/bin/claude`
+    would pass for that file. On Linux the link alone is trusted.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            target = os.readlink(f"/proc/{proc.pid}/exe")
+        except OSError:
+            return ""
+        return target.removesuffix(" (deleted)")
+    try:
+        return str(proc.exe())
+    except psutil.Error:
+        return ""
 
 
 def create_time(pid: int) -> float | None:
