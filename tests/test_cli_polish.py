@@ -184,3 +184,16 @@ def test_a_session_sees_history_masked_but_cannot_reveal_or_restore(
     read = json.loads(apm.ok("delegate", "--scope", "read", "--json").stdout)["token"]
     proc = apm("history", "svc", env=clean_env(home, APM_EPHEMERAL_ID=read))
     assert proc.returncode == errors.PermissionDenied.exit_code
+
+
+def test_an_error_message_carrying_terminal_escapes_reaches_stderr_escaped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from broker.cli.main import report
+    from broker.wire.errors import EntryNotFound
+
+    code = report(EntryNotFound("no entry \x1b[2J\x1b[1Aprod", hint="call \u202esearch"))
+    err = capsys.readouterr().err
+    assert code == EntryNotFound.exit_code
+    assert "\x1b" not in err and "\u202e" not in err
+    assert "\\x1b[2J" in err and "\\u202e" in err

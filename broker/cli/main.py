@@ -76,9 +76,11 @@ def report(exc: BaseException) -> int:
     from broker.wire.errors import ApmError
 
     if isinstance(exc, ApmError):
-        sys.stderr.write(f"apm: error: {exc.message}\n")
+        from broker.wire.display import escape  # messages may quote names an agent chose
+
+        sys.stderr.write(f"apm: error: {escape(exc.message, backslash=False)}\n")
         if exc.hint:
-            sys.stderr.write(f"apm: hint: {exc.hint}\n")
+            sys.stderr.write(f"apm: hint: {escape(exc.hint, backslash=False)}\n")
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write("apm: cancelled\n")
