@@ -297,7 +297,7 @@ def test_render_unit_allows_inet_families_only_when_http_is_enabled() -> None:
     http = directives(service.render_unit("/x/apm-broker", http="127.0.0.1:8765"))
     assert one(plain, "Service.RestrictAddressFamilies") == "AF_UNIX"
     assert one(plain, "Service.ExecStart") == "/x/apm-broker"
-    assert one(http, "Service.RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6"
+    assert one(http, "Service.RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6 AF_NETLINK"
     assert one(http, "Service.ExecStart") == "/x/apm-broker --http 127.0.0.1:8765"
 
 
@@ -351,7 +351,7 @@ def test_the_installed_unit_with_http_allows_inet_and_verifies_cleanly(svc: Serv
     port = free_port()
     install(svc, "--http", f"127.0.0.1:{port}")
     d = assert_hardened(svc.unit)
-    assert one(d, "Service.RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6"
+    assert one(d, "Service.RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6 AF_NETLINK"
     assert one(d, "Service.ExecStart").endswith(f"apm-broker --http 127.0.0.1:{port}")
     assert_verifies_cleanly(svc.unit)
 

@@ -66,7 +66,8 @@ def render_unit(
     return _UNIT.format(
         exec_start=f"{exec_path}{args}",
         rw_paths=rw,
-        families="AF_UNIX AF_INET AF_INET6" if http else "AF_UNIX",
+        # AF_NETLINK: the HTTP listener asks the kernel (sock_diag) who owns each connection
+        families="AF_UNIX AF_INET AF_INET6 AF_NETLINK" if http else "AF_UNIX",
         environment=environment,
     )
 
