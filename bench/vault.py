@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import shutil
 import signal
@@ -47,10 +46,9 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +63,13 @@ import psutil  # noqa: E402
 import zmq  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
+from bench import fixtures  # noqa: E402
 from broker import paths  # noqa: E402
 from broker.cli.client import BrokerClient  # noqa: E402
 from broker.core import crypto, vault_file  # noqa: E402
 from broker.core.crypto import PROFILES, Cipher  # noqa: E402
 from broker.core.key_cache import KeyCache, LockPolicy, _mlock  # noqa: E402
-from broker.core.vault import Change, Payload, StoredEntry, StoredField, Vault  # noqa: E402
+from broker.core.vault import Change, Payload, Vault  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
 from broker.server.transport import Peer  # noqa: E402
 from broker.wire.errors import ApmError, SessionRequired  # noqa: E402
@@ -92,15 +91,7 @@ PY = sys.executable
 PASSWORD = "correct horse battery staple"
 SIZE_PROFILE = "interactive"
 
-SERVICES = (
-    *("github", "gitlab", "bitbucket", "aws", "gcp", "azure", "stripe", "paypal", "slack"),
-    *("discord", "notion", "linear", "jira", "confluence", "datadog", "sentry", "pagerduty"),
-    *("cloudflare", "fastly", "vercel", "netlify", "heroku", "docker", "npm", "pypi", "openai"),
-    *("anthropic", "twilio", "sendgrid", "mailgun", "postgres", "mysql", "redis", "mongodb"),
-    *("elastic", "kafka", "vault", "okta", "auth0", "google", "microsoft", "apple", "dropbox"),
-    *("figma", "zoom"),
-)
-TAGS = ("work", "personal", "prod", "staging", "ci", "billing", "infra", "legacy")
+SERVICES = fixtures.SERVICES
 
 # A do-nothing ROUTER echo server: the floor for any request/response over ipc://.
 ECHO_SERVER = """
@@ -388,84 +379,9 @@ def bench_unlock(h: Harness, plan: Plan) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- vault building
 
 
-def _secret(rng: random.Random, alphabet: str, n: int) -> str:
-    return "".join(rng.choices(alphabet, k=n))
-
-
-ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-PRINTABLE = ALNUM + "!#$%&()*+,-./:;<=>?@[]^_{|}~"
-B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
-
-
 def build_vault(path: Path, n: int, seed: int) -> tuple[Vault, list[tuple[str, str, str]]]:
-    """A vault of `n` realistic entries, inserted in bulk and saved once.
-
-    Returns the open vault and a sample of (name, space, primary secret) to fetch.
-    """
-    rng = random.Random(seed)
-    pw = crypto.normalize_password(PASSWORD)
-    try:
-        vault = Vault.create(path, pw, PROFILES[SIZE_PROFILE])
-    finally:
-        crypto.zero(pw)
-    vault.spaces = ["default", "work", "personal"]
-    base = datetime.now(UTC)
-    sample_every = max(1, n // 200)
-    sample: list[tuple[str, str, str]] = []
-    for i in range(n):
-        svc = SERVICES[i % len(SERVICES)]
-        kind = i % 10
-        eid = str(uuid.uuid4())
-        space = ("work", "personal", "default", "default", "default")[i % 5]
-        when = base - timedelta(minutes=n - i)
-        tags = rng.sample(TAGS, rng.randint(0, 2))
-        url: str | None = None
-        fields: dict[str, StoredField] = {}
-        if kind <= 5:
-            etype, primary = "login", "password"
-            name = f"{svc}-login-{i:06d}"
-            url = f"https://{svc}.example.com/login"
-            fields["username"] = StoredField(secret=False, value=f"user{i}@example.com")
-            value = _secret(rng, PRINTABLE, rng.randint(16, 28))
-        elif kind <= 7:
-            etype, primary = "api_key", "key"
-            name = f"{svc}-api-key-{i:06d}"
-            fields["service"] = StoredField(secret=False, value=svc)
-            fields["key_id"] = StoredField(secret=False, value=f"kid_{i:08x}")
-            value = "sk_live_" + _secret(rng, ALNUM, 40)
-        elif kind == 8:
-            etype, primary = "token", "token"
-            name = f"{svc}-token-{i:06d}"
-            fields["service"] = StoredField(secret=False, value=svc)
-            value = _secret(rng, ALNUM + "-_", 96)
-        else:
-            etype, primary = "totp", "secret"
-            name = f"{svc}-2fa-{i:06d}"
-            fields["issuer"] = StoredField(secret=False, value=svc)
-            fields["account"] = StoredField(secret=False, value=f"user{i}@example.com")
-            fields["digits"] = StoredField(secret=False, value="6")
-            fields["period"] = StoredField(secret=False, value="30")
-            value = _secret(rng, B32, 32)
-        fields[primary] = StoredField(secret=True, sealed=vault._seal(eid, primary, value))
-        notes = f"rotated quarterly; owner team-{i % 17}" if i % 7 == 0 else None
-        vault.entries[eid] = StoredEntry(
-            id=eid,
-            name=name,
-            type=etype,
-            space=space,
-            tags=tags,
-            url=url,
-            notes=notes,
-            fields=fields,
-            created_at=when,
-            updated_at=when,
-        )
-        if i % sample_every == 0:
-            sample.append((name, space, value))
-    vault._reindex()
-    vault.save()
-    rng.shuffle(sample)
-    return vault, sample
+    """A vault of `n` realistic entries (bench/fixtures.py), and a sample to fetch."""
+    return fixtures.build_vault(path, n, password=PASSWORD, seed=seed, profile=SIZE_PROFILE)
 
 
 def add_params(prefix: str, i: int) -> EntryAddParams:
@@ -481,9 +397,6 @@ def add_params(prefix: str, i: int) -> EntryAddParams:
 
 def search_query(i: int) -> str:
     return SERVICES[(i * 7) % len(SERVICES)]
-
-
-# --------------------------------------------------------------------------- per-size phases
 
 
 # --------------------------------------------------------------------------- per-size phases

@@ -42,7 +42,6 @@ import json
 import math
 import os
 import platform
-import random
 import shlex
 import shutil
 import signal
@@ -52,10 +51,9 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -65,11 +63,11 @@ if str(REPO) not in sys.path:
 
 from pydantic import SecretStr  # noqa: E402
 
+from bench import fixtures  # noqa: E402
 from broker import paths  # noqa: E402
 from broker.cli.client import BrokerClient  # noqa: E402
-from broker.core import crypto, vault_file  # noqa: E402
-from broker.core.crypto import PROFILES  # noqa: E402
-from broker.core.vault import Payload, StoredEntry, StoredField, Vault  # noqa: E402
+from broker.core import vault_file  # noqa: E402
+from broker.core.vault import Payload, Vault  # noqa: E402
 from broker.wire.errors import ApmError  # noqa: E402
 from broker.wire.protocol import (  # noqa: E402
     EntryAddParams,
@@ -176,43 +174,8 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
 
 
 def build_vault(path: Path, n: int) -> Vault:
-    """`n` realistic login/api-key entries with sealed secrets, inserted in bulk, saved once."""
-    rng = random.Random(n)
-    pw = crypto.normalize_password(PASSWORD)
-    try:
-        vault = Vault.create(path, pw, PROFILES[PROFILE])
-    finally:
-        crypto.zero(pw)
-    base = datetime.now(UTC)
-    for i in range(n):
-        svc = SERVICES[i % len(SERVICES)]
-        eid = str(uuid.uuid4())
-        when = base - timedelta(minutes=n - i)
-        fields: dict[str, StoredField] = {}
-        if i % 3:
-            etype, primary, name = "login", "password", f"{svc}-login-{i:06d}"
-            fields["username"] = StoredField(secret=False, value=f"user{i}@example.com")
-            value = "".join(rng.choices(ALNUM + "!#%&*+-=?@^_", k=rng.randint(16, 28)))
-        else:
-            etype, primary, name = "api_key", "key", f"{svc}-api-key-{i:06d}"
-            fields["service"] = StoredField(secret=False, value=svc)
-            value = "sk_live_" + "".join(rng.choices(ALNUM, k=40))
-        fields[primary] = StoredField(secret=True, sealed=vault._seal(eid, primary, value))
-        vault.entries[eid] = StoredEntry(
-            id=eid,
-            name=name,
-            type=etype,
-            space="default",
-            tags=rng.sample(["work", "prod", "ci", "billing"], rng.randint(0, 2)),
-            url=f"https://{svc}.example.com" if etype == "login" else None,
-            notes=None,
-            fields=fields,
-            created_at=when,
-            updated_at=when,
-        )
-    vault._reindex()
-    vault.save()
-    return vault
+    """`n` realistic entries with sealed secrets (bench/fixtures.py), committed once."""
+    return fixtures.build_vault(path, n, password=PASSWORD, profile=PROFILE)[0]
 
 
 def raw_saves(vault: Vault, copy: Path, n: int) -> dict[str, Any]:
