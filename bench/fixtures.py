@@ -99,13 +99,14 @@ def build_vault(
     seed: int | None = None,
     profile: str = "interactive",
     samples: int = 200,
+    format: int = 2,
 ) -> tuple[Vault, Sample]:
     """A vault of `n` entries at `path`, committed once; returns it open with a shuffled sample
-    of about `samples` (name, space, primary secret)."""
+    of about `samples` (name, space, primary secret). `format=1`: today's v1 file (0.1.0)."""
     rng = random.Random(n if seed is None else seed)
     pw = crypto.normalize_password(password)
     try:
-        vault = Vault.create(path, pw, PROFILES[profile])
+        vault = Vault.create(path, pw, PROFILES[profile], format=format)
     finally:
         crypto.zero(pw)
     base = datetime.now(UTC)

@@ -66,10 +66,10 @@ from pydantic import SecretStr  # noqa: E402
 from bench import fixtures  # noqa: E402
 from broker import paths  # noqa: E402
 from broker.cli.client import BrokerClient  # noqa: E402
-from broker.core import crypto, vault_file  # noqa: E402
-from broker.core.crypto import PROFILES, Cipher  # noqa: E402
+from broker.core import crypto  # noqa: E402
+from broker.core.crypto import PROFILES  # noqa: E402
 from broker.core.key_cache import KeyCache, LockPolicy, _mlock  # noqa: E402
-from broker.core.vault import Change, Payload, Vault  # noqa: E402
+from broker.core.vault import Change, Vault  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
 from broker.server.transport import Peer  # noqa: E402
 from broker.wire.errors import ApmError, SessionRequired  # noqa: E402
@@ -666,9 +666,14 @@ def in_process(
 
 
 def breakdown(vault: Vault, n: int) -> dict[str, Any]:
-    """Where unlock and save time goes: each step of Vault.open and Vault.save, separately."""
+    """Where unlock and commit time goes, v2 (SQLite, what the broker runs) beside v1 (today's
+    whole-file format, 0.1.0) on the same entries: each format's open and commit, separately."""
     path = vault.path
-    dek = bytearray(vault._dek)
+    v1_path = path.with_name("v1-" + path.name)
+    twin = fixtures.build_vault(
+        v1_path, len(vault.entries), password=PASSWORD, profile=SIZE_PROFILE, format=1
+    )[0]  # a vault of the same size and shape, in the v1 format
+    twin.close()
     steps: dict[str, list[float]] = {}
 
     def t(name: str, fn: Callable[[], Any]) -> Any:
@@ -677,58 +682,40 @@ def breakdown(vault: Vault, n: int) -> dict[str, Any]:
         steps.setdefault(name, []).append(time.perf_counter() - t0)
         return v
 
-    for _ in range(n):
-        data = t("open: read file", path.read_bytes)
-        blob = t("open: parse + sha256 checksum", lambda data=data: vault_file.decode(data))
+    change = Change(fields={}, secrets={"password": "bench-rotated-Xy7!q9"}, remove_fields=[])
+    for i in range(n):
         pw = crypto.normalize_password(PASSWORD)
         kek = t(
             "open: Argon2id (interactive)",
-            lambda b=blob, pw=pw: crypto.derive_key(pw, b.header.salt, b.header.kdf),
+            lambda pw=pw: crypto.derive_key(pw, vault.header.salt, vault.header.kdf),
         )
         crypto.zero(kek)
-        crypto.zero(pw)
-        raw = t(
-            "open: AES-GCM decrypt payload",
-            lambda b=blob: Cipher(dek).open(b.payload, b.payload_ad),
-        )
-        t("open: json.loads (for comparison)", lambda raw=raw: json.loads(raw))
-        payload = t(
-            "open: pydantic Payload.model_validate_json",
-            lambda raw=raw: Payload.model_validate_json(raw),
-        )
-        v2 = t(
-            "open: Vault() index build",
-            lambda b=blob, p=payload: Vault(path, b.header, b.keyblock, bytearray(dek), p),
-        )
+        v2 = t("open: v2 Vault.open (incl. Argon2id)", lambda pw=pw: Vault.open(path, pw))
+        t("open: v2 search index build", v2.build_search_index)
         v2.close()
-        t("open: KeyCache.put's mlock of the key (ctypes find_library)", lambda: _mlock(dek))
-        del raw, payload, data, blob, v2
-        t(
-            "save: whole payload through pydantic (first save after unlock)",
-            lambda: (
-                Payload(
-                    spaces=vault.spaces, entries=list(vault.entries.values()), extra=vault.extra
-                )
-                .model_dump_json(by_alias=True)
-                .encode()
-            ),
+        v1 = t(
+            "open: v1 Vault.open (incl. Argon2id)",
+            lambda pw=pw: Vault.open(v1_path, pw, migrate=False),
         )
-        vault.payload_json()  # warm: what every later save reuses
-        dumped = t("save: payload_json (unchanged entries' JSON reused)", vault.payload_json)
-        ad = vault._header_bytes + len(vault._keyblock).to_bytes(4, "big") + vault._keyblock
-        sealed = t(
-            "save: AES-GCM encrypt payload", lambda d=dumped, ad=ad: vault._cipher.seal(d, ad)
-        )
-        body = t(
-            "save: frame + sha256",
-            lambda s=sealed: vault_file.encode(vault._header_bytes, vault._keyblock, s),
-        )
-        t(
-            "save: write + fsync + rename + fsync dir",
-            lambda b=body: vault_file.atomic_write(path, b),
-        )
-        del dumped, sealed, body
-    crypto.zero(dek)
+        crypto.zero(pw)
+        for label, each in (("v2", vault), ("v1", v1)):
+            e = next(x for x in each.entries.values() if x.type == "login")
+            t(
+                f"save: {label} commit of one edited entry",
+                lambda each=each, e=e, i=i: each.edit(
+                    e,
+                    new_name=None,
+                    move_to=None,
+                    add_tags=[f"b{i}"],
+                    remove_tags=[],
+                    url=None,
+                    notes=None,
+                    change=change,
+                ),
+            )
+        v1.close()
+        t("open: KeyCache.put's mlock of the key (ctypes find_library)", lambda: _mlock(vault._dek))
+    v1_path.unlink(missing_ok=True)
     return {k: stats(v) for k, v in steps.items()}
 
 
@@ -738,15 +725,21 @@ def bench_size(h: Harness, n: int, r: OpReps) -> dict[str, Any]:
     log(f"{n:,} entries: building the vault")
     t0 = time.perf_counter()
     vault, sample = build_vault(vpath, n, seed=n)
+    vault.close()  # the broker is the vault's one writer; this process reopens it after
     res: dict[str, Any] = {
         "entries": n,
         "profile": SIZE_PROFILE,
         "build_s": time.perf_counter() - t0,
-        "file_bytes": vpath.stat().st_size,
+        "file_bytes": sum(
+            p.stat().st_size for p in (vpath, vpath.with_name(vpath.name + "-wal")) if p.exists()
+        ),
     }
     try:
         log(f"{n:,} entries: real broker")
         res.update(real_broker(h, home, n, sample, r))
+        pw = crypto.normalize_password(PASSWORD)
+        vault = Vault.open(vpath, pw)  # as the broker left it
+        crypto.zero(pw)
         log(f"{n:,} entries: in-process dispatch and core")
         res.update(in_process(home, vault, sample, r))
         log(f"{n:,} entries: open/save breakdown")

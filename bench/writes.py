@@ -16,9 +16,9 @@ spoken to over raw pipes (newline-delimited JSON-RPC, 2025-11-25 era with `initi
 MCP client library cost is counted:
 
 - preview   = `add_entry` without tx_id (validate, store the transaction, audit record);
-- commit    = `add_entry` with {tx_id, approve: true}: audit record, then the durable save of the
-              whole vault (serialise the new entry and join the others' kept JSON, AES-GCM,
-              write temp file, fsync, rename, fsync dir);
+- commit    = `add_entry` with {tx_id, approve: true}: audit record, then the durable commit
+              (v2: the new entry's two sealed rows and the state row in one SQLite
+              transaction, WAL fsynced);
 - tx_status = a read-only tool call through the same shim: the relay + SDK floor.
 
 Baselines, measured in the same run and interleaved with the commits so both see the same
@@ -26,12 +26,13 @@ machine noise:
 
 - wire entry.add = the plain one-phase `entry.add` over the broker's wire protocol with a session
   token (no MCP, no transaction; the same durable save);
-- raw save       = `Vault.save()` of the same-size vault in this process (serialise + encrypt +
-              atomic write), with its steps timed separately: where the time goes.
+- raw save       = `Vault.save()` of the same-size vault in this process after one entry
+              changed: a v2 commit (that entry's rows and the state row, one SQLite
+              transaction); beside it, today's v1 save of the same vault (whole file).
 
 Throughput: commits/s for one session committing back to back, and for 8 sessions (8 shims,
-one thread each) committing at once. Commits serialise on the broker's write lock, because every
-commit rewrites the whole vault file.
+one thread each) committing at once. Commits serialise on the broker's write lock (one SQLite
+writer); each writes only the rows it changed.
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ from pydantic import SecretStr  # noqa: E402
 from bench import fixtures  # noqa: E402
 from broker import paths  # noqa: E402
 from broker.cli.client import BrokerClient  # noqa: E402
-from broker.core import vault_file  # noqa: E402
-from broker.core.vault import Payload, Vault  # noqa: E402
+from broker.core.vault import Vault  # noqa: E402
 from broker.wire.errors import ApmError  # noqa: E402
 from broker.wire.protocol import (  # noqa: E402
     EntryAddParams,
@@ -179,9 +179,9 @@ def build_vault(path: Path, n: int) -> Vault:
 
 
 def raw_saves(vault: Vault, copy: Path, n: int) -> dict[str, Any]:
-    """Vault.save() of this vault to a copy path, and each of its steps separately."""
-    original = vault.path
-    vault.path = copy
+    """In this process: the v2 commit of one changed entry (what the broker does per write),
+    and beside it today's v1 save of the same vault (the whole file rewritten)."""
+    v1 = fixtures.build_vault(copy, len(vault.entries), password=PASSWORD, format=1)[0]
     steps: dict[str, list[float]] = {}
 
     def t(name: str, fn: Callable[[], Any]) -> Any:
@@ -191,30 +191,21 @@ def raw_saves(vault: Vault, copy: Path, n: int) -> dict[str, Any]:
         return value
 
     try:
-        for _ in range(n):
-            t("Vault.save() (all of it)", vault.save)
-            dumped = t("serialise (payload_json: unchanged entries reused)", vault.payload_json)
-            t(
-                "for comparison: whole payload through pydantic (a first save after unlock)",
-                lambda: (
-                    Payload(
-                        spaces=vault.spaces, entries=list(vault.entries.values()), extra=vault.extra
-                    )
-                    .model_dump_json(by_alias=True)
-                    .encode()
-                ),
-            )
-            ad = vault._header_bytes + len(vault._keyblock).to_bytes(4, "big") + vault._keyblock
-            sealed = t("AES-256-GCM encrypt", lambda d=dumped, ad=ad: vault._cipher.seal(d, ad))
-            body = t(
-                "frame + sha256",
-                lambda s=sealed: vault_file.encode(vault._header_bytes, vault._keyblock, s),
-            )
-            t("write + fsync + rename + fsync dir", lambda b=body: vault_file.atomic_write(copy, b))
-            del dumped, sealed, body
+        for i in range(n):
+            for label, each in (("Vault.save() (all of it)", vault), ("v1: whole-file save", v1)):
+                e = next(iter(each.entries.values()))
+                each.entries[e.id] = e.model_copy(update={"tags": [*e.tags[:1], f"b{i}"]})
+                t(label, each.save)
     finally:
-        vault.path = original
-    return {"file_bytes": copy.stat().st_size, "steps": {k: stats(v) for k, v in steps.items()}}
+        v1.close()
+    return {
+        "file_bytes": sum(
+            p.stat().st_size
+            for p in (vault.path, vault.path.with_name(vault.path.name + "-wal"))
+            if p.exists()
+        ),
+        "steps": {k: stats(v) for k, v in steps.items()},
+    }
 
 
 # --------------------------------------------------------------------------- broker and shim

@@ -244,8 +244,9 @@ def test_running_broker_has_core_dumps_off_and_is_not_dumpable(
 
 
 def test_files_the_broker_creates_are_private(vault: Broker, apm: Apm, home: Path) -> None:
-    apm.ok("add", "api_key", "k1", "--from-stdin", stdin="v1\n")  # leaves vault.apm.bak
-    for path in (home / "vault.apm", home / "vault.apm.bak", home / "state" / "broker.log"):
+    apm.ok("add", "api_key", "k1", "--from-stdin", stdin="v1\n")  # the vault's WAL has it
+    wal, shm = home / "vault.apm-wal", home / "vault.apm-shm"
+    for path in (home / "vault.apm", wal, shm, home / "state" / "broker.log"):
         assert path.exists(), path
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for directory in (home / "state", home / "run"):

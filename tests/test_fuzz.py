@@ -559,6 +559,12 @@ def well_formed_value(name: str, ann: Any, info: FieldInfo | None, wire: bool) -
 # into the handlers (fresh names, markers for what exists, the sentinel as every secret).
 WIRE_SEEDS: dict[str, dict[str, Any]] = {
     "entry.add": {"type": "login", "name": "fresh", "secrets": {"password": {"value": SENTINEL}}},
+    "entry.add_batch": {
+        "entries": [
+            {"type": "login", "name": "fresh", "secrets": {"password": {"value": SENTINEL}}}
+        ]
+    },
+    "vault.backup": {"name": "fuzz-backup.apm"},
     "entry.show": {"ref": "seed"},
     "entry.get": {"ref": "seed"},
     "entry.totp": {"ref": "otp"},

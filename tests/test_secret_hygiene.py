@@ -157,7 +157,6 @@ def test_no_secret_or_password_leaks_anywhere_after_a_full_run(
     # the scan covers what it claims to cover
     assert {
         "vault.apm",
-        "vault.apm.bak",
         "state/broker.log",
         "state/broker.out",
         "broker-stdout.log",

@@ -690,6 +690,9 @@ NEEDS: dict[str, str | None] = {
     "entry.totp": "secrets",
     "secret.resolve": "secrets",
     "entry.add": "write",
+    "entry.add_batch": "write",
+    "vault.backup": "owner",
+    "vault.migrate": "owner",
     "entry.edit": "write",
     "entry.remove": "write",
     "space.add": "write",
@@ -727,6 +730,10 @@ def sample_params(twin: Twin, method: str, n: int) -> dict[str, Any] | None:
     fresh = f"x{n}"
     samples: dict[str, Callable[[], dict[str, Any]]] = {
         "entry.add": lambda: {"type": "api_key", "name": fresh, "secrets": {"key": {"value": "v"}}},
+        "entry.add_batch": lambda: {
+            "entries": [{"type": "api_key", "name": fresh, "secrets": {"key": {"value": "v"}}}]
+        },
+        "vault.backup": lambda: {"name": f"{fresh}.apm"},
         "entry.show": lambda: {"ref": "seed"},
         "entry.get": lambda: {"ref": "seed"},
         "entry.totp": lambda: {"ref": "otp"},

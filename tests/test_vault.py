@@ -6,6 +6,7 @@ import base64
 import errno
 import json
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.core import vault_db
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.vault import (
     HISTORY_MAX,
@@ -53,11 +55,38 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "vault.apm"
 
 
-@pytest.fixture
-def vault(path: Path) -> Iterator[Vault]:
-    v = Vault.create(path, normalize_password(PASSWORD), FAST)
+@pytest.fixture(params=[2, 1], ids=["v2", "v1"])
+def vault(path: Path, request: pytest.FixtureRequest) -> Iterator[Vault]:
+    """Each test runs on both formats: v2 (SQLite) and v1 (kept open without migrating)."""
+    v = Vault.create(path, normalize_password(PASSWORD), FAST, format=request.param)
     yield v
     v.close()
+
+
+def on_disk(path: Path) -> object:
+    """What the vault file holds: its bytes (v1) or its rows (v2)."""
+    if not vault_db.is_v2(path):
+        return path.read_bytes()
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT * FROM records ORDER BY kind, id").fetchall()
+    finally:
+        conn.close()
+
+
+class FailingCommit:
+    """A stand-in for the v2 vault's SQLite connection whose COMMIT hits a full disk."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def execute(self, sql: str, *args: object) -> object:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
 
 
 def reopen(path: Path) -> Vault:
@@ -340,7 +369,7 @@ def test_search_through_the_index_finds_exactly_what_a_full_scan_finds(
     query: str,
 ) -> None:
     path = tmp_path_factory.mktemp("idx") / "vault.apm"
-    vault = Vault.create(path, normalize_password(PASSWORD), FAST)
+    vault = Vault.create(path, normalize_password(PASSWORD), FAST, format=1)  # fast to create
     try:
         now = datetime.now(UTC)
         for i, (name, user, notes, tags) in enumerate(rows):
@@ -359,6 +388,9 @@ def test_search_through_the_index_finds_exactly_what_a_full_scan_finds(
             vault.entries[e.id] = e
         got = [(e.id, score) for e, score in vault.search(query, limit=1000)]
         assert got == _full_scan(vault, query)
+        # a small limit may skip the subsequence pass: the top results must not change
+        top = [(e.id, score) for e, score in vault.search(query, limit=2)]
+        assert top == _full_scan(vault, query)[:2]
     finally:
         vault.close()
 
@@ -542,17 +574,19 @@ def test_a_mutation_whose_save_fails_leaves_memory_exactly_as_before(
     github = login(vault, "github", password="original")
     login(vault, "db", space="work")
     before = state(vault)
-    on_disk = path.read_bytes()
+    disk_before = on_disk(path)
 
     def no_space(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", no_space)
+    if vault._db is not None:
+        monkeypatch.setattr(vault._db, "_conn", FailingCommit(vault._db._conn))
     assert code_of(lambda: mutate(vault)) == "STORAGE_ERROR"
     monkeypatch.undo()
 
     assert state(vault) == before
-    assert path.read_bytes() == on_disk
+    assert on_disk(path) == disk_before
     assert vault.resolve("github") == github
     assert vault.resolve("db", "work").space == "work"
     assert vault.reveal(vault.resolve("github"), None)[1] == "original"

@@ -1,4 +1,8 @@
-"""The vault file format: round trip, damage detection, tamper resistance and durable saves."""
+"""The v1 vault file format: round trip, damage detection, tamper resistance and durable saves.
+
+v1 vaults are made and reopened here as v1 (no migration), as apm 0.1.0 did; the v2 format
+has its own tests (tests/test_vault_db.py).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ from .conftest import PASSWORD
 FAST = KdfParams("test", 8 * 1024, 1, 1)
 DAMAGE = {"VAULT_CORRUPT", "VAULT_TRUNCATED"}
 SECRET = "s3cret-value"
+
+
+def create_v1(path: Path, password: bytearray, params: KdfParams) -> Vault:
+    return Vault.create(path, password, params, format=1)
+
+
+def open_v1(path: Path, password: bytearray) -> Vault:
+    return Vault.open(path, password, migrate=False)
 
 
 def pw(password: str = PASSWORD) -> bytearray:
@@ -113,7 +125,7 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def made(path: Path) -> Iterator[Vault]:
-    vault = Vault.create(path, pw(), FAST)
+    vault = create_v1(path, pw(), FAST)
     add_login(vault, "github")
     yield vault
     vault.close()
@@ -131,7 +143,7 @@ def snapshot(directory: Path) -> dict[str, tuple[bytes, int, int]]:
 
 
 def test_a_created_vault_reopens_with_its_password_and_entries(made: Vault, path: Path) -> None:
-    reopened = Vault.open(path, pw())
+    reopened = open_v1(path, pw())
     entry = reopened.resolve("github")
     assert reopened.reveal(entry, None) == ("password", SECRET)
     assert reopened.header == made.header
@@ -148,18 +160,18 @@ def test_the_file_never_contains_a_secret_or_entry_name_in_the_clear(
 
 
 def test_a_wrong_password_is_refused_as_bad_password(made: Vault, path: Path) -> None:
-    assert code_of(lambda: Vault.open(path, pw("correct horse battery stapl"))) == "BAD_PASSWORD"
+    assert code_of(lambda: open_v1(path, pw("correct horse battery stapl"))) == "BAD_PASSWORD"
     assert code_of(lambda: Vault.check_password_on_disk(path, pw("x"))) == "BAD_PASSWORD"
 
 
 def test_the_password_is_compared_after_unicode_normalisation(path: Path) -> None:
     composed, decomposed = "caf\u00e9-pass", "cafe\u0301-pass"
-    Vault.create(path, pw(composed), FAST).close()
-    Vault.open(path, pw(decomposed)).close()
+    create_v1(path, pw(composed), FAST).close()
+    open_v1(path, pw(decomposed)).close()
 
 
 def test_a_missing_file_is_reported_as_vault_not_found(tmp_path: Path) -> None:
-    assert code_of(lambda: Vault.open(tmp_path / "nope.apm", pw())) == "VAULT_NOT_FOUND"
+    assert code_of(lambda: open_v1(tmp_path / "nope.apm", pw())) == "VAULT_NOT_FOUND"
 
 
 # ---------------------------------------------------------------------- damage
@@ -181,12 +193,12 @@ def test_a_truncated_file_on_disk_is_refused_before_any_key_derivation(
     for region, (lo, hi) in layout.regions.items():
         for cut in {lo + 1, (lo + hi) // 2, hi - 1} - {0}:
             path.write_bytes(layout.data[:cut])
-            assert code_of(lambda: Vault.open(path, pw())) == "VAULT_TRUNCATED", (region, cut)
+            assert code_of(lambda: open_v1(path, pw())) == "VAULT_TRUNCATED", (region, cut)
 
 
 def test_an_empty_file_is_refused(made: Vault, path: Path) -> None:
     path.write_bytes(b"")
-    assert code_of(lambda: Vault.open(path, pw())) in {"VAULT_TRUNCATED", "VAULT_BAD_MAGIC"}
+    assert code_of(lambda: open_v1(path, pw())) in {"VAULT_TRUNCATED", "VAULT_BAD_MAGIC"}
 
 
 @pytest.mark.parametrize("region", ["header", "keyblock", "payload", "checksum"])
@@ -202,7 +214,7 @@ def test_a_flipped_byte_in_a_region_is_reported_as_corrupt(
             assert code_of(lambda d=bytes(damaged): vault_file.decode(d)) == "VAULT_CORRUPT"
             if offset in (lo, (lo + hi) // 2, hi - 1):  # and through a real open from disk
                 path.write_bytes(damaged)
-                assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT", offset
+                assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT", offset
 
 
 @pytest.mark.parametrize("region", ["header_len", "keyblock_len", "payload_len"])
@@ -220,7 +232,7 @@ def test_a_flipped_byte_in_a_length_field_is_reported_as_damage(
 
 def test_trailing_bytes_after_the_checksum_are_reported_as_corrupt(made: Vault, path: Path) -> None:
     path.write_bytes(path.read_bytes() + b"\x00")
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT"
 
 
 @pytest.mark.parametrize(
@@ -230,18 +242,18 @@ def test_trailing_bytes_after_the_checksum_are_reported_as_corrupt(made: Vault, 
 )
 def test_a_file_without_the_magic_is_not_a_vault(path: Path, content: bytes) -> None:
     path.write_bytes(content)
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_BAD_MAGIC"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_BAD_MAGIC"
 
 
 def test_a_directory_at_the_vault_path_is_not_a_vault(path: Path) -> None:
     path.mkdir()
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_BAD_MAGIC"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_BAD_MAGIC"
 
 
 @pytest.mark.parametrize("version", [0, 2, 0xFFFF])
 def test_an_unknown_format_version_is_refused(made: Vault, path: Path, version: int) -> None:
     path.write_bytes(Layout(path.read_bytes()).rebuild(version=version))
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_UNSUPPORTED_VERSION"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_UNSUPPORTED_VERSION"
 
 
 def test_an_unknown_key_derivation_function_is_refused(made: Vault, path: Path) -> None:
@@ -249,7 +261,7 @@ def test_an_unknown_key_derivation_function_is_refused(made: Vault, path: Path) 
     doc = layout.header_doc()
     doc["kdf"]["name"] = "scrypt"
     path.write_bytes(layout.rebuild(header=json.dumps(doc).encode()))
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_UNSUPPORTED_VERSION"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_UNSUPPORTED_VERSION"
 
 
 # ---------------------------------------------------------------------- tampering
@@ -281,7 +293,7 @@ def test_an_edited_header_with_a_recomputed_checksum_is_refused(
     tmp_path: Path, edit: Callable[[dict[str, Any]], None]
 ) -> None:
     path = tmp_path / "vault.apm"
-    Vault.create(path, pw(), crypto.PROFILES["interactive"]).close()
+    create_v1(path, pw(), crypto.PROFILES["interactive"]).close()
     layout = Layout(path.read_bytes())
     doc = layout.header_doc()
     edit(doc)
@@ -289,7 +301,7 @@ def test_an_edited_header_with_a_recomputed_checksum_is_refused(
     assert raw != layout.part("header")
     path.write_bytes(layout.rebuild(header=raw))
     vault_file.read(path)  # the file is well formed: the checksum does not catch the edit
-    assert code_of(lambda: Vault.open(path, pw())) in {"BAD_PASSWORD", "VAULT_CORRUPT"}
+    assert code_of(lambda: open_v1(path, pw())) in {"BAD_PASSWORD", "VAULT_CORRUPT"}
 
 
 def test_an_edited_keyblock_with_a_recomputed_checksum_is_refused(made: Vault, path: Path) -> None:
@@ -297,7 +309,7 @@ def test_an_edited_keyblock_with_a_recomputed_checksum_is_refused(made: Vault, p
     keyblock = bytearray(layout.part("keyblock"))
     keyblock[-1] ^= 0x01
     path.write_bytes(layout.rebuild(keyblock=bytes(keyblock)))
-    assert code_of(lambda: Vault.open(path, pw())) == "BAD_PASSWORD"
+    assert code_of(lambda: open_v1(path, pw())) == "BAD_PASSWORD"
 
 
 def test_an_edited_payload_with_a_recomputed_checksum_is_refused(made: Vault, path: Path) -> None:
@@ -305,17 +317,17 @@ def test_an_edited_payload_with_a_recomputed_checksum_is_refused(made: Vault, pa
     payload = bytearray(layout.part("payload"))
     payload[20] ^= 0x01
     path.write_bytes(layout.rebuild(payload=bytes(payload)))
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT"
 
 
 def test_a_payload_spliced_from_another_vault_is_refused(
     made: Vault, path: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other.apm"
-    Vault.create(other, pw(), FAST).close()
+    create_v1(other, pw(), FAST).close()
     layout = Layout(path.read_bytes())
     path.write_bytes(layout.rebuild(payload=Layout(other.read_bytes()).part("payload")))
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT"
 
 
 def _no_derivation(*args: object) -> bytearray:
@@ -346,7 +358,7 @@ def test_out_of_range_kdf_params_are_refused_without_deriving_a_key(
     edit(doc)
     path.write_bytes(layout.rebuild(header=json.dumps(doc).encode()))
     monkeypatch.setattr(crypto, "derive_key", _no_derivation)
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT"
 
 
 @pytest.mark.parametrize(
@@ -358,7 +370,7 @@ def test_an_unreadable_header_with_a_recomputed_checksum_is_reported_as_corrupt(
     made: Vault, path: Path, header: bytes
 ) -> None:
     path.write_bytes(Layout(path.read_bytes()).rebuild(header=header))
-    assert code_of(lambda: Vault.open(path, pw())) == "VAULT_CORRUPT"
+    assert code_of(lambda: open_v1(path, pw())) == "VAULT_CORRUPT"
 
 
 # ---------------------------------------------------------------------- failed opens
@@ -394,7 +406,7 @@ def test_a_failed_open_never_modifies_the_file(
         damage(path)
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))  # an mtime a rewrite could not keep
     before = snapshot(path.parent)
-    assert code_of(lambda: Vault.open(path, pw(password))) == expected
+    assert code_of(lambda: open_v1(path, pw(password))) == expected
     assert code_of(lambda: Vault.check_password_on_disk(path, pw(password))) == expected
     assert snapshot(path.parent) == before
 
@@ -416,15 +428,15 @@ def test_a_saved_vault_and_its_backup_are_readable_only_by_the_owner(
 
 def test_a_save_creates_a_missing_directory_private(tmp_path: Path) -> None:
     path = tmp_path / "fresh" / "vault.apm"
-    Vault.create(path, pw(), FAST).close()
+    create_v1(path, pw(), FAST).close()
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 def test_the_previous_version_is_kept_as_bak_and_opens(made: Vault, path: Path) -> None:
     add_login(made, "gitlab")
-    bak = Vault.open(path.with_name("vault.apm.bak"), pw())
+    bak = open_v1(path.with_name("vault.apm.bak"), pw())
     assert names(bak) == {"github"}
-    assert names(Vault.open(path, pw())) == {"github", "gitlab"}
+    assert names(open_v1(path, pw())) == {"github", "gitlab"}
 
 
 def test_the_backup_is_copied_when_hard_links_are_unavailable(
@@ -436,7 +448,7 @@ def test_the_backup_is_copied_when_hard_links_are_unavailable(
     monkeypatch.setattr(os, "link", no_link)
     add_login(made, "gitlab")
     bak = path.with_name("vault.apm.bak")
-    assert names(Vault.open(bak, pw())) == {"github"}
+    assert names(open_v1(bak, pw())) == {"github"}
     assert stat.S_IMODE(bak.stat().st_mode) == 0o600
     assert sorted(p.name for p in path.parent.iterdir()) == ["vault.apm", "vault.apm.bak"]
 
@@ -456,10 +468,10 @@ def test_rewrap_with_a_new_password_keeps_every_entry_and_retires_the_old_one(
     made.space_add("work")
     made.rewrap(pw("a new passphrase"), FAST)
 
-    assert code_of(lambda: Vault.open(path, pw())) == "BAD_PASSWORD"
+    assert code_of(lambda: open_v1(path, pw())) == "BAD_PASSWORD"
     assert code_of(lambda: made.check_password(pw())) == "BAD_PASSWORD"
     made.check_password(pw("a new passphrase"))
-    reopened = Vault.open(path, pw("a new passphrase"))
+    reopened = open_v1(path, pw("a new passphrase"))
     assert names(reopened) == {"github", "gitlab"}
     assert reopened.spaces == ["default", "work"]
     assert reopened.reveal(reopened.resolve("gitlab"), None)[1] == "second-secret"
@@ -468,7 +480,7 @@ def test_rewrap_with_a_new_password_keeps_every_entry_and_retires_the_old_one(
 def test_rewrap_to_another_profile_records_the_new_kdf_params(made: Vault, path: Path) -> None:
     old_salt = made.header.salt
     made.rewrap(pw(), crypto.PROFILES["interactive"])
-    reopened = Vault.open(path, pw())
+    reopened = open_v1(path, pw())
     assert reopened.header.kdf == crypto.PROFILES["interactive"]
     assert reopened.header.salt != old_salt
     assert names(reopened) == {"github"}
@@ -520,7 +532,7 @@ def test_a_failed_save_raises_storage_error_and_changes_nothing(
         ["vault.apm", "vault.apm.bak"],
     )
     add_login(made, "gitlab")  # the name index was not left claiming the failed entry
-    assert names(Vault.open(path, pw())) == {"github", "gitlab"}
+    assert names(open_v1(path, pw())) == {"github", "gitlab"}
 
 
 def test_a_failed_rewrap_keeps_the_old_password_in_memory_and_on_disk(
@@ -535,4 +547,4 @@ def test_a_failed_rewrap_keeps_the_old_password_in_memory_and_on_disk(
     made.check_password(pw())
     assert code_of(lambda: made.check_password(pw("new password"))) == "BAD_PASSWORD"
     add_login(made, "gitlab")  # later saves still use the old key wrap
-    assert names(Vault.open(path, pw())) == {"github", "gitlab"}
+    assert names(open_v1(path, pw())) == {"github", "gitlab"}

@@ -28,7 +28,7 @@ from broker.wire.protocol import (
     SecretValue,
 )
 
-from . import oneshot
+from . import oneshot, storage_cmd
 from .auth import Credentials
 from .client import BrokerClient
 from .generate_cmd import add_options as add_generate_options
@@ -140,6 +140,10 @@ def _secret_values(
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.batch is not None:
+        return storage_cmd.cmd_add_batch(args)
+    if args.type is None or args.name is None:
+        raise InvalidParameters("apm add needs TYPE and NAME", hint="or --batch FILE")
     owner = Credentials(args)
     params = EntryAddParams(
         type=args.type,
@@ -339,8 +343,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=f"Add an entry. Types and fields (* = secret): {types}; custom takes any "
         "field names. Secret fields are prompted for without echo, or read with --from-stdin.",
     )
-    p.add_argument("type", choices=ENTRY_TYPE_NAMES, metavar="TYPE", help="the entry type (above)")
-    p.add_argument("name", metavar="NAME", help="the entry's name, unique within its space")
+    p.add_argument(
+        "type", choices=ENTRY_TYPE_NAMES, metavar="TYPE", nargs="?", help="the entry type (above)"
+    )
+    p.add_argument(
+        "name", metavar="NAME", nargs="?", help="the entry's name, unique within its space"
+    )
     p.add_argument("--space", help="space to add it to (default: default)")
     p.add_argument("--field", action="append", metavar="K=V", help="a non-secret field")
     p.add_argument("--tag", action="append", metavar="T", help="a tag (repeatable)")
@@ -353,6 +361,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="fill the main secret field (or --secret-field F) with a generated password",
     )
     add_generate_options(p)
+    storage_cmd.add_batch_options(p)
     _common(p)
     p.set_defaults(func=cmd_add)
 

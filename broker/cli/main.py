@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         run_cmd,
         session_cmd,
         space_cmd,
+        storage_cmd,
         tx_cmd,
         vault_cmd,
     )
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", required=True, metavar="COMMAND"
     )
     vault_cmd.register(sub)
+    storage_cmd.register(sub)
     entry_cmd.register(sub)
     history_cmd.register(sub)
     generate_cmd.register(sub)

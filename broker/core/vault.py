@@ -1,5 +1,10 @@
 """The unlocked vault: entries and spaces in memory, secret values sealed one by one.
 
+Two file formats back it: v2 (vault_db.py, SQLite, one sealed row per entry, written by new
+vaults and by every migrated one) and v1 (vault_file.py, one encrypted file rewritten on each
+save, apm 0.1.0). A v1 vault is migrated to v2 when it is unlocked; the v1 file is kept beside
+it as `<vault>.v1` until `apm vault migrate --finish` or for 30 days.
+
 Rules:
 - In memory, only metadata is in the clear; each secret field value stays sealed under the DEK
   (associated data = entry id + field name) until a request that may see it opens it.
@@ -7,6 +12,11 @@ Rules:
   previous state exactly.
 - Every mutation is saved durably before it is acknowledged; if the save fails the in-memory
   state is rolled back and the error is raised.
+- A v2 commit writes only what changed: the rows of the entries the mutation touched, the
+  extra keys whose JSON changed, and the state row (generation, spaces, record digest). Cost
+  does not grow with the vault.
+- `extra` values (sessions, requests) are replaced, never edited in place: a commit skips a
+  key whose object is the one it saved last.
 """
 
 from __future__ import annotations
@@ -15,11 +25,17 @@ import base64
 import bisect
 import contextlib
 import fnmatch
-import operator
+import gc
+import hashlib
+import json
+import os
 import re
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -38,6 +54,7 @@ from broker.wire.entries import (
 from broker.wire.errors import (
     AlreadyExists,
     AmbiguousEntry,
+    ApmError,
     BadPassword,
     EntryNotFound,
     InvalidParameters,
@@ -46,14 +63,18 @@ from broker.wire.errors import (
     VaultCorrupt,
 )
 
-from . import crypto, totp, vault_file
+from . import crypto, totp, vault_db, vault_file
 from .audit import derive_audit_key
 from .crypto import Cipher, DecryptionFailed, KdfParams
+from .vault_db import VaultDb
 from .vault_file import Header
 
 HISTORY_MAX = 10
+V1_BACKUP_DAYS = 30
+_DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def utcnow() -> datetime:
@@ -127,6 +148,19 @@ class Change:
     remove_fields: list[str]
 
 
+@dataclass
+class NewEntry:
+    """One entry to add (an item of `add_batch`)."""
+
+    type: EntryType
+    name: str
+    space: str
+    tags: list[str]
+    url: str | None
+    notes: str | None
+    change: Change
+
+
 def _field_ad(entry_id: str, field: str) -> bytes:
     return f"{entry_id}\x00{field}".encode()
 
@@ -142,6 +176,61 @@ class SaveHook(Protocol):
     def after(self, vault: Vault) -> None: ...
 
 
+class _Missing:
+    __slots__ = ()
+
+
+MISSING: Any = _Missing()
+
+
+class Entries(dict[str, StoredEntry]):
+    """The entries by id. Remembers, for each id changed since the last commit, the entry it
+    held before (or MISSING): the commit writes exactly those, and a failed commit puts them
+    back, without copying the whole dict."""
+
+    __slots__ = ("undo",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.undo: dict[str, StoredEntry] = {}
+
+    def _touch(self, key: str) -> None:
+        if key not in self.undo:
+            self.undo[key] = dict.get(self, key, MISSING)
+
+    def __setitem__(self, key: str, value: StoredEntry) -> None:
+        self._touch(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._touch(key)
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            self._touch(key)
+        return super().pop(key, *default)
+
+    def rollback(self) -> None:
+        for key, old in self.undo.items():
+            if old is MISSING:
+                dict.pop(self, key, None)
+            else:
+                dict.__setitem__(self, key, old)
+        self.undo.clear()
+
+
+@dataclass
+class _Saved:
+    """What the last v2 commit wrote, to tell what the next one must write."""
+
+    generation: int = 0
+    digest: int = 0  # sum of the record hashes of every entry/secret/extra row (mod 2**256)
+    versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # entry -> (meta, secret)
+    extra: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # key -> (version, json)
+    extra_objs: dict[str, object] = field(default_factory=dict)  # key -> the object saved
+
+
 class Vault:
     """An open vault. Construct with `create` or `open`; `close` zeroes the key."""
 
@@ -155,6 +244,8 @@ class Vault:
         dek: bytearray,
         payload: Payload,
         clock: Callable[[], datetime] = utcnow,
+        *,
+        db: VaultDb | None = None,
     ) -> None:
         self.path = path
         self.header = header
@@ -163,14 +254,47 @@ class Vault:
         self._dek = dek
         self._cipher = Cipher(dek)
         self._clock = clock
+        self._db = db
+        self._saved = _Saved()
+        self.audit_head: dict[str, Any] | None = None  # kept in the v2 state row
         self.spaces: list[str] = list(payload.spaces)
         self.extra: dict[str, Any] = dict(payload.extra)
-        self.entries: dict[str, StoredEntry] = {e.id: e for e in payload.entries}
+        self._entries = Entries({e.id: e for e in payload.entries})
         self._by_name: dict[tuple[str, str], str] = {}
         self._by_fold: dict[str, list[str]] = {}
         self._search: _SearchIndex | None = None
+        self._search_stale: dict[str, int] = {}  # id -> change count, changed since the build
+        self._changes = 0
+        self._index_lock = threading.Lock()
+        self._closed = False
         self._entry_json: dict[str, tuple[StoredEntry, bytes]] = {}
         self._reindex()
+
+    @property
+    def entries(self) -> Entries:
+        return self._entries
+
+    @entries.setter
+    def entries(self, value: dict[str, StoredEntry]) -> None:
+        old = self._entries
+        self._entries = Entries(value)
+        self._entries.undo = {k: old.get(k, MISSING) for k in set(old) | set(value)}
+        self._reindex()
+
+    @property
+    def format(self) -> int:
+        return vault_file.FORMAT_VERSION if self._db is None else vault_db.FORMAT_VERSION
+
+    @property
+    def generation(self) -> int:
+        """Advances with every v2 commit (0 for a v1 vault)."""
+        return self._saved.generation
+
+    def record_audit_head(self, head: dict[str, Any]) -> None:
+        """Keep the audit log's head (e.g. {"seq": n, "hash": h}) in the vault, durably: in
+        v2 the sealed state row, written with the next generation (one row, no entry)."""
+        with self.mutation():
+            self.audit_head = dict(head)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,39 +305,104 @@ class Vault:
         password: bytearray,
         params: KdfParams,
         clock: Callable[[], datetime] = utcnow,
+        *,
+        format: int = vault_db.FORMAT_VERSION,
     ) -> Vault:
         header = Header(kdf=params, salt=crypto.random_bytes(crypto.SALT_BYTES))
         dek = crypto.new_key()
-        keyblock = _wrap(dek, password, header)
-        vault = cls(path, header, keyblock, dek, Payload(), clock)
+        if format == vault_file.FORMAT_VERSION:
+            keyblock = _wrap(dek, password, header, vault_file.prefix(header))
+            vault = cls(path, header, keyblock, dek, Payload(), clock)
+            vault.save()
+            return vault
+        vault_id = crypto.random_bytes(vault_db.VAULT_ID_BYTES)
+        kdf_json = header.encode()
+        keyblock = _wrap(dek, password, header, vault_db.key_ad(vault_id, kdf_json))
+        db = VaultDb.create(path, vault_id, kdf_json, keyblock)
+        vault = cls(path, header, keyblock, dek, Payload(), clock, db=db)
         vault.save()
+        db.checkpoint()
         return vault
 
     @classmethod
-    def open(cls, path: Path, password: bytearray, clock: Callable[[], datetime] = utcnow) -> Vault:
+    def open(
+        cls,
+        path: Path,
+        password: bytearray,
+        clock: Callable[[], datetime] = utcnow,
+        *,
+        migrate: bool = True,
+    ) -> Vault:
+        """Open either format; a v1 vault is migrated to v2 unless `migrate` is False."""
+        if vault_db.is_v2(path):
+            return cls._open_v2(path, password, clock)
         blob = vault_file.read(path)
-        dek = _unwrap(blob.keyblock, password, blob.header, blob.header_bytes)
+        kek = crypto.derive_key(password, blob.header.salt, blob.header.kdf)
         try:
-            raw = Cipher(dek).open(blob.payload, blob.payload_ad)
-        except DecryptionFailed as exc:
-            crypto.zero(dek)
-            raise VaultCorrupt("vault payload failed authentication") from exc
+            dek = _unwrap_with(kek, blob.keyblock, blob.header_bytes)
+            try:
+                raw = Cipher(dek).open(blob.payload, blob.payload_ad)
+                payload = Payload.model_validate_json(raw)
+            except DecryptionFailed as exc:
+                crypto.zero(dek)
+                raise VaultCorrupt("vault payload failed authentication") from exc
+            except ValidationError as exc:
+                crypto.zero(dek)
+                raise VaultCorrupt("vault payload is unreadable") from exc
+            vault_file.remove_stale_temps(path)  # only once the password proved it is ours
+            vault = cls(path, blob.header, blob.keyblock, dek, payload, clock)
+            if migrate:
+                try:
+                    vault._migrate(kek)
+                except BaseException:
+                    vault.close()
+                    raise
+            return vault
+        finally:
+            crypto.zero(kek)
+
+    @classmethod
+    def _open_v2(cls, path: Path, password: bytearray, clock: Callable[[], datetime]) -> Vault:
+        db = VaultDb.open(path)
         try:
-            payload = Payload.model_validate_json(raw)
-        except ValidationError as exc:
-            crypto.zero(dek)
-            raise VaultCorrupt("vault payload is unreadable") from exc
-        vault_file.remove_stale_temps(path)  # only once the password proved it is ours
-        return cls(path, blob.header, blob.keyblock, dek, payload, clock)
+            header = Header.decode(db.kdf_json)
+            dek = _unwrap(db.keyblock, password, header, vault_db.key_ad(db.vault_id, db.kdf_json))
+            try:
+                vault = cls(path, header, db.keyblock, dek, Payload(), clock, db=db)
+                vault._load_rows()
+            except BaseException:
+                crypto.zero(dek)
+                raise
+        except BaseException:
+            db.close()
+            raise
+        vault_file.remove_stale_temps(path)
+        vault._expire_v1_backup()
+        vault.build_search_index_in_background()
+        return vault
 
     @staticmethod
     def check_password_on_disk(path: Path, password: bytearray) -> None:
         """Prove the master password against the file without opening the payload."""
+        if vault_db.is_v2(path):
+            db = VaultDb.open(path)
+            try:
+                header = Header.decode(db.kdf_json)
+                ad = vault_db.key_ad(db.vault_id, db.kdf_json)
+                crypto.zero(_unwrap(db.keyblock, password, header, ad))
+            finally:
+                db.close()
+            return
         blob = vault_file.read(path)
         crypto.zero(_unwrap(blob.keyblock, password, blob.header, blob.header_bytes))
 
+    def _key_ad(self) -> bytes:
+        if self._db is None:
+            return self._header_bytes
+        return vault_db.key_ad(self._db.vault_id, self.header.encode())
+
     def check_password(self, password: bytearray) -> None:
-        dek = _unwrap(self._keyblock, password, self.header, self._header_bytes)
+        dek = _unwrap(self._keyblock, password, self.header, self._key_ad())
         crypto.zero(dek)
 
     def audit_key(self) -> bytes:
@@ -221,23 +410,34 @@ class Vault:
         return derive_audit_key(self._dek)
 
     def close(self) -> None:
+        with self._index_lock:
+            self._closed = True
         crypto.zero(self._dek)
         self._cipher.close()
-        self.entries = {}
+        self._entries = Entries()
         self._by_name = {}
         self._by_fold = {}
+        self._search = None
+        if self._db is not None:
+            self._db.close(checkpoint=True)
 
     def rewrap(self, password: bytearray, params: KdfParams) -> None:
         """New salt and KEK (password or profile change); the DEK and payload stay the same.
 
-        The backup is replaced too, so no copy on this machine still opens with the old
-        password (the DEK is unchanged: copies made elsewhere before still do).
+        v1: the backup is replaced too, so no copy on this machine still opens with the old
+        password. v2: the old key wrap is pushed out of the WAL and free pages, and a kept v1
+        backup (which opens with the old password) is deleted. The DEK is unchanged: copies
+        made elsewhere before still open with the old password.
         """
         old = (self.header, self._header_bytes, self._keyblock)
         self.header = Header(kdf=params, salt=crypto.random_bytes(crypto.SALT_BYTES))
         self._header_bytes = vault_file.prefix(self.header)
-        self._keyblock = _wrap(self._dek, password, self.header)
+        self._keyblock = _wrap(self._dek, password, self.header, self._key_ad())
         try:
+            if self._db is not None:
+                self._db.set_key(self.header.encode(), self._keyblock)
+                self.finish_migration()
+                return
             if self.save_hook is not None:
                 self.save_hook.before(self)
             data = self.encode()
@@ -251,8 +451,10 @@ class Vault:
             self.header, self._header_bytes, self._keyblock = old
             raise
 
+    # ------------------------------------------------------------------ v1 (whole file)
+
     def payload_json(self) -> bytes:
-        """The plaintext the vault file encrypts: `Payload` as JSON (UTF-8).
+        """The plaintext the v1 vault file encrypts: `Payload` as JSON (UTF-8).
 
         Each entry's JSON is kept from the save before and reused while the entry object is
         the same (the vault replaces an entry on every change), so a save serializes only
@@ -263,7 +465,8 @@ class Vault:
         for e in self.entries.values():
             hit = old.get(e.id)
             if hit is None or hit[0] is not e:
-                hit = (e, e.__pydantic_serializer__.to_json(e, by_alias=True))
+                full = self._hydrate(e) if self._db is not None else e
+                hit = (e, full.__pydantic_serializer__.to_json(full, by_alias=True))
             cache[e.id] = hit
         self._entry_json = cache
         rest = Payload(spaces=self.spaces, extra=self.extra)
@@ -280,29 +483,302 @@ class Vault:
         )
 
     def encode(self) -> bytes:
+        """The whole vault as a v1 file."""
         payload = self.payload_json()
         ad = self._header_bytes + len(self._keyblock).to_bytes(4, "big") + self._keyblock
         sealed = self._cipher.seal(payload, ad)
         return vault_file.encode(self._header_bytes, self._keyblock, sealed)
 
     def save(self) -> None:
+        """Write what changed since the last save, durably (the save hook around it)."""
         if self.save_hook is not None:
             self.save_hook.before(self)
-        vault_file.atomic_write(self.path, self.encode())
+        if self._db is None:
+            vault_file.atomic_write(self.path, self.encode())
+        else:
+            self._commit_v2()
+        self.entries.undo.clear()
         if self.save_hook is not None:
             self.save_hook.after(self)
 
     @contextlib.contextmanager
     def mutation(self) -> Iterator[None]:
         """Apply a change and save it; on any failure restore the previous state."""
-        snapshot = (dict(self.entries), list(self.spaces), dict(self.extra))
+        spaces, extra, head = list(self.spaces), dict(self.extra), self.audit_head
         try:
             yield
+            self._reindex_touched()
             self.save()
         except BaseException:
-            self.entries, self.spaces, self.extra = snapshot
+            self.entries.rollback()
+            self.spaces, self.extra, self.audit_head = spaces, extra, head
             self._reindex()
+            self._search = None
             raise
+
+    # ------------------------------------------------------------------ v2 (sealed rows)
+
+    @property
+    def _v2(self) -> VaultDb:
+        if self._db is None:
+            raise RuntimeError("a v1 vault has no records")
+        return self._db
+
+    def _seal_row(self, kind: str, rid: str, version: int, doc: bytes) -> vault_db.Row:
+        ad = vault_db.record_ad(self._v2.vault_id, kind, rid, version)
+        return (kind, rid, version, self._cipher.seal(doc, ad))
+
+    def _open_row(self, row: vault_db.Row) -> bytes:
+        kind, rid, version, ct = row
+        try:
+            return self._cipher.open(
+                bytes(ct), vault_db.record_ad(self._v2.vault_id, kind, rid, version)
+            )
+        except DecryptionFailed as exc:
+            raise VaultCorrupt(f"a vault record ({kind}) failed authentication") from exc
+
+    def _row_hash(self, kind: str, rid: str, version: int) -> int:
+        ad = vault_db.record_ad(self._v2.vault_id, kind, rid, version)
+        return int.from_bytes(hashlib.sha256(ad).digest(), "big")
+
+    def _state_doc(self, generation: int, digest: int) -> bytes:
+        return json.dumps(
+            {
+                "generation": generation,
+                "spaces": self.spaces,
+                "digest": f"{digest:064x}",
+                "audit_head": self.audit_head,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    def _commit_v2(self) -> None:
+        db = self._v2
+        saved = self._saved
+        gen = saved.generation + 1
+        digest = saved.digest
+        puts: list[vault_db.Row] = []
+        deletes: list[tuple[str, str]] = []
+        versions: dict[str, tuple[int, int] | None] = {}
+        for eid, old in self.entries.undo.items():
+            new = dict.get(self.entries, eid)
+            if new is old:
+                continue
+            was = saved.versions.get(eid)
+            if new is None:
+                if was is not None:
+                    deletes += [("entry", eid), ("secret", eid)]
+                    digest -= self._row_hash("entry", eid, was[0])
+                    digest -= self._row_hash("secret", eid, was[1])
+                    versions[eid] = None
+                continue
+            meta, secret = _split(new)
+            old_meta: bytes = b""
+            old_secret: bytes | None = b""
+            if was is not None and old is not MISSING:
+                old_meta, old_secret = _split(old)
+            if secret is None and was is None:
+                raise VaultCorrupt("an entry without its secrets cannot be stored anew")
+            mv, sv = was if was is not None else (0, 0)
+            if meta != old_meta or was is None:
+                if was is not None:
+                    digest -= self._row_hash("entry", eid, mv)
+                mv = gen
+                puts.append(self._seal_row("entry", eid, mv, meta))
+                digest += self._row_hash("entry", eid, mv)
+            if secret is not None and (secret != old_secret or was is None):
+                if was is not None:
+                    digest -= self._row_hash("secret", eid, sv)
+                sv = gen
+                puts.append(self._seal_row("secret", eid, sv, secret))
+                digest += self._row_hash("secret", eid, sv)
+            versions[eid] = (mv, sv)
+        extra: dict[str, tuple[int, bytes] | None] = {}
+        for key in set(self.extra) | set(saved.extra):
+            prev = saved.extra.get(key)
+            if key not in self.extra:
+                if prev is not None:
+                    deletes.append(("extra", key))
+                    digest -= self._row_hash("extra", key, prev[0])
+                    extra[key] = None
+                continue
+            if prev is not None and saved.extra_objs.get(key) is self.extra[key]:
+                continue  # the same object as last commit: extra values are replaced, not edited
+            doc = json.dumps(self.extra[key], separators=(",", ":"), default=str).encode()
+            if prev is not None and prev[1] == doc:
+                continue
+            if prev is not None:
+                digest -= self._row_hash("extra", key, prev[0])
+            puts.append(self._seal_row("extra", key, gen, doc))
+            digest += self._row_hash("extra", key, gen)
+            extra[key] = (gen, doc)
+        digest %= _DIGEST_MOD
+        puts.append(self._seal_row("state", "vault", gen, self._state_doc(gen, digest)))
+        db.commit(puts, deletes, expect_generation=saved.generation)
+        saved.generation, saved.digest = gen, digest
+        for eid, v in versions.items():
+            if v is None:
+                saved.versions.pop(eid, None)
+            else:
+                saved.versions[eid] = v
+        for key, x in extra.items():
+            if x is None:
+                saved.extra.pop(key, None)
+            else:
+                saved.extra[key] = x
+        saved.extra_objs = dict(self.extra)
+
+    def _load_rows(self) -> None:
+        """Open every row of a v2 vault into memory and check the set against the state row.
+
+        The cyclic garbage collector is paused meanwhile: loading allocates a few objects per
+        entry, none of them garbage, and its full passes over a growing heap made unlock at
+        100k entries several times slower than at 10k times ten."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_rows_now()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load_rows_now(self) -> None:
+        db = self._v2
+        state_row = db.row("state", "vault")
+        if state_row is None:
+            raise VaultCorrupt("the vault database has no state record")
+        try:
+            state = json.loads(self._open_row(state_row))
+            generation = int(state["generation"])
+            spaces = [str(s) for s in state["spaces"]]
+            want_digest = int(state["digest"], 16)
+            audit_head = state.get("audit_head")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VaultCorrupt("the vault state record is unreadable") from exc
+        if generation != state_row[2]:
+            raise VaultCorrupt("the vault state record has the wrong generation")
+        digest = 0
+        vid = db.vault_id
+        sha = hashlib.sha256
+        cipher_open = self._cipher.open
+        record_ad = vault_db.record_ad
+        secret_versions: dict[str, int] = {}
+        try:
+            # secret records are read when a request needs one (`_hydrate`), not at unlock:
+            # here only their ids and versions, for the digest
+            for kind, rid, version in db.versions("secret"):
+                secret_versions[rid] = version
+                digest += int.from_bytes(sha(record_ad(vid, kind, rid, version)).digest(), "big")
+            entries: dict[str, StoredEntry] = {}
+            versions: dict[str, tuple[int, int]] = {}
+            loads = json.loads
+            for kind, rid, version, ct in db.rows(("entry",)):
+                ad = record_ad(vid, kind, rid, version)
+                doc = loads(cipher_open(ct, ad).decode())
+                digest += int.from_bytes(sha(ad).digest(), "big")
+                sv = secret_versions.pop(rid, None)
+                if sv is None or version > generation or sv > generation:
+                    raise VaultCorrupt("a vault entry record has no matching secret record")
+                entries[rid] = _join(rid, doc, None)
+                versions[rid] = (version, sv)
+            extra: dict[str, Any] = {}
+            saved_extra: dict[str, tuple[int, bytes]] = {}
+            for kind, rid, version, ct in db.rows(("extra",)):
+                ad = record_ad(vid, kind, rid, version)
+                raw = cipher_open(ct, ad)
+                extra[rid] = json.loads(raw)
+                saved_extra[rid] = (version, raw)
+                digest += int.from_bytes(sha(ad).digest(), "big")
+        except DecryptionFailed as exc:
+            raise VaultCorrupt("a vault record failed authentication") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VaultCorrupt("a vault record is unreadable") from exc
+        if secret_versions:
+            raise VaultCorrupt("a vault secret record has no entry record")
+        if digest % _DIGEST_MOD != want_digest:
+            raise VaultCorrupt(
+                "the vault's records do not match its state record "
+                "(a record was removed, added or replaced by an older copy)"
+            )
+        self.spaces = spaces
+        self.extra = extra
+        self.audit_head = audit_head if isinstance(audit_head, dict) else None
+        self._entries = Entries(entries)
+        self._saved = _Saved(generation, want_digest, versions, saved_extra, dict(extra))
+        self._reindex()
+
+    def _migrate(self, kek: bytearray) -> None:
+        """Turn this (just opened) v1 vault into v2 at the same path, keeping the v1 file as
+        `<vault>.v1`. Crash-safe: the v2 database is complete and closed before it replaces
+        the v1 file, so any crash leaves one whole vault at the path (v1 until the rename)."""
+        path = self.path
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.v2.tmp")
+        for leftover in (tmp, *_sidecars(tmp)):
+            leftover.unlink(missing_ok=True)
+        vault_id = crypto.random_bytes(vault_db.VAULT_ID_BYTES)
+        kdf_json = self.header.encode()
+        keyblock = Cipher(kek).seal(bytes(self._dek), vault_db.key_ad(vault_id, kdf_json))
+        v1_keyblock, v1_saved = self._keyblock, self._saved
+        db: VaultDb | None = None
+        try:
+            db = VaultDb.create(tmp, vault_id, kdf_json, keyblock)
+            self._db, self._keyblock, self._saved = db, keyblock, _Saved()
+            self.entries.undo = dict.fromkeys(self.entries, MISSING)
+            self._commit_v2()
+            self.entries.undo.clear()
+            db.close(checkpoint=True)
+            backup = path.with_name(path.name + ".v1")
+            link = path.with_name(f".{path.name}.{os.getpid()}.v1.tmp")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, backup)
+            os.utime(backup)  # the 30 days count from the migration
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            self._db = VaultDb.open(path)
+        except BaseException as exc:
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    db.close()
+            self._db, self._keyblock, self._saved = None, v1_keyblock, v1_saved
+            for leftover in (tmp, *_sidecars(tmp)):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            if isinstance(exc, OSError):
+                raise vault_db.storage_error(exc, "could not migrate the vault") from exc
+            raise
+
+    def v1_backups(self) -> list[Path]:
+        """The v1 files a migration left beside a v2 vault."""
+        out = [self.path.with_name(self.path.name + ".v1")]
+        bak = self.path.with_name(self.path.name + ".bak")
+        if bak.exists() and not vault_db.is_v2(bak):
+            out.append(bak)
+        return [p for p in out if p.exists()]
+
+    def finish_migration(self) -> list[Path]:
+        """Delete the v1 backups of a migrated vault; returns what was deleted."""
+        if self._db is None:
+            return []
+        gone = self.v1_backups()
+        for p in gone:
+            p.unlink(missing_ok=True)
+        if gone:
+            _fsync_dir(self.path.parent)
+        return gone
+
+    def _expire_v1_backup(self) -> None:
+        v1 = self.path.with_name(self.path.name + ".v1")
+        with contextlib.suppress(OSError):
+            if time.time() - v1.stat().st_mtime > V1_BACKUP_DAYS * 86400:
+                self.finish_migration()
+
+    def backup(self, dest: Path) -> None:
+        """A consistent copy of the vault at `dest` (v2: SQLite's online backup API)."""
+        if self._db is None:
+            vault_file.atomic_write(dest, self.encode(), keep_backup=False)
+            return
+        self._db.backup(dest)
 
     # ------------------------------------------------------------------ lookups
 
@@ -311,6 +787,67 @@ class Vault:
         self._by_fold = {}
         for (_, folded), eid in self._by_name.items():
             self._by_fold.setdefault(folded, []).append(eid)
+        with self._index_lock:
+            self._search = None
+            self._search_stale = {}
+
+    def _reindex_touched(self) -> None:
+        """Bring the name index up to date with the entries this mutation changed (not a
+        rebuild: a commit's cost must not grow with the vault); the search index learns which
+        entries it holds an old copy of."""
+        by_name, by_fold = self._by_name, self._by_fold
+        touched = []
+        for eid, old in self.entries.undo.items():
+            new = dict.get(self.entries, eid)
+            if new is old:
+                continue
+            if old is not MISSING:
+                key = _key(old.space, old.name)
+                if by_name.get(key) == eid:
+                    del by_name[key]
+                ids = by_fold.get(key[1])
+                if ids is not None and eid in ids:
+                    ids.remove(eid)
+                    if not ids:
+                        del by_fold[key[1]]
+            if new is not None:
+                key = _key(new.space, new.name)
+                by_name[key] = eid
+                ids = by_fold.setdefault(key[1], [])
+                if eid not in ids:
+                    ids.append(eid)
+            touched.append(eid)
+        with self._index_lock:
+            self._changes += 1
+            for eid in touched:
+                self._search_stale[eid] = self._changes
+            if len(self._search_stale) > max(512, len(self.entries) // 16):
+                self._search = None  # the next search rebuilds it, off the event loop
+
+    def build_search_index(self) -> None:
+        """Build the search index now, instead of at the first search."""
+        self.search_snapshot().ensure_index()
+
+    def build_search_index_in_background(self) -> None:
+        """Build the search index in a thread as the vault unlocks (a search that comes first
+        builds its own; either way the result is the same)."""
+        threading.Thread(target=self.build_search_index, name="search-index", daemon=True).start()
+
+    def search_snapshot(self) -> SearchSnapshot:
+        """What a search needs, taken in O(changes since the index was built): a search then
+        runs on this snapshot in any thread while commits go on."""
+        with self._index_lock:
+            index = self._search
+            full = list(self.entries.values()) if index is None else None
+            stale = frozenset(self._search_stale) if index is not None else frozenset()
+            changed = [e for i in stale if (e := dict.get(self.entries, i)) is not None]
+            return SearchSnapshot(self, index, full, stale, changed, self._changes)
+
+    def _install_index(self, index: _SearchIndex, at: int) -> None:
+        with self._index_lock:
+            if self._search is None and not self._closed:
+                self._search = index
+                self._search_stale = {i: c for i, c in self._search_stale.items() if c > at}
 
     def resolve(
         self,
@@ -366,19 +903,7 @@ class Vault:
         visible: Callable[[StoredEntry], bool] | None = None,
     ) -> list[tuple[StoredEntry, float]]:
         """Ranked fuzzy match over name, username, url, tags and non-secret notes only."""
-        q = query.casefold().strip()
-        candidates: Iterable[StoredEntry] | None = None  # None: every entry
-        if _SearchIndex.usable_for(q):
-            if self._search is None or not self._search.current(self.entries):
-                self._search = _SearchIndex(self.entries)
-            candidates = self._search.candidates(q)
-        hits: list[tuple[StoredEntry, float]] = []
-        for e in self.iter_entries(space, type_, tag, visible, among=candidates):
-            score = _score(e, q)
-            if score > 0:
-                hits.append((e, score))
-        hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
-        return hits[:limit]
+        return self.search_snapshot().search(query, space, type_, tag, limit, visible)
 
     @staticmethod
     def default_field(entry: StoredEntry) -> str:
@@ -403,10 +928,13 @@ class Vault:
             )
         if not stored.secret:
             return field, stored.value or ""
+        if stored.sealed is None:
+            stored = self._hydrate(entry).fields[field]
         return field, self._open(entry.id, field, stored.sealed or "")
 
     def previous(self, entry: StoredEntry, field: str, version: int) -> str:
         """Open a secret field's value from `version` changes ago (1 = the one before now)."""
+        entry = self._hydrate(entry)  # a v2 entry's history is read with its secrets record
         stored = entry.fields.get(field)
         if stored is None or not stored.secret:
             raise EntryNotFound("entry has no such secret field", data={"field": field})
@@ -417,6 +945,23 @@ class Vault:
                 data={"field": field, "version": version, "kept": len(stored.history)},
             )
         return self._open(entry.id, field, stored.history[version - 1].sealed)
+
+    def _hydrate(self, entry: StoredEntry) -> StoredEntry:
+        """The entry with its secret fields' sealed values and history, read from its secrets
+        record if it was loaded without them (the vault's own copy is left as it is)."""
+        if not any(_lazy(f) for f in entry.fields.values()):
+            return entry
+        db = self._v2
+        want = self._saved.versions.get(entry.id)
+        row = db.row("secret", entry.id)
+        if row is None or want is None or row[2] != want[1]:
+            raise VaultCorrupt("an entry's secret record is missing or was replaced")
+        try:
+            secrets = json.loads(self._open_row(row))
+            meta = json.loads(_split(entry)[0])
+            return _join(entry.id, meta, secrets)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise VaultCorrupt("an entry's secret record is unreadable") from exc
 
     def _open(self, entry_id: str, field: str, sealed: str) -> str:
         try:
@@ -454,39 +999,70 @@ class Vault:
         notes: str | None,
         change: Change,
     ) -> StoredEntry:
-        name = _clean_name(name)
+        entry = self._new_entry(NewEntry(type_, name, space, tags, url, notes, change))
+        with self.mutation():
+            self.entries[entry.id] = entry
+        return entry
+
+    def add_batch(
+        self, items: list[NewEntry], *, atomic: bool
+    ) -> tuple[list[StoredEntry], list[tuple[int, ApmError]]]:
+        """Add many entries in one commit. Returns the added entries and, for each item that
+        was refused, its index and error. `atomic`: the first refusal refuses the whole batch
+        (the error's data names the item's `index`) and nothing is added."""
+        added: list[StoredEntry] = []
+        refused: list[tuple[int, ApmError]] = []
+        taken: set[tuple[str, str]] = set()
+        for i, item in enumerate(items):
+            try:
+                entry = self._new_entry(item, taken)
+            except ApmError as exc:
+                if atomic:
+                    exc.data = {**exc.data, "index": i}
+                    raise
+                refused.append((i, exc))
+                continue
+            taken.add(_key(entry.space, entry.name))
+            added.append(entry)
+        if added:
+            with self.mutation():
+                for entry in added:
+                    self.entries[entry.id] = entry
+        return added, refused
+
+    def _new_entry(
+        self, item: NewEntry, taken: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()
+    ) -> StoredEntry:
+        """Validate one new entry against the vault (and `taken`: names a batch adds)."""
+        name = _clean_name(item.name)
+        space = item.space
         if space not in self.spaces:
             raise SpaceNotFound(
                 data={"space": space}, hint=f'create it with "apm space add {space}"'
             )
-        if _key(space, name) in self._by_name:
+        if _key(space, name) in self._by_name or _key(space, name) in taken:
             raise AlreadyExists("an entry with this name already exists in the space")
         now = self._clock()
         entry_id = str(uuid.uuid4())
-        fields = self._build_fields(entry_id, type_, {}, change)
-        spec = ENTRY_TYPES[type_]
+        fields = self._build_fields(entry_id, item.type, {}, item.change)
+        spec = ENTRY_TYPES[item.type]
         missing = [f.name for f in spec.fields if f.required and f.name not in fields]
         if missing:
             raise InvalidParameters(
                 "missing required field(s)", data={"fields": missing}, hint="provide them"
             )
-        entry = StoredEntry(
+        return StoredEntry(
             id=entry_id,
             name=name,
-            type=type_,
+            type=item.type,
             space=space,
-            tags=_clean_tags(tags),
-            url=url,
-            notes=notes,
+            tags=_clean_tags(item.tags),
+            url=item.url,
+            notes=item.notes,
             fields=fields,
             created_at=now,
             updated_at=now,
         )
-        with self.mutation():
-            self.entries[entry.id] = entry
-            self._by_name[_key(space, name)] = entry.id
-            self._by_fold.setdefault(name.casefold(), []).append(entry.id)
-        return entry
 
     def edit(
         self,
@@ -507,6 +1083,10 @@ class Vault:
         other = self._by_name.get(_key(space, name))
         if other is not None and other != entry.id:
             raise AlreadyExists("an entry with this name already exists in the space")
+        if change.secrets or any(
+            f.secret for n, f in entry.fields.items() if n in change.remove_fields
+        ):
+            entry = self._hydrate(entry)  # the secrets record is rewritten: read it first
         fields = self._build_fields(entry.id, entry.type, entry.fields, change)
         spec = ENTRY_TYPES[entry.type]
         missing = [f.name for f in spec.fields if f.required and f.name not in fields]
@@ -527,16 +1107,11 @@ class Vault:
         )
         with self.mutation():
             self.entries[entry.id] = updated
-            self._reindex()
         return updated
 
     def remove(self, entry: StoredEntry) -> None:
         with self.mutation():
             del self.entries[entry.id]
-            self._by_name.pop(_key(entry.space, entry.name), None)
-            ids = self._by_fold.get(entry.name.casefold(), [])
-            if entry.id in ids:
-                ids.remove(entry.id)
 
     def _build_fields(
         self,
@@ -634,7 +1209,6 @@ class Vault:
                 if e.space == name:
                     self.entries[e.id] = e.model_copy(update={"space": new_name})
                     moved += 1
-            self._reindex()
         return moved
 
     def space_remove(self, name: str, force: bool) -> int:
@@ -647,29 +1221,167 @@ class Vault:
             self.spaces = [s for s in self.spaces if s != name]
             for eid in doomed:
                 del self.entries[eid]
-            self._reindex()
         return len(doomed)
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _wrap(dek: bytearray, password: bytearray, header: Header) -> bytes:
+def _wrap(dek: bytearray, password: bytearray, header: Header, ad: bytes) -> bytes:
     kek = crypto.derive_key(password, header.salt, header.kdf)
     try:
-        return Cipher(kek).seal(bytes(dek), vault_file.prefix(header))
+        return Cipher(kek).seal(bytes(dek), ad)
     finally:
         crypto.zero(kek)
 
 
-def _unwrap(keyblock: bytes, password: bytearray, header: Header, header_bytes: bytes) -> bytearray:
+def _unwrap(keyblock: bytes, password: bytearray, header: Header, ad: bytes) -> bytearray:
     kek = crypto.derive_key(password, header.salt, header.kdf)
     try:
-        return bytearray(Cipher(kek).open(keyblock, header_bytes))
+        return _unwrap_with(kek, keyblock, ad)
+    finally:
+        crypto.zero(kek)
+
+
+def _unwrap_with(kek: bytearray, keyblock: bytes, ad: bytes) -> bytearray:
+    try:
+        return bytearray(Cipher(kek).open(keyblock, ad))
     except DecryptionFailed as exc:
         raise BadPassword() from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        crypto.zero(kek)
+        os.close(fd)
+
+
+def _sidecars(path: Path) -> tuple[Path, Path, Path]:
+    return tuple(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))  # type: ignore[return-value]
+
+
+def _lazy(f: StoredField) -> bool:
+    """A secret field loaded without its sealed value (v2 reads secret records on demand)."""
+    return f.secret and f.sealed is None
+
+
+def _split(e: StoredEntry) -> tuple[bytes, bytes | None]:
+    """An entry as its two v2 records: metadata (secret fields as a stub with the dates of
+    their history, which are not secret) and secrets (each secret field's sealed value and
+    history). The secrets record is None when the entry was loaded without its secrets: it
+    cannot have changed them, and its record stays as it is."""
+    fields: dict[str, Any] = {}
+    secrets: dict[str, Any] | None = {}
+    for name, f in e.fields.items():
+        if f.secret:
+            dates = [h.replaced_at.isoformat() for h in f.history]
+            fields[name] = {"secret": True, "history": dates}
+            if secrets is not None and f.sealed is not None:
+                secrets[name] = {
+                    "sealed": f.sealed,
+                    "history": [h.sealed for h in f.history],
+                }
+            else:
+                secrets = None
+        else:
+            fields[name] = {"secret": False, "value": f.value}
+    meta = {
+        "name": e.name,
+        "type": e.type,
+        "space": e.space,
+        "tags": e.tags,
+        "url": e.url,
+        "notes": e.notes,
+        "fields": fields,
+        "created_at": e.created_at.isoformat(),
+        "updated_at": e.updated_at.isoformat(),
+    }
+    dumps = json.dumps
+    return (
+        dumps(meta, separators=(",", ":"), ensure_ascii=False).encode(),
+        None if secrets is None else dumps(secrets, separators=(",", ":")).encode(),
+    )
+
+
+def _built(cls: type[M], fields_set: set[str], values: dict[str, Any]) -> M:
+    """A model from values the vault itself wrote and authenticated, without validation:
+    model_construct costs ~10 µs a call, which at 100k entries (and their fields) is seconds
+    of unlock. `values` must hold every field of `cls`, so every field is set, and all models
+    of a class share one `fields_set` (model_copy only ever adds field names already in it)."""
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", fields_set)
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
+_ENTRY_FIELDS = set(StoredEntry.model_fields)
+_FIELD_FIELDS = set(StoredField.model_fields)
+_HISTORY_FIELDS = set(HistoryItem.model_fields)
+
+
+def _join(rid: str, meta: dict[str, Any], secrets: dict[str, Any] | None) -> StoredEntry:
+    """The entry its v2 records hold; without `secrets`, its secret fields are lazy (no sealed
+    value; history items carry their dates only) until `Vault._hydrate` reads that record.
+    The records were authenticated under the vault key, so they are trusted as the vault
+    wrote them: built without a second validation."""
+    fields: dict[str, StoredField] = {}
+    for name, f in meta["fields"].items():
+        if f["secret"]:
+            dates = f["history"]
+            s = secrets[name] if secrets is not None else None
+            history = [
+                _built(
+                    HistoryItem,
+                    _HISTORY_FIELDS,
+                    {
+                        "sealed": s["history"][i] if s is not None else "",
+                        "replaced_at": datetime.fromisoformat(d),
+                    },
+                )
+                for i, d in enumerate(dates)
+            ]
+            value = {
+                "secret": True,
+                "value": None,
+                "sealed": s["sealed"] if s is not None else None,
+                "history": history,
+            }
+        else:
+            value = {"secret": False, "value": f["value"], "sealed": None, "history": []}
+        fields[sys.intern(name)] = _built(StoredField, _FIELD_FIELDS, value)
+    if meta["type"] not in ENTRY_TYPES:
+        raise VaultCorrupt("a vault entry has an unknown type")
+    return _built(
+        StoredEntry,
+        _ENTRY_FIELDS,
+        {
+            "id": rid,
+            "name": meta["name"],
+            "type": sys.intern(meta["type"]),
+            "space": sys.intern(meta["space"]),
+            "tags": [sys.intern(t) for t in meta["tags"]],
+            "url": meta["url"],
+            "notes": meta["notes"],
+            "fields": fields,
+            "created_at": datetime.fromisoformat(meta["created_at"]),
+            "updated_at": datetime.fromisoformat(meta["updated_at"]),
+        },
+    )
+
+
+def read_header(path: Path) -> Header:
+    """The KDF header of a vault file of either format, without the password."""
+    if vault_db.is_v2(path):
+        db = VaultDb.open(path)
+        try:
+            return Header.decode(db.kdf_json)
+        finally:
+            db.close()
+    return vault_file.read(path).header
 
 
 def _plain(entry: StoredEntry, field: str) -> str | None:
@@ -725,13 +1437,14 @@ class _SearchIndex:
 
     It only finds candidates; `_score` decides, so results are exactly those of a full scan
     (every entry that `_score` accepts contains the query in its name or other text, or has
-    it as a subsequence of its name, each of which the index finds). It is rebuilt when the
-    entries changed: the vault replaces an entry object on every edit, so comparing object
-    identities in order is enough.
+    it as a subsequence of its name, each of which the index finds). It is built at unlock and
+    not rebuilt on each commit: a search skips the index's copies of entries changed since
+    (`SearchSnapshot.stale`) and scans their current versions directly; after many changes the
+    next search rebuilds it from a snapshot, in its own thread.
     """
 
-    def __init__(self, entries: dict[str, StoredEntry]) -> None:
-        self.entries = list(entries.values())
+    def __init__(self, entries: list[StoredEntry]) -> None:
+        self.entries = entries
         names: list[str] = []
         hays: list[str] = []
         self.name_starts: list[int] = []
@@ -753,24 +1466,93 @@ class _SearchIndex:
     def usable_for(q: str) -> bool:
         return bool(q) and _SEP not in q and not any(c in q for c in "*?[")
 
-    def current(self, entries: dict[str, StoredEntry]) -> bool:
-        return len(entries) == len(self.entries) and all(
-            map(operator.is_, entries.values(), self.entries)
-        )
-
     def candidates(self, q: str) -> Iterator[StoredEntry]:
+        """Every entry the query may match: substring candidates, then subsequence ones."""
+        found = self.substring_hits(q)
+        found |= self.subsequence_hits(q)
+        return (self.entries[i] for i in sorted(found))
+
+    def substring_hits(self, q: str) -> set[int]:
+        """Positions of the entries with `q` in their name or other text (scores 40 and up)."""
         found: set[int] = set()
         for text, starts in ((self.names, self.name_starts), (self.hays, self.hay_starts)):
             at = text.find(q)
             while at >= 0:
                 found.add(bisect.bisect_right(starts, at) - 1)
                 at = text.find(q, at + 1)
+        return found
+
+    def subsequence_hits(self, q: str) -> set[int]:
+        """Positions of the entries whose name holds `q` as a subsequence (score 20)."""
+        found: set[int] = set()
         if len(q) >= 2:
             gap = f"[^{_SEP}]*?"
             pattern = re.compile(gap.join(re.escape(c) for c in q))
             for m in pattern.finditer(self.names):
                 found.add(bisect.bisect_right(self.name_starts, m.start()) - 1)
-        return (self.entries[i] for i in sorted(found))
+        return found
+
+
+@dataclass
+class SearchSnapshot:
+    """A consistent view for one search: the index, the ids it holds stale copies of, and the
+    current versions of those. Nothing here is changed by later commits (entries are
+    immutable and these containers are this snapshot's own)."""
+
+    vault: Vault
+    index: _SearchIndex | None
+    full: list[StoredEntry] | None  # every entry, when there is no index to search
+    stale: frozenset[str]
+    changed: list[StoredEntry]
+    at: int
+
+    def ensure_index(self) -> _SearchIndex:
+        if self.index is None:
+            self.index = _SearchIndex(self.full or [])
+            self.vault._install_index(self.index, self.at)
+        return self.index
+
+    def search(
+        self,
+        query: str,
+        space: str | None = None,
+        type_: str | None = None,
+        tag: str | None = None,
+        limit: int = 50,
+        visible: Callable[[StoredEntry], bool] | None = None,
+    ) -> list[tuple[StoredEntry, float]]:
+        q = query.casefold().strip()
+        index = self.ensure_index()
+        stale = self.stale
+        hits: list[tuple[StoredEntry, float]] = []
+
+        def score(among: Iterable[StoredEntry]) -> None:
+            if stale:
+                among = (e for e in among if e.id not in stale)
+            for n, e in enumerate(self.vault.iter_entries(space, type_, tag, visible, among)):
+                s = _score(e, q)
+                if s > 0:
+                    hits.append((e, s))
+                if n % 1024 == 1023:
+                    time.sleep(0)  # searches run in a thread: let the event loop have the GIL
+
+        for e in self.vault.iter_entries(space, type_, tag, visible, among=self.changed):
+            s = _score(e, q)
+            if s > 0:
+                hits.append((e, s))
+        if not _SearchIndex.usable_for(q):
+            score(index.entries)
+        else:
+            # substring hits score 40 or more, subsequence-only ones 20: once `limit` of the
+            # first are found, no subsequence match can rank among the results, and the
+            # subsequence scan (a regex over every name, most of a search's time) is skipped
+            first = index.substring_hits(q)
+            score(index.entries[i] for i in sorted(first))
+            if sum(1 for _, s in hits if s >= 40) < limit:
+                rest = index.subsequence_hits(q) - first
+                score(index.entries[i] for i in sorted(rest))
+        hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
+        return hits[:limit]
 
 
 def _score(e: StoredEntry, q: str) -> float:

@@ -392,6 +392,8 @@ _UNAUDITED = frozenset(
 _MUTATIONS = frozenset(
     {
         "entry.add",
+        "entry.add_batch",
+        "vault.migrate",
         "entry.edit",
         "entry.remove",
         "space.add",

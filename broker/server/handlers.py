@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -10,9 +11,9 @@ from datetime import datetime
 from pydantic import SecretStr
 
 from broker import __version__
-from broker.core import crypto, vault_file
+from broker.core import crypto
 from broker.core.crypto import PROFILES, normalize_password, zero
-from broker.core.vault import Change, StoredEntry, Vault
+from broker.core.vault import Change, StoredEntry, Vault, read_header
 from broker.wire.errors import (
     AlreadyExists,
     BadPassword,
@@ -95,7 +96,7 @@ async def process_status(ctx: Context, p: Empty) -> StatusResult:
         profile = vault.header.kdf.profile
     elif st.paths.vault.exists():
         try:
-            profile = vault_file.read(st.paths.vault).header.kdf.profile
+            profile = read_header(st.paths.vault).kdf.profile
         except Exception:  # status must answer even for a damaged vault
             profile = None
     times = st.cache.lock_times()
@@ -277,8 +278,10 @@ async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResul
 
 @route("entry.search", READ)
 async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
-    vault = ctx.state.cache.get()
-    hits = vault.search(p.query, p.space, p.type, p.tag, p.limit, ctx.visible)
+    snapshot = ctx.state.cache.get().search_snapshot()  # other calls go on while it runs
+    hits = await asyncio.to_thread(
+        snapshot.search, p.query, p.space, p.type, p.tag, p.limit, ctx.visible
+    )
     return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
 
 

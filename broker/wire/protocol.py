@@ -37,6 +37,7 @@ from .entries import (
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # requests above this are refused with REQUEST_TOO_LARGE
+BATCH_MAX = 10_000  # entries per entry.add_batch (the frame limit usually binds first)
 
 KdfProfile = Literal["interactive", "standard", "hardened"]
 KDF_PROFILE_NAMES: tuple[str, ...] = ("interactive", "standard", "hardened")
@@ -216,6 +217,46 @@ class EntryAddParams(Strict):
 
 class EntryResult(Wire):
     entry: EntryMeta
+
+
+class EntryBatchParams(Strict):
+    """Many `entry.add`s committed at once (`apm add --batch`, importers)."""
+
+    entries: list[EntryAddParams] = Field(min_length=1, max_length=BATCH_MAX)
+    atomic: bool = False  # the first refused item refuses the batch; its index is in the error
+
+
+class BatchRefusal(Wire):
+    index: int  # the item's position in `entries`
+    code: str
+    message: str
+
+
+class EntryBatchResult(Wire):
+    added: list[str]  # ids of the added entries, in batch order
+    refused: list[BatchRefusal]
+
+
+class VaultBackupParams(Strict):
+    # a file name: the broker writes only into the vault's own backups directory (the CLI
+    # then moves the file where the person asked), never to a path a caller names
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class VaultBackupResult(Wire):
+    path: str
+    size: int
+
+
+class VaultMigrateParams(Strict):
+    finish: bool = False  # delete the v1 backups a migration kept
+
+
+class VaultMigrateResult(Wire):
+    format: int
+    generation: int
+    v1_backups: list[str]  # still kept
+    removed: list[str]
 
 
 class EntryListParams(Strict):
@@ -612,6 +653,9 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "profile.show": (Empty, ProfileInfo),
     "profile.set": (ProfileSetParams, ProfileInfo),
     "entry.add": (EntryAddParams, EntryResult),
+    "entry.add_batch": (EntryBatchParams, EntryBatchResult),
+    "vault.backup": (VaultBackupParams, VaultBackupResult),
+    "vault.migrate": (VaultMigrateParams, VaultMigrateResult),
     "entry.list": (EntryListParams, EntryListResult),
     "entry.search": (EntrySearchParams, EntrySearchResult),
     "entry.show": (EntryRef, EntryResult),
