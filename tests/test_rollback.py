@@ -216,13 +216,15 @@ def test_a_vault_rolled_back_to_its_backup_does_not_revive_a_revoked_session(
     token, accessor = delegate(apm)
     assert code_of(read_secret(home, token)) == "OK"
     vault_path = home / "vault.apm"
+    backup = home / "older.apm"
+    apm.ok("vault", "backup", str(backup))  # a copy from before the revocation
     apm.ok("session", "revoke", accessor, password=None)
     assert code_of(read_secret(home, token)) == "SESSION_REQUIRED"
-    backup = vault_path.with_name("vault.apm.bak")
-    assert backup.exists()
     apm.ok("lock", password=None)
     if restart:
         shutdown(home, seeded)
+    for sidecar in ("vault.apm-wal", "vault.apm-shm"):
+        (home / sidecar).unlink(missing_ok=True)
     shutil.copyfile(backup, vault_path)  # the copy from before the revocation
     if restart:
         seeded.start()

@@ -92,10 +92,13 @@ def test_an_older_vault_file_is_reported_and_its_lost_revocation_applied_again(
     _, rec = store.create(CreateSpec(label="x", scope="secrets", ttl=timedelta(hours=1)))
     files.save_sessions(store)
     older = files.root / "older.apm"
-    shutil.copyfile(files.vault_path, older)
+    files.vault.backup(older)  # a consistent copy of the file as it is now
     store.revoke(rec.accessor)
     files.save_sessions(store)
     files.audit.append("session.revoked", target=rec.accessor)
+    files.vault.close()
+    for sidecar in ("vault.apm-wal", "vault.apm-shm"):
+        (files.root / sidecar).unlink(missing_ok=True)
     shutil.copyfile(older, files.vault_path)  # the rollback
 
     vault = files.reopen()
