@@ -297,8 +297,9 @@ def test_a_new_vault_made_where_an_old_one_was_deleted_is_not_called_rolled_back
 ) -> None:
     apm.ok("add", "api_key", "old", "--from-stdin", stdin="value-old\n")  # generations 1, 2, …
     shutdown(home, seeded)
-    for name in ("vault.apm", "vault.apm.bak"):
-        (home / name).unlink()
+    (home / "vault.apm").unlink()
+    for name in ("vault.apm.bak", "vault.apm-wal", "vault.apm-shm"):  # v1 backup, v2 WAL
+        (home / name).unlink(missing_ok=True)
     seeded.start()
     apm.ok("init", "--profile", "interactive")
     shutdown(home, seeded)  # the new vault is not saved again before the next unlock
