@@ -31,7 +31,8 @@ from broker.core.sessions import (
 )
 from broker.core.vault import Change, Vault
 from broker.server import dispatch
-from broker.server.dispatch import ROUTES, State, Throttle
+from broker.server.dispatch import State, Throttle
+from broker.server.operations import OPERATIONS as ROUTES
 from broker.server.transport import Peer
 from broker.wire.errors import ApmError
 from broker.wire.protocol import McpAttachParams, McpAttachResult, Response
@@ -781,7 +782,7 @@ def sample_params(twin: Twin, method: str, n: int) -> dict[str, Any] | None:
 
 def expected(method: str, scope: str) -> str:
     """What the dispatcher's Access for `method` promises a session of `scope`."""
-    access = ROUTES[method].access
+    access = ROUTES[method].rule
     if access.owner_only or method in OWNER_ONLY:
         return "refused"
     if access.scope is None:
@@ -793,7 +794,7 @@ def test_the_pinned_scope_table_names_every_route_and_agrees_with_its_access() -
     unpinned = set(ROUTES) - set(NEEDS)
     assert not unpinned, f"pin the scope these methods need in NEEDS: {sorted(unpinned)}"
     for method in ROUTES:
-        need, access = NEEDS[method], ROUTES[method].access
+        need, access = NEEDS[method], ROUTES[method].rule
         if need is None:
             assert (access.scope, access.owner_only) == (None, False), method
         elif need == "owner":

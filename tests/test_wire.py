@@ -11,7 +11,8 @@ import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
 import broker.server.daemon  # noqa: F401 - imports every module that registers a route
-from broker.server.dispatch import ROUTES, to_wire_error
+from broker.server.dispatch import to_wire_error
+from broker.server.operations import OPERATIONS as ROUTES
 from broker.wire import errors
 from broker.wire.errors import ERRORS, ApmError, InternalError, error_from_wire
 from broker.wire.protocol import (

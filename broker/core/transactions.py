@@ -59,12 +59,19 @@ class Transaction:
     receipt: str | None = None
     decided_reason: str | None = None
     committed_at: datetime | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. a generated value's length
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"generated": the new value}
+    origin: Literal["tool", "wire"] = "tool"  # "wire": held by the gate; approving executes it
 
     def status(self, now: datetime) -> str:
         if self.state in ("pending", "awaiting_owner", "approved") and now >= self.expires_at:
             return "expired"
         return self.state
+
+
+def state_allows(tx: Transaction, now: datetime) -> bool:
+    """May the change run now? Approved and live, or the agent's own (policy `agent`)."""
+    status = tx.status(now)
+    return status == "approved" or (tx.policy == "agent" and status == "pending")
 
 
 class TxStore:
@@ -129,6 +136,23 @@ class TxStore:
         tx.state = "approved" if approve else "denied"
         tx.decided_reason = reason
         return tx
+
+    def await_owner(self, tx: Transaction) -> None:
+        """The agent asked to commit; the owner has not decided yet."""
+        if tx.state == "pending":
+            tx.state = "awaiting_owner"
+
+    def person_decided(self, tx: Transaction, approve: bool, reason: str | None = None) -> None:
+        """The person answered through the client (policy `client`)."""
+        if tx.state not in ("pending", "awaiting_owner"):
+            raise TransactionClosed(f"transaction already {tx.state}", data={"tx_id": tx.tx_id})
+        tx.state = "approved" if approve else "denied"
+        tx.decided_reason = reason
+
+    def conflicted(self, tx: Transaction, reason: str) -> None:
+        """The entry or space changed since the preview: this transaction can never run."""
+        tx.state = "aborted"
+        tx.decided_reason = reason
 
     def abort(self, tx_id: str, accessor: str) -> Transaction:
         tx = self.get(tx_id, accessor)

@@ -10,8 +10,9 @@ from pydantic import BaseModel, Field
 from broker.wire.errors import InternalError, PermissionDenied
 from broker.wire.protocol import Empty
 
-from . import handlers
-from .dispatch import Context
+from . import handlers  # noqa: F401 - declares the operations these tools run
+from .dispatch import Context, invoke
+from .operations import OPERATIONS
 from .tool_base import Args, ToolSpec
 
 
@@ -125,7 +126,7 @@ async def _profiles(ctx: Context, a: ProfilesArgs) -> ProfilesOut:
             "changing the key-derivation profile is an owner operation",
             hint='the person runs "apm profile set PROFILE" in a terminal',
         )
-    info = await handlers.process_profile_show(ctx, Empty())
+    info = await invoke(ctx, OPERATIONS["profile.show"], Empty())
     return ProfilesOut(**info.model_dump(), available=["interactive", "standard", "hardened"])
 
 

@@ -9,7 +9,8 @@ from broker.core.rollback import Anchor
 from broker.wire.errors import InternalError
 from broker.wire.protocol import AuditListParams, AuditListResult, AuditVerifyResult, Empty
 
-from .dispatch import Access, Context, route
+from .dispatch import Context
+from .operations import Rule, operation
 
 
 def _after(record: dict[str, Any], since: datetime) -> bool:
@@ -19,7 +20,7 @@ def _after(record: dict[str, Any], since: datetime) -> bool:
         return False
 
 
-@route("audit.list", Access(unlocked=True, scope="admin"))
+@operation("audit.list", Rule(unlocked=True, scope="admin", audit="none"))
 async def process_audit_list(ctx: Context, p: AuditListParams) -> AuditListResult:
     audit = ctx.state.audit
     if audit is None:
@@ -41,7 +42,7 @@ async def process_audit_list(ctx: Context, p: AuditListParams) -> AuditListResul
     return AuditListResult(records=out[-p.limit :], last_seq=max(last, p.after_seq))
 
 
-@route("audit.verify", Access(unlocked=True))
+@operation("audit.verify", Rule(unlocked=True, audit="none"))
 async def process_audit_verify(ctx: Context, p: Empty) -> AuditVerifyResult:
     audit = ctx.state.audit
     if audit is None:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,7 +30,7 @@ from broker.core.key_cache import KeyCache
 from broker.core.requests import RequestStore
 from broker.core.rollback import RollbackGuard
 from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore, scope_rank
-from broker.core.transactions import TxStore
+from broker.core.transactions import Transaction, TxStore, state_allows
 from broker.core.vault import StoredEntry, Vault, utcnow
 from broker.paths import Paths
 from broker.wire.errors import (
@@ -46,7 +46,6 @@ from broker.wire.errors import (
 )
 from broker.wire.protocol import (
     MAX_FRAME_BYTES,
-    METHODS,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Auth,
@@ -57,24 +56,11 @@ from broker.wire.protocol import (
 )
 
 from .notify import Notifier
+from .operations import OPERATIONS, Operation, Rule
 from .transport import Peer
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Access:
-    """What a method needs before its handler runs.
-
-    `scope` set: the master password, or a session holding at least that scope.
-    `owner_only`: the master password, verified now; a session is never enough.
-    """
-
-    unlocked: bool = False  # the lock gate: refuse with VAULT_LOCKED first
-    scope: str | None = None
-    owner_only: bool = False
-    grantable: bool = False  # a session lacking `scope` may still pass with a per-entry grant
 
 
 class Throttle:
@@ -251,6 +237,7 @@ class Context:
     mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
     grant_needed: bool = False  # the session lacks `secrets`: each entry needs a live grant
     exe: str | None = None  # the peer's executable, when already known (MCP connections)
+    via: str = "wire"  # "wire": invoke records the request; "mcp": the tool call is recorded
 
     def check_grant(self, entry: StoredEntry, field: str) -> None:
         """For a session reading a secret on a grant: refuse unless one covers this field."""
@@ -287,33 +274,6 @@ class Context:
                 "the master password is required", hint="run the command from a terminal"
             )
         return normalize_password(self.auth.password.get_secret_value())
-
-    async def vault(self) -> Vault:
-        return self.state.cache.get()
-
-
-Handler = Callable[[Context, Any], Awaitable[BaseModel]]
-
-
-@dataclass(frozen=True)
-class Route:
-    handler: Handler
-    params: type[BaseModel]
-    access: Access
-
-
-ROUTES: dict[str, Route] = {}
-
-
-H = TypeVar("H", bound=Handler)
-
-
-def route(method: str, access: Access = Access()) -> Callable[[H], H]:
-    def register(fn: H) -> H:
-        ROUTES[method] = Route(fn, METHODS[method][0], access)
-        return fn
-
-    return register
 
 
 def to_wire_error(exc: BaseException) -> ErrorBody:
@@ -374,42 +334,6 @@ def _envelope(raw: bytes) -> tuple[str, Request]:
     return str(rid)[:64], Request.model_validate(doc)
 
 
-_READS = frozenset({"broker.ping", "broker.status", "entry.list", "entry.search", "entry.show"})
-# audited separately (unlock/lock/sessions/tools) or carrying nothing worth recording
-_UNAUDITED = frozenset(
-    {
-        "broker.ping",
-        "broker.status",
-        "vault.unlock",
-        "vault.lock",
-        "mcp.attach",
-        "mcp.detach",
-        "audit.list",
-        "audit.verify",
-        "session.whoami",
-    }
-)
-_MUTATIONS = frozenset(
-    {
-        "entry.add",
-        "entry.add_batch",
-        "vault.migrate",
-        "entry.edit",
-        "entry.remove",
-        "space.add",
-        "space.rename",
-        "space.remove",
-        "vault.passwd",
-        "profile.set",
-        "session.create",
-        "session.revoke",
-        "vault.init",
-        "tx.approve",
-        "tx.deny",
-    }
-)
-
-
 def _ref(params: BaseModel | None) -> dict[str, Any]:
     """What a request was about (ids and names, never values), for its audit record."""
     if params is None:
@@ -429,42 +353,30 @@ def _ref(params: BaseModel | None) -> dict[str, Any]:
 
 
 async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") -> bytes:
+    """The wire's way in: one request frame to one response frame, through `invoke`."""
     started = time.perf_counter()
     rid, method = "", "?"
-    ctx: Context | None = None
-    params: BaseModel | None = None
+    quiet = False
     try:
         rid, req = _envelope(raw)
         method = req.method
-        route_ = ROUTES.get(req.method)
-        if route_ is None:
+        op = OPERATIONS.get(req.method)
+        if op is None:
             raise InvalidParameters(
                 "unknown method", data={"method": req.method[:64]}, hint="upgrade apm?"
             )
-        params = route_.params.model_validate(req.params)
+        quiet = op.rule.quiet
+        params = op.params.model_validate(req.params)
         ctx = Context(state=state, peer=peer, auth=req.auth, request_id=rid, identity=identity)
-        if route_.access.unlocked:
-            state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
-        await _authorize(ctx, route_.access)
-        audited = method not in _UNAUDITED
-        if audited and method in _MUTATIONS:
-            state.record("request", ctx, method=method, outcome="attempt")
-        result = await route_.handler(ctx, params)
-        if audited:
-            state.record("request", ctx, method=method, code="OK", **_ref(params))
+        result = await invoke(ctx, op, params)
         resp = Response(id=rid, ok=True, result=encode_result(result))
         code = "OK"
     except Exception as exc:
         body = to_wire_error(exc)
         resp = Response(id=rid, ok=False, error=body)
         code = body.code
-        if ctx is not None and method not in _UNAUDITED and not isinstance(exc, StorageError):
-            try:
-                state.record("request", ctx, method=method, code=code, **_ref(params))
-            except StorageError as audit_exc:
-                resp = Response(id=rid, ok=False, error=to_wire_error(audit_exc))
     ms = (time.perf_counter() - started) * 1000
-    level = logging.DEBUG if method in _READS and code == "OK" else logging.INFO
+    level = logging.DEBUG if quiet and code == "OK" else logging.INFO
     log.log(level, "%s pid=%s -> %s (%.1f ms)", _printable(method), peer.pid, code, ms)
     try:
         return resp.encode()
@@ -473,21 +385,110 @@ async def handle(state: State, raw: bytes, peer: Peer, identity: bytes = b"") ->
         return Response(id=_printable(rid), ok=False, error=body).encode()
 
 
-async def _authorize(ctx: Context, access: Access) -> None:
-    if access.scope is None and not access.owner_only:
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, ApmError):
+        return exc.code
+    return InvalidParameters.code if isinstance(exc, ValidationError) else InternalError.code
+
+
+async def invoke(
+    ctx: Context, op: Operation, params: BaseModel, *, tx: Transaction | None = None
+) -> BaseModel:
+    """The one gate every path runs an operation through, in this order: lock gate → session
+    and bindings → scope, entry filter, grants → approval policy → handler → audit record.
+
+    `ctx.session` already set (an MCP connection re-checked it for this message): the session
+    step only checks its scope. Neither a session nor the owner's password: refused, never
+    treated as the owner. `tx`: the approved transaction this call executes (its commit).
+    """
+    rule = op.rule
+    state = ctx.state
+    audited = rule.audit != "none" and ctx.via == "wire"  # tool calls have their own record
+    try:
+        if rule.unlocked:
+            state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
+        await _authorize(ctx, rule)
+        if rule.mutating:
+            await _approval_gate(ctx, op, params, tx)
+        if audited and rule.audit == "change":
+            state.record("request", ctx, method=op.name, outcome="attempt")
+        result = await op.handler(ctx, params)
+    except Exception as exc:
+        if audited and not isinstance(exc, StorageError):
+            state.record("request", ctx, method=op.name, code=_code_of(exc), **_ref(params))
+        raise
+    if audited:
+        state.record("request", ctx, method=op.name, code="OK", **_ref(params))
+    return result
+
+
+async def _approval_gate(
+    ctx: Context, op: Operation, params: BaseModel, tx: Transaction | None
+) -> None:
+    """A session's change runs only as its approval policy allows: `agent` at once (or its
+    own two-phase commit), `owner`/`client` only as a transaction the person approved —
+    anything else becomes a pending transaction and the call answers APPROVAL_PENDING."""
+    rec = ctx.session
+    if rec is None:
+        return  # the owner, who proved the master password just now
+    if tx is not None:
+        if (
+            tx.method != op.name
+            or tx.params is not params
+            or tx.accessor != rec.accessor
+            or not state_allows(tx, ctx.state.clock())
+        ):
+            raise PermissionDenied(
+                "this change was not approved", hint="preview it again and have it approved"
+            )
+        return
+    if rec.approve == "agent":
+        return
+    from .approval import hold  # the previews load only when a change is held
+
+    await hold(ctx, op, params)
+
+
+async def _authorize(ctx: Context, rule: Rule) -> None:
+    if rule.scope is None and not rule.owner_only:
+        return
+    if ctx.session is not None:  # already authenticated by its connection
+        if rule.owner_only:
+            raise _owner_only()
+        _check_scope(ctx, ctx.session, rule.scope or "admin", rule.grantable)
         return
     token = ctx.auth.token if ctx.auth is not None else None
     if token is not None and (ctx.auth is None or ctx.auth.password is None):
-        if access.owner_only:
-            raise PermissionDenied(
-                "this operation needs the owner's master password; a session is never enough",
-                hint="the person runs it from their own terminal",
-            )
+        if rule.owner_only:
+            raise _owner_only()
         await _authenticate_session(
-            ctx, token.get_secret_value(), access.scope or "admin", access.grantable
+            ctx, token.get_secret_value(), rule.scope or "admin", rule.grantable
         )
         return
     await _verify_owner(ctx)
+
+
+def _owner_only() -> PermissionDenied:
+    return PermissionDenied(
+        "this operation needs the owner's master password; a session is never enough",
+        hint="the person runs it from their own terminal",
+    )
+
+
+def _check_scope(ctx: Context, rec: SessionRecord, needed: str, grantable: bool) -> None:
+    if scope_rank(rec.scope) >= scope_rank(needed):
+        ctx.grant_needed = False
+        return
+    if grantable:
+        ctx.grant_needed = True  # the handler checks a grant for the entry it reads
+        return
+    ctx.state.sessions().deny(rec, f"scope {rec.scope} lacks {needed}", ctx.peer.pid)
+    ctx.state.record("session.denied", ctx, session=rec.accessor, reason=f"scope lacks {needed}")
+    raise PermissionDenied(
+        f"this session has scope {rec.scope!r}; the operation needs {needed!r}",
+        hint=f'ask the owner for a session with "apm delegate --scope {needed}"',
+        data={"needed": needed, "scope": rec.scope, "accessor": rec.accessor},
+    )
 
 
 async def _authenticate_session(
@@ -526,16 +527,7 @@ async def _authenticate_session(
             await asyncio.sleep(delay)
         raise
     state.throttle.succeeded(ctx.peer)
-    if scope_rank(rec.scope) < scope_rank(needed) and grantable:
-        ctx.grant_needed = True  # the handler checks a grant for the entry it reads
-    elif scope_rank(rec.scope) < scope_rank(needed):
-        store.deny(rec, f"scope {rec.scope} lacks {needed}", ctx.peer.pid)
-        state.record("session.denied", ctx, session=rec.accessor, reason=f"scope lacks {needed}")
-        raise PermissionDenied(
-            f"this session has scope {rec.scope!r}; the operation needs {needed!r}",
-            hint=f'ask the owner for a session with "apm delegate --scope {needed}"',
-            data={"needed": needed, "scope": rec.scope, "accessor": rec.accessor},
-        )
+    _check_scope(ctx, rec, needed, grantable)
     # only a request that will run counts as a use (and may take the pin)
     result = store.check(rec, ctx.peer.pid, declared)
     if result.must_persist:

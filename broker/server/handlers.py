@@ -60,14 +60,20 @@ from broker.wire.protocol import (
 )
 
 from . import hardening
-from .dispatch import Access, Context, State, log, route
+from .dispatch import Context, State, log
+from .operations import (
+    ADMIN,
+    LISTING,
+    OWNER_CHANGE,
+    PUBLIC,
+    READ,
+    SECRETS,
+    UNAUDITED,
+    WRITE,
+    Rule,
+    operation,
+)
 from .session_handlers import check_at_unlock, forget_ended_sessions
-
-OWNER = Access(unlocked=True, owner_only=True)
-READ = Access(unlocked=True, scope="read")
-SECRETS = Access(unlocked=True, scope="secrets", grantable=True)
-WRITE = Access(unlocked=True, scope="write")
-ADMIN = Access(unlocked=True, scope="admin")
 
 
 def _secrets(values: dict[str, SecretValue]) -> dict[str, str]:
@@ -77,7 +83,7 @@ def _secrets(values: dict[str, SecretValue]) -> dict[str, str]:
 # ---------------------------------------------------------------------- broker
 
 
-@route("broker.ping")
+@operation("broker.ping", PUBLIC)
 async def process_ping(ctx: Context, p: Empty) -> PingResult:
     return PingResult(
         version=__version__,
@@ -87,7 +93,7 @@ async def process_ping(ctx: Context, p: Empty) -> PingResult:
     )
 
 
-@route("broker.status")
+@operation("broker.status", PUBLIC)
 async def process_status(ctx: Context, p: Empty) -> StatusResult:
     st = ctx.state
     vault = st.cache.peek()
@@ -126,7 +132,7 @@ async def _mcp_connections(st: State) -> int:
     return len(host.conns) if host is not None else 0
 
 
-@route("broker.shutdown")
+@operation("broker.shutdown", Rule())
 async def process_shutdown(ctx: Context, p: Empty) -> ShutdownResult:
     log.info("shutdown requested by pid=%s", ctx.peer.pid)
     ctx.state.shutdown.set()
@@ -136,7 +142,7 @@ async def process_shutdown(ctx: Context, p: Empty) -> ShutdownResult:
 # ---------------------------------------------------------------------- vault
 
 
-@route("vault.init")
+@operation("vault.init", Rule(audit="change"))
 async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
     path = ctx.state.paths.vault
     password = ctx.password()
@@ -159,7 +165,7 @@ async def process_vault_init(ctx: Context, p: InitParams) -> InitResult:
     return InitResult(vault_path=str(path), profile=p.profile)
 
 
-@route("vault.unlock")
+@operation("vault.unlock", UNAUDITED)
 async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
     password = ctx.password()
     try:
@@ -198,7 +204,7 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
     )
 
 
-@route("vault.lock")
+@operation("vault.lock", UNAUDITED)
 async def process_vault_lock(ctx: Context, p: Empty) -> LockResult:
     async with ctx.state.write_lock:
         was = await ctx.state.flush_and_lock()
@@ -208,7 +214,7 @@ async def process_vault_lock(ctx: Context, p: Empty) -> LockResult:
     return LockResult(was_unlocked=was)
 
 
-@route("vault.passwd", OWNER)
+@operation("vault.passwd", OWNER_CHANGE)
 async def process_vault_passwd(ctx: Context, p: PasswdParams) -> Empty:
     vault = ctx.state.cache.get()
     new = normalize_password(p.new_password.get_secret_value())
@@ -228,12 +234,12 @@ def _profile_info(vault: Vault) -> ProfileInfo:
     )
 
 
-@route("profile.show", ADMIN)
+@operation("profile.show", ADMIN)
 async def process_profile_show(ctx: Context, p: Empty) -> ProfileInfo:
     return _profile_info(ctx.state.cache.get())
 
 
-@route("profile.set", OWNER)
+@operation("profile.set", OWNER_CHANGE)
 async def process_profile_set(ctx: Context, p: ProfileSetParams) -> ProfileInfo:
     vault = ctx.state.cache.get()
     password = ctx.password()
@@ -249,7 +255,7 @@ async def process_profile_set(ctx: Context, p: ProfileSetParams) -> ProfileInfo:
 # ---------------------------------------------------------------------- entries
 
 
-@route("entry.add", WRITE)
+@operation("entry.add", WRITE)
 async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=[])
@@ -265,7 +271,7 @@ async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     return EntryResult(entry=entry.meta())
 
 
-@route("entry.list", READ)
+@operation("entry.list", LISTING)
 async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResult:
     vault = ctx.state.cache.get()
     matched = sorted(
@@ -276,7 +282,7 @@ async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResul
     return EntryListResult(entries=[e.meta() for e in page], total=len(matched))
 
 
-@route("entry.search", READ)
+@operation("entry.search", LISTING)
 async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
     snapshot = ctx.state.cache.get().search_snapshot()  # other calls go on while it runs
     hits = await asyncio.to_thread(
@@ -285,12 +291,12 @@ async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearc
     return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
 
 
-@route("entry.show", READ)
+@operation("entry.show", LISTING)
 async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
     return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta())
 
 
-@route("entry.get", SECRETS)
+@operation("entry.get", SECRETS)
 async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
@@ -299,7 +305,7 @@ async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     return EntryGetResult(id=entry.id, name=entry.name, field=field, value=SecretStr(value))
 
 
-@route("entry.edit", WRITE)
+@operation("entry.edit", WRITE)
 async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=p.remove_fields)
@@ -341,7 +347,7 @@ def _unchanged(entry: StoredEntry, expected: datetime | None) -> None:
         raise TransactionConflict(data={"entry": entry.id})
 
 
-@route("entry.remove", WRITE)
+@operation("entry.remove", WRITE)
 async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemoveResult:
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
@@ -351,7 +357,7 @@ async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemov
     return EntryRemoveResult(id=entry.id, name=entry.name)
 
 
-@route("entry.totp", SECRETS)
+@operation("entry.totp", SECRETS)
 async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
@@ -363,7 +369,7 @@ async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
 # ---------------------------------------------------------------------- spaces
 
 
-@route("space.list", READ)
+@operation("space.list", READ)
 async def process_space_list(ctx: Context, p: Empty) -> SpaceListResult:
     vault = ctx.state.cache.get()
     if ctx.session is not None and not ctx.session.filter.empty:
@@ -377,7 +383,7 @@ async def process_space_list(ctx: Context, p: Empty) -> SpaceListResult:
     return SpaceListResult(spaces=[SpaceInfo(name=n, entries=c) for n, c in counts.items()])
 
 
-@route("space.add", WRITE)
+@operation("space.add", WRITE)
 async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
@@ -386,7 +392,7 @@ async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
     return SpaceInfo(name=p.name, entries=0)
 
 
-@route("space.rename", WRITE)
+@operation("space.rename", WRITE)
 async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
@@ -396,7 +402,7 @@ async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
     return SpaceInfo(name=p.new_name, entries=moved)
 
 
-@route("space.remove", WRITE)
+@operation("space.remove", WRITE)
 async def process_space_remove(ctx: Context, p: SpaceRemoveParams) -> SpaceRemoveResult:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()

@@ -20,13 +20,11 @@ from broker.wire.protocol import (
     SecretVersion,
 )
 
-from .dispatch import Access, Context, route
-
-ADMIN = Access(unlocked=True, scope="admin")
-OWNER = Access(unlocked=True, owner_only=True)
+from .dispatch import Context
+from .operations import ADMIN, OWNER_CHANGE, operation
 
 
-@route("entry.history", ADMIN)
+@operation("entry.history", ADMIN)
 async def process_entry_history(ctx: Context, p: EntryHistoryParams) -> EntryHistoryResult:
     if p.reveal and not ctx.owner_proven:
         raise PermissionDenied(
@@ -61,7 +59,7 @@ async def process_entry_history(ctx: Context, p: EntryHistoryParams) -> EntryHis
     return EntryHistoryResult(id=entry.id, name=entry.name, versions=versions)
 
 
-@route("entry.restore", OWNER)
+@operation("entry.restore", OWNER_CHANGE)
 async def process_entry_restore(ctx: Context, p: EntryRestoreParams) -> EntryResult:
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:

@@ -9,10 +9,11 @@ from __future__ import annotations
 from broker.wire.errors import InternalError
 from broker.wire.protocol import Empty, McpAttachParams, McpAttachResult, McpDetachParams
 
-from .dispatch import Access, Context, route
+from .dispatch import Context
+from .operations import UNAUDITED, Rule, operation
 
 
-@route("mcp.attach", Access(unlocked=True, scope="read"))
+@operation("mcp.attach", Rule(unlocked=True, scope="read", audit="none"))
 async def process_mcp_attach(ctx: Context, p: McpAttachParams) -> McpAttachResult:
     host = await ctx.state.mcp_host()
     if host is None:
@@ -21,7 +22,7 @@ async def process_mcp_attach(ctx: Context, p: McpAttachParams) -> McpAttachResul
     return result
 
 
-@route("mcp.detach")
+@operation("mcp.detach", UNAUDITED)
 async def process_mcp_detach(ctx: Context, p: McpDetachParams) -> Empty:
     host = await ctx.state.mcp_host()
     if host is not None:

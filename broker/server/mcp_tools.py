@@ -34,9 +34,10 @@ from broker.wire.protocol import (
     SearchHit,
 )
 
-from . import handlers
+from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
-from .dispatch import Context, to_wire_error
+from .dispatch import Context, invoke, to_wire_error
+from .operations import OPERATIONS
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .tool_base import Args, ToolSpec, require_scope
@@ -140,9 +141,15 @@ class AssistOut(BaseModel):
 # ------------------------------------------------------------------ tool bodies
 
 
+async def _op(ctx: Context, name: str, params: BaseModel) -> Any:
+    """Run the operation `name` through the one gate (scope, filter, grants, approval)."""
+    return await invoke(ctx, OPERATIONS[name], params)
+
+
 async def _list_entries(ctx: Context, a: ListEntriesArgs) -> ListEntriesOut:
-    res = await handlers.process_entry_list(
+    res = await _op(
         ctx,
+        "entry.list",
         EntryListParams(space=a.space, type=a.type, tag=a.tag, offset=a.offset, limit=a.limit),
     )
     nxt = a.offset + len(res.entries)
@@ -155,38 +162,33 @@ async def _list_entries(ctx: Context, a: ListEntriesArgs) -> ListEntriesOut:
 
 
 async def _search_entries(ctx: Context, a: SearchEntriesArgs) -> SearchEntriesOut:
-    res = await handlers.process_entry_search(
+    res = await _op(
         ctx,
+        "entry.search",
         EntrySearchParams(query=a.query, space=a.space, type=a.type, tag=a.tag, limit=a.limit),
     )
     return SearchEntriesOut(hits=res.hits)
 
 
 async def _get_entry(ctx: Context, a: GetEntryArgs) -> GetEntryOut:
-    if a.include_secret and ctx.session is not None:
-        # without the secrets scope, a live grant for the entry opens it (checked on read)
-        ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank("secrets")
-    meta = await handlers.process_entry_show(ctx, EntryRef(ref=a.entry, space=a.space))
+    meta = await _op(ctx, "entry.show", EntryRef(ref=a.entry, space=a.space))
     secret = None
     if a.include_secret:
-        got = await handlers.process_entry_get(
-            ctx, EntryGetParams(ref=meta.entry.id, field=a.field)
-        )
+        # without the secrets scope, a live grant for the entry opens it (the gate decides)
+        got = await _op(ctx, "entry.get", EntryGetParams(ref=meta.entry.id, field=a.field))
         secret = SecretField(field=got.field, value=got.value.get_secret_value())
     return GetEntryOut(entry=meta.entry, secret=secret)
 
 
 async def _decrypt_entry(ctx: Context, a: DecryptEntryArgs) -> DecryptEntryOut:
-    got = await handlers.process_entry_get(
-        ctx, EntryGetParams(ref=a.entry, space=a.space, field=a.field)
-    )
+    got = await _op(ctx, "entry.get", EntryGetParams(ref=a.entry, space=a.space, field=a.field))
     return DecryptEntryOut(
         id=got.id, name=got.name, field=got.field, value=got.value.get_secret_value()
     )
 
 
 async def _get_totp(ctx: Context, a: EntryArgs) -> TotpOut:
-    res = await handlers.process_entry_totp(ctx, EntryRef(ref=a.entry, space=a.space))
+    res = await _op(ctx, "entry.totp", EntryRef(ref=a.entry, space=a.space))
     return TotpOut(**res.model_dump())
 
 
@@ -472,6 +474,7 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
 
 async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
     """`call` without the SDK model: what the relay's fast path serializes itself."""
+    ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
     try:
         spec = TOOLS_BY_NAME.get(name)
         if spec is None:

@@ -23,11 +23,8 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
-from .dispatch import Access, Context, log, route
-
-OWNER = Access(unlocked=True, owner_only=True)
-ADMIN = Access(unlocked=True, scope="admin")
-ANYONE_UNLOCKED = Access(unlocked=True)
+from .dispatch import Context, log
+from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS, operation
 
 
 def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
@@ -127,7 +124,7 @@ async def open_request(
     return req
 
 
-@route("request.list", ADMIN)
+@operation("request.list", ADMIN)
 async def process_request_list(ctx: Context, p: RequestListParams) -> RequestListResult:
     reqs = ctx.state.requests().listing(None, p.pending)
     return RequestListResult(requests=[request_info(r, ctx) for r in reqs])
@@ -147,7 +144,7 @@ async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequest
     return request_info(req, ctx)
 
 
-@route("request.approve", OWNER)
+@operation("request.approve", OWNER)
 async def process_request_approve(ctx: Context, p: RequestDecideParams) -> AccessRequestInfo:
     req = ctx.state.requests().decide(
         p.request_id, True, p.minutes, p.reason, ctx.state.request_max_minutes
@@ -155,7 +152,7 @@ async def process_request_approve(ctx: Context, p: RequestDecideParams) -> Acces
     return await _decide(ctx, req, "request.approved")
 
 
-@route("request.deny", ANYONE_UNLOCKED)
+@operation("request.deny", ANYONE_UNLOCKED)
 async def process_request_deny(ctx: Context, p: RequestDecideParams) -> AccessRequestInfo:
     req = ctx.state.requests().decide(
         p.request_id, False, None, p.reason, ctx.state.request_max_minutes
@@ -163,7 +160,7 @@ async def process_request_deny(ctx: Context, p: RequestDecideParams) -> AccessRe
     return await _decide(ctx, req, "request.denied")
 
 
-@route("request.revoke", ANYONE_UNLOCKED)
+@operation("request.revoke", ANYONE_UNLOCKED)
 async def process_request_revoke(ctx: Context, p: RequestRefParams) -> AccessRequestInfo:
     req = ctx.state.requests().revoke(p.request_id)
     return await _decide(ctx, req, "request.revoked")
@@ -180,7 +177,7 @@ def parse_reference(ref: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], field
 
 
-@route("secret.resolve", Access(unlocked=True, scope="secrets", grantable=True))
+@operation("secret.resolve", SECRETS)
 async def process_secret_resolve(ctx: Context, p: SecretResolveParams) -> SecretResolveResult:
     vault = ctx.state.cache.get()
     out: list[ResolvedSecret] = []

@@ -35,11 +35,8 @@ from broker.wire.protocol import (
     WhoAmIResult,
 )
 
-from .dispatch import Access, Context, State, log, route
-
-OWNER = Access(unlocked=True, owner_only=True)
-ADMIN = Access(unlocked=True, scope="admin")
-READ = Access(unlocked=True, scope="read")
+from .dispatch import Context, State, log
+from .operations import ADMIN, ANYONE_UNLOCKED, OWNER_CHANGE, Rule, operation
 
 
 def session_info(rec: SessionRecord, state: State) -> SessionInfo:
@@ -120,7 +117,7 @@ async def check_at_unlock(state: State) -> list[str]:
     return check.warnings
 
 
-@route("session.create", OWNER)
+@operation("session.create", OWNER_CHANGE)
 async def process_session_create(ctx: Context, p: SessionCreateParams) -> SessionCreateResult:
     state = ctx.state
     ttl = timedelta(seconds=p.ttl_seconds)
@@ -173,7 +170,7 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
     return SessionCreateResult(token=SecretStr(token), session=session_info(rec, state))
 
 
-@route("session.list", ADMIN)
+@operation("session.list", ADMIN)
 async def process_session_list(ctx: Context, p: Empty) -> SessionListResult:
     store = ctx.state.sessions()
     recs = sorted(store.records.values(), key=lambda r: r.created_at)
@@ -187,12 +184,12 @@ def _find(ctx: Context, accessor: str) -> SessionRecord:
     return rec
 
 
-@route("session.show", ADMIN)
+@operation("session.show", ADMIN)
 async def process_session_show(ctx: Context, p: SessionRef) -> SessionInfo:
     return session_info(_find(ctx, p.accessor), ctx.state)
 
 
-@route("session.why", ADMIN)
+@operation("session.why", ADMIN)
 async def process_session_why(ctx: Context, p: SessionRef) -> SessionWhyResult:
     rec = _find(ctx, p.accessor)
     denials = list(ctx.state.sessions().denials.get(rec.accessor, ()))
@@ -202,7 +199,7 @@ async def process_session_why(ctx: Context, p: SessionRef) -> SessionWhyResult:
     )
 
 
-@route("session.revoke")
+@operation("session.revoke", Rule(audit="change"))
 async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> SessionRevokeResult:
     if sum((p.accessor is not None, p.token is not None, p.all)) != 1:
         raise InvalidParameters("name one accessor (or token), or pass --all")
@@ -247,7 +244,7 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
     return SessionRevokeResult(revoked=done)
 
 
-@route("session.diagnose", Access(unlocked=True))
+@operation("session.diagnose", ANYONE_UNLOCKED)
 async def process_session_diagnose(ctx: Context, p: Empty) -> SessionDiagnoseResult:
     """For `apm doctor`: would this token work for this process? The kind of rule only."""
     token = ctx.auth.token if ctx.auth is not None else None
@@ -273,7 +270,7 @@ async def process_session_diagnose(ctx: Context, p: Empty) -> SessionDiagnoseRes
     )
 
 
-@route("session.whoami", READ)
+@operation("session.whoami", Rule(unlocked=True, scope="read", audit="none"))
 async def process_session_whoami(ctx: Context, p: Empty) -> WhoAmIResult:
     if ctx.session is None:
         return WhoAmIResult(owner=True)

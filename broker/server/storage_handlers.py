@@ -23,13 +23,11 @@ from broker.wire.protocol import (
     VaultMigrateResult,
 )
 
-from .dispatch import Access, Context, route
-
-OWNER = Access(unlocked=True, owner_only=True)
-WRITE = Access(unlocked=True, scope="write")
+from .dispatch import Context
+from .operations import OWNER, OWNER_CHANGE, WRITE, operation
 
 
-@route("entry.add_batch", WRITE)
+@operation("entry.add_batch", WRITE)
 async def process_entry_add_batch(ctx: Context, p: EntryBatchParams) -> EntryBatchResult:
     vault = ctx.state.cache.get()
     items: list[NewEntry] = []
@@ -73,7 +71,7 @@ async def process_entry_add_batch(ctx: Context, p: EntryBatchParams) -> EntryBat
     return EntryBatchResult(added=[e.id for e in added], refused=refused)
 
 
-@route("vault.backup", OWNER)
+@operation("vault.backup", OWNER)
 async def process_vault_backup(ctx: Context, p: VaultBackupParams) -> VaultBackupResult:
     vault = ctx.state.cache.get()
     directory = vault.path.parent / "backups"
@@ -90,7 +88,7 @@ async def process_vault_backup(ctx: Context, p: VaultBackupParams) -> VaultBacku
     return VaultBackupResult(path=str(dest), size=dest.stat().st_size)
 
 
-@route("vault.migrate", OWNER)
+@operation("vault.migrate", OWNER_CHANGE)
 async def process_vault_migrate(ctx: Context, p: VaultMigrateParams) -> VaultMigrateResult:
     vault = ctx.state.cache.get()
     removed: list[Path] = []

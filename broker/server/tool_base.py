@@ -10,7 +10,7 @@ import mcp.types as types
 from pydantic import BaseModel, ConfigDict
 
 from broker.core.sessions import scope_rank
-from broker.wire.errors import PermissionDenied
+from broker.wire.errors import PermissionDenied, SessionRequired
 
 from .dispatch import Context
 
@@ -54,7 +54,12 @@ class ToolSpec:
 
 
 def require_scope(ctx: Context, scope: str, what: str) -> None:
-    have = ctx.session.scope if ctx.session is not None else "admin"
+    """A tool runs for a session only: no session is never the owner (fail closed)."""
+    if ctx.session is None:
+        raise SessionRequired(
+            f"{what} needs a session", hint='ask the person to run "apm delegate"'
+        )
+    have = ctx.session.scope
     if scope_rank(have) < scope_rank(scope):
         raise PermissionDenied(
             f"{what} needs the {scope!r} scope; this session has {have!r}",

@@ -1,7 +1,8 @@
 """`tx.list`, `tx.approve`, `tx.deny`: the owner's side of the `owner` approval policy.
 
 Approving proves the master password (it grants power); it marks the transaction approved and
-the agent's next commit call executes exactly the stored arguments.
+the agent's next commit call executes exactly the stored arguments. A change the gate held
+(it came as a wire request: an `apm` command or a raw frame) runs when it is approved.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from broker.core.transactions import Transaction
 from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
 
 from .approval_view import shown_args
-from .dispatch import Access, Context, log, route
-
-OWNER = Access(unlocked=True, owner_only=True)
+from .dispatch import Context, log
+from .operations import OWNER, OWNER_CHANGE, operation
 
 
 def summary(tx: Transaction, ctx: Context) -> TxSummary:
@@ -33,7 +33,7 @@ def summary(tx: Transaction, ctx: Context) -> TxSummary:
     )
 
 
-@route("tx.list", OWNER)
+@operation("tx.list", OWNER)
 async def process_tx_list(ctx: Context, p: TxListParams) -> TxListResult:
     states = {"pending", "awaiting_owner"} if p.pending else None
     return TxListResult(transactions=[summary(t, ctx) for t in ctx.state.txs.listing(None, states)])
@@ -44,14 +44,18 @@ async def _decide(ctx: Context, p: TxDecideParams, approve: bool) -> TxSummary:
     event = "tx.approved" if approve else "tx.denied"
     ctx.state.record(event, ctx, tx=tx.tx_id, by="owner", target=tx.accessor)
     log.info("%s %s by the owner (pid=%s)", tx.tx_id, tx.state, ctx.peer.pid)
+    if approve and tx.origin == "wire":  # held by the gate: nobody commits it later
+        from .approval import execute  # imports the write tools' previews
+
+        await execute(ctx, tx)
     return summary(tx, ctx)
 
 
-@route("tx.approve", OWNER)
+@operation("tx.approve", OWNER_CHANGE)
 async def process_tx_approve(ctx: Context, p: TxDecideParams) -> TxSummary:
     return await _decide(ctx, p, True)
 
 
-@route("tx.deny", OWNER)
+@operation("tx.deny", OWNER_CHANGE)
 async def process_tx_deny(ctx: Context, p: TxDecideParams) -> TxSummary:
     return await _decide(ctx, p, False)

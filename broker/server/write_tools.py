@@ -28,7 +28,7 @@ import mcp.types as types
 from pydantic import BaseModel, Field, SecretStr
 
 from broker.core.sessions import scope_rank
-from broker.core.transactions import Transaction
+from broker.core.transactions import Transaction, state_allows
 from broker.wire.display import escape
 from broker.wire.entries import ENTRY_TYPES, SPACE_PATTERN, EntryMeta, EntryType
 from broker.wire.errors import (
@@ -51,9 +51,9 @@ from broker.wire.protocol import (
     SpaceRenameParams,
 )
 
-from . import handlers
 from .approval_view import approval_lines
-from .dispatch import Context
+from .dispatch import Context, invoke
+from .operations import OPERATIONS
 from .tool_base import Args, ToolSpec
 
 log = logging.getLogger("apm.broker.tx")
@@ -342,14 +342,22 @@ async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
 
 # ------------------------------------------------------------------ the two phases
 
-_EXECUTE: dict[str, Callable[[Context, Any], Awaitable[Any]]] = {
-    "entry.add": handlers.process_entry_add,
-    "entry.edit": handlers.process_entry_edit,
-    "entry.remove": handlers.process_entry_remove,
-    "space.add": handlers.process_space_add,
-    "space.rename": handlers.process_space_rename,
-    "space.remove": handlers.process_space_remove,
-}
+
+# changes a tool may commit that are not broker operations (plugin.enable): they run after
+# the same approval check the gate makes for operations
+_EXECUTE: dict[str, Callable[[Context, Any], Awaitable[Any]]] = {}
+
+
+async def _execute(ctx: Context, tx: Transaction) -> Any:
+    """Run an approved transaction: an operation through the gate, else its registered runner."""
+    op = OPERATIONS.get(tx.method)
+    if op is not None:
+        return await invoke(ctx, op, tx.params, tx=tx)
+    if not state_allows(tx, ctx.state.clock()):
+        raise PermissionDenied(
+            "this change was not approved", hint="preview it again and have it approved"
+        )
+    return await _EXECUTE[tx.method](ctx, tx.params)
 
 
 def _commit_hint(tool: str, tx_id: str) -> str:
@@ -422,9 +430,10 @@ async def _ask_person(ctx: Context, tx: Transaction) -> None:
             hint="retry from a client that supports elicitation",
         ) from exc
     approved = answer.action == "accept" and bool((answer.content or {}).get("approve"))
+    ctx.state.txs.person_decided(
+        tx, approved, None if approved else f"person answered {answer.action}"
+    )
     if not approved:
-        tx.state = "denied"
-        tx.decided_reason = f"person answered {answer.action}"
         ctx.state.record("tx.denied", ctx, tx=tx.tx_id, by="client", answer=answer.action)
         raise ApprovalDenied("the person did not approve the change", data={"tx_id": tx.tx_id})
     ctx.state.record("tx.approved", ctx, tx=tx.tx_id, by="client")
@@ -448,7 +457,7 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             data={"fields": differing},
         )
     if tx.policy == "owner" and tx.state != "approved":
-        tx.state = "awaiting_owner"
+        ctx.state.txs.await_owner(tx)
         return WriteOut(
             status="pending_owner_approval",
             tx_id=tx.tx_id,
@@ -459,7 +468,7 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             next_step=f'ask the person to run "apm tx approve {tx.tx_id}"; then '
             f"{_commit_hint(tool, tx.tx_id)} again (tx_status shows the decision)",
         )
-    if tx.policy == "client":
+    if tx.policy == "client" and tx.state != "approved":
         await _ask_person(ctx, tx)
     if tx.entry_id is not None:
         current = ctx.state.cache.get().entries.get(tx.entry_id)
@@ -469,7 +478,7 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
     ctx.state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tool, hash=tx.hash)
     try:
         # the handler re-checks `expect_updated_at` under the write lock: nothing slips between
-        result = await _EXECUTE[tx.method](ctx, tx.params)
+        result = await _execute(ctx, tx)
     except TransactionConflict:
         raise await _conflict(ctx, tool, tx, build) from None
     ctx.state.txs.committed(tx, receipt)
@@ -493,8 +502,7 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
 
 async def _conflict(ctx: Context, tool: str, tx: Transaction, build: Build) -> TransactionConflict:
     """Close `tx` and make a fresh preview of the same arguments against the current entry."""
-    tx.state = "aborted"
-    tx.decided_reason = "conflict: the entry changed since the preview"
+    ctx.state.txs.conflicted(tx, "conflict: the entry changed since the preview")
     ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tool)
     fresh: WriteOut | None = None
     with contextlib.suppress(ApmError):  # the entry or space may be gone: no fresh preview

@@ -209,6 +209,15 @@ class ApprovalDenied(ApmError):
     default_message = "the change was not approved"
 
 
+class ApprovalPending(ApmError):
+    """Not a failure of the request: the change is held until the person approves it."""
+
+    code = "APPROVAL_PENDING"
+    exit_code = 13
+    default_message = "the change waits for the person's approval; nothing was changed yet"
+    default_hint = 'the person approves it with "apm tx approve TX_ID"'
+
+
 class BrokerUnavailable(ApmError):
     code = "BROKER_UNAVAILABLE"
     exit_code = 9
