@@ -1,0 +1,280 @@
+"""One operation, one gate: the approval matrix in-process (real handlers, vault file and audit
+log; fake clock and a fake MCP client for elicitation).
+
+policy (agent, client, owner) x every mutating operation x path (MCP tool, wire frame): no
+change lands without the approval its policy names, and an approved one lands exactly the
+previewed arguments. The `apm` command path, and the same attacks over real processes, are in
+test_gate_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import broker.server.daemon  # noqa: F401 - declares every operation the real broker serves
+from broker.core.sessions import CreateSpec, SessionRecord
+from broker.core.vault import Change, Vault
+from broker.server import mcp_tools
+from broker.server.dispatch import Context, State
+from broker.server.operations import OPERATIONS
+from broker.server.transport import Peer
+from broker.wire.protocol import Response
+
+from .twin import Clock, broker_state, wire
+
+PASSWORD = "correct horse battery staple"
+NEW = "Gate-New-Secret-5521"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeElicitation:
+    """The MCP request context a client with elicitation support gives `client` policy calls."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+        self.request_id = 1
+        self.session = self
+
+    def check_client_capability(self, _: Any) -> bool:
+        return True
+
+    async def elicit_form(self, message: str, schema: Any, rid: Any) -> Any:
+        self.asked.append(message)
+
+        @dataclass
+        class Answer:
+            action: str
+            content: dict[str, Any]
+
+        return Answer("accept", {"approve": self.answer})
+
+
+@dataclass
+class Twin:
+    state: State
+    clock: Clock
+    peer: Peer
+
+    @property
+    def vault(self) -> Vault:
+        return self.state.cache.get()
+
+    def session(self, approve: str, scope: str = "write") -> tuple[str, SessionRecord]:
+        spec = CreateSpec(label="m", scope=scope, ttl=timedelta(hours=1), approve=approve)  # type: ignore[arg-type]
+        return self.state.sessions().create(spec)
+
+    async def tool(
+        self, rec: SessionRecord, name: str, args: dict[str, Any], mcp: Any = None
+    ) -> dict[str, Any]:
+        ctx = Context(
+            state=self.state, peer=self.peer, auth=None, request_id="", session=rec, mcp=mcp
+        )
+        out = await mcp_tools.run(ctx, name, args)
+        return {"error": out.is_error, **out.structured}
+
+    async def wire(self, method: str, params: dict[str, Any], **auth: Any) -> Response:
+        return await wire(self.state, self.peer, method, params, **auth)
+
+    def snapshot(self) -> tuple[Any, ...]:
+        v = self.vault
+        entries = sorted(
+            (e.space, e.name, e.url, tuple(sorted(e.tags)), v.reveal(e, None)[1])
+            for e in v.entries.values()
+        )
+        return tuple(entries), tuple(sorted(v.spaces))
+
+
+@pytest.fixture
+def twin(tmp_path: Path) -> Iterator[Twin]:
+    clock = Clock()
+
+    def seed(v: Vault) -> None:
+        v.space_add("ops")
+        v.add("login", "seed", "default", [], None, None, Change({}, {"password": "old-1"}, []))
+        v.add("login", "inops", "ops", [], None, None, Change({}, {"password": "old-2"}, []))
+
+    with broker_state(tmp_path, PASSWORD, seed=seed, clock=clock, audit_clock=clock) as state:
+        yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
+
+
+Check = Callable[[Twin], bool]
+
+
+def _secret(t: Twin, name: str) -> str | None:
+    e = next((e for e in t.vault.entries.values() if e.name == name), None)
+    return t.vault.reveal(e, None)[1] if e is not None else None
+
+
+# operation: (MCP tool, its arguments, wire params, what the vault shows once it landed)
+CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Check]] = {
+    "entry.add": (
+        "add_entry",
+        {"type": "login", "name": "fresh", "secrets": {"password": NEW}, "tags": ["t"]},
+        {"type": "login", "name": "fresh", "secrets": {"password": {"value": NEW}}, "tags": ["t"]},
+        lambda t: _secret(t, "fresh") == NEW and t.vault.resolve("fresh").tags == ["t"],
+    ),
+    "entry.edit": (
+        "edit_entry",
+        {"entry": "seed", "secrets": {"password": NEW}, "url": "https://x.example"},
+        {"ref": "seed", "secrets": {"password": {"value": NEW}}, "url": "https://x.example"},
+        lambda t: _secret(t, "seed") == NEW and t.vault.resolve("seed").url == "https://x.example",
+    ),
+    "entry.remove": (
+        "delete_entry",
+        {"entry": "seed"},
+        {"ref": "seed"},
+        lambda t: _secret(t, "seed") is None and _secret(t, "inops") == "old-2",
+    ),
+    "space.add": (
+        "manage_spaces",
+        {"action": "create", "name": "newspace"},
+        {"name": "newspace"},
+        lambda t: "newspace" in t.vault.spaces,
+    ),
+    "space.rename": (
+        "manage_spaces",
+        {"action": "rename", "name": "ops", "new_name": "ops2"},
+        {"name": "ops", "new_name": "ops2"},
+        lambda t: "ops2" in t.vault.spaces and t.vault.resolve("inops").space == "ops2",
+    ),
+    "space.remove": (
+        "manage_spaces",
+        {"action": "remove", "name": "ops", "force": True},
+        {"name": "ops", "force": True},
+        lambda t: "ops" not in t.vault.spaces and _secret(t, "inops") is None,
+    ),
+}
+
+
+def test_every_mutating_operation_is_in_the_matrix_and_every_write_tool_runs_one() -> None:
+    mutating = {n for n, op in OPERATIONS.items() if op.rule.mutating}
+    assert mutating == set(CASES)
+    assert {c[0] for c in CASES.values()} | {"generate_password"} == {
+        t.name
+        for t in mcp_tools.TOOLS
+        if not t.read_only and t.name.startswith(("add", "edit", "delete", "manage", "generate"))
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("op", sorted(CASES))
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_wire_change_lands_only_as_its_policy_allows(
+    twin: Twin, policy: str, op: str
+) -> None:
+    _, _, params, landed = CASES[op]
+    token, _rec = twin.session(policy)
+    before = twin.snapshot()
+    resp = await twin.wire(op, params, token=token)
+    if policy == "agent":
+        assert resp.ok, resp.error
+        assert landed(twin)
+        return
+    assert not resp.ok and resp.error is not None
+    assert resp.error.code == "APPROVAL_PENDING"
+    assert twin.snapshot() == before
+    tx_id = resp.error.data["tx_id"]
+    assert NEW not in resp.model_dump_json() and NEW not in resp.error.data["preview"]
+    # the session can neither approve its own change nor commit it through a tool
+    own = await twin.wire("tx.approve", {"tx_id": tx_id}, token=token)
+    assert not own.ok and own.error is not None and own.error.code == "PERMISSION_DENIED"
+    for tool in {c[0] for c in CASES.values()}:
+        body = await twin.tool(_rec, tool, {"tx_id": tx_id, "approve": True})
+        assert body["error"] and body["code"] == "TRANSACTION_NOT_FOUND"
+    assert twin.snapshot() == before
+    # the owner approves with the master password: exactly the held change lands, once
+    ok = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert ok.ok, ok.error
+    assert ok.result is not None and ok.result["status"] == "committed"
+    assert landed(twin)
+    after = twin.snapshot()
+    again = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert not again.ok and again.error is not None and again.error.code == "TRANSACTION_CLOSED"
+    assert twin.snapshot() == after
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("op", sorted(CASES))
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_tool_change_lands_only_as_its_policy_allows(
+    twin: Twin, policy: str, op: str
+) -> None:
+    tool, args, _, landed = CASES[op]
+    _, rec = twin.session(policy)
+    before = twin.snapshot()
+    preview = await twin.tool(rec, tool, args)
+    assert not preview["error"] and preview["status"] == "pending", preview
+    tx_id = preview["tx_id"]
+    commit = {"tx_id": tx_id, "approve": True}
+    if policy == "agent":
+        assert (await twin.tool(rec, tool, commit))["status"] == "committed"
+        assert landed(twin)
+        return
+    if policy == "client":
+        cannot = await twin.tool(rec, tool, commit)  # a client that cannot ask: fail closed
+        assert cannot["error"] and cannot["code"] == "PERMISSION_DENIED"
+        no = FakeElicitation(answer=False)
+        denied = await twin.tool(rec, tool, commit, mcp=no)
+        assert denied["error"] and denied["code"] == "APPROVAL_DENIED" and no.asked
+        assert twin.snapshot() == before
+        preview = await twin.tool(rec, tool, args)
+        yes = FakeElicitation(answer=True)
+        done = await twin.tool(rec, tool, {"tx_id": preview["tx_id"], "approve": True}, mcp=yes)
+        assert done["status"] == "committed" and NEW not in yes.asked[0]
+        assert landed(twin)
+        return
+    waiting = await twin.tool(rec, tool, commit)
+    assert waiting["status"] == "pending_owner_approval"
+    assert twin.snapshot() == before
+    ok = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert ok.ok and ok.result is not None and ok.result["status"] == "approved"
+    assert twin.snapshot() == before  # a tool's transaction lands at the agent's commit
+    assert (await twin.tool(rec, tool, commit))["status"] == "committed"
+    assert landed(twin)
+
+
+@pytest.mark.anyio
+async def test_a_tool_context_without_a_session_is_never_the_owner(twin: Twin) -> None:
+    ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="")
+    for name in ("get_audit_logs", "manage_profiles", "list_entries", "tx_list"):
+        out = await mcp_tools.run(ctx, name, {})
+        assert out.is_error and out.structured["code"] == "SESSION_REQUIRED", name
+
+
+@pytest.mark.anyio
+async def test_a_held_change_whose_entry_changed_since_is_a_conflict_and_changes_nothing(
+    twin: Twin,
+) -> None:
+    token, _ = twin.session("owner")
+    resp = await twin.wire("entry.edit", {"ref": "seed", "url": "https://a.example"}, token=token)
+    assert resp.error is not None and resp.error.code == "APPROVAL_PENDING"
+    owner = await twin.wire(
+        "entry.edit", {"ref": "seed", "url": "https://b.example"}, password=PASSWORD
+    )
+    assert owner.ok
+    ok = await twin.wire("tx.approve", {"tx_id": resp.error.data["tx_id"]}, password=PASSWORD)
+    assert not ok.ok and ok.error is not None and ok.error.code == "TRANSACTION_CONFLICT"
+    assert twin.vault.resolve("seed").url == "https://b.example"
+
+
+@pytest.mark.anyio
+async def test_a_held_change_of_a_revoked_session_never_lands(twin: Twin) -> None:
+    token, rec = twin.session("owner")
+    resp = await twin.wire("space.add", {"name": "late"}, token=token)
+    assert resp.error is not None and resp.error.code == "APPROVAL_PENDING"
+    assert (await twin.wire("session.revoke", {"accessor": rec.accessor})).ok
+    ok = await twin.wire("tx.approve", {"tx_id": resp.error.data["tx_id"]}, password=PASSWORD)
+    assert not ok.ok and ok.error is not None and ok.error.code == "TRANSACTION_CONFLICT"
+    assert "late" not in twin.vault.spaces
