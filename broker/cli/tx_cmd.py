@@ -40,10 +40,13 @@ def cmd_tx(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(res)
     else:
-        info(
-            f"{res.tx_id}: {res.status}; the agent's next commit call "
-            + ("executes it" if res.status == "approved" else "is refused")
-        )
+        if res.status == "committed":  # a change held by the broker runs when approved
+            info(f"{res.tx_id}: committed, receipt {res.receipt}")
+        else:
+            info(
+                f"{res.tx_id}: {res.status}; the agent's next commit call "
+                + ("executes it" if res.status == "approved" else "is refused")
+            )
     return 0
 
 
