@@ -278,3 +278,46 @@ async def test_a_held_change_of_a_revoked_session_never_lands(twin: Twin) -> Non
     ok = await twin.wire("tx.approve", {"tx_id": resp.error.data["tx_id"]}, password=PASSWORD)
     assert not ok.ok and ok.error is not None and ok.error.code == "TRANSACTION_CONFLICT"
     assert "late" not in twin.vault.spaces
+
+
+# ---------------------------------------------------------------------- #13.12 filtered admin
+
+
+@pytest.mark.anyio
+async def test_delegating_an_admin_session_with_an_entry_filter_is_refused(twin: Twin) -> None:
+    for limit in ({"spaces": ["ops"]}, {"tags": ["t"]}, {"entries": ["seed*"]}):
+        params = {"scope": "admin", "ttl_seconds": 3600, **limit}
+        resp = await twin.wire("session.create", params, password=PASSWORD)
+        assert resp.error is not None and resp.error.code == "INVALID_PARAMETERS", limit
+    ok = await twin.wire(
+        "session.create",
+        {"scope": "write", "ttl_seconds": 3600, "spaces": ["ops"]},
+        password=PASSWORD,
+    )
+    assert ok.ok, ok.error
+
+
+@pytest.mark.anyio
+async def test_a_filtered_admin_session_from_an_older_vault_sees_no_audit_sessions_or_history(
+    twin: Twin,
+) -> None:
+    from broker.core.sessions import EntryFilter
+
+    spec = CreateSpec(
+        label="old", scope="admin", ttl=timedelta(hours=1), filter=EntryFilter(spaces=["ops"])
+    )
+    token, rec = twin.state.sessions().create(spec)
+    await twin.wire("entry.show", {"ref": "seed"}, password=PASSWORD)  # an audit record outside
+    for method in ("audit.list", "session.list", "request.list", "profile.show"):
+        resp = await twin.wire(method, {}, token=token)
+        assert resp.error is not None and resp.error.code == "PERMISSION_DENIED", method
+    for tool, args in (
+        ("get_audit_logs", {}),
+        ("get_history", {"entry": "inops"}),
+        ("tx_list", {}),
+    ):
+        body = await twin.tool(rec, tool, args)
+        assert body["error"] and body["code"] == "PERMISSION_DENIED", tool
+    # inside its filter it still works as a write session would
+    body = await twin.tool(rec, "list_entries", {})
+    assert [e["name"] for e in body["entries"]] == ["inops"]

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from broker.cli.client import BrokerClient
 from broker.wire.errors import ApmError, ApprovalPending
 
-from .conftest import Apm, Broker, clean_env, register_secret
+from .conftest import PASSWORD, Apm, Broker, clean_env, register_secret
 
 pytestmark = pytest.mark.slow
 
@@ -131,9 +131,7 @@ def test_the_owner_approves_a_held_cli_edit_and_exactly_the_previewed_change_lan
     done = json.loads(apm.ok("tx", "ls", "--json").stdout)
     assert [t["status"] for t in done if t["tx_id"] == tx["tx_id"]] == ["committed"]
     # committed once: approving again changes nothing
-    assert (
-        apm("tx", "approve", tx["tx_id"], password="correct horse battery staple").returncode == 7
-    )
+    assert apm("tx", "approve", tx["tx_id"], password=PASSWORD).returncode == 7
 
 
 def test_the_agent_policy_lets_a_cli_write_land_at_once(
@@ -145,3 +143,12 @@ def test_the_agent_policy_lets_a_cli_write_land_at_once(
     proc = apm("space", "add", "agentspace", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "agentspace" in _state(apm)[1]
+
+
+def test_an_admin_session_limited_to_a_space_cannot_be_delegated(vault: Broker, apm: Apm) -> None:
+    _setup(apm)
+    proc = apm("delegate", "--scope", "admin", "--space", "ops", "--json", password=PASSWORD)
+    assert proc.returncode == 10, proc.stderr
+    assert "eps_" not in proc.stdout
+    ok = apm("delegate", "--scope", "write", "--space", "ops", "--json", password=PASSWORD)
+    assert ok.returncode == 0, ok.stderr

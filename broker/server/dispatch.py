@@ -475,7 +475,23 @@ def _owner_only() -> PermissionDenied:
     )
 
 
+def filtered_admin(rec: SessionRecord, needed: str) -> PermissionDenied | None:
+    """Admin operations see the whole vault's audit log, sessions and transactions; a session
+    limited to some entries never gets them (delegation refuses the pair; this refuses one
+    stored by an older version)."""
+    if needed != "admin" or rec.filter.empty:
+        return None
+    return PermissionDenied(
+        "a session limited to some entries cannot use admin operations",
+        hint="ask the owner for an admin session without an entry filter",
+        data={"needed": needed, "scope": rec.scope},
+    )
+
+
 def _check_scope(ctx: Context, rec: SessionRecord, needed: str, grantable: bool) -> None:
+    refused = filtered_admin(rec, needed)
+    if refused is not None:
+        raise refused
     if scope_rank(rec.scope) >= scope_rank(needed):
         ctx.grant_needed = False
         return

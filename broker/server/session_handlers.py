@@ -129,6 +129,14 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
         )
     if p.agent and p.agent_exe:
         raise InvalidParameters("use --agent or --agent-exe, not both")
+    if p.scope == "admin" and (p.spaces or p.tags or p.entries):
+        # admin reads the audit log, every session and every transaction: no entry filter
+        # can be kept there, so a filtered admin session would be a promise not kept
+        raise InvalidParameters(
+            "an admin session cannot be limited to some entries",
+            hint="use --scope write (or lower) with --space/--tag/--entry, or drop the filter",
+            data={"fields": ["scope", "spaces", "tags", "entries"]},
+        )
     store = state.sessions()
     spec = CreateSpec(
         label=p.label,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from broker.core.sessions import scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
-from .dispatch import Context
+from .dispatch import Context, filtered_admin
 
 
 class Args(BaseModel):
@@ -60,6 +60,9 @@ def require_scope(ctx: Context, scope: str, what: str) -> None:
             f"{what} needs a session", hint='ask the person to run "apm delegate"'
         )
     have = ctx.session.scope
+    refused = filtered_admin(ctx.session, scope)
+    if refused is not None:
+        raise refused
     if scope_rank(have) < scope_rank(scope):
         raise PermissionDenied(
             f"{what} needs the {scope!r} scope; this session has {have!r}",
