@@ -83,16 +83,11 @@ class NoDelayThrottle(Throttle):
     def __init__(self) -> None:
         super().__init__()
         self.failures = 0
-        self.successes = 0
 
     def failed(self, peer: Peer) -> float:
         self.failures += 1
         super().failed(peer)
         return 0.0
-
-    def succeeded(self, peer: Peer) -> None:
-        self.successes += 1
-        super().succeeded(peer)
 
 
 class FakeMcpHost:
@@ -623,38 +618,76 @@ def test_repeated_failed_token_attempts_are_reported_to_the_throttle(twin: Twin)
         twin.call("entry.list", token="eps_" + "B" * 43)
     assert twin.throttle.failures == 4
     assert twin.call("entry.list", token=token).ok
-    assert twin.throttle.successes == 1
+    assert twin.throttle.failures == 4
 
 
 def test_the_throttle_delay_grows_with_repeated_failures_and_is_capped() -> None:
     now = [0.0]
     throttle = Throttle(clock=lambda: now[0])
-    attacker = peer(99_999_999)  # no such process: keyed by the pid itself
+    attacker = Peer(uid=4242, gid=4242, pid=99_999_999)
     delays = []
     for _ in range(15):
         delays.append(throttle.failed(attacker))
-        now[0] += 1.0
+        now[0] += 3.0  # slower than the global budget
     assert delays == sorted(delays)
     assert delays[0] == 0.0
     assert delays[4] > delays[3] > 0.0
     assert delays[-1] == delays[-2] > 0.0  # capped
-    # another peer is not slowed by the attacker
-    assert throttle.failed(peer(99_999_998)) == 0.0
+    # another user is not slowed by the attacker
+    assert throttle.failed(Peer(uid=4343, gid=4343, pid=99_999_998)) == 0.0
 
 
-def test_the_throttle_forgets_after_a_success_or_a_quiet_period() -> None:
+def test_a_new_process_or_unix_session_of_the_same_user_does_not_start_a_fresh_count() -> None:
+    """#13.10: `setsid` per attempt used to get a new key (the Unix session)."""
     now = [0.0]
     throttle = Throttle(clock=lambda: now[0])
-    p = peer(99_999_999)
+    delays = [throttle.failed(Peer(uid=4242, gid=4242, pid=50_000 + n)) for n in range(6)]
+    assert delays[-1] > delays[-2] > 0.0
+
+
+def test_a_valid_call_between_attempts_does_not_reset_the_throttle_only_a_quiet_period_does() -> (
+    None
+):
+    now = [0.0]
+    throttle = Throttle(clock=lambda: now[0])
+    p = Peer(uid=4242, gid=4242, pid=99_999_999)
     for _ in range(6):
         throttle.failed(p)
+    assert not hasattr(throttle, "succeeded")  # nothing a valid call could reset
     assert throttle.failed(p) > 0.0
-    throttle.succeeded(p)
-    assert throttle.failed(p) == 0.0
-    for _ in range(6):
-        throttle.failed(p)
     now[0] += 601.0
     assert throttle.failed(p) == 0.0
+
+
+def test_failures_from_many_users_together_exhaust_the_global_budget() -> None:
+    now = [0.0]
+    throttle = Throttle(clock=lambda: now[0])
+    delays = [throttle.failed(Peer(uid=10_000 + n, gid=0, pid=None)) for n in range(40)]
+    assert delays[: Throttle.GLOBAL_FREE] == [0.0] * Throttle.GLOBAL_FREE
+    assert delays[-1] == Throttle.MAX_DELAY
+    now[0] += 61.0
+    assert throttle.failed(Peer(uid=20_000, gid=0, pid=None)) == 0.0
+
+
+def test_diagnosing_an_unknown_token_counts_as_a_failed_attempt_and_reveals_nothing(
+    twin: Twin,
+) -> None:
+    token, _ = twin.delegate()
+    before = twin.throttle.failures
+    out = twin.call("session.diagnose", token="eps_" + "C" * 43)
+    assert out.ok and out.result == {
+        "known": False,
+        "accessor": None,
+        "state": None,
+        "scope": None,
+        "expires_at": None,
+        "problem": out.result["problem"],
+    }
+    assert twin.throttle.failures == before + 1
+    nothing = twin.call("session.diagnose")
+    assert nothing.ok and nothing.result is not None and nothing.result["known"] is False
+    assert nothing.result["accessor"] is None
+    assert twin.call("session.diagnose", token=token).result["known"] is True
 
 
 # ---------------------------------------------------------------------- the scope ladder

@@ -10,9 +10,9 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,37 +64,62 @@ T = TypeVar("T")
 
 
 class Throttle:
-    """A growing delay for repeated failed token attempts from one peer (its Unix session)."""
+    """A growing delay for failed token attempts, keyed by the peer's uid, plus a global budget.
+
+    Rules:
+    - The key is what the kernel reports (uid): a new Unix session, process or connection
+      does not start a fresh count.
+    - A valid call does not reset the count; only a quiet period (QUIET seconds) does.
+    - Beyond GLOBAL_FREE failures a minute from everyone together, every failure pays the
+      full delay.
+    - Penalties are served one at a time (`penalize`): parallel attempts queue up instead of
+      sleeping side by side, so the delay bounds the rate, not only the latency.
+    """
+
+    FREE = 2  # failures per key before any delay
+    MAX_DELAY = 5.0
+    QUIET = 600.0
+    GLOBAL_FREE = 30
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._fails: dict[int, tuple[int, float]] = {}
+        self._recent: collections.deque[float] = collections.deque()
+        self._serving: asyncio.Lock | None = None
 
     @staticmethod
     def key(peer: Peer) -> int:
-        if peer.pid is None:
-            return -1
-        try:
-            return os.getsid(peer.pid)
-        except OSError:
-            return peer.pid
+        return peer.uid if peer.uid is not None else -1
 
     def failed(self, peer: Peer) -> float:
         """Record a failure; returns the delay to apply before answering."""
         k = self.key(peer)
         count, last = self._fails.get(k, (0, 0.0))
         now = self.clock()
-        if now - last > 600:
+        if now - last > self.QUIET:
             count = 0
         count += 1
         self._fails[k] = (count, now)
         if len(self._fails) > 10_000:
             self._fails.clear()
-        return 0.0 if count <= 2 else min(0.05 * 2 ** (count - 3), 5.0)
+        self._recent.append(now)
+        while self._recent and now - self._recent[0] > 60.0:
+            self._recent.popleft()
+        if len(self._recent) > self.GLOBAL_FREE:
+            return self.MAX_DELAY
+        return (
+            0.0 if count <= self.FREE else min(0.05 * 2 ** (count - self.FREE - 1), self.MAX_DELAY)
+        )
 
-    def succeeded(self, peer: Peer) -> None:
-        if self._fails:
-            self._fails.pop(self.key(peer), None)
+    async def penalize(self, peer: Peer) -> None:
+        """Record a failure and serve its delay, one penalty at a time."""
+        delay = self.failed(peer)
+        if not delay:
+            return
+        if self._serving is None:
+            self._serving = asyncio.Lock()
+        async with self._serving:
+            await asyncio.sleep(delay)
 
 
 @dataclass
@@ -538,11 +563,8 @@ async def _authenticate_session(
             session=accessor if accessor != "-" else None,
             reason=reason.reason if reason is not None else "unknown token",
         )
-        delay = state.throttle.failed(ctx.peer)
-        if delay:
-            await asyncio.sleep(delay)
+        await state.throttle.penalize(ctx.peer)
         raise
-    state.throttle.succeeded(ctx.peer)
     _check_scope(ctx, rec, needed, grantable)
     # only a request that will run counts as a use (and may take the pin)
     result = store.check(rec, ctx.peer.pid, declared)

@@ -254,7 +254,11 @@ async def process_session_revoke(ctx: Context, p: SessionRevokeParams) -> Sessio
 
 @operation("session.diagnose", ANYONE_UNLOCKED)
 async def process_session_diagnose(ctx: Context, p: Empty) -> SessionDiagnoseResult:
-    """For `apm doctor`: would this token work for this process? The kind of rule only."""
+    """For `apm doctor`: would this token work for this process? The kind of rule only.
+
+    It answers only about the token it is given, so a caller learns nothing about a session
+    whose token it does not hold; an unknown token counts as a failed attempt (throttled).
+    """
     token = ctx.auth.token if ctx.auth is not None else None
     if token is None:
         return SessionDiagnoseResult(known=False, problem="no token given")
@@ -262,6 +266,7 @@ async def process_session_diagnose(ctx: Context, p: Empty) -> SessionDiagnoseRes
     try:
         rec = store.lookup(token.get_secret_value())
     except SessionRequired:
+        await ctx.state.throttle.penalize(ctx.peer)
         return SessionDiagnoseResult(
             known=False,
             problem="unknown token (revoked and pruned, from another vault, or mistyped)",
