@@ -608,3 +608,53 @@ def test_an_approval_refused_for_its_duration_leaves_the_request_untouched() -> 
     with pytest.raises(InvalidParameters):
         store.decide(req.id, True, 999, "too long", 60)
     assert (req.state, req.decided_at, req.reason) == ("pending", None, None)
+
+
+# ---------------------------------------------------------------------- #13.13 TOTP seeds
+
+SEED = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"  # 160 bits, base32
+LOGIN_SEED = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
+
+
+def test_a_grant_on_a_totp_entry_gives_codes_but_never_the_seed(twin: Twin) -> None:
+    twin.add("github-2fa", {"secret": SEED}, kind="totp")
+    twin.add("gitlab", {"password": "gl-Password-77", "totp": LOGIN_SEED}, kind="custom")
+    token, rec = twin.delegate("read")
+    for entry in ("github-2fa", "gitlab"):
+        rid = twin.ask(rec, entry=entry)
+        assert (
+            ok_of(twin.tool(rec, "get_request_status", {"request_id": rid}))["state"] == "pending"
+        )
+        info = twin.owner("request.list")["requests"]
+        assert [r["totp_seed"] for r in info if r["id"] == rid] == [False]
+        twin.owner("request.approve", {"request_id": rid})
+        # codes: yes
+        code = ok_of(twin.tool(rec, "get_totp", {"entry": entry}))["code"]
+        assert code.isdigit()
+    # the attack: read the seed through every path that opens a field
+    for entry, field in (("github-2fa", None), ("github-2fa", "secret"), ("gitlab", "totp")):
+        args = {"entry": entry, **({"field": field} if field else {})}
+        assert tool_code(twin.tool(rec, "decrypt_entry", args)) == "PERMISSION_DENIED"
+        got = twin.tool(rec, "get_entry", {**args, "include_secret": True})
+        assert tool_code(got) == "PERMISSION_DENIED"
+        ref = {"ref": entry, **({"field": field} if field else {})}
+        assert code_of(twin.call("entry.get", ref, token=token)) == "PERMISSION_DENIED"
+        space_ref = f"apm://default/{entry}/{field or 'secret'}"
+        resolved = twin.call("secret.resolve", {"refs": [space_ref]}, token=token)
+        assert code_of(resolved) == "PERMISSION_DENIED"
+    # the login's own password is still covered by the whole-entry grant
+    assert ok_of(twin.tool(rec, "decrypt_entry", {"entry": "gitlab"}))["value"] == "gl-Password-77"
+
+
+def test_the_seed_is_given_only_when_the_request_named_it_and_the_approver_saw_that(
+    twin: Twin,
+) -> None:
+    twin.add("github-2fa", {"secret": SEED}, kind="totp")
+    register_secret(SEED)
+    _, rec = twin.delegate("read")
+    rid = twin.ask(rec, entry="github-2fa", field="secret")
+    shown = [r for r in twin.owner("request.list")["requests"] if r["id"] == rid]
+    assert shown[0]["totp_seed"] is True and shown[0]["field"] == "secret"
+    assert "TOTP SEED" in twin.notifier.sent[-1][0]
+    twin.owner("request.approve", {"request_id": rid})
+    assert ok_of(twin.tool(rec, "decrypt_entry", {"entry": "github-2fa"}))["value"] == SEED

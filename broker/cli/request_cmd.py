@@ -21,6 +21,8 @@ from .output import emit_json, info, write_lines
 
 def _show(r: AccessRequestInfo) -> None:
     what = escape(r.entry) + (f" (field {escape(r.field)})" if r.field else "")
+    if r.totp_seed:
+        what += " [the TOTP SEED itself, not only codes]"
     out = [
         f"{r.id}  {r.state:<8} {what} for {r.minutes} min — {escape(r.label or r.session)}",
         f"    why: {escape(r.justification)}",

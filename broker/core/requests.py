@@ -106,11 +106,14 @@ class RequestStore:
         req.decided_at = self.clock()
         return req
 
-    def grant(self, accessor: str, entry_id: str, field: str) -> AccessRequest | None:
+    def grant(
+        self, accessor: str, entry_id: str, field: str, *, named_only: bool = False
+    ) -> AccessRequest | None:
         """The live grant letting `accessor` read `field` of `entry_id`, if any.
 
         A request without a field covers every field of the entry; one with a field covers it
-        alone.
+        alone. `named_only`: only a request that named `field` itself covers it (a TOTP seed:
+        the person approved the seed, not just codes).
         """
         now = self.clock()
         for r in self.records.values():
@@ -118,7 +121,7 @@ class RequestStore:
                 r.accessor == accessor
                 and r.entry_id == entry_id
                 and r.status(now) == "approved"
-                and (r.field is None or r.field == field)
+                and (r.field == field or (r.field is None and not named_only))
             ):
                 return r
         return None

@@ -250,6 +250,13 @@ class State:
         return self.cache.lock()
 
 
+def totp_seed_field(entry: StoredEntry) -> str | None:
+    """The field holding an entry's TOTP seed (as `Vault.totp` reads it), if it has one."""
+    if entry.type == "totp":
+        return "secret"
+    return "totp" if "totp" in entry.fields else None
+
+
 @dataclass
 class Context:
     state: State
@@ -264,11 +271,22 @@ class Context:
     exe: str | None = None  # the peer's executable, when already known (MCP connections)
     via: str = "wire"  # "wire": invoke records the request; "mcp": the tool call is recorded
 
-    def check_grant(self, entry: StoredEntry, field: str) -> None:
-        """For a session reading a secret on a grant: refuse unless one covers this field."""
+    def check_grant(self, entry: StoredEntry, field: str, *, codes: bool = False) -> None:
+        """For a session reading a secret on a grant: refuse unless one covers this field.
+
+        A TOTP seed is opened only by a grant whose request named the seed field (the person
+        saw that); any grant on the entry gives its codes (`codes`)."""
         if not self.grant_needed or self.session is None:
             return
-        grant = self.state.requests().grant(self.session.accessor, entry.id, field)
+        seed = field == totp_seed_field(entry) and not codes
+        grant = self.state.requests().grant(self.session.accessor, entry.id, field, named_only=seed)
+        if grant is None and seed:
+            raise PermissionDenied(
+                "a grant on a TOTP entry gives its codes; the seed needs a request that names "
+                f"the {field!r} field",
+                hint=f'use get_totp for codes, or request_access with field "{field}"',
+                data={"needed": "secrets", "scope": self.session.scope, "field": field},
+            )
         if grant is None:
             raise PermissionDenied(
                 f"this session has scope {self.session.scope!r} and no live grant for this "

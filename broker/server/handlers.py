@@ -361,7 +361,7 @@ async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemov
 async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
-    ctx.check_grant(entry, "secret" if entry.type == "totp" else "totp")
+    ctx.check_grant(entry, "secret" if entry.type == "totp" else "totp", codes=True)
     code, remaining, period = vault.totp(entry, time.time())
     return TotpResult(id=entry.id, name=entry.name, code=code, remaining=remaining, period=period)
 

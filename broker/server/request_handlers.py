@@ -23,12 +23,20 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
-from .dispatch import Context, log
+from .dispatch import Context, log, totp_seed_field
 from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS, operation
+
+
+def _asks_for_seed(req: AccessRequest, ctx: Context) -> bool:
+    """Does the request name a TOTP seed (codes forever, not only while the grant lasts)?"""
+    vault = ctx.state.cache.peek()
+    entry = vault.entries.get(req.entry_id) if vault is not None else None
+    return entry is not None and req.field is not None and req.field == totp_seed_field(entry)
 
 
 def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
     return AccessRequestInfo(
+        totp_seed=_asks_for_seed(req, ctx),
         id=req.id,
         state=req.status(ctx.state.clock()),
         session=req.accessor,
@@ -65,7 +73,8 @@ def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
         "approve_command": f"apm request approve {req.id}",
     }
     if what == "request":
-        title = f"apm: {req.label or req.accessor} asks for {req.entry_name}"
+        seed = " (THE TOTP SEED, not only codes)" if _asks_for_seed(req, ctx) else ""
+        title = f"apm: {req.label or req.accessor} asks for {req.entry_name}{seed}"
         body = f"{req.justification} ({req.minutes} min). Approve: apm request approve {req.id}"
     else:
         title = f"apm: request {req.id} {req.state}"

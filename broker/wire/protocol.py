@@ -600,6 +600,7 @@ class AccessRequestInfo(Wire):
     entry_id: str
     space: str
     field: str | None = None
+    totp_seed: bool = False  # the request names a TOTP seed: approving gives the seed itself
     minutes: int
     justification: str
     created_at: datetime
