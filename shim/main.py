@@ -7,7 +7,8 @@ invalid, it answers `initialize`, `server/discover`, `tools/list` and `tools/cal
 one `apm_status` tool that names the fix, and it re-attaches on its own when things recover.
 
 Rules:
-- Imports only the standard library and pyzmq (and stdlib-only `broker`/`broker.paths`), and
+- Imports only the standard library and pyzmq (and the stdlib-only `broker`, `broker.paths`
+  and `broker.wire.relay`), and
   only what a start needs: cold start is part of the contract (<= 0.25x an SDK server's), so
   `logging` loads only with --debug, and zmq.utils.monitor (which imports asyncio) not at all.
 - Stdout carries protocol bytes only; diagnostics go to stderr and the optional debug log.
@@ -32,12 +33,14 @@ from typing import Any
 import zmq
 
 from broker import __version__, exposure, paths
+from broker.wire.relay import (
+    APM_STATUS_TOOL,
+    MCP_DETACHED,
+    MCP_FRAME,
+    PROTOCOL_VERSION,
+    status_result,
+)
 
-from .status_tool import APM_STATUS_TOOL, status_result
-
-PROTOCOL_VERSION = 1  # the broker wire protocol (broker.wire.protocol.PROTOCOL_VERSION)
-MCP_FRAME = b"mcp"
-MCP_DETACHED = b"mcp-detached"
 MAX_LINE = 1 << 20
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSION = "2026-07-28"

@@ -79,3 +79,21 @@ def test_core_imports_neither_server_nor_cli() -> None:
     loaded = _loaded_after(code)
     assert {"broker.core.vault", "broker.core.key_cache", "broker.core.crypto"} <= loaded
     assert _offenders(loaded, ["broker.server", "broker.cli", "zmq"]) == []
+
+
+def test_the_broker_never_imports_the_shim() -> None:
+    code = (
+        "import importlib, pkgutil, broker, broker.server, broker.cli, broker.core, broker.wire\n"
+        "for pkg in (broker.server, broker.cli, broker.core, broker.wire):\n"
+        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "        importlib.import_module(pkg.__name__ + '.' + m.name)\n"
+    )
+    loaded = _loaded_after(code)
+    assert {"broker.server.daemon", "broker.server.mcp_host", "broker.cli.main"} <= loaded
+    assert _offenders(loaded, ["shim"]) == []
+
+
+def test_the_relay_contract_is_stdlib_only() -> None:
+    loaded = _loaded_after("import broker.wire.relay")
+    assert "broker.wire.relay" in loaded
+    assert _offenders(loaded, ["pydantic", "zmq", "broker.core", "broker.server", "shim"]) == []

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import shim.main
-from broker.wire import protocol
+from broker.wire import protocol, relay
 
 from .conftest import PY, Apm, Broker, clean_env, make_home
 from .mcp_client import error_body
@@ -431,15 +431,15 @@ def test_the_shim_process_loads_neither_mcp_pydantic_cryptography_nor_psutil(
     top = {name.split(".")[0] for name in probe["modules"]}
     assert not top & set(FORBIDDEN), sorted(top & set(FORBIDDEN))
     inside = [m for m in probe["modules"] if m.startswith(("broker.", "shim."))]
-    allowed = {"broker.paths", "broker.exposure", "shim.main", "shim.status_tool"}
+    allowed = {"broker.paths", "broker.exposure", "broker.wire", "broker.wire.relay", "shim.main"}
     assert set(inside) <= allowed, inside
     assert "zmq" in top  # the probe saw the real relay's imports
 
 
 def test_the_shim_speaks_the_brokers_wire_protocol() -> None:
     assert shim.main.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
-    assert shim.main.MCP_FRAME == protocol.MCP_FRAME
-    assert shim.main.MCP_DETACHED == protocol.MCP_DETACHED
+    assert shim.main.MCP_FRAME is relay.MCP_FRAME
+    assert shim.main.MCP_DETACHED is relay.MCP_DETACHED
 
 
 # ---------------------------------------------------------------------- the debug log

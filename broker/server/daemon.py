@@ -27,7 +27,7 @@ from broker import __version__, paths
 from broker.core.audit import AuditLog
 from broker.core.key_cache import KeyCache, LockPolicy
 from broker.wire.errors import ApmError, InvalidParameters
-from broker.wire.protocol import MCP_FRAME
+from broker.wire.relay import MCP_FRAME
 
 from . import (
     audit_handlers,

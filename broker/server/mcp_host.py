@@ -37,8 +37,8 @@ from broker import __version__
 from broker.core.bindings import create_time
 from broker.core.sessions import SessionRecord, scope_rank, scopes_up_to
 from broker.wire.errors import ApmError, InternalError, SessionRequired, VaultLocked
-from broker.wire.protocol import MCP_DETACHED, MCP_FRAME, McpAttachParams, McpAttachResult
-from shim.status_tool import APM_STATUS_TOOL, status_result
+from broker.wire.protocol import McpAttachParams, McpAttachResult
+from broker.wire.relay import APM_STATUS_TOOL, MCP_DETACHED, MCP_FRAME, status_result
 
 from . import eager, mcp_tools
 from .dispatch import Context, State

@@ -33,9 +33,9 @@ from .entries import (
     EntryMeta,
     EntryType,
 )
+from .relay import MIN_PROTOCOL_VERSION as MIN_PROTOCOL_VERSION  # re-exported
+from .relay import PROTOCOL_VERSION as PROTOCOL_VERSION  # re-exported
 
-PROTOCOL_VERSION = 1
-MIN_PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20  # requests above this are refused with REQUEST_TOO_LARGE
 BATCH_MAX = 10_000  # entries per entry.add_batch (the frame limit usually binds first)
 
@@ -503,14 +503,7 @@ class WhoAmIResult(Wire):
 
 
 # ---------------------------------------------------------------- MCP relay
-#
-# A shim attaches once with `mcp.attach` (session token in auth); afterwards MCP JSON-RPC
-# messages travel as three-frame messages [MCP_FRAME, conn, payload] in both directions,
-# without an envelope, so the relay costs no extra parsing. The broker answers a frame for an
-# unknown connection with [MCP_DETACHED, conn, reason-code] and the shim attaches again.
-
-MCP_FRAME = b"mcp"
-MCP_DETACHED = b"mcp-detached"
+# (frame kinds and the protocol version: broker.wire.relay, shared with the shim)
 
 
 class McpAttachParams(Strict):

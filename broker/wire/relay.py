@@ -1,13 +1,25 @@
-"""The `apm_status` tool: what an MCP client sees when apm cannot serve it yet, and why.
+"""The relay contract between the shim and the broker: the wire protocol version, the MCP
+frame kinds, and the `apm_status` tool.
 
-Stdlib only. The shim serves it while the broker is unreachable; the broker serves the same
-definition when the vault is locked or the session no longer works, so a client never shows
-"no tools" without a tool that says what to fix.
+Stdlib only: the shim (stdlib + pyzmq) and the broker both import it, so the two can never
+disagree, and the broker never imports `shim`. The shim serves `apm_status` while the broker
+is unreachable; the broker serves the same definition when the vault is locked or the session
+no longer works, so a client never shows "no tools" without a tool that says what to fix.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+PROTOCOL_VERSION = 1  # the broker wire protocol's version (the envelope's `v`)
+MIN_PROTOCOL_VERSION = 1
+
+# A shim attaches once with `mcp.attach` (session token in auth); afterwards MCP JSON-RPC
+# messages travel as three-frame messages [MCP_FRAME, conn, payload] in both directions,
+# without an envelope, so the relay costs no extra parsing. The broker answers a frame for an
+# unknown connection with [MCP_DETACHED, conn, reason-code] and the shim attaches again.
+MCP_FRAME = b"mcp"
+MCP_DETACHED = b"mcp-detached"
 
 APM_STATUS_TOOL: dict[str, Any] = {
     "name": "apm_status",
