@@ -52,7 +52,7 @@ from broker.core.sessions import CreateSpec, SessionStore  # noqa: E402
 from broker.core.vault import Change, Vault  # noqa: E402
 from broker.paths import Paths  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
-from broker.server.transport import Peer  # noqa: E402
+from broker.server.peer import Peer  # noqa: E402
 from broker.wire.protocol import PROTOCOL_VERSION, Auth, Request, Response  # noqa: E402
 
 _ = daemon  # importing the daemon registers every route, as in the real broker

@@ -71,7 +71,7 @@ from broker.core.crypto import PROFILES  # noqa: E402
 from broker.core.key_cache import KeyCache, LockPolicy, _mlock  # noqa: E402
 from broker.core.vault import Change, Vault  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
-from broker.server.transport import Peer  # noqa: E402
+from broker.server.peer import Peer  # noqa: E402
 from broker.wire.errors import ApmError, SessionRequired  # noqa: E402
 from broker.wire.protocol import (  # noqa: E402
     PROTOCOL_VERSION,

@@ -26,7 +26,7 @@ from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
 from broker.server.dispatch import State
 from broker.server.mcp_host import Connection, McpHost
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.wire.errors import StorageError
 from broker.wire.protocol import Response
 

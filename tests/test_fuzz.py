@@ -84,7 +84,7 @@ from broker.core.vault import Change, Vault
 from broker.server import dispatch, handlers, mcp_tools
 from broker.server.dispatch import Context, State, Throttle
 from broker.server.mcp_host import McpHost
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.wire.errors import ERRORS
 from broker.wire.protocol import (
     KDF_PROFILE_NAMES,

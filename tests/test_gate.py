@@ -24,7 +24,7 @@ from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
 from broker.server.dispatch import Context, State
 from broker.server.operations import OPERATIONS
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.wire.protocol import Response
 
 from .twin import Clock, broker_state, wire

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from broker.core.audit import _canonical, _mac, _seal
 from broker.server import eager, mcp_host, mcp_tools
 from broker.server.mcp_host import MODERN_EXTRA, Connection, McpHost
-from broker.server.transport import Peer, Transport
+from broker.server.peer import Peer
+from broker.server.transport import Transport
 from broker.wire.errors import EntryNotFound, VaultLocked
 
 KEY = bytes(range(32))

@@ -97,3 +97,9 @@ def test_the_relay_contract_is_stdlib_only() -> None:
     loaded = _loaded_after("import broker.wire.relay")
     assert "broker.wire.relay" in loaded
     assert _offenders(loaded, ["pydantic", "zmq", "broker.core", "broker.server", "shim"]) == []
+
+
+def test_dispatch_and_its_operations_load_neither_zmq_nor_the_mcp_sdk() -> None:
+    loaded = _loaded_after("import broker.server.dispatch, broker.server.handlers")
+    assert {"broker.server.dispatch", "broker.server.peer"} <= loaded
+    assert _offenders(loaded, ["zmq", "mcp", "shim"]) == []

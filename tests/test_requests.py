@@ -34,7 +34,7 @@ from broker.core.vault import Change
 from broker.server import mcp_tools
 from broker.server.dispatch import Context, State, Throttle
 from broker.server.notify import Notifier
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.wire.errors import ApmError
 from broker.wire.protocol import Response
 

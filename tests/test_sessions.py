@@ -33,7 +33,7 @@ from broker.core.vault import Change, Vault
 from broker.server import dispatch
 from broker.server.dispatch import State, Throttle
 from broker.server.operations import OPERATIONS as ROUTES
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.wire.errors import ApmError
 from broker.wire.protocol import McpAttachParams, McpAttachResult, Response
 

@@ -27,7 +27,7 @@ from broker.core.transactions import DEFAULT_TTL, TxStore, args_hash
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
 from broker.server.dispatch import Context, State
-from broker.server.transport import Peer
+from broker.server.peer import Peer
 from broker.server.write_tools import WRITE_TOOLS
 from broker.wire.errors import (
     ApprovalDenied,

@@ -44,7 +44,8 @@ from . import (
     tx_handlers,
 )
 from .notify import Notifier
-from .transport import Peer, Transport, ensure_private_dir
+from .peer import Peer
+from .transport import Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
 _ = (

@@ -57,7 +57,7 @@ from broker.wire.protocol import (
 
 from .notify import Notifier
 from .operations import OPERATIONS, Operation, Rule
-from .transport import Peer
+from .peer import Peer
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")

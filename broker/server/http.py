@@ -65,8 +65,8 @@ from .limits import (
     current_nofile,
 )
 from .mcp_host import Caller, serve_call, serve_list
+from .peer import Peer
 from .tcp_peers import SocketOwner, find_owner, pids_holding
-from .transport import Peer
 
 log = logging.getLogger("apm.broker.http")
 CONNECTION_KEY = "apm.connection"  # the ASGI scope key holding the request's Connection

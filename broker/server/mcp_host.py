@@ -42,7 +42,8 @@ from broker.wire.relay import APM_STATUS_TOOL, MCP_DETACHED, MCP_FRAME, status_r
 
 from . import eager, mcp_tools
 from .dispatch import Context, State
-from .transport import Peer, Transport
+from .peer import Peer
+from .transport import Transport
 
 log = logging.getLogger("apm.broker.mcp")
 

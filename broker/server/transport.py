@@ -26,7 +26,6 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -35,17 +34,12 @@ import zmq
 from broker.wire.errors import BrokerRunning, StorageError
 from broker.wire.protocol import MAX_FRAME_BYTES
 
+from .peer import Peer
+
 log = logging.getLogger("apm.broker.transport")
 
 HARD_FRAME_CAP = 4 * MAX_FRAME_BYTES  # libzmq disconnects peers beyond this
 BATCH = 64  # messages received per wake-up before other work gets a turn
-
-
-@dataclass(frozen=True)
-class Peer:
-    uid: int
-    gid: int
-    pid: int | None
 
 
 def parse_peer_address(value: str | None) -> Peer | None:
