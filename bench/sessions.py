@@ -53,6 +53,7 @@ from broker.core.vault import Change, Vault  # noqa: E402
 from broker.paths import Paths  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
 from broker.server.peer import Peer  # noqa: E402
+from broker.server.state import State  # noqa: E402
 from broker.wire.protocol import PROTOCOL_VERSION, Auth, Request, Response  # noqa: E402
 
 _ = daemon  # importing the daemon registers every route, as in the real broker
@@ -144,7 +145,7 @@ def bench_dispatch(n: int, iterations: int, work: Path) -> dict[str, float]:
         vault.add("api_key", f"entry-{i:02d}", "default", ["bench"], None, None, change)
     seed, tokens = make_store(n, ancestry)
     vault.extra["sessions"] = seed.dump()
-    state = dispatch.State(
+    state = State(
         paths=paths, cache=KeyCache(LockPolicy()), ancestry=ancestry, host=HOST, clock=now
     )
     state.cache.put(vault)

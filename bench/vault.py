@@ -72,6 +72,7 @@ from broker.core.key_cache import KeyCache, LockPolicy, _mlock  # noqa: E402
 from broker.core.vault import Change, Vault  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
 from broker.server.peer import Peer  # noqa: E402
+from broker.server.state import State  # noqa: E402
 from broker.wire.errors import ApmError, SessionRequired  # noqa: E402
 from broker.wire.protocol import (  # noqa: E402
     PROTOCOL_VERSION,
@@ -526,7 +527,7 @@ def real_broker(
     return res
 
 
-def open_audit(state: dispatch.State, home: Path, vault: Vault) -> Any:
+def open_audit(state: State, home: Path, vault: Vault) -> Any:
     """Give the in-process State an audit log as the daemon does, if this version has one."""
     try:
         from broker.core.audit import AuditLog
@@ -610,9 +611,7 @@ def in_process(
         ).encode()
 
     async def run() -> dict[str, Any]:
-        state = dispatch.State(
-            paths=paths.resolve({"APM_HOME": str(home)}), cache=KeyCache(LockPolicy())
-        )
+        state = State(paths=paths.resolve({"APM_HOME": str(home)}), cache=KeyCache(LockPolicy()))
         state.cache.put(vault)
         audit = open_audit(state, home, vault)
         res: dict[str, Any] = {}

@@ -24,9 +24,9 @@ import broker.server.daemon  # noqa: F401 - registers every route the real broke
 from broker.core.audit import GENESIS, AuditLog, derive_audit_key
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
-from broker.server.dispatch import State
 from broker.server.mcp_host import Connection, McpHost
 from broker.server.peer import Peer
+from broker.server.state import State
 from broker.wire.errors import StorageError
 from broker.wire.protocol import Response
 

@@ -82,9 +82,10 @@ from broker.core.crypto import normalize_password
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
 from broker.server import dispatch, handlers, mcp_tools
-from broker.server.dispatch import Context, State, Throttle
+from broker.server.context import Context
 from broker.server.mcp_host import McpHost
 from broker.server.peer import Peer
+from broker.server.state import State, Throttle
 from broker.wire.errors import ERRORS
 from broker.wire.protocol import (
     KDF_PROFILE_NAMES,

@@ -22,9 +22,10 @@ import broker.server.daemon  # noqa: F401 - declares every operation the real br
 from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
-from broker.server.dispatch import Context, State
+from broker.server.context import Context
 from broker.server.operations import OPERATIONS
 from broker.server.peer import Peer
+from broker.server.state import State
 from broker.wire.protocol import Response
 
 from .twin import Clock, broker_state, wire

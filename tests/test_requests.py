@@ -32,9 +32,10 @@ from broker.core.requests import PENDING_TTL, RequestStore
 from broker.core.sessions import SessionRecord
 from broker.core.vault import Change
 from broker.server import mcp_tools
-from broker.server.dispatch import Context, State, Throttle
+from broker.server.context import Context
 from broker.server.notify import Notifier
 from broker.server.peer import Peer
+from broker.server.state import State, Throttle
 from broker.wire.errors import ApmError
 from broker.wire.protocol import Response
 

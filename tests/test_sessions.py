@@ -31,9 +31,10 @@ from broker.core.sessions import (
 )
 from broker.core.vault import Change, Vault
 from broker.server import dispatch
-from broker.server.dispatch import State, Throttle
+from broker.server.context import Context
 from broker.server.operations import OPERATIONS as ROUTES
 from broker.server.peer import Peer
+from broker.server.state import State, Throttle
 from broker.wire.errors import ApmError
 from broker.wire.protocol import McpAttachParams, McpAttachResult, Response
 
@@ -95,9 +96,7 @@ class FakeMcpHost:
 
     conns: dict[str, object] = {}
 
-    async def attach(
-        self, ctx: dispatch.Context, identity: bytes, p: McpAttachParams
-    ) -> McpAttachResult:
+    async def attach(self, ctx: Context, identity: bytes, p: McpAttachParams) -> McpAttachResult:
         assert ctx.session is not None
         return McpAttachResult(
             conn="c1",

@@ -26,8 +26,9 @@ from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.transactions import DEFAULT_TTL, TxStore, args_hash
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
-from broker.server.dispatch import Context, State
+from broker.server.context import Context
 from broker.server.peer import Peer
+from broker.server.state import State
 from broker.server.write_tools import WRITE_TOOLS
 from broker.wire.errors import (
     ApprovalDenied,

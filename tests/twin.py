@@ -20,8 +20,8 @@ from broker.core.key_cache import KeyCache, LockPolicy
 from broker.core.vault import Vault
 from broker.paths import Paths
 from broker.server import dispatch
-from broker.server.dispatch import State
 from broker.server.peer import Peer
+from broker.server.state import State
 from broker.wire.protocol import Auth, Request, Response
 
 FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)  # the smallest a header accepts

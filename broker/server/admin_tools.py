@@ -11,7 +11,8 @@ from broker.wire.errors import InternalError, PermissionDenied
 from broker.wire.protocol import Empty
 
 from . import handlers  # noqa: F401 - declares the operations these tools run
-from .dispatch import Context, invoke
+from .context import Context
+from .dispatch import invoke
 from .operations import OPERATIONS
 from .tool_base import Args, ToolSpec
 

@@ -28,7 +28,8 @@ from broker.wire.protocol import (
     SpaceRenameParams,
 )
 
-from .dispatch import Context, invoke, log
+from .context import Context
+from .dispatch import invoke, log
 from .operations import OPERATIONS, Operation
 from .write_tools import (
     AddEntryArgs,

@@ -9,7 +9,7 @@ from broker.core.rollback import Anchor
 from broker.wire.errors import InternalError
 from broker.wire.protocol import AuditListParams, AuditListResult, AuditVerifyResult, Empty
 
-from .dispatch import Context
+from .context import Context
 from .operations import Rule, operation
 
 

@@ -45,6 +45,7 @@ from . import (
 )
 from .notify import Notifier
 from .peer import Peer
+from .state import State
 from .transport import Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
@@ -167,7 +168,7 @@ def setup_logging(log_path: Path, level: str, stderr: bool = True) -> None:
         root.addHandler(handler)
 
 
-async def _reaper(state: dispatch.State) -> None:
+async def _reaper(state: State) -> None:
     """Sleep until the next auto-lock deadline, then lock (ssh-agent's reaper); also free the
     state of MCP connections whose shim died."""
     while True:
@@ -186,7 +187,7 @@ async def _reaper(state: dispatch.State) -> None:
                         state.record("vault.lock", reason="timeout")
 
 
-async def _serve(state: dispatch.State, transport: Transport) -> None:
+async def _serve(state: State, transport: Transport) -> None:
     """Receive until cancelled: MCP frames inline (one connection's frames stay in order),
     wire requests each in a task of its own."""
     uid = os.getuid()
@@ -245,7 +246,7 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], 
     return defer
 
 
-async def _load_mcp_host(state: dispatch.State, transport: Transport) -> Any:
+async def _load_mcp_host(state: State, transport: Transport) -> Any:
     """Import the MCP host (and the mcp SDK, ~0.5 s) off the event loop, once, at start."""
     try:
         module = await asyncio.to_thread(importlib.import_module, "broker.server.mcp_host")
@@ -277,7 +278,7 @@ def _check_http(opts: HttpOptions) -> tuple[Any, tuple[str, str] | None]:
     return listen, tls
 
 
-async def _start_http(state: dispatch.State, opts: HttpOptions) -> Any:
+async def _start_http(state: State, opts: HttpOptions) -> Any:
     from .http import HttpFrontend
 
     listen, tls = _check_http(opts)
@@ -292,7 +293,7 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
     sys.setswitchinterval(0.0005)
     transport = Transport(p.broker_addr, _lock_path(p))
     transport.bind()
-    state = dispatch.State(
+    state = State(
         paths=p,
         cache=KeyCache(config.lock),
         max_ttl=config.max_ttl,

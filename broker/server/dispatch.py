@@ -1,4 +1,6 @@
-"""Turns one request frame into one response frame: envelope, version, lock gate, auth, handler.
+"""The one gate: `invoke` runs every operation (wire request or MCP tool) through lock gate,
+session, scope/filter/grants, approval policy, handler and audit record; `handle` turns one
+wire request frame into one response frame through it.
 
 Rules:
 - `handle` never raises and never puts a traceback on the wire: `to_wire_error` is the one
@@ -9,30 +11,17 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from broker import __version__
-from broker.core.audit import AuditLog
-from broker.core.bindings import AncestryCache, host_fingerprint
-from broker.core.crypto import normalize_password, zero
-from broker.core.key_cache import KeyCache
-from broker.core.requests import RequestStore
-from broker.core.rollback import RollbackGuard
-from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore, scope_rank
-from broker.core.transactions import Transaction, TxStore, state_allows
-from broker.core.vault import StoredEntry, Vault, utcnow
-from broker.paths import Paths
+from broker.core.crypto import zero
+from broker.core.sessions import SessionRecord, scope_rank
+from broker.core.transactions import Transaction, state_allows
 from broker.wire.errors import (
     ApmError,
     BadPassword,
@@ -48,275 +37,21 @@ from broker.wire.protocol import (
     MAX_FRAME_BYTES,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
-    Auth,
     ErrorBody,
     Request,
     Response,
     encode_result,
 )
 
-from .notify import Notifier
+from .context import Context, totp_seed_field
 from .operations import OPERATIONS, Operation, Rule
 from .peer import Peer
+from .state import State, Throttle
 
 log = logging.getLogger("apm.broker")
-T = TypeVar("T")
-
-
-class Throttle:
-    """A growing delay for failed token attempts, keyed by the peer's uid, plus a global budget.
-
-    Rules:
-    - The key is what the kernel reports (uid): a new Unix session, process or connection
-      does not start a fresh count.
-    - A valid call does not reset the count; only a quiet period (QUIET seconds) does.
-    - Beyond GLOBAL_FREE failures a minute from everyone together, every failure pays the
-      full delay.
-    - Penalties are served one at a time (`penalize`): parallel attempts queue up instead of
-      sleeping side by side, so the delay bounds the rate, not only the latency.
-    """
-
-    FREE = 2  # failures per key before any delay
-    MAX_DELAY = 5.0
-    QUIET = 600.0
-    GLOBAL_FREE = 30
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self._fails: dict[int, tuple[int, float]] = {}
-        self._recent: collections.deque[float] = collections.deque()
-        self._serving: asyncio.Lock | None = None
-
-    @staticmethod
-    def key(peer: Peer) -> int:
-        return peer.uid if peer.uid is not None else -1
-
-    def failed(self, peer: Peer) -> float:
-        """Record a failure; returns the delay to apply before answering."""
-        k = self.key(peer)
-        count, last = self._fails.get(k, (0, 0.0))
-        now = self.clock()
-        if now - last > self.QUIET:
-            count = 0
-        count += 1
-        self._fails[k] = (count, now)
-        if len(self._fails) > 10_000:
-            self._fails.clear()
-        self._recent.append(now)
-        while self._recent and now - self._recent[0] > 60.0:
-            self._recent.popleft()
-        if len(self._recent) > self.GLOBAL_FREE:
-            return self.MAX_DELAY
-        return (
-            0.0 if count <= self.FREE else min(0.05 * 2 ** (count - self.FREE - 1), self.MAX_DELAY)
-        )
-
-    async def penalize(self, peer: Peer) -> None:
-        """Record a failure and serve its delay, one penalty at a time."""
-        delay = self.failed(peer)
-        if not delay:
-            return
-        if self._serving is None:
-            self._serving = asyncio.Lock()
-        async with self._serving:
-            await asyncio.sleep(delay)
-
-
-@dataclass
-class State:
-    paths: Paths
-    cache: KeyCache
-    clock: Callable[[], datetime] = utcnow
-    ancestry: AncestryCache = field(default_factory=AncestryCache)
-    host: str = field(default_factory=host_fingerprint)
-    throttle: Throttle = field(default_factory=Throttle)
-    audit: AuditLog | None = None
-    notifier: Notifier | None = None
-    request_max_minutes: int = 60
-    txs: TxStore = field(init=False)
-    rollback: RollbackGuard = field(init=False)  # rollback defences (core/rollback.py)
-    max_ttl: timedelta = timedelta(days=90)
-    started_at: float = field(default_factory=time.time)
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
-    kdf_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kdf")
-    )
-    io_pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="io")
-    )
-
-    async def kdf(self, fn: Callable[..., T], *args: Any) -> T:
-        """Key derivations run one at a time, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.kdf_pool, fn, *args)
-
-    async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Durable writes run one at a time, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
-
-    def __post_init__(self) -> None:
-        self.txs = TxStore(self.clock)
-        pending = PendingRevocations(self.paths.state_dir / "pending-revocations.json")
-        self.rollback = RollbackGuard(pending)
-
-    _store: SessionStore | None = None
-    _store_vault: Vault | None = None
-    _mcp_host: asyncio.Future[Any] | None = None
-
-    async def mcp_host(self) -> Any:
-        """The McpHost, once its background import finished (None if it failed)."""
-        if self._mcp_host is None:
-            return None
-        if self._mcp_host.done():  # the hot path: no new future per frame
-            return self._mcp_host.result()
-        return await asyncio.shield(self._mcp_host)
-
-    def sessions(self) -> SessionStore:
-        """The session store of the unlocked vault (rebuilt after each unlock)."""
-        vault = self.cache.get()
-        if self._store is None or self._store_vault is not vault:
-            self._store = SessionStore(
-                vault.extra.get("sessions", []),
-                clock=self.clock,
-                ancestry=self.ancestry,
-                host=self.host,
-            )
-            self._store_vault = vault
-        return self._store
-
-    _reqs: RequestStore | None = None
-    _reqs_vault: Vault | None = None
-
-    def requests(self) -> RequestStore:
-        """The access requests of the unlocked vault (rebuilt after each unlock)."""
-        vault = self.cache.get()
-        if self._reqs is None or self._reqs_vault is not vault:
-            self._reqs = RequestStore(vault.extra.get("requests", []), self.clock)
-            self._reqs_vault = vault
-        return self._reqs
-
-    async def persist_sessions(self, *, locked: bool = False) -> None:
-        """Write sessions and access requests into the vault, durably (no secrets in either).
-
-        `locked`: the caller already holds write_lock.
-        """
-        vault = self.cache.get()
-        store = self.sessions()
-        reqs = self.requests()
-
-        def work() -> None:
-            with vault.mutation():
-                vault.extra["sessions"] = store.dump()
-                vault.extra["requests"] = reqs.dump()
-
-        if locked:
-            await self.io(work)
-        else:
-            async with self.write_lock:
-                await self.io(work)
-        store.dirty = False
-
-    def peer_exe(self, peer: Peer) -> str | None:
-        if peer.pid is None:
-            return None
-        chain = self.ancestry.get(peer.pid)
-        return chain[0].exe if chain else None
-
-    def record(self, event: str, ctx: Context | None = None, **fields: Any) -> None:
-        """Append an audit record; raises StorageError so the caller refuses the operation."""
-        if self.audit is None:
-            return
-        if ctx is not None:
-            fields.setdefault("pid", ctx.peer.pid)
-            fields.setdefault("exe", ctx.exe if ctx.exe is not None else self.peer_exe(ctx.peer))
-            if ctx.session is not None:
-                fields.setdefault("session", ctx.session.accessor)
-                fields.setdefault("label", ctx.session.label or None)
-            else:
-                fields.setdefault("actor", "owner" if ctx.owner_proven else None)
-        self.audit.append(event, **fields)
-
-    async def flush_and_lock(self) -> bool:
-        """Lock the vault, first saving session usage counters (best effort). Hold write_lock."""
-        vault = self.cache.peek()
-        store = self._store
-        if vault is not None and store is not None and self._store_vault is vault and store.dirty:
-            try:
-                await self.persist_sessions(locked=True)
-            except Exception:  # locking must never fail
-                log.warning("could not save session usage before locking", exc_info=True)
-        self._store = self._store_vault = None
-        self._reqs = self._reqs_vault = None
-        return self.cache.lock()
-
-
-def totp_seed_field(entry: StoredEntry) -> str | None:
-    """The field holding an entry's TOTP seed (as `Vault.totp` reads it), if it has one."""
-    if entry.type == "totp":
-        return "secret"
-    return "totp" if "totp" in entry.fields else None
-
-
-@dataclass
-class Context:
-    state: State
-    peer: Peer
-    auth: Auth | None
-    request_id: str
-    session: SessionRecord | None = None
-    identity: bytes = b""
-    owner_proven: bool = False
-    mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
-    grant_needed: bool = False  # the session lacks `secrets`: each entry needs a live grant
-    exe: str | None = None  # the peer's executable, when already known (MCP connections)
-    via: str = "wire"  # "wire": invoke records the request; "mcp": the tool call is recorded
-
-    def check_grant(self, entry: StoredEntry, field: str, *, codes: bool = False) -> None:
-        """For a session reading a secret on a grant: refuse unless one covers this field.
-
-        A TOTP seed is opened only by a grant whose request named the seed field (the person
-        saw that); any grant on the entry gives its codes (`codes`)."""
-        if not self.grant_needed or self.session is None:
-            return
-        seed = field == totp_seed_field(entry) and not codes
-        grant = self.state.requests().grant(self.session.accessor, entry.id, field, named_only=seed)
-        if grant is None and seed:
-            raise PermissionDenied(
-                "a grant on a TOTP entry gives its codes; the seed needs a request that names "
-                f"the {field!r} field",
-                hint=f'use get_totp for codes, or request_access with field "{field}"',
-                data={"needed": "secrets", "scope": self.session.scope, "field": field},
-            )
-        if grant is None:
-            raise PermissionDenied(
-                f"this session has scope {self.session.scope!r} and no live grant for this "
-                "entry's field",
-                hint="ask for it with request_access; the person approves with "
-                '"apm request approve REQ"',
-                data={"needed": "secrets", "scope": self.session.scope},
-            )
-
-    def allows(self, space: str, tags: list[str], name: str) -> bool:
-        f = self.session.filter if self.session is not None else None
-        return f is None or f.empty or f.allows(space, tags, name)
-
-    def visible(self, entry: StoredEntry) -> bool:
-        """Entries outside the session's filter behave as not found."""
-        return self.allows(entry.space, entry.tags, entry.name)
-
-    def require_unfiltered(self) -> None:
-        if self.session is not None and not self.session.filter.empty:
-            raise PermissionDenied(
-                "this session is limited to some entries and cannot change spaces",
-                hint="ask the owner for a session without an entry filter",
-            )
-
-    def password(self) -> bytearray:
-        if self.auth is None or self.auth.password is None:
-            raise SessionRequired(
-                "the master password is required", hint="run the command from a terminal"
-            )
-        return normalize_password(self.auth.password.get_secret_value())
+# State, Throttle (.state) and Context (.context) moved out of this module; the names stay
+# importable from here for code written before the move
+__all__ = ["Context", "State", "Throttle", "handle", "invoke", "to_wire_error", "totp_seed_field"]
 
 
 def to_wire_error(exc: BaseException) -> ErrorBody:

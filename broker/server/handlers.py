@@ -60,7 +60,8 @@ from broker.wire.protocol import (
 )
 
 from . import hardening
-from .dispatch import Context, State, log
+from .context import Context
+from .dispatch import log
 from .operations import (
     ADMIN,
     LISTING,
@@ -74,6 +75,7 @@ from .operations import (
     operation,
 )
 from .session_handlers import check_at_unlock, forget_ended_sessions
+from .state import State
 
 
 def _secrets(values: dict[str, SecretValue]) -> dict[str, str]:

@@ -20,7 +20,7 @@ from broker.wire.protocol import (
     SecretVersion,
 )
 
-from .dispatch import Context
+from .context import Context
 from .operations import ADMIN, OWNER_CHANGE, operation
 
 

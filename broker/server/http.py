@@ -55,7 +55,7 @@ from broker import __version__
 from broker.core.sessions import SessionRecord, scopes_up_to
 from broker.wire.errors import InvalidParameters, SessionRequired, VaultLocked
 
-from .dispatch import Context, State
+from .context import Context
 from .limits import (
     ACCEPT_BATCH,
     FIRST_REQUEST_SECONDS,
@@ -66,6 +66,7 @@ from .limits import (
 )
 from .mcp_host import Caller, serve_call, serve_list
 from .peer import Peer
+from .state import State
 from .tcp_peers import SocketOwner, find_owner, pids_holding
 
 log = logging.getLogger("apm.broker.http")

@@ -41,8 +41,9 @@ from broker.wire.protocol import McpAttachParams, McpAttachResult
 from broker.wire.relay import APM_STATUS_TOOL, MCP_DETACHED, MCP_FRAME, status_result
 
 from . import eager, mcp_tools
-from .dispatch import Context, State
+from .context import Context
 from .peer import Peer
+from .state import State
 from .transport import Transport
 
 log = logging.getLogger("apm.broker.mcp")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from broker.wire.errors import InternalError
 from broker.wire.protocol import Empty, McpAttachParams, McpAttachResult, McpDetachParams
 
-from .dispatch import Context
+from .context import Context
 from .operations import UNAUDITED, Rule, operation
 
 

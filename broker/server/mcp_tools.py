@@ -36,7 +36,8 @@ from broker.wire.protocol import (
 
 from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
-from .dispatch import Context, invoke, to_wire_error
+from .context import Context
+from .dispatch import invoke, to_wire_error
 from .operations import OPERATIONS
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from broker.plugin_state import read_enabled, write_enabled
 from broker.wire.errors import EntryNotFound, InvalidParameters
 
-from .dispatch import Context
+from .context import Context
 from .tool_base import ToolSpec
 from .write_tools import _EXECUTE, Plan, TxArgs, WriteOut, two_phase
 

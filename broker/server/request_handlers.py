@@ -23,7 +23,8 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
-from .dispatch import Context, log, totp_seed_field
+from .context import Context, totp_seed_field
+from .dispatch import log
 from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS, operation
 
 

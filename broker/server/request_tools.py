@@ -18,7 +18,7 @@ from broker.core.requests import AccessRequest
 from broker.core.sessions import scope_rank
 from broker.wire.errors import PermissionDenied, RequestClosed
 
-from .dispatch import Context
+from .context import Context
 from .tool_base import Args, ToolSpec
 
 

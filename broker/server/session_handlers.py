@@ -35,8 +35,10 @@ from broker.wire.protocol import (
     WhoAmIResult,
 )
 
-from .dispatch import Context, State, log
+from .context import Context
+from .dispatch import log
 from .operations import ADMIN, ANYONE_UNLOCKED, OWNER_CHANGE, Rule, operation
+from .state import State
 
 
 def session_info(rec: SessionRecord, state: State) -> SessionInfo:

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict
 from broker.core.sessions import scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
-from .dispatch import Context, filtered_admin
+from .context import Context
+from .dispatch import filtered_admin
 
 
 class Args(BaseModel):

@@ -11,7 +11,8 @@ from broker.core.transactions import Transaction
 from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
 
 from .approval_view import shown_args
-from .dispatch import Context, log
+from .context import Context
+from .dispatch import log
 from .operations import OWNER, OWNER_CHANGE, operation
 
 

@@ -52,7 +52,8 @@ from broker.wire.protocol import (
 )
 
 from .approval_view import approval_lines
-from .dispatch import Context, invoke
+from .context import Context
+from .dispatch import invoke
 from .operations import OPERATIONS
 from .tool_base import Args, ToolSpec
 

@@ -1,0 +1,221 @@
+"""The broker's state: the open vault and the stores built on it, the audit log, the worker
+pools, and the throttle for failed token attempts. One `State` per broker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from broker.core.audit import AuditLog
+from broker.core.bindings import AncestryCache, host_fingerprint
+from broker.core.key_cache import KeyCache
+from broker.core.requests import RequestStore
+from broker.core.rollback import RollbackGuard
+from broker.core.sessions import PendingRevocations, SessionStore
+from broker.core.transactions import TxStore
+from broker.core.vault import Vault, utcnow
+from broker.paths import Paths
+
+from .notify import Notifier
+from .peer import Peer
+
+if TYPE_CHECKING:
+    from .context import Context
+
+log = logging.getLogger("apm.broker")
+T = TypeVar("T")
+
+
+class Throttle:
+    """A growing delay for failed token attempts, keyed by the peer's uid, plus a global budget.
+
+    Rules:
+    - The key is what the kernel reports (uid): a new Unix session, process or connection
+      does not start a fresh count.
+    - A valid call does not reset the count; only a quiet period (QUIET seconds) does.
+    - Beyond GLOBAL_FREE failures a minute from everyone together, every failure pays the
+      full delay.
+    - Penalties are served one at a time (`penalize`): parallel attempts queue up instead of
+      sleeping side by side, so the delay bounds the rate, not only the latency.
+    """
+
+    FREE = 2  # failures per key before any delay
+    MAX_DELAY = 5.0
+    QUIET = 600.0
+    GLOBAL_FREE = 30
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._fails: dict[int, tuple[int, float]] = {}
+        self._recent: collections.deque[float] = collections.deque()
+        self._serving: asyncio.Lock | None = None
+
+    @staticmethod
+    def key(peer: Peer) -> int:
+        return peer.uid if peer.uid is not None else -1
+
+    def failed(self, peer: Peer) -> float:
+        """Record a failure; returns the delay to apply before answering."""
+        k = self.key(peer)
+        count, last = self._fails.get(k, (0, 0.0))
+        now = self.clock()
+        if now - last > self.QUIET:
+            count = 0
+        count += 1
+        self._fails[k] = (count, now)
+        if len(self._fails) > 10_000:
+            self._fails.clear()
+        self._recent.append(now)
+        while self._recent and now - self._recent[0] > 60.0:
+            self._recent.popleft()
+        if len(self._recent) > self.GLOBAL_FREE:
+            return self.MAX_DELAY
+        return (
+            0.0 if count <= self.FREE else min(0.05 * 2 ** (count - self.FREE - 1), self.MAX_DELAY)
+        )
+
+    async def penalize(self, peer: Peer) -> None:
+        """Record a failure and serve its delay, one penalty at a time."""
+        delay = self.failed(peer)
+        if not delay:
+            return
+        if self._serving is None:
+            self._serving = asyncio.Lock()
+        async with self._serving:
+            await asyncio.sleep(delay)
+
+
+@dataclass
+class State:
+    paths: Paths
+    cache: KeyCache
+    clock: Callable[[], datetime] = utcnow
+    ancestry: AncestryCache = field(default_factory=AncestryCache)
+    host: str = field(default_factory=host_fingerprint)
+    throttle: Throttle = field(default_factory=Throttle)
+    audit: AuditLog | None = None
+    notifier: Notifier | None = None
+    request_max_minutes: int = 60
+    txs: TxStore = field(init=False)
+    rollback: RollbackGuard = field(init=False)  # rollback defences (core/rollback.py)
+    max_ttl: timedelta = timedelta(days=90)
+    started_at: float = field(default_factory=time.time)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    kdf_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kdf")
+    )
+    io_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="io")
+    )
+
+    async def kdf(self, fn: Callable[..., T], *args: Any) -> T:
+        """Key derivations run one at a time, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.kdf_pool, fn, *args)
+
+    async def io(self, fn: Callable[..., T], *args: Any) -> T:
+        """Durable writes run one at a time, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    def __post_init__(self) -> None:
+        self.txs = TxStore(self.clock)
+        pending = PendingRevocations(self.paths.state_dir / "pending-revocations.json")
+        self.rollback = RollbackGuard(pending)
+
+    _store: SessionStore | None = None
+    _store_vault: Vault | None = None
+    _mcp_host: asyncio.Future[Any] | None = None
+
+    async def mcp_host(self) -> Any:
+        """The McpHost, once its background import finished (None if it failed)."""
+        if self._mcp_host is None:
+            return None
+        if self._mcp_host.done():  # the hot path: no new future per frame
+            return self._mcp_host.result()
+        return await asyncio.shield(self._mcp_host)
+
+    def sessions(self) -> SessionStore:
+        """The session store of the unlocked vault (rebuilt after each unlock)."""
+        vault = self.cache.get()
+        if self._store is None or self._store_vault is not vault:
+            self._store = SessionStore(
+                vault.extra.get("sessions", []),
+                clock=self.clock,
+                ancestry=self.ancestry,
+                host=self.host,
+            )
+            self._store_vault = vault
+        return self._store
+
+    _reqs: RequestStore | None = None
+    _reqs_vault: Vault | None = None
+
+    def requests(self) -> RequestStore:
+        """The access requests of the unlocked vault (rebuilt after each unlock)."""
+        vault = self.cache.get()
+        if self._reqs is None or self._reqs_vault is not vault:
+            self._reqs = RequestStore(vault.extra.get("requests", []), self.clock)
+            self._reqs_vault = vault
+        return self._reqs
+
+    async def persist_sessions(self, *, locked: bool = False) -> None:
+        """Write sessions and access requests into the vault, durably (no secrets in either).
+
+        `locked`: the caller already holds write_lock.
+        """
+        vault = self.cache.get()
+        store = self.sessions()
+        reqs = self.requests()
+
+        def work() -> None:
+            with vault.mutation():
+                vault.extra["sessions"] = store.dump()
+                vault.extra["requests"] = reqs.dump()
+
+        if locked:
+            await self.io(work)
+        else:
+            async with self.write_lock:
+                await self.io(work)
+        store.dirty = False
+
+    def peer_exe(self, peer: Peer) -> str | None:
+        if peer.pid is None:
+            return None
+        chain = self.ancestry.get(peer.pid)
+        return chain[0].exe if chain else None
+
+    def record(self, event: str, ctx: Context | None = None, **fields: Any) -> None:
+        """Append an audit record; raises StorageError so the caller refuses the operation."""
+        if self.audit is None:
+            return
+        if ctx is not None:
+            fields.setdefault("pid", ctx.peer.pid)
+            fields.setdefault("exe", ctx.exe if ctx.exe is not None else self.peer_exe(ctx.peer))
+            if ctx.session is not None:
+                fields.setdefault("session", ctx.session.accessor)
+                fields.setdefault("label", ctx.session.label or None)
+            else:
+                fields.setdefault("actor", "owner" if ctx.owner_proven else None)
+        self.audit.append(event, **fields)
+
+    async def flush_and_lock(self) -> bool:
+        """Lock the vault, first saving session usage counters (best effort). Hold write_lock."""
+        vault = self.cache.peek()
+        store = self._store
+        if vault is not None and store is not None and self._store_vault is vault and store.dirty:
+            try:
+                await self.persist_sessions(locked=True)
+            except Exception:  # locking must never fail
+                log.warning("could not save session usage before locking", exc_info=True)
+        self._store = self._store_vault = None
+        self._reqs = self._reqs_vault = None
+        return self.cache.lock()
