@@ -47,7 +47,7 @@ from pydantic import SecretStr  # noqa: E402
 
 from broker.core.bindings import AncestryCache, walk_ancestry  # noqa: E402
 from broker.core.crypto import KdfParams, normalize_password  # noqa: E402
-from broker.core.key_cache import KeyCache, LockPolicy  # noqa: E402
+from broker.core.key_cache import LockPolicy, OpenVault  # noqa: E402
 from broker.core.sessions import CreateSpec, SessionStore  # noqa: E402
 from broker.core.vault import Change, Vault  # noqa: E402
 from broker.paths import Paths  # noqa: E402
@@ -146,7 +146,7 @@ def bench_dispatch(n: int, iterations: int, work: Path) -> dict[str, float]:
     seed, tokens = make_store(n, ancestry)
     vault.extra["sessions"] = seed.dump()
     state = State(
-        paths=paths, cache=KeyCache(LockPolicy()), ancestry=ancestry, host=HOST, clock=now
+        paths=paths, cache=OpenVault(LockPolicy()), ancestry=ancestry, host=HOST, clock=now
     )
     state.cache.put(vault)
     loop = asyncio.new_event_loop()

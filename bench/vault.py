@@ -68,7 +68,7 @@ from broker import paths  # noqa: E402
 from broker.cli.client import BrokerClient  # noqa: E402
 from broker.core import crypto  # noqa: E402
 from broker.core.crypto import PROFILES  # noqa: E402
-from broker.core.key_cache import KeyCache, LockPolicy, _mlock  # noqa: E402
+from broker.core.key_cache import LockPolicy, OpenVault, _mlock  # noqa: E402
 from broker.core.vault import Change, Vault  # noqa: E402
 from broker.server import daemon, dispatch  # noqa: E402
 from broker.server.peer import Peer  # noqa: E402
@@ -611,7 +611,7 @@ def in_process(
         ).encode()
 
     async def run() -> dict[str, Any]:
-        state = State(paths=paths.resolve({"APM_HOME": str(home)}), cache=KeyCache(LockPolicy()))
+        state = State(paths=paths.resolve({"APM_HOME": str(home)}), cache=OpenVault(LockPolicy()))
         state.cache.put(vault)
         audit = open_audit(state, home, vault)
         res: dict[str, Any] = {}
@@ -713,7 +713,10 @@ def breakdown(vault: Vault, n: int) -> dict[str, Any]:
                 ),
             )
         v1.close()
-        t("open: KeyCache.put's mlock of the key (ctypes find_library)", lambda: _mlock(vault._dek))
+        t(
+            "open: OpenVault.put's mlock of the key (ctypes find_library)",
+            lambda: _mlock(vault._dek),
+        )
     v1_path.unlink(missing_ok=True)
     return {k: stats(v) for k, v in steps.items()}
 

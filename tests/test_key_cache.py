@@ -9,7 +9,7 @@ import pytest
 
 from broker.core import crypto
 from broker.core.crypto import KdfParams
-from broker.core.key_cache import KeyCache, LockPolicy
+from broker.core.key_cache import LockPolicy, OpenVault
 from broker.core.vault import Payload, Vault
 from broker.core.vault_file import Header
 from broker.wire.errors import ApmError
@@ -42,11 +42,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def cache(clock: Clock) -> KeyCache:
-    return KeyCache(POLICY, monotonic=clock)
+def cache(clock: Clock) -> OpenVault:
+    return OpenVault(POLICY, monotonic=clock)
 
 
-def assert_locked(cache: KeyCache) -> None:
+def assert_locked(cache: OpenVault) -> None:
     with pytest.raises(ApmError) as info:
         cache.get()
     assert info.value.code == "VAULT_LOCKED"
@@ -55,13 +55,13 @@ def assert_locked(cache: KeyCache) -> None:
     assert cache.seconds_to_lock() is None
 
 
-def test_a_new_cache_is_locked(cache: KeyCache) -> None:
+def test_a_new_cache_is_locked(cache: OpenVault) -> None:
     assert_locked(cache)
     assert cache.lock() is False
 
 
 def test_the_vault_locks_after_the_idle_time_without_use(
-    cache: KeyCache, clock: Clock, tmp_path: Path
+    cache: OpenVault, clock: Clock, tmp_path: Path
 ) -> None:
     vault = open_vault(tmp_path)
     cache.put(vault)
@@ -74,7 +74,7 @@ def test_the_vault_locks_after_the_idle_time_without_use(
     assert_locked(cache)
 
 
-def test_peeking_does_not_count_as_use(cache: KeyCache, clock: Clock, tmp_path: Path) -> None:
+def test_peeking_does_not_count_as_use(cache: OpenVault, clock: Clock, tmp_path: Path) -> None:
     cache.put(open_vault(tmp_path))
     clock.advance(IDLE - 1)
     assert cache.peek() is not None
@@ -84,7 +84,7 @@ def test_peeking_does_not_count_as_use(cache: KeyCache, clock: Clock, tmp_path: 
 
 
 def test_the_vault_locks_at_the_hard_limit_even_while_in_use(
-    cache: KeyCache, clock: Clock, tmp_path: Path
+    cache: OpenVault, clock: Clock, tmp_path: Path
 ) -> None:
     vault = open_vault(tmp_path)
     cache.put(vault)
@@ -97,7 +97,7 @@ def test_the_vault_locks_at_the_hard_limit_even_while_in_use(
 
 
 def test_expiry_zeroes_the_key_of_the_locked_vault(
-    cache: KeyCache, clock: Clock, tmp_path: Path
+    cache: OpenVault, clock: Clock, tmp_path: Path
 ) -> None:
     vault = open_vault(tmp_path)
     dek = vault._dek
@@ -109,7 +109,7 @@ def test_expiry_zeroes_the_key_of_the_locked_vault(
     assert vault.entries == {}
 
 
-def test_lock_zeroes_the_key_and_drops_the_vault(cache: KeyCache, tmp_path: Path) -> None:
+def test_lock_zeroes_the_key_and_drops_the_vault(cache: OpenVault, tmp_path: Path) -> None:
     vault = open_vault(tmp_path)
     dek = vault._dek
     assert any(dek)
@@ -121,7 +121,7 @@ def test_lock_zeroes_the_key_and_drops_the_vault(cache: KeyCache, tmp_path: Path
     assert_locked(cache)
 
 
-def test_putting_a_new_vault_zeroes_the_previous_key(cache: KeyCache, tmp_path: Path) -> None:
+def test_putting_a_new_vault_zeroes_the_previous_key(cache: OpenVault, tmp_path: Path) -> None:
     first, second = open_vault(tmp_path), open_vault(tmp_path)
     first_dek = first._dek
     cache.put(first)
@@ -132,7 +132,7 @@ def test_putting_a_new_vault_zeroes_the_previous_key(cache: KeyCache, tmp_path: 
 
 
 def test_lock_times_report_the_earlier_idle_and_the_hard_deadline(
-    cache: KeyCache, clock: Clock, tmp_path: Path
+    cache: OpenVault, clock: Clock, tmp_path: Path
 ) -> None:
     cache.put(open_vault(tmp_path))
     clock.advance(10)

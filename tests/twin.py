@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from broker.core.audit import AuditLog
 from broker.core.crypto import KdfParams, normalize_password
-from broker.core.key_cache import KeyCache, LockPolicy
+from broker.core.key_cache import LockPolicy, OpenVault
 from broker.core.vault import Vault
 from broker.paths import Paths
 from broker.server import dispatch
@@ -68,7 +68,7 @@ def broker_state(
     `seed` fills the vault before the audit log opens; `sign_audit` gives the log its key now
     (as an unlock would); the other keywords go to `State` (clock, ancestry, host, throttle)."""
     paths = twin_paths(root)
-    state = State(paths=paths, cache=KeyCache(LockPolicy()), **state_kw)
+    state = State(paths=paths, cache=OpenVault(LockPolicy()), **state_kw)
     vault = Vault.create(paths.vault, normalize_password(password), FAST_KDF)
     state.cache.put(vault)
     if seed is not None:

@@ -8,8 +8,6 @@ Rules:
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from broker.wire.errors import VaultLocked
 
+from .libc import libc
 from .vault import Vault
 
 
@@ -26,23 +25,21 @@ class LockPolicy:
     hard: timedelta = timedelta(hours=12)
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """Resolved once: find_library runs `ldconfig -p` in a child process."""
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
 def _mlock(buf: bytearray) -> bool:
     """Best effort: keep the key's pages out of swap."""
     try:
-        libc = _libc()
+        lib = libc()
+        if lib is None:
+            return False
         arr = (ctypes.c_char * len(buf)).from_buffer(buf)
-        return int(libc.mlock(ctypes.addressof(arr), ctypes.c_size_t(len(buf)))) == 0
+        return int(lib.mlock(ctypes.addressof(arr), ctypes.c_size_t(len(buf)))) == 0
     except (OSError, AttributeError, TypeError, ValueError):
         return False
 
 
-class KeyCache:
+class OpenVault:
+    """The open (unlocked) vault and its data key, held in memory until a lock or a timer."""
+
     def __init__(
         self,
         policy: LockPolicy,
@@ -117,3 +114,6 @@ class KeyCache:
             seconds=self._unlocked_mono + self.policy.hard.total_seconds() - now_mono
         )
         return idle_at, hard_at
+
+
+KeyCache = OpenVault  # the old name, for code written before the rename

@@ -25,7 +25,7 @@ from typing import Any
 
 from broker import __version__, paths
 from broker.core.audit import AuditLog
-from broker.core.key_cache import KeyCache, LockPolicy
+from broker.core.key_cache import LockPolicy, OpenVault
 from broker.wire.errors import ApmError, InvalidParameters
 from broker.wire.relay import MCP_FRAME
 
@@ -295,7 +295,7 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
     transport.bind()
     state = State(
         paths=p,
-        cache=KeyCache(config.lock),
+        cache=OpenVault(config.lock),
         max_ttl=config.max_ttl,
         notifier=Notifier(config.webhook_url, config.desktop_notifications),
         request_max_minutes=config.request_max_minutes,

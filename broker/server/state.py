@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
-from broker.core.key_cache import KeyCache
+from broker.core.key_cache import OpenVault
 from broker.core.requests import RequestStore
 from broker.core.rollback import RollbackGuard
 from broker.core.sessions import PendingRevocations, SessionStore
@@ -96,7 +96,7 @@ class Throttle:
 @dataclass
 class State:
     paths: Paths
-    cache: KeyCache
+    cache: OpenVault
     clock: Callable[[], datetime] = utcnow
     ancestry: AncestryCache = field(default_factory=AncestryCache)
     host: str = field(default_factory=host_fingerprint)
