@@ -32,10 +32,6 @@ class Paths(NamedTuple):
         return self.state_dir / "broker.log"
 
     @property
-    def lock_path(self) -> Path:
-        return self.runtime_dir / "broker.lock"
-
-    @property
     def config_file(self) -> Path:
         return self.config_dir / "config.toml"
 

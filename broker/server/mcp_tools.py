@@ -370,18 +370,11 @@ def _with_error_meta(extra: str, error_json: str) -> str:
     return f',"_meta":{{{meta}}}{extra}'
 
 
-def result_code(result: types.CallToolResult | Outcome) -> str:
-    if isinstance(result, Outcome):
-        return str(result.structured.get("code", "INTERNAL_ERROR")) if result.is_error else "OK"
-    if not result.is_error:
-        return "OK"
-    body = (result.meta or {}).get(ERROR_META) or {}
-    return str(body.get("code", "INTERNAL_ERROR"))
+def result_code(result: Outcome) -> str:
+    return str(result.structured.get("code", "INTERNAL_ERROR")) if result.is_error else "OK"
 
 
-def result_refs(
-    arguments: dict[str, Any] | None, result: types.CallToolResult | Outcome
-) -> dict[str, Any]:
+def result_refs(arguments: dict[str, Any] | None, result: Outcome) -> dict[str, Any]:
     """Entry, transaction and receipt ids of a call, for its audit record (never values)."""
     refs: dict[str, Any] = {}
     args = arguments or {}
@@ -389,7 +382,7 @@ def result_refs(
         value = args.get(key)
         if isinstance(value, str):
             refs["tx" if key == "tx_id" else key] = value[:200]
-    body = result.structured if isinstance(result, Outcome) else (result.structured_content or {})
+    body = result.structured
     for key in ("tx_id", "receipt", "id"):
         value = body.get(key)
         if isinstance(value, str):
