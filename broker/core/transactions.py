@@ -28,6 +28,7 @@ from broker.wire.errors import (
     TransactionExpired,
     TransactionNotFound,
 )
+from broker.wire.protocol import TxInfo, TxSummary
 
 TxState = Literal["pending", "awaiting_owner", "approved", "committed", "aborted", "denied"]
 DEFAULT_TTL = timedelta(minutes=15)
@@ -61,6 +62,28 @@ class Transaction:
     committed_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"generated": the new value}
     origin: Literal["tool", "wire"] = "tool"  # "wire": held by the gate; approving executes it
+
+    def info(self, now: datetime) -> TxInfo:
+        """The session's view of it."""
+        return TxInfo(**self._view(now))
+
+    def summary(self, now: datetime) -> TxSummary:
+        """The owner's view of it: also whose it is."""
+        return TxSummary(**self._view(now), session=self.accessor, label=self.label)
+
+    def _view(self, now: datetime) -> dict[str, Any]:
+        return {
+            "tx_id": self.tx_id,
+            "tool": self.tool,
+            "status": self.status(now),
+            "preview": self.preview,
+            "method": self.method,
+            "policy": self.policy,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "receipt": self.receipt,
+            "reason": self.decided_reason,
+        }
 
     def status(self, now: datetime) -> str:
         if self.state in ("pending", "awaiting_owner", "approved") and now >= self.expires_at:

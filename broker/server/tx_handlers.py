@@ -17,21 +17,8 @@ from .operations import OWNER, OWNER_CHANGE, operation
 
 
 def summary(tx: Transaction, ctx: Context) -> TxSummary:
-    return TxSummary(
-        tx_id=tx.tx_id,
-        tool=tx.tool,
-        status=tx.status(ctx.state.clock()),
-        preview=tx.preview,
-        method=tx.method,
-        args=shown_args(tx.params),
-        policy=tx.policy,
-        session=tx.accessor,
-        label=tx.label,
-        created_at=tx.created_at,
-        expires_at=tx.expires_at,
-        receipt=tx.receipt,
-        reason=tx.decided_reason,
-    )
+    """The owner's view, with the exact stored arguments approving executes (#13.1)."""
+    return summary(tx, ctx).model_copy(update={"args": shown_args(tx.params)})
 
 
 @operation("tx.list", OWNER)

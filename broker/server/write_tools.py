@@ -49,6 +49,7 @@ from broker.wire.protocol import (
     SpaceAddParams,
     SpaceRemoveParams,
     SpaceRenameParams,
+    TxInfo,
 )
 
 from .approval_view import approval_lines
@@ -132,38 +133,12 @@ class TxStatusArgs(Args):
     tx_id: str = Field(max_length=64)
 
 
-class TxInfo(BaseModel):
-    tx_id: str
-    tool: str
-    status: str
-    preview: str
-    policy: str
-    created_at: datetime
-    expires_at: datetime
-    receipt: str | None = None
-    reason: str | None = None
-
-
 class TxListArgs(Args):
     status: str | None = None
 
 
 class TxListOut(BaseModel):
     transactions: list[TxInfo]
-
-
-def tx_info(tx: Transaction, now: datetime) -> TxInfo:
-    return TxInfo(
-        tx_id=tx.tx_id,
-        tool=tx.tool,
-        status=tx.status(now),
-        preview=tx.preview,
-        policy=tx.policy,
-        created_at=tx.created_at,
-        expires_at=tx.expires_at,
-        receipt=tx.receipt,
-        reason=tx.decided_reason,
-    )
 
 
 @dataclass
@@ -542,14 +517,14 @@ def two_phase(tool: str, args: type[TxArgs], build: Build) -> Callable[[Context,
 async def _tx_status(ctx: Context, a: TxStatusArgs) -> TxInfo:
     accessor = ctx.session.accessor if ctx.session is not None else None
     tx = ctx.state.txs.get(a.tx_id, accessor)
-    return tx_info(tx, ctx.state.clock())
+    return tx.info(ctx.state.clock())
 
 
 async def _tx_list(ctx: Context, a: TxListArgs) -> TxListOut:
     accessor = ctx.session.accessor if ctx.session is not None else None
     now = ctx.state.clock()
     txs = ctx.state.txs.listing(accessor, {a.status} if a.status else None)
-    return TxListOut(transactions=[tx_info(t, now) for t in txs])
+    return TxListOut(transactions=[t.info(now) for t in txs])
 
 
 async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
@@ -557,7 +532,7 @@ async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
         raise PermissionDenied("tx_abort needs a session")
     tx = ctx.state.txs.abort(a.tx_id, ctx.session.accessor)
     ctx.state.record("tx.aborted", ctx, tx=tx.tx_id)
-    return tx_info(tx, ctx.state.clock())
+    return tx.info(ctx.state.clock())
 
 
 WRITE_TOOLS: tuple[ToolSpec, ...] = (

@@ -551,7 +551,9 @@ class TxListParams(Strict):
     pending: bool = False
 
 
-class TxSummary(Wire):
+class TxInfo(Wire):
+    """A transaction as its own session sees it (the `tx_status`/`tx_list` tools)."""
+
     tx_id: str
     tool: str
     status: str
@@ -560,12 +562,17 @@ class TxSummary(Wire):
     method: str = ""
     args: dict[str, Any] = Field(default_factory=dict)
     policy: str
-    session: str
-    label: str
     created_at: datetime
     expires_at: datetime
     receipt: str | None = None
     reason: str | None = None
+
+
+class TxSummary(TxInfo):
+    """A transaction as the owner sees it (`apm tx ls`): also whose it is."""
+
+    session: str
+    label: str
 
 
 class TxListResult(Wire):
