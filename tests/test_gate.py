@@ -322,3 +322,50 @@ async def test_a_filtered_admin_session_from_an_older_vault_sees_no_audit_sessio
     # inside its filter it still works as a write session would
     body = await twin.tool(rec, "list_entries", {})
     assert [e["name"] for e in body["entries"]] == ["inops"]
+
+
+# ---------------------------------------------------------------------- tool schemas
+
+
+@pytest.mark.anyio
+async def test_an_oversized_secret_is_refused_naming_the_tools_own_field(twin: Twin) -> None:
+    _, rec = twin.session("agent", scope="admin")
+    big = "x" * (64 * 1024 + 1)
+    body = await twin.tool(
+        rec, "add_entry", {"type": "login", "name": "n", "secrets": {"password": big}}
+    )
+    assert body["error"] and body["code"] == "INVALID_PARAMETERS"
+    assert body["data"]["fields"] == ["secrets.password"]
+    schema = next(t for t in mcp_tools.TOOLS if t.name == "add_entry").to_mcp().input_schema
+    secrets = schema["properties"]["secrets"]
+    assert (secrets["maxProperties"], secrets["additionalProperties"]["maxLength"]) == (64, 65536)
+
+
+def _oversized(prop: dict[str, Any]) -> Any:
+    kinds = {prop.get("type")} | {a.get("type") for a in prop.get("anyOf", [])}
+    if "string" in kinds:
+        return "y" * (64 * 1024 + 1)
+    if "object" in kinds:
+        return {"k": "y" * (64 * 1024 + 1)}
+    if "array" in kinds:
+        return ["y" * 300]
+    return None
+
+
+@pytest.mark.anyio
+async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(twin: Twin) -> None:
+    _, rec = twin.session("agent", scope="admin")
+    checked = 0
+    for spec in mcp_tools.TOOLS:
+        schema = spec.to_mcp().input_schema
+        for name, prop in schema.get("properties", {}).items():
+            value = _oversized(prop)
+            if value is None:
+                continue
+            body = await twin.tool(rec, spec.name, {name: value})
+            if not body["error"] or body["code"] != "INVALID_PARAMETERS":
+                continue
+            named = {f.split(".")[0] for f in body.get("data", {}).get("fields", [])}
+            assert named <= set(schema["properties"]), (spec.name, name, named)
+            checked += 1
+    assert checked > 20

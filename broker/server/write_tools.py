@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import mcp.types as types
 from pydantic import BaseModel, Field, SecretStr
@@ -30,7 +30,14 @@ from pydantic import BaseModel, Field, SecretStr
 from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction, state_allows
 from broker.wire.display import escape
-from broker.wire.entries import ENTRY_TYPES, SPACE_PATTERN, EntryMeta, EntryType
+from broker.wire.entries import (
+    ENTRY_TYPES,
+    NAME_MAX,
+    SPACE_PATTERN,
+    VALUE_MAX,
+    EntryMeta,
+    EntryType,
+)
 from broker.wire.errors import (
     ApmError,
     ApprovalDenied,
@@ -67,34 +74,44 @@ class TxArgs(Args):
     approve: bool = Field(default=False, description="with tx_id: execute the previewed change")
 
 
+# the wire's limits, published in the tools' input schemas: a refused value names the tool's
+# own field (`secrets.password`), never a wire model's
+Value = Annotated[str, Field(max_length=VALUE_MAX)]
+Space = Annotated[str, Field(pattern=SPACE_PATTERN)]
+Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
+Tags = Annotated[list[Name], Field(max_length=64)]
+Fields = Annotated[dict[str, Value], Field(max_length=64)]
+Url = Annotated[str, Field(max_length=2048)]
+
+
 class AddEntryArgs(TxArgs):
     type: EntryType | None = None
-    name: str | None = Field(default=None, max_length=200)
-    space: str = "default"
-    tags: list[str] = Field(default_factory=list)
-    url: str | None = None
-    notes: str | None = None
-    fields: dict[str, str] = Field(default_factory=dict, description="non-secret fields")
-    secrets: dict[str, str] = Field(default_factory=dict, description="secret fields")
+    name: Name | None = None
+    space: Space = "default"
+    tags: Tags = Field(default_factory=list)
+    url: Url | None = None
+    notes: Value | None = None
+    fields: Fields = Field(default_factory=dict, description="non-secret fields")
+    secrets: Fields = Field(default_factory=dict, description="secret fields")
 
 
 class EditEntryArgs(TxArgs):
-    entry: str | None = Field(default=None, max_length=200, description="id or name")
-    space: str | None = None
-    new_name: str | None = None
-    move_to: str | None = None
-    add_tags: list[str] = Field(default_factory=list)
-    remove_tags: list[str] = Field(default_factory=list)
-    url: str | None = None
-    notes: str | None = None
-    fields: dict[str, str] = Field(default_factory=dict)
-    secrets: dict[str, str] = Field(default_factory=dict)
-    remove_fields: list[str] = Field(default_factory=list)
+    entry: Name | None = Field(default=None, description="id or name")
+    space: Space | None = None
+    new_name: Name | None = None
+    move_to: Space | None = None
+    add_tags: Tags = Field(default_factory=list)
+    remove_tags: Tags = Field(default_factory=list)
+    url: Url | None = None
+    notes: Value | None = None
+    fields: Fields = Field(default_factory=dict)
+    secrets: Fields = Field(default_factory=dict)
+    remove_fields: Annotated[list[Name], Field(max_length=64)] = Field(default_factory=list)
 
 
 class DeleteEntryArgs(TxArgs):
-    entry: str | None = Field(default=None, max_length=200)
-    space: str | None = None
+    entry: Name | None = None
+    space: Space | None = None
 
 
 class ManageSpacesArgs(TxArgs):
@@ -105,9 +122,9 @@ class ManageSpacesArgs(TxArgs):
 
 
 class GeneratePasswordArgs(TxArgs):
-    entry: str | None = Field(default=None, max_length=200, description="entry to set, id/name")
-    space: str | None = None
-    field: str | None = Field(default=None, description="default: the type's main secret")
+    entry: Name | None = Field(default=None, description="entry to set, id/name")
+    space: Space | None = None
+    field: Name | None = Field(default=None, description="default: the type's main secret")
     type: EntryType | None = Field(default=None, description="create the entry with this type")
     length: int = Field(default=24, ge=8, le=128)
     lowercase: bool = True
