@@ -53,11 +53,14 @@ MAX_BACKLOG = 1024  # messages one connection may have waiting for its SDK serve
 IDLE_CONNECTION_SECONDS = 6 * 3600
 CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
+CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 MODERN_VERSION = "2026-07-28"
 SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 # what a 2026-07-28 result carries besides the 2025-11-25 fields
+SERVER_TITLE = "apm password manager"
 MODERN_EXTRA = ',"resultType":"complete","_meta":' + json.dumps(
-    {SERVER_INFO_META: {"name": "apm", "version": __version__}}, separators=(",", ":")
+    {SERVER_INFO_META: {"name": "apm", "title": SERVER_TITLE, "version": __version__}},
+    separators=(",", ":"),
 )
 
 
@@ -198,6 +201,11 @@ class McpHost:
             return
         self._note_client(conn, message)
         root = getattr(message, "root", message)  # a RootModel or the concrete message
+        if getattr(root, "id", None) is None and b'"id"' in payload and self._has_id(payload):
+            # the SDK reads a request with an id that is not a string or an integer (1.5,
+            # true, {}) as a notification and never answers it: refuse it instead
+            self._invalid(conn, payload)
+            return
         if getattr(root, "method", None) == "notifications/initialized":
             conn.initialized = True
         self._deliver(conn, SessionMessage(message=message), getattr(root, "id", None))
@@ -261,8 +269,12 @@ class McpHost:
             return False
         modern = False
         if isinstance(meta, dict) and PROTOCOL_VERSION_META in meta:
-            if meta[PROTOCOL_VERSION_META] != MODERN_VERSION:
-                return False  # the SDK answers versions it does not serve
+            if (
+                meta[PROTOCOL_VERSION_META] != MODERN_VERSION
+                or conn.initialized
+                or not isinstance(meta.get(CLIENT_CAPABILITIES_META), dict)
+            ):
+                return False  # the SDK answers what this connection does not serve
             modern = True
             info = meta.get(CLIENT_INFO_META)
             if isinstance(info, dict) and isinstance(info.get("name"), str):
@@ -309,6 +321,13 @@ class McpHost:
         if not isinstance(rid, str | int) or isinstance(rid, bool):
             rid = None
         self._send_error(conn, rid, -32600, "invalid JSON-RPC message")
+
+    @staticmethod
+    def _has_id(payload: bytes) -> bool:
+        with contextlib.suppress(ValueError):
+            doc = json.loads(payload)
+            return isinstance(doc, dict) and doc.get("id") is not None and "method" in doc
+        return False
 
     @staticmethod
     def _note_client(conn: Connection, message: Any) -> None:
@@ -385,7 +404,7 @@ class McpHost:
         return Server(
             "apm",
             version=__version__,
-            title="apm password manager",
+            title=SERVER_TITLE,
             instructions=instructions(rec),
             on_list_tools=list_tools,
             on_call_tool=call_tool,
