@@ -369,3 +369,22 @@ async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(tw
             assert named <= set(schema["properties"]), (spec.name, name, named)
             checked += 1
     assert checked > 20
+
+
+def test_the_operation_table_names_real_tools_and_each_write_tool_runs_mutating_ones() -> None:
+    by_tool: dict[str, set[str]] = {}
+    for op in OPERATIONS.values():
+        for tool in op.tools:
+            assert tool in mcp_tools.TOOLS_BY_NAME, (op.name, tool)
+            by_tool.setdefault(tool, set()).add(op.name)
+    changing = {
+        t.name
+        for t in mcp_tools.TOOLS
+        if t.scope == "write" and not t.read_only and not t.name.startswith("tx_")
+    }
+    assert len(changing) == 5
+    for tool in changing:
+        assert by_tool.get(tool), tool
+        assert all(OPERATIONS[o].rule.mutating for o in by_tool[tool]), tool
+    # a rule's audit class and mutating flag are consistent: every change leaves an attempt
+    assert all(op.rule.audit == "change" for op in OPERATIONS.values() if op.rule.mutating)

@@ -236,7 +236,7 @@ def _profile_info(vault: Vault) -> ProfileInfo:
     )
 
 
-@operation("profile.show", ADMIN)
+@operation("profile.show", ADMIN, tools=("manage_profiles",))
 async def process_profile_show(ctx: Context, p: Empty) -> ProfileInfo:
     return _profile_info(ctx.state.cache.get())
 
@@ -257,7 +257,7 @@ async def process_profile_set(ctx: Context, p: ProfileSetParams) -> ProfileInfo:
 # ---------------------------------------------------------------------- entries
 
 
-@operation("entry.add", WRITE)
+@operation("entry.add", WRITE, tools=("add_entry", "generate_password"))
 async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=[])
@@ -273,7 +273,7 @@ async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
     return EntryResult(entry=entry.meta())
 
 
-@operation("entry.list", LISTING)
+@operation("entry.list", LISTING, tools=("list_entries",))
 async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResult:
     vault = ctx.state.cache.get()
     matched = sorted(
@@ -284,7 +284,7 @@ async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResul
     return EntryListResult(entries=[e.meta() for e in page], total=len(matched))
 
 
-@operation("entry.search", LISTING)
+@operation("entry.search", LISTING, tools=("search_entries",))
 async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
     snapshot = ctx.state.cache.get().search_snapshot()  # other calls go on while it runs
     hits = await asyncio.to_thread(
@@ -293,12 +293,12 @@ async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearc
     return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
 
 
-@operation("entry.show", LISTING)
+@operation("entry.show", LISTING, tools=("get_entry",))
 async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
     return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta())
 
 
-@operation("entry.get", SECRETS)
+@operation("entry.get", SECRETS, tools=("get_entry", "decrypt_entry"))
 async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
@@ -307,7 +307,7 @@ async def process_entry_get(ctx: Context, p: EntryGetParams) -> EntryGetResult:
     return EntryGetResult(id=entry.id, name=entry.name, field=field, value=SecretStr(value))
 
 
-@operation("entry.edit", WRITE)
+@operation("entry.edit", WRITE, tools=("edit_entry", "generate_password"))
 async def process_entry_edit(ctx: Context, p: EntryEditParams) -> EntryResult:
     vault = ctx.state.cache.get()
     change = Change(fields=p.fields, secrets=_secrets(p.secrets), remove_fields=p.remove_fields)
@@ -349,7 +349,7 @@ def _unchanged(entry: StoredEntry, expected: datetime | None) -> None:
         raise TransactionConflict(data={"entry": entry.id})
 
 
-@operation("entry.remove", WRITE)
+@operation("entry.remove", WRITE, tools=("delete_entry",))
 async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemoveResult:
     vault = ctx.state.cache.get()
     async with ctx.state.write_lock:
@@ -359,7 +359,7 @@ async def process_entry_remove(ctx: Context, p: EntryRemoveParams) -> EntryRemov
     return EntryRemoveResult(id=entry.id, name=entry.name)
 
 
-@operation("entry.totp", SECRETS)
+@operation("entry.totp", SECRETS, tools=("get_totp",))
 async def process_entry_totp(ctx: Context, p: EntryRef) -> TotpResult:
     vault = ctx.state.cache.get()
     entry = vault.resolve(p.ref, p.space, ctx.visible)
@@ -385,7 +385,7 @@ async def process_space_list(ctx: Context, p: Empty) -> SpaceListResult:
     return SpaceListResult(spaces=[SpaceInfo(name=n, entries=c) for n, c in counts.items()])
 
 
-@operation("space.add", WRITE)
+@operation("space.add", WRITE, tools=("manage_spaces",))
 async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
@@ -394,7 +394,7 @@ async def process_space_add(ctx: Context, p: SpaceAddParams) -> SpaceInfo:
     return SpaceInfo(name=p.name, entries=0)
 
 
-@operation("space.rename", WRITE)
+@operation("space.rename", WRITE, tools=("manage_spaces",))
 async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
@@ -404,7 +404,7 @@ async def process_space_rename(ctx: Context, p: SpaceRenameParams) -> SpaceInfo:
     return SpaceInfo(name=p.new_name, entries=moved)
 
 
-@operation("space.remove", WRITE)
+@operation("space.remove", WRITE, tools=("manage_spaces",))
 async def process_space_remove(ctx: Context, p: SpaceRemoveParams) -> SpaceRemoveResult:
     ctx.require_unfiltered()
     vault = ctx.state.cache.get()
