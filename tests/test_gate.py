@@ -9,7 +9,6 @@ test_gate_e2e.py.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,16 +18,13 @@ from typing import Any
 import pytest
 
 import broker.server.daemon  # noqa: F401 - declares every operation the real broker serves
-from broker.core.sessions import CreateSpec, SessionRecord
+from broker.core.sessions import CreateSpec
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
 from broker.server.context import Context
 from broker.server.operations import OPERATIONS
-from broker.server.peer import Peer
-from broker.server.state import State
-from broker.wire.protocol import Response
 
-from .twin import Clock, broker_state, wire
+from .twin import Twin, twin_of
 
 PASSWORD = "correct horse battery staple"
 NEW = "Gate-New-Secret-5521"
@@ -62,52 +58,26 @@ class FakeElicitation:
         return Answer("accept", {"approve": self.answer})
 
 
-@dataclass
-class Twin:
-    state: State
-    clock: Clock
-    peer: Peer
+def snapshot(t: Twin) -> tuple[Any, ...]:
+    """Everything a change could touch: each entry's place, name, url, tags and secret; spaces."""
+    v = t.vault
+    entries = sorted(
+        (e.space, e.name, e.url, tuple(sorted(e.tags)), v.reveal(e, None)[1])
+        for e in v.entries.values()
+    )
+    return tuple(entries), tuple(sorted(v.spaces))
 
-    @property
-    def vault(self) -> Vault:
-        return self.state.cache.get()
 
-    def session(self, approve: str, scope: str = "write") -> tuple[str, SessionRecord]:
-        spec = CreateSpec(label="m", scope=scope, ttl=timedelta(hours=1), approve=approve)  # type: ignore[arg-type]
-        return self.state.sessions().create(spec)
-
-    async def tool(
-        self, rec: SessionRecord, name: str, args: dict[str, Any], mcp: Any = None
-    ) -> dict[str, Any]:
-        ctx = Context(
-            state=self.state, peer=self.peer, auth=None, request_id="", session=rec, mcp=mcp
-        )
-        out = await mcp_tools.run(ctx, name, args)
-        return {"error": out.is_error, **out.structured}
-
-    async def wire(self, method: str, params: dict[str, Any], **auth: Any) -> Response:
-        return await wire(self.state, self.peer, method, params, **auth)
-
-    def snapshot(self) -> tuple[Any, ...]:
-        v = self.vault
-        entries = sorted(
-            (e.space, e.name, e.url, tuple(sorted(e.tags)), v.reveal(e, None)[1])
-            for e in v.entries.values()
-        )
-        return tuple(entries), tuple(sorted(v.spaces))
+def _seed(v: Vault) -> None:
+    v.space_add("ops")
+    v.add("login", "seed", "default", [], None, None, Change({}, {"password": "old-1"}, []))
+    v.add("login", "inops", "ops", [], None, None, Change({}, {"password": "old-2"}, []))
 
 
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    clock = Clock()
-
-    def seed(v: Vault) -> None:
-        v.space_add("ops")
-        v.add("login", "seed", "default", [], None, None, Change({}, {"password": "old-1"}, []))
-        v.add("login", "inops", "ops", [], None, None, Change({}, {"password": "old-2"}, []))
-
-    with broker_state(tmp_path, PASSWORD, seed=seed, clock=clock, audit_clock=clock) as state:
-        yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
+    with twin_of(tmp_path, PASSWORD, seed=_seed) as t:
+        yield t
 
 
 Check = Callable[[Twin], bool]
@@ -176,8 +146,8 @@ async def test_a_wire_change_lands_only_as_its_policy_allows(
     twin: Twin, policy: str, op: str
 ) -> None:
     _, _, params, landed = CASES[op]
-    token, _rec = twin.session(policy)
-    before = twin.snapshot()
+    token, _rec = twin.session(approve=policy)
+    before = snapshot(twin)
     resp = await twin.wire(op, params, token=token)
     if policy == "agent":
         assert resp.ok, resp.error
@@ -185,25 +155,25 @@ async def test_a_wire_change_lands_only_as_its_policy_allows(
         return
     assert not resp.ok and resp.error is not None
     assert resp.error.code == "APPROVAL_PENDING"
-    assert twin.snapshot() == before
+    assert snapshot(twin) == before
     tx_id = resp.error.data["tx_id"]
     assert NEW not in resp.model_dump_json() and NEW not in resp.error.data["preview"]
     # the session can neither approve its own change nor commit it through a tool
     own = await twin.wire("tx.approve", {"tx_id": tx_id}, token=token)
     assert not own.ok and own.error is not None and own.error.code == "PERMISSION_DENIED"
     for tool in {c[0] for c in CASES.values()}:
-        body = await twin.tool(_rec, tool, {"tx_id": tx_id, "approve": True})
+        body = await twin.body(_rec, tool, {"tx_id": tx_id, "approve": True})
         assert body["error"] and body["code"] == "TRANSACTION_NOT_FOUND"
-    assert twin.snapshot() == before
+    assert snapshot(twin) == before
     # the owner approves with the master password: exactly the held change lands, once
     ok = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
     assert ok.ok, ok.error
     assert ok.result is not None and ok.result["status"] == "committed"
     assert landed(twin)
-    after = twin.snapshot()
+    after = snapshot(twin)
     again = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
     assert not again.ok and again.error is not None and again.error.code == "TRANSACTION_CLOSED"
-    assert twin.snapshot() == after
+    assert snapshot(twin) == after
 
 
 @pytest.mark.anyio
@@ -213,36 +183,36 @@ async def test_a_tool_change_lands_only_as_its_policy_allows(
     twin: Twin, policy: str, op: str
 ) -> None:
     tool, args, _, landed = CASES[op]
-    _, rec = twin.session(policy)
-    before = twin.snapshot()
-    preview = await twin.tool(rec, tool, args)
+    _, rec = twin.session(approve=policy)
+    before = snapshot(twin)
+    preview = await twin.body(rec, tool, args)
     assert not preview["error"] and preview["status"] == "pending", preview
     tx_id = preview["tx_id"]
     commit = {"tx_id": tx_id, "approve": True}
     if policy == "agent":
-        assert (await twin.tool(rec, tool, commit))["status"] == "committed"
+        assert (await twin.body(rec, tool, commit))["status"] == "committed"
         assert landed(twin)
         return
     if policy == "client":
-        cannot = await twin.tool(rec, tool, commit)  # a client that cannot ask: fail closed
+        cannot = await twin.body(rec, tool, commit)  # a client that cannot ask: fail closed
         assert cannot["error"] and cannot["code"] == "PERMISSION_DENIED"
         no = FakeElicitation(answer=False)
-        denied = await twin.tool(rec, tool, commit, mcp=no)
+        denied = await twin.body(rec, tool, commit, mcp=no)
         assert denied["error"] and denied["code"] == "APPROVAL_DENIED" and no.asked
-        assert twin.snapshot() == before
-        preview = await twin.tool(rec, tool, args)
+        assert snapshot(twin) == before
+        preview = await twin.body(rec, tool, args)
         yes = FakeElicitation(answer=True)
-        done = await twin.tool(rec, tool, {"tx_id": preview["tx_id"], "approve": True}, mcp=yes)
+        done = await twin.body(rec, tool, {"tx_id": preview["tx_id"], "approve": True}, mcp=yes)
         assert done["status"] == "committed" and NEW not in yes.asked[0]
         assert landed(twin)
         return
-    waiting = await twin.tool(rec, tool, commit)
+    waiting = await twin.body(rec, tool, commit)
     assert waiting["status"] == "pending_owner_approval"
-    assert twin.snapshot() == before
+    assert snapshot(twin) == before
     ok = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
     assert ok.ok and ok.result is not None and ok.result["status"] == "approved"
-    assert twin.snapshot() == before  # a tool's transaction lands at the agent's commit
-    assert (await twin.tool(rec, tool, commit))["status"] == "committed"
+    assert snapshot(twin) == before  # a tool's transaction lands at the agent's commit
+    assert (await twin.body(rec, tool, commit))["status"] == "committed"
     assert landed(twin)
 
 
@@ -258,7 +228,7 @@ async def test_a_tool_context_without_a_session_is_never_the_owner(twin: Twin) -
 async def test_a_held_change_whose_entry_changed_since_is_a_conflict_and_changes_nothing(
     twin: Twin,
 ) -> None:
-    token, _ = twin.session("owner")
+    token, _ = twin.session(approve="owner")
     resp = await twin.wire("entry.edit", {"ref": "seed", "url": "https://a.example"}, token=token)
     assert resp.error is not None and resp.error.code == "APPROVAL_PENDING"
     owner = await twin.wire(
@@ -272,7 +242,7 @@ async def test_a_held_change_whose_entry_changed_since_is_a_conflict_and_changes
 
 @pytest.mark.anyio
 async def test_a_held_change_of_a_revoked_session_never_lands(twin: Twin) -> None:
-    token, rec = twin.session("owner")
+    token, rec = twin.session(approve="owner")
     resp = await twin.wire("space.add", {"name": "late"}, token=token)
     assert resp.error is not None and resp.error.code == "APPROVAL_PENDING"
     assert (await twin.wire("session.revoke", {"accessor": rec.accessor})).ok
@@ -317,10 +287,10 @@ async def test_a_filtered_admin_session_from_an_older_vault_sees_no_audit_sessio
         ("get_history", {"entry": "inops"}),
         ("tx_list", {}),
     ):
-        body = await twin.tool(rec, tool, args)
+        body = await twin.body(rec, tool, args)
         assert body["error"] and body["code"] == "PERMISSION_DENIED", tool
     # inside its filter it still works as a write session would
-    body = await twin.tool(rec, "list_entries", {})
+    body = await twin.body(rec, "list_entries", {})
     assert [e["name"] for e in body["entries"]] == ["inops"]
 
 
@@ -329,9 +299,9 @@ async def test_a_filtered_admin_session_from_an_older_vault_sees_no_audit_sessio
 
 @pytest.mark.anyio
 async def test_an_oversized_secret_is_refused_naming_the_tools_own_field(twin: Twin) -> None:
-    _, rec = twin.session("agent", scope="admin")
+    _, rec = twin.session("admin")
     big = "x" * (64 * 1024 + 1)
-    body = await twin.tool(
+    body = await twin.body(
         rec, "add_entry", {"type": "login", "name": "n", "secrets": {"password": big}}
     )
     assert body["error"] and body["code"] == "INVALID_PARAMETERS"
@@ -354,7 +324,7 @@ def _oversized(prop: dict[str, Any]) -> Any:
 
 @pytest.mark.anyio
 async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(twin: Twin) -> None:
-    _, rec = twin.session("agent", scope="admin")
+    _, rec = twin.session("admin")
     checked = 0
     for spec in mcp_tools.TOOLS:
         schema = spec.to_mcp().input_schema
@@ -362,7 +332,7 @@ async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(tw
             value = _oversized(prop)
             if value is None:
                 continue
-            body = await twin.tool(rec, spec.name, {name: value})
+            body = await twin.body(rec, spec.name, {name: value})
             if not body["error"] or body["code"] != "INVALID_PARAMETERS":
                 continue
             named = {f.split(".")[0] for f in body.get("data", {}).get("fields", [])}

@@ -9,26 +9,19 @@ The end-to-end versions, through the real shim and broker, are in test_writes_e2
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import mcp.types as mt
 import pytest
 from pydantic import SecretStr
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
-from broker.core.sessions import CreateSpec, SessionRecord
 from broker.core.transactions import DEFAULT_TTL, TxStore, args_hash
-from broker.core.vault import Change, Vault
-from broker.server import mcp_tools
+from broker.core.vault import Change
 from broker.server.context import Context
-from broker.server.peer import Peer
-from broker.server.state import State
 from broker.server.write_tools import WRITE_TOOLS
 from broker.wire.errors import (
     ApprovalDenied,
@@ -37,10 +30,10 @@ from broker.wire.errors import (
     TransactionExpired,
     TransactionNotFound,
 )
-from broker.wire.protocol import EntryAddParams, Response, SecretValue
+from broker.wire.protocol import EntryAddParams, SecretValue
 
 from .mcp_client import error_body
-from .twin import T0, Clock, broker_state, wire
+from .twin import T0, Clock, Twin, twin_of
 
 PASSWORD = "correct horse battery staple"
 SECRET = "s3cret-Previewed-4417"
@@ -210,73 +203,10 @@ def test_listing_filters_by_session_and_reports_expired_ones_as_expired() -> Non
 # ---------------------------------------------------------------------- the tool layer
 
 
-@dataclass
-class Twin:
-    """The broker's state in-process: real handlers and vault file, a fake clock."""
-
-    state: State
-    clock: Clock
-    peer: Peer
-
-    @property
-    def vault(self) -> Vault:
-        return self.state.cache.get()
-
-    def session(
-        self, scope: str = "write", approve: str = "agent", label: str = "agent-a"
-    ) -> tuple[str, SessionRecord]:
-        spec = CreateSpec(
-            label=label,
-            scope=scope,  # type: ignore[arg-type]
-            ttl=timedelta(hours=2),
-            approve=approve,  # type: ignore[arg-type]
-        )
-        return self.state.sessions().create(spec)
-
-    async def tool(
-        self, rec: SessionRecord, name: str, args: dict[str, Any], mcp: Any = None
-    ) -> mt.CallToolResult:
-        ctx = Context(
-            state=self.state, peer=self.peer, auth=None, request_id="", session=rec, mcp=mcp
-        )
-        return await mcp_tools.call(ctx, name, args)
-
-    async def ok(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        result = await self.tool(rec, name, args)
-        assert not result.is_error, result.structured_content
-        assert isinstance(result.structured_content, dict)
-        return result.structured_content
-
-    async def code(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> str:
-        result = await self.tool(rec, name, args)
-        return str(error_body(result)["code"])
-
-    async def wire(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        *,
-        token: str | None = None,
-        password: str | None = None,
-    ) -> Response:
-        return await wire(self.state, self.peer, method, params, token=token, password=password)
-
-    def add(self, name: str, secret: str = OLD_SECRET) -> str:
-        change = Change(fields={"username": "u"}, secrets={"password": secret}, remove_fields=[])
-        return self.vault.add("login", name, "default", [], None, None, change).id
-
-    def secret_of(self, name: str, field: str | None = None) -> str:
-        return self.vault.reveal(self.vault.resolve(name), field)[1]
-
-    def names(self) -> set[str]:
-        return {e.name for e in self.vault.entries.values()}
-
-
 @pytest.fixture
 def twin(tmp_path: Path) -> Iterator[Twin]:
-    clock = Clock()
-    with broker_state(tmp_path, PASSWORD, audit_clock=clock, clock=clock) as state:
-        yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()))
+    with twin_of(tmp_path, PASSWORD) as t:
+        yield t
 
 
 ADD = {
@@ -399,7 +329,7 @@ async def test_another_sessions_tx_id_is_not_found_for_commit_status_and_abort(t
 @pytest.mark.anyio
 async def test_a_transaction_cannot_be_committed_through_another_write_tool(twin: Twin) -> None:
     _, rec = twin.session()
-    twin.add("victim")
+    twin.add("victim", OLD_SECRET)
     tx = (await twin.ok(rec, "add_entry", ADD))["tx_id"]
     assert await twin.code(rec, "delete_entry", {"tx_id": tx, "approve": True}) == (
         "TRANSACTION_NOT_FOUND"
@@ -452,7 +382,7 @@ async def test_an_edit_of_the_entry_after_the_preview_is_a_conflict_with_a_fresh
 async def test_an_owner_edit_landing_while_the_commit_waits_for_the_write_lock_is_a_conflict(
     twin: Twin,
 ) -> None:
-    twin.add("db")
+    twin.add("db", OLD_SECRET)
     _, rec = twin.session()
     tx = (await twin.ok(rec, "edit_entry", {"entry": "db", "fields": {"username": "agent"}}))[
         "tx_id"
@@ -484,7 +414,7 @@ async def test_an_owner_edit_landing_while_the_commit_waits_for_the_write_lock_i
 async def test_deleting_the_entry_after_an_edit_preview_is_a_conflict_without_a_fresh_tx(
     twin: Twin,
 ) -> None:
-    twin.add("db")
+    twin.add("db", OLD_SECRET)
     _, rec = twin.session()
     tx = (await twin.ok(rec, "edit_entry", {"entry": "db", "url": "https://x"}))["tx_id"]
     twin.vault.remove(twin.vault.resolve("db"))
@@ -510,7 +440,7 @@ async def test_the_client_policy_without_a_client_that_can_be_asked_fails_closed
 async def test_a_generated_password_goes_into_the_entry_and_never_into_the_preview(
     twin: Twin,
 ) -> None:
-    twin.add("svc")
+    twin.add("svc", OLD_SECRET)
     _, rec = twin.session(scope="write")  # write includes secrets: the value comes back
     preview = await twin.ok(rec, "generate_password", {"entry": "svc", "length": 32})
     assert twin.secret_of("svc") == OLD_SECRET
@@ -547,7 +477,7 @@ async def test_manage_spaces_and_delete_entry_commit_what_they_previewed(twin: T
     assert "work" in twin.vault.spaces
     await two_phase("manage_spaces", {"action": "rename", "name": "work", "new_name": "job"})
     assert "job" in twin.vault.spaces and "work" not in twin.vault.spaces
-    twin.add("gone")
+    twin.add("gone", OLD_SECRET)
     await two_phase("delete_entry", {"entry": "gone"})
     assert twin.names() == set()
     await two_phase("manage_spaces", {"action": "remove", "name": "job"})

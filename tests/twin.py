@@ -1,28 +1,36 @@
 """What the in-process broker tests share: a `State` with a real vault file and audit log on a
-temporary directory (no socket, no process), a settable clock, and wire requests sent straight
-to `dispatch.handle`. Each test module builds its own Twin around these with the fakes it is
-about (process table, notifier, MCP host).
+temporary directory (no socket, no process), a settable clock, wire requests sent straight to
+`dispatch.handle`, and `Twin`: the broker in-process (real handlers, tools and gate) with
+sessions, tool calls and wire requests one line each. Modules whose subject is a fake (a
+process table, a notifier, the MCP host) add it around these.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import mcp.types as mt
 from pydantic import SecretStr
 
 from broker.core.audit import AuditLog
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.key_cache import LockPolicy, OpenVault
-from broker.core.vault import Vault
+from broker.core.sessions import CreateSpec, SessionRecord
+from broker.core.vault import Change, Vault
 from broker.paths import Paths
-from broker.server import dispatch
+from broker.server import dispatch, mcp_tools
+from broker.server.context import Context
 from broker.server.peer import Peer
 from broker.server.state import State
 from broker.wire.protocol import Auth, Request, Response
+
+from .mcp_client import error_body
 
 FAST_KDF = KdfParams("test", 8 * 1024, 1, 1)  # the smallest a header accepts
 T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -115,3 +123,91 @@ async def wire(
     """One wire request through the real dispatcher, as the transport would hand it over."""
     answer = await dispatch.handle(state, request_frame(method, params, **auth), peer)
     return Response.model_validate_json(answer)
+
+
+@dataclass
+class Twin:
+    """The broker in-process: real handlers, tools, gate, vault file and audit log; a fake clock.
+
+    Async: use it from `@pytest.mark.anyio` tests (fixture `twin_of`)."""
+
+    state: State
+    clock: Clock
+    peer: Peer
+    password: str
+
+    @property
+    def vault(self) -> Vault:
+        return self.state.cache.get()
+
+    def session(
+        self, scope: str = "write", approve: str = "agent", label: str = "agent-a", **kw: Any
+    ) -> tuple[str, SessionRecord]:
+        """A session made straight in the store (no owner request): (token, record)."""
+        spec = CreateSpec(
+            label=label,
+            scope=scope,  # type: ignore[arg-type]
+            ttl=timedelta(hours=2),
+            approve=approve,  # type: ignore[arg-type]
+            **kw,
+        )
+        return self.state.sessions().create(spec)
+
+    async def tool(
+        self, rec: SessionRecord, name: str, args: dict[str, Any], mcp: Any = None
+    ) -> mt.CallToolResult:
+        """A tool call as the MCP host makes it for a connection of session `rec`."""
+        ctx = Context(
+            state=self.state, peer=self.peer, auth=None, request_id="", session=rec, mcp=mcp
+        )
+        return await mcp_tools.call(ctx, name, args)
+
+    async def body(
+        self, rec: SessionRecord, name: str, args: dict[str, Any], mcp: Any = None
+    ) -> dict[str, Any]:
+        """A tool call's structured content, with `error` saying whether it failed."""
+        result = await self.tool(rec, name, args, mcp)
+        if result.is_error:  # errors carry {code, message, hint, data} in _meta only
+            return {"error": True, **error_body(result)}
+        return {"error": False, **(result.structured_content or {})}
+
+    async def ok(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        body = await self.body(rec, name, args)
+        assert not body.pop("error"), body
+        return body
+
+    async def code(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> str:
+        body = await self.body(rec, name, args)
+        assert body["error"], body
+        return str(body["code"])
+
+    async def wire(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        password: str | None = None,
+    ) -> Response:
+        return await wire(self.state, self.peer, method, params, token=token, password=password)
+
+    def add(self, name: str, secret: str, space: str = "default", kind: str = "login") -> str:
+        field = "password" if kind == "login" else "secret" if kind == "totp" else "key"
+        change = Change(fields={}, secrets={field: secret}, remove_fields=[])
+        return self.vault.add(kind, name, space, [], None, None, change).id
+
+    def secret_of(self, name: str, field: str | None = None) -> str:
+        return self.vault.reveal(self.vault.resolve(name), field)[1]
+
+    def names(self) -> set[str]:
+        return {e.name for e in self.vault.entries.values()}
+
+
+@contextlib.contextmanager
+def twin_of(
+    root: Path, password: str, seed: Callable[[Vault], object] | None = None
+) -> Iterator[Twin]:
+    """A Twin over a fresh vault under `root` (the clock drives sessions, txs and audit)."""
+    clock = Clock()
+    with broker_state(root, password, seed=seed, clock=clock, audit_clock=clock) as state:
+        yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()), password)
