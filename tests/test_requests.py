@@ -11,13 +11,12 @@ import asyncio
 import http.server
 import json
 import logging
-import os
 import random
 import re
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,15 @@ from broker.core.bindings import AncestryCache, Proc
 from broker.core.requests import PENDING_TTL, RequestStore
 from broker.core.sessions import SessionRecord
 from broker.core.vault import Change
-from broker.server import mcp_tools
-from broker.server.context import Context
 from broker.server.notify import Notifier
 from broker.server.peer import Peer
-from broker.server.state import State, Throttle
+from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 from broker.wire.protocol import Response
 
 from .conftest import register_secret
 from .mcp_client import error_body
-from .twin import Clock, broker_state, wire
+from .twin import Clock, SyncTwin, broker_state
 
 PASSWORD = "correct horse battery staple"
 STRIPE = "sk_live_Stripe-4471-unique"
@@ -72,33 +69,18 @@ class FakeNotifier:
 
 
 @dataclass
-class Twin:
+class Twin(SyncTwin):
     """The broker's dispatcher in-process: real handlers and tools, a real vault, a fake clock."""
 
-    state: State
-    loop: asyncio.AbstractEventLoop
-    clock: Clock
-    notifier: FakeNotifier
-    peer: Peer
+    notifier: FakeNotifier = field(default_factory=FakeNotifier)
 
-    def call(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        *,
-        token: str | None = None,
-        password: str | None = None,
-    ) -> Response:
-        call = wire(self.state, self.peer, method, params, token=token, password=password)
-        return self.loop.run_until_complete(call)
+    @property
+    def default_pid(self) -> int | None:
+        return 4242
 
-    def ok(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
-        resp = self.call(method, params, **kw)
-        assert resp.ok, (method, resp.error)
-        return resp.result or {}
-
-    def owner(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.ok(method, params, password=PASSWORD)
+    @property
+    def peer(self) -> Peer:
+        return self.peer_for(4242)
 
     def delegate(self, scope: str = "read", label: str = "agent-x") -> tuple[str, SessionRecord]:
         res = self.owner(
@@ -107,11 +89,6 @@ class Twin:
         )
         register_secret(res["token"])
         return res["token"], self.state.sessions().lookup(res["token"])
-
-    def tool(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> mt.CallToolResult:
-        ctx = Context(state=self.state, peer=self.peer, auth=None, request_id="", session=rec)
-        result: mt.CallToolResult = self.loop.run_until_complete(mcp_tools.call(ctx, name, args))
-        return result
 
     def add(self, name: str, secrets: dict[str, str], kind: str = "api_key") -> str:
         change = Change(fields={}, secrets=secrets, remove_fields=[])
@@ -159,7 +136,7 @@ def twin(tmp_path: Path) -> Iterator[Twin]:
     ) as state:
         state.notifier = notifier  # type: ignore[assignment]
         loop = asyncio.new_event_loop()
-        t = Twin(state, loop, clock, notifier, Peer(uid=os.getuid(), gid=os.getgid(), pid=4242))
+        t = Twin(state, loop, clock, PASSWORD, notifier)
         t.add("stripe", {"key": STRIPE})
         t.add("other", {"key": OTHER})
         yield t
@@ -633,14 +610,14 @@ def test_a_grant_on_a_totp_entry_gives_codes_but_never_the_seed(twin: Twin) -> N
         code = ok_of(twin.tool(rec, "get_totp", {"entry": entry}))["code"]
         assert code.isdigit()
     # the attack: read the seed through every path that opens a field
-    for entry, field in (("github-2fa", None), ("github-2fa", "secret"), ("gitlab", "totp")):
-        args = {"entry": entry, **({"field": field} if field else {})}
+    for entry, name in (("github-2fa", None), ("github-2fa", "secret"), ("gitlab", "totp")):
+        args = {"entry": entry, **({"field": name} if name else {})}
         assert tool_code(twin.tool(rec, "decrypt_entry", args)) == "PERMISSION_DENIED"
         got = twin.tool(rec, "get_entry", {**args, "include_secret": True})
         assert tool_code(got) == "PERMISSION_DENIED"
-        ref = {"ref": entry, **({"field": field} if field else {})}
+        ref = {"ref": entry, **({"field": name} if name else {})}
         assert code_of(twin.call("entry.get", ref, token=token)) == "PERMISSION_DENIED"
-        space_ref = f"apm://default/{entry}/{field or 'secret'}"
+        space_ref = f"apm://default/{entry}/{name or 'secret'}"
         resolved = twin.call("secret.resolve", {"refs": [space_ref]}, token=token)
         assert code_of(resolved) == "PERMISSION_DENIED"
     # the login's own password is still covered by the whole-entry grant

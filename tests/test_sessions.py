@@ -30,15 +30,14 @@ from broker.core.sessions import (
     hash_token,
 )
 from broker.core.vault import Change, Vault
-from broker.server import dispatch
 from broker.server.context import Context
 from broker.server.operations import OPERATIONS as ROUTES
 from broker.server.peer import Peer
-from broker.server.state import State, Throttle
+from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 from broker.wire.protocol import McpAttachParams, McpAttachResult, Response
 
-from .twin import Clock, broker_state, request_frame
+from .twin import Clock, SyncTwin, broker_state
 
 PASSWORD = "correct horse battery staple"
 HOST = "host-fingerprint-a"
@@ -111,49 +110,26 @@ def peer(pid: int | None) -> Peer:
 
 
 @dataclass
-class Twin:
+class Twin(SyncTwin):
     """The broker's dispatcher in-process: real handlers, a real vault file, fake time and procs."""
 
-    state: State
-    loop: asyncio.AbstractEventLoop
-    clock: Clock
-    procs: Procs
-    throttle: NoDelayThrottle
-    pid: int  # the default peer: a process with no particular ancestry
+    procs: Procs = field(default_factory=lambda: Procs())
+    throttle: NoDelayThrottle = field(default_factory=lambda: NoDelayThrottle())
+    pid: int = 0  # the default peer: a process with no particular ancestry
     responses: list[Response] = field(default_factory=list)
 
-    def call(
-        self,
-        method: str,
-        params: dict[str, Any] | None = None,
-        *,
-        token: str | None = None,
-        password: str | None = None,
-        agent: str | None = None,
-        pid: int | str | None = "default",
-    ) -> Response:
-        frame = request_frame(method, params, token=token, password=password, agent=agent)
-        who = peer(self.pid if pid == "default" else pid)  # type: ignore[arg-type]
-        answer = self.loop.run_until_complete(dispatch.handle(self.state, frame, who))
-        resp = Response.model_validate_json(answer)
+    @property
+    def default_pid(self) -> int | None:
+        return self.pid
+
+    def call(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> Response:
+        resp = super().call(method, params, **kw)
         self.responses.append(resp)
         return resp
-
-    def ok(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
-        resp = self.call(method, params, **kw)
-        assert resp.ok, (method, resp.error)
-        return resp.result or {}
-
-    def owner(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self.ok(method, params, password=PASSWORD)
 
     def delegate(self, **params: Any) -> tuple[str, str]:
         res = self.owner("session.create", params)
         return res["token"], res["session"]["accessor"]
-
-    @property
-    def vault(self) -> Vault:
-        return self.state.cache.get()
 
     def space(self, name: str) -> str:
         if name not in self.vault.spaces:
@@ -190,7 +166,7 @@ def twin(tmp_path: Path) -> Iterator[Twin]:
         state._mcp_host = loop.create_future()
         state._mcp_host.set_result(FakeMcpHost())
         shell = procs.spawn(500, 1, exe="/usr/bin/bash")
-        yield Twin(state, loop, clock, procs, throttle, pid=procs.spawn(501, shell))
+        yield Twin(state, loop, clock, PASSWORD, procs, throttle, pid=procs.spawn(501, shell))
         loop.close()
 
 

@@ -211,3 +211,60 @@ def twin_of(
     clock = Clock()
     with broker_state(root, password, seed=seed, clock=clock, audit_clock=clock) as state:
         yield Twin(state, clock, Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid()), password)
+
+
+@dataclass
+class SyncTwin:
+    """The broker's dispatcher in-process, driven from plain (non-async) tests: its own event
+    loop, wire requests as the transport hands them over, and tool calls as the MCP host makes
+    them. Modules add their fakes (process table, notifier, MCP host) in a subclass."""
+
+    state: State
+    loop: Any  # asyncio.AbstractEventLoop
+    clock: Clock
+    password: str
+
+    def peer_for(self, pid: int | None) -> Peer:
+        return Peer(uid=os.getuid(), gid=os.getgid(), pid=pid)
+
+    @property
+    def default_pid(self) -> int | None:
+        return os.getpid()
+
+    def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        token: str | None = None,
+        password: str | None = None,
+        agent: str | None = None,
+        pid: int | str | None = "default",
+    ) -> Response:
+        frame = request_frame(method, params, token=token, password=password, agent=agent)
+        who = self.peer_for(self.default_pid if pid == "default" else pid)  # type: ignore[arg-type]
+        answer = self.loop.run_until_complete(dispatch.handle(self.state, frame, who))
+        return Response.model_validate_json(answer)
+
+    def ok(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        resp = self.call(method, params, **kw)
+        assert resp.ok, (method, resp.error)
+        return resp.result or {}
+
+    def owner(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.ok(method, params, password=self.password)
+
+    def tool(self, rec: SessionRecord, name: str, args: dict[str, Any]) -> mt.CallToolResult:
+        ctx = Context(
+            state=self.state,
+            peer=self.peer_for(self.default_pid),
+            auth=None,
+            request_id="",
+            session=rec,
+        )
+        result: mt.CallToolResult = self.loop.run_until_complete(mcp_tools.call(ctx, name, args))
+        return result
+
+    @property
+    def vault(self) -> Vault:
+        return self.state.cache.get()
