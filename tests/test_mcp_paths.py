@@ -252,11 +252,11 @@ def test_both_paths_agree_on_a_locked_vault_and_on_an_ended_session(
     paths.state.cache.lock()
     try:
         fast, sdk = paths.call(scope, doc)
-        assert fast == sdk and fast["result"]["structuredContent"]["code"] == "VAULT_LOCKED"
+        assert fast == sdk and fast["result"]["_meta"]["apm/error"]["code"] == "VAULT_LOCKED"
     finally:
         assert vault is not None
         paths.state.cache.put(vault)
     paths.state.sessions().revoke(accessor)
     fast, sdk = paths.call(scope, doc)
-    assert fast == sdk and fast["result"]["structuredContent"]["code"] == "SESSION_REQUIRED"
+    assert fast == sdk and fast["result"]["_meta"]["apm/error"]["code"] == "SESSION_REQUIRED"
     paths.conns.pop(scope)
