@@ -18,7 +18,7 @@ from .operations import OWNER, OWNER_CHANGE, operation
 
 def summary(tx: Transaction, ctx: Context) -> TxSummary:
     """The owner's view, with the exact stored arguments approving executes (#13.1)."""
-    return summary(tx, ctx).model_copy(update={"args": shown_args(tx.params)})
+    return tx.summary(ctx.state.clock()).model_copy(update={"args": shown_args(tx.params)})
 
 
 @operation("tx.list", OWNER)
