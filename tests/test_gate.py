@@ -131,7 +131,7 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], Check]] = {
 
 def test_every_mutating_operation_is_in_the_matrix_and_every_write_tool_runs_one() -> None:
     mutating = {n for n, op in OPERATIONS.items() if op.rule.mutating}
-    assert mutating == set(CASES)
+    assert mutating == set(CASES) | {"entry.add_batch"}  # the batch: its own test below
     assert {c[0] for c in CASES.values()} | {"generate_password"} == {
         t.name
         for t in mcp_tools.TOOLS
@@ -361,3 +361,19 @@ def test_the_operation_table_names_real_tools_and_each_write_tool_runs_mutating_
         assert all(OPERATIONS[o].rule.mutating for o in by_tool[tool]), tool
     # a rule's audit class and mutating flag are consistent: every change leaves an attempt
     assert all(op.rule.audit == "change" for op in OPERATIONS.values() if op.rule.mutating)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_batch_add_of_a_human_approved_session_never_lands(twin: Twin, policy: str) -> None:
+    token, _ = twin.session(approve=policy)
+    before = snapshot(twin)
+    item = {"type": "login", "name": "batched", "secrets": {"password": {"value": NEW}}}
+    resp = await twin.wire("entry.add_batch", {"entries": [item]}, token=token)
+    if policy == "agent":
+        assert resp.ok, resp.error
+        assert _secret(twin, "batched") == NEW
+        return
+    # not held yet (a batch has no preview): refused, fail closed, nothing lands
+    assert not resp.ok and resp.error is not None
+    assert snapshot(twin) == before

@@ -121,7 +121,11 @@ class Paths2:
     def send(self, identity: bytes, conn: str, doc: Any, wait: bool = True) -> Any:
         before = len(self.frames.sent)
         raw = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
-        self.host.on_frame(identity, conn.encode(), raw, self.peer)
+
+        async def deliver() -> None:  # as the transport does: from inside the running loop
+            self.host.on_frame(identity, conn.encode(), raw, self.peer)
+
+        self.run(deliver())
 
         async def answer() -> Any:
             while True:

@@ -23,7 +23,7 @@ from broker.wire.protocol import (
     VaultMigrateResult,
 )
 
-from .dispatch import Context
+from .context import Context
 from .operations import OWNER, OWNER_CHANGE, WRITE, operation
 
 
