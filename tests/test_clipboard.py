@@ -111,7 +111,7 @@ def test_get_clip_without_a_tool_fails_with_a_hint(vault: Broker, apm: Apm, home
     apm.ok("add", "api_key", "svc", "--from-stdin", stdin="another-s3cret\n")
     env = clean_env(home, PATH=os.path.dirname(sys.executable), DISPLAY=":42")
     got = apm("get", "svc", "--clip", password=PASSWORD, env=env)
-    assert got.returncode == 13
+    assert got.returncode == 14
     assert "no clipboard tool" in got.stderr
     assert "another-s3cret" not in got.stdout + got.stderr
 

@@ -236,3 +236,12 @@ def test_method_names_read_noun_dot_verb(method: str) -> None:
     noun, _, verb = method.partition(".")
     assert noun.isidentifier()
     assert verb.isidentifier()
+
+
+def test_approval_pending_has_an_exit_code_of_its_own() -> None:
+    # a script must tell "held for the person" from every failure by the exit code alone
+    from broker.wire.errors import ERRORS, ApprovalPending
+
+    others = {cls.exit_code for code, cls in ERRORS.items() if cls is not ApprovalPending}
+    assert ApprovalPending.exit_code not in others
+    assert ApprovalPending.exit_code not in (0, 1, 2)

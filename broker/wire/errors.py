@@ -242,7 +242,7 @@ class ExternalToolMissing(ApmError):
     """A program apm drives (a clipboard tool, gpg) is not installed or cannot run."""
 
     code = "EXTERNAL_TOOL_MISSING"
-    exit_code = 13
+    exit_code = 14
     default_message = "a program apm needs for this is not installed"
 
 
