@@ -130,6 +130,7 @@ class JoinCode:
     admin_x: bytes
     admin_ed: bytes
     secret: bytes = field(repr=False)
+    name: str = ""  # the space's name on the admin's device (the code travels out of band)
 
     def encode(self) -> str:
         doc = {
@@ -138,6 +139,7 @@ class JoinCode:
             "x": _b(self.admin_x),
             "ed": _b(self.admin_ed),
             "k": _b(self.secret),
+            "n": self.name,
         }
         return "apmjoin1." + _b(_canon(doc))
 
@@ -147,7 +149,9 @@ class JoinCode:
             if not code.startswith("apmjoin1."):
                 raise ValueError("prefix")
             doc = json.loads(_ub(code.removeprefix("apmjoin1.")))
-            return cls(doc["s"], doc["a"], _ub(doc["x"]), _ub(doc["ed"]), _ub(doc["k"]))
+            return cls(
+                doc["s"], doc["a"], _ub(doc["x"]), _ub(doc["ed"]), _ub(doc["k"]), doc.get("n", "")
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidParameters(
                 "the join code is not valid", hint='copy it again from "apm sync invite"'
@@ -250,6 +254,7 @@ class SyncedSpace:
         self.admin_ed = admin_ed
         self.replica = Replica(replica_path)
         self.on_revocation = on_revocation
+        self.on_change: Callable[[list[tuple[str, dict[str, Any] | None]]], None] | None = None
         self._lock = threading.RLock()
         self._keys: dict[int, crypto.Cipher] = {}
         self._stop = threading.Event()
@@ -257,6 +262,7 @@ class SyncedSpace:
         self.last_event_at = 0.0
         self.connected = False
         self.resyncs = 0
+        self._want_resync = False
         self._applied_changed = threading.Condition(self._lock)
 
     # -- set-up ---------------------------------------------------------------------------
@@ -334,6 +340,9 @@ class SyncedSpace:
                 for batch in self.client.watch(self.prefix, self.applied_revision + 1, self._stop):
                     if batch.events:
                         self._apply_events([(e.kind, e.kv) for e in batch.events])
+                    if self._want_resync:
+                        self._want_resync = False
+                        self.resync()
                     delay = 0.05
             except Compacted:
                 self.resync()
@@ -363,20 +372,45 @@ class SyncedSpace:
             self._apply_events([("put", kv) for kv in kvs], floor=rev)
             self.resyncs += 1
 
-    def _apply_events(self, events: list[tuple[str, KeyValue]], floor: int = 0) -> None:
+    def _apply_events(
+        self, events: list[tuple[str, KeyValue]], floor: int = 0, notify: bool = True
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """Apply etcd changes to the replica; returns (and, with `notify`, hands `on_change`)
+        the entries another device changed: (id, plaintext doc, or None when deleted)."""
         # keys and membership first, so entries in the same batch can be opened
         order = sorted(events, key=lambda e: 0 if "/entries/" not in e[1].key else 1)
+        changed: list[tuple[str, dict[str, Any] | None]] = []
         with self._lock:
             with self.replica.batch():
                 for kind, kv in order:
-                    self._apply_one(kind, kv)
+                    if self._apply_one(kind, kv):
+                        eid = kv.key.rsplit("/", 1)[1]
+                        doc = self._open(eid, kv.value)
+                        changed.append((eid, None if doc.get("deleted") else doc))
                 top = max([floor] + [kv.mod_revision for _, kv in events])
                 if top > self.applied_revision:
                     self.replica.set_meta("applied", str(top))
             self.last_event_at = time.time()
             self._applied_changed.notify_all()
+        if changed and notify and self.on_change is not None:
+            self.on_change(changed)
+        return changed
 
-    def _apply_one(self, kind: str, kv: KeyValue) -> None:
+    def entries(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Every entry the replica holds and trusts, opened (None: deleted)."""
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        with self._lock:
+            for key, raw, _ in self.replica.under(self.prefix + "entries/"):
+                if self.replica.is_refused(key):
+                    continue
+                eid = key.rsplit("/", 1)[1]
+                with contextlib.suppress(SyncNotMember, crypto.DecryptionFailed):
+                    doc = self._open(eid, raw)
+                    out.append((eid, None if doc.get("deleted") else doc))
+        return out
+
+    def _apply_one(self, kind: str, kv: KeyValue) -> bool:
+        """True when `kv` is an entry change from elsewhere that was accepted."""
         rel = kv.key.removeprefix(self.prefix)
         if kind == "delete":
             if rel.startswith("entries/"):
@@ -385,16 +419,22 @@ class SyncedSpace:
                 self.replica.delete(kv.key)
                 if rel.startswith("members/") or rel == "epoch":
                     self._keys.clear()
-            return
+            return False
         if rel.startswith("entries/"):
             mine = self.replica.get(kv.key)
             if mine is not None and mine[0] == kv.value:
                 # our own commit coming back through the watch (or a resync): already checked
                 self.replica.put(kv.key, kv.value, kv.mod_revision)
-                return
+                return False
         try:
             if rel.startswith("entries/"):
                 self._check_entry(rel.removeprefix("entries/"), kv)
+            elif rel.startswith("keys/"):
+                if rel.endswith("/" + self.device.id):
+                    # our key for an epoch arrived (approval, re-key): records we could not
+                    # open before can be now
+                    self._keys.clear()
+                    self._want_resync = True
             elif rel.startswith("members/") or rel in ("epoch", "meta"):
                 _verified(kv.value, self.admin_ed)
                 self._keys.clear()
@@ -413,8 +453,9 @@ class SyncedSpace:
         except (ValueError, KeyError, TypeError, crypto.DecryptionFailed) as exc:
             reason = str(exc) if isinstance(exc, _Refused) else _reason(rel, exc)
             self.replica.refuse(kv.key, reason, kv.mod_revision)
-            return
+            return False
         self.replica.put(kv.key, kv.value, kv.mod_revision)
+        return rel.startswith("entries/")
 
     def _check_entry(self, entry_id: str, kv: KeyValue) -> None:
         rec = json.loads(kv.value)
@@ -559,15 +600,17 @@ class SyncedSpace:
                     for r in responses
                     for kv in r.get("response_range", {}).get("kvs", [])
                 ]
-                if fresh:
-                    self._apply_events(fresh)
+                changed = self._apply_events(fresh, notify=False) if fresh else []
                 current = [
                     {"entry_id": eid, "version": self.replica.accepted(eid)} for eid, *_ in sealed
                 ]
-                raise TransactionConflict(
+                conflict = TransactionConflict(
                     "the synced entry changed on another device since this edit was prepared",
                     data={"space": self.space, "current": current},
                 )
+                # the winners, opened: for the caller's local store, never for the wire
+                conflict.fresh = changed  # type: ignore[attr-defined]
+                raise conflict
             with self.replica.batch():
                 for entry_id, key, value, version in sealed:
                     if version > self.replica.accepted(entry_id):
@@ -580,14 +623,14 @@ class SyncedSpace:
 
     # -- membership -----------------------------------------------------------------------
 
-    def invite(self) -> str:
+    def invite(self, name: str = "") -> str:
         """A one-time join code (admin); etcd holds only its hash."""
         secret = crypto.random_bytes(16)
         h = crypto.digest(secret).hex()
         rec = _signed({"invite": h, "space": self.space}, self.device.id, self.device.sign_priv)
         self.client.put(f"{self.prefix}invites/{h}", rec)
         admin = self.device
-        return JoinCode(self.space, admin.id, admin.x_pub, admin.sign_pub, secret).encode()
+        return JoinCode(self.space, admin.id, admin.x_pub, admin.sign_pub, secret, name).encode()
 
     @staticmethod
     def request_join(client: EtcdClient, device: Device, code: str) -> JoinCode:
@@ -602,7 +645,7 @@ class SyncedSpace:
         rows = self.replica.under(self.prefix + "joins/")
         return [k.rsplit("/", 1)[1] for k, _, _ in rows]
 
-    def approve(self, device_id: str) -> None:
+    def approve(self, device_id: str) -> int:
         """Admit a device whose join request carries a valid unused code; wrap the key to it."""
         got = self.client.get(f"{self.prefix}joins/{device_id}")
         if got is None:
@@ -632,6 +675,7 @@ class SyncedSpace:
         if not ok:
             raise InvalidParameters("that join code was already used or never issued")
         self.wait_applied(rev, timeout=5)
+        return rev
 
     def _space_key(self, epoch: int) -> bytearray:
         got = self.replica.get(f"{self.prefix}keys/{epoch}/{self.device.id}")
