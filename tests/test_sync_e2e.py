@@ -20,10 +20,16 @@ from broker.wire.errors import TransactionConflict
 from broker.wire.protocol import EntryEditParams, EntryRef
 from tests.conftest import PASSWORD, Apm, Broker, make_home, reap_brokers
 from tests.etcd_cluster import EtcdCluster
+from tests.mcp_client import error_of, ok_of, shim_client
 
 pytestmark = pytest.mark.slow
 
 SECRET_A = "s3cr3t-value-from-device-a"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +233,57 @@ def test_revoke_sessions_record_revokes_the_target_devices_sessions(
         return all(s["state"] != "active" for s in listed)
 
     _wait(none_active, "b's sessions revoked")
+
+
+def _token(d: Device, scope: str, *extra: str) -> str:
+    out = json.loads(
+        d.apm.ok("delegate", "--scope", scope, "--ttl", "10m", "--json", *extra).stdout
+    )
+    token: str = out["token"]
+    return token
+
+
+@pytest.mark.anyio
+async def test_mcp_cloud_sync_needs_write_scope_and_reports_status_and_syncs_now(
+    devices: list[Device],
+) -> None:
+    a = devices[0]
+    async with shim_client(a.home, _token(a, "read"), "legacy", 30.0) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "cloud_sync" not in names
+        refused = await client.call_tool("cloud_sync", {})
+        assert error_of(refused)["code"] in ("PERMISSION_DENIED", "INVALID_PARAMETERS")
+    async with shim_client(a.home, _token(a, "write"), "legacy", 30.0) as client:
+        st = ok_of(await client.call_tool("cloud_sync", {"action": "status"}))
+        assert st["configured"] and st["spaces"][0]["name"] == "team"
+        now = ok_of(await client.call_tool("cloud_sync", {"action": "sync_now"}))
+        assert now["spaces"][0]["resyncs"] >= 1
+        assert "cloud_config" not in {t.name for t in (await client.list_tools()).tools}
+
+
+@pytest.mark.anyio
+async def test_mcp_cloud_config_shows_and_a_change_waits_for_the_owner(
+    cluster: EtcdCluster, devices: list[Device]
+) -> None:
+    a = devices[0]
+    # an agent-approved admin session still cannot approve a configuration change itself
+    async with shim_client(a.home, _token(a, "admin", "--approve", "agent"), "legacy", 30.0) as c:
+        shown = ok_of(await c.call_tool("cloud_config", {}))
+        assert shown["endpoints"] == cluster.endpoints and "team" in shown["spaces"]
+        new = list(reversed(cluster.endpoints))
+        pending = ok_of(
+            await c.call_tool("cloud_config", {"action": "set_endpoints", "endpoints": new})
+        )
+        tx = pending["change"]["tx_id"]
+        assert pending["change"]["policy"] == "owner"
+        early = ok_of(await c.call_tool("cloud_config", {"tx_id": tx, "approve": True}))
+        assert early["change"]["status"] == "pending_owner_approval"
+        a.apm.ok("tx", "approve", tx)
+        done = ok_of(await c.call_tool("cloud_config", {"tx_id": tx, "approve": True}))
+        assert done["change"]["status"] == "committed"
+        assert ok_of(await c.call_tool("cloud_config", {}))["endpoints"] == new
+    st = a.status()
+    assert st["configured"] and all(ep["ok"] for ep in st["endpoints"])
 
 
 def test_zz_a_removed_device_reads_nothing_new_and_its_writes_are_refused(

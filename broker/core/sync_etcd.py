@@ -34,6 +34,7 @@ REQUEST_TIMEOUT = 3.0
 CALL_DEADLINE = 6.0
 BACKOFF_START = 0.05
 BACKOFF_MAX = 1.0
+REFUSED_ROUNDS = 3
 # a watch stream quiet this long is reopened (and a stopped watcher ends)
 WATCH_IDLE = 1.0
 
@@ -163,12 +164,15 @@ class EtcdClient:
         end = time.monotonic() + deadline
         delay = BACKOFF_START
         last = "no endpoint tried"
+        refused_rounds = 0
         while True:
+            refused = 0
             for i in self._order():
                 try:
                     doc = self._post_one(self.endpoints[i], path, body)
                 except _EndpointFailed as exc:
                     last = f"{self.endpoints[i]}: {exc}"
+                    refused += str(exc) == "ConnectError"
                     if time.monotonic() >= end:
                         break
                     continue
@@ -177,7 +181,9 @@ class EtcdClient:
                 rev = int(doc.get("header", {}).get("revision", 0))
                 self.last_revision = max(self.last_revision, rev)
                 return doc
-            if time.monotonic() + delay >= end:
+            # nothing listening anywhere (not a slow election): give up after a few rounds
+            refused_rounds = refused_rounds + 1 if refused == len(self.endpoints) else 0
+            if time.monotonic() + delay >= end or refused_rounds >= REFUSED_ROUNDS:
                 raise SyncUnavailable(data={"last_error": last})
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
