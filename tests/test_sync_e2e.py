@@ -313,3 +313,51 @@ def test_sync_status_shows_endpoints_members_and_lag(devices: list[Device]) -> N
     space = st["spaces"][0]
     assert space["name"] == "team" and b.status()["device"] in space["members"]
     assert space["lag_revisions"] >= 0 and space["applied_revision"] > 0
+
+
+def test_etcd_member_failures_one_down_writes_go_on_two_down_refused_then_caught_up(
+    tmp_path: object,
+) -> None:
+    own = EtcdCluster.start()  # members are killed here: not the module's cluster
+    devs = [Device(n) for n in "xy"]
+    try:
+        a, b = devs
+        for d in devs:
+            d.broker.start()
+            d.apm.ok("init", "--profile", "interactive")
+        a.apm.ok("space", "add", "team")
+        a.apm.ok("sync", "init", *_etcd_args(own), "--space", "team")
+        code = a.apm.ok("sync", "invite", "--space", "team").stdout.strip()
+        joined = json.loads(b.apm.ok("sync", "join", code, *_etcd_args(own), "--json").stdout)
+        a.apm.ok("sync", "approve", joined["device"])
+
+        def add(d: Device, name: str, space: str = "team") -> Any:
+            return d.apm(
+                "add", "login", name, "--space", space, "--field", "username=u",
+                "--secret-field", "password", "--from-stdin", stdin=f"{name}-secret",
+                password=PASSWORD,
+            )  # fmt: skip
+
+        assert add(a, "before").returncode == 0
+        _wait(lambda: "before" in b.names(), "b to receive before")
+        own.kill(0)
+        assert add(a, "one-down").returncode == 0
+        _wait(lambda: "one-down" in b.names(), "b to receive one-down")
+        own.kill(1)
+        refused = add(a, "two-down")
+        assert refused.returncode == 9
+        assert "SYNC_UNAVAILABLE" in refused.stderr or "no quorum" in refused.stderr
+        assert "hint:" in refused.stderr
+        assert "two-down" not in a.names()  # undone locally: nothing the others will not see
+        assert b.secret("before") == "before-secret"  # reads from the replica
+        assert add(a, "local-still-works", space="default").returncode == 0
+        own.restart(0)
+        own.restart(1)
+        own.wait_healthy()
+        assert add(a, "after-restart").returncode == 0
+        _wait(lambda: "after-restart" in b.names(), "b to catch up without a restart")
+    finally:
+        for d in devs:
+            d.broker.stop()
+            reap_brokers(d.home)
+        own.stop()
