@@ -167,6 +167,8 @@ class Replica:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.executescript(
             "PRAGMA journal_mode=WAL;"
+            # a cache of etcd (a lost tail is re-read from the cluster): no fsync per commit
+            "PRAGMA synchronous=NORMAL;"
             "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB, mod_rev INTEGER);"
             "CREATE TABLE IF NOT EXISTS accepted (id TEXT PRIMARY KEY, version INTEGER);"
             "CREATE TABLE IF NOT EXISTS refused (key TEXT PRIMARY KEY, reason TEXT,"
@@ -424,7 +426,8 @@ class SyncedSpace:
             mine = self.replica.get(kv.key)
             if mine is not None and mine[0] == kv.value:
                 # our own commit coming back through the watch (or a resync): already checked
-                self.replica.put(kv.key, kv.value, kv.mod_revision)
+                if mine[1] != kv.mod_revision:
+                    self.replica.put(kv.key, kv.value, kv.mod_revision)
                 return False
         try:
             if rel.startswith("entries/"):
