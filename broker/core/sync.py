@@ -422,13 +422,13 @@ class SyncedSpace:
                 if rel.startswith("members/") or rel == "epoch":
                     self._keys.clear()
             return False
-        if rel.startswith("entries/"):
-            mine = self.replica.get(kv.key)
-            if mine is not None and mine[0] == kv.value:
-                # our own commit coming back through the watch (or a resync): already checked
-                if mine[1] != kv.mod_revision:
-                    self.replica.put(kv.key, kv.value, kv.mod_revision)
-                return False
+        mine = self.replica.get(kv.key)
+        if mine is not None and mine[0] == kv.value:
+            # our own commit coming back through the watch, or a resync: already checked (and a
+            # revocation already acted on)
+            if mine[1] != kv.mod_revision:
+                self.replica.put(kv.key, kv.value, kv.mod_revision)
+            return False
         try:
             if rel.startswith("entries/"):
                 self._check_entry(rel.removeprefix("entries/"), kv)
