@@ -286,6 +286,36 @@ async def test_mcp_cloud_config_shows_and_a_change_waits_for_the_owner(
     assert st["configured"] and all(ep["ok"] for ep in st["endpoints"])
 
 
+def test_a_rolled_back_vault_is_reported_against_the_generation_the_cluster_holds(
+    devices: list[Device],
+) -> None:
+    a = devices[0]
+    a.broker.stop()
+    kept = {p.name: p.read_bytes() for p in a.home.glob("vault.apm*")}
+    a.broker.start()
+    a.apm.ok("unlock")
+    before = a.status()["spaces"][0].get("anchor_generation") or 0
+    a.apm.ok(
+        "add", "login", "after-backup", "--space", "team", "--field", "username=z",
+        "--secret-field", "password", "--from-stdin", stdin="after-backup-secret",
+    )  # fmt: skip
+    _wait(
+        lambda: (a.status()["spaces"][0].get("anchor_generation") or 0) > before,
+        "the new generation announced",
+    )
+    assert not a.status()["rollback_suspected"]
+    a.broker.stop()
+    for p in a.home.glob("vault.apm*"):
+        p.unlink()
+    for name, data in kept.items():
+        (a.home / name).write_bytes(data)
+    a.broker.start()
+    a.apm.ok("unlock")
+    _wait(lambda: a.status()["rollback_suspected"], "the rollback reported")
+    # the replica still holds what the rolled-back file lost: it comes back
+    _wait(lambda: "after-backup" in a.names(), "the lost entry restored from the replica")
+
+
 def test_zz_a_removed_device_reads_nothing_new_and_its_writes_are_refused(
     devices: list[Device],
 ) -> None:

@@ -740,6 +740,14 @@ class SyncedSpace:
         )
         return self.client.put(f"{self.prefix}audit/{self.device.id}", rec)
 
+    def published_generation(self) -> int | None:
+        """The vault generation this device last announced, read from etcd itself (not the
+        replica, which a rollback of this machine's files would roll back too)."""
+        kv = self.client.get(f"{self.prefix}audit/{self.device.id}")
+        if kv is None:
+            return None
+        return int(_verified(kv.value, self.device.sign_pub)["generation"])
+
     def audit_head(self, device_id: str) -> dict[str, Any] | None:
         got = self.replica.get(f"{self.prefix}audit/{device_id}")
         pub = self._member_pub(device_id, "ed")

@@ -238,7 +238,7 @@ class State:
         self._store = self._store_vault = None
         self._reqs = self._reqs_vault = None
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
-            self.sync.stop()
+            self.sync.stop(wait=False)
         return self.cache.lock()
 
 

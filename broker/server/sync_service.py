@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import logging
+import threading
 from typing import Any
 
 from broker.core import crypto
@@ -68,6 +71,8 @@ class SyncService:
         self.device: Device | None = None
         self.spaces: dict[str, SyncedSpace] = {}  # by local space name
         self.loop: asyncio.AbstractEventLoop | None = None
+        # (generation in the cluster, generation of the open vault) when the cluster's is newer
+        self.rollback: tuple[int, int] | None = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -86,6 +91,7 @@ class SyncService:
         for name, sc in cfg.get("spaces", {}).items():
             self._open(vault, name, sc)
         vault.sync_hook = self._outbound
+        self.publish_heads(vault)
 
     def _open(self, vault: Vault, name: str, sc: dict[str, Any]) -> SyncedSpace:
         if self.client is None or self.device is None:
@@ -118,19 +124,57 @@ class SyncService:
         if todo:
             vault.apply_remote(name, todo)
 
-    def stop(self) -> None:
-        for sp in self.spaces.values():
-            sp._stop.set()
-        for sp in self.spaces.values():
-            sp.stop()
+    def stop(self, wait: bool = True) -> None:
+        """End replication and zero the device keys. `wait=False` (the lock path, on the event
+        loop): the watchers are told now and joined, closed and zeroed in a thread."""
+        spaces, client, device = list(self.spaces.values()), self.client, self.device
         self.spaces.clear()
-        if self.client is not None:
-            self.client.close()
         self.client = None
-        if self.device is not None:
-            crypto.zero(self.device.x_priv)
-            crypto.zero(self.device.sign_priv)
         self.device = None
+        for sp in spaces:
+            sp._stop.set()
+        if client is not None:
+            client.cancel_watches()
+
+        def finish() -> None:
+            for sp in spaces:
+                sp.stop()
+            if client is not None:
+                client.close()
+            if device is not None:
+                crypto.zero(device.x_priv)
+                crypto.zero(device.sign_priv)
+
+        if wait:
+            finish()
+        else:
+            threading.Thread(target=finish, name="sync-stop", daemon=True).start()
+
+    def publish_heads(self, vault: Vault) -> None:
+        """This device's vault generation and audit head, signed, in every synced space: the
+        outside anchor a rolled-back vault cannot rewrite. Best effort, off the write path."""
+        spaces = list(self.spaces.values())
+        head = json.dumps(vault.audit_head, sort_keys=True, default=str)
+        generation = vault.generation
+
+        def run() -> None:
+            for sp in spaces:
+                with contextlib.suppress(Exception):
+                    seen = sp.published_generation()
+                    if seen is not None and seen > generation:
+                        # this vault is older than one this device already announced: keep
+                        # the anchor, say so (status, log, audit)
+                        self.rollback = (seen, generation)
+                        log.warning(
+                            "sync: this vault is at generation %d but the cluster holds "
+                            "generation %d from this device: a rolled-back vault?",
+                            generation,
+                            seen,
+                        )
+                        continue
+                    sp.publish_audit_head(head, generation)
+
+        threading.Thread(target=run, name="sync-anchor", daemon=True).start()
 
     # -- vault <-> etcd -------------------------------------------------------------------
 
@@ -154,6 +198,16 @@ class SyncService:
                 if fresh:
                     vault.defer_remote(name, fresh)
                 raise
+        self._publish_after_save(vault)
+
+    def _publish_after_save(self, vault: Vault) -> None:
+        """Announce the generation once the save running now is done: the io pool has one
+        thread, so a job queued from the loop runs after it."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        pool = self.state.io_pool
+        loop.call_soon_threadsafe(pool.submit, self.publish_heads, vault)
 
     def _inbound(self, name: str, items: list[tuple[str, dict[str, Any] | None]]) -> None:
         """From a watch thread: apply another device's changes under the write lock."""
@@ -167,6 +221,7 @@ class SyncService:
             if vault is None or name not in self.spaces:
                 return
             await self.state.io(vault.apply_remote, name, items)
+            await self.state.io(self.publish_heads, vault)
         log.info("sync: applied %d change(s) to space %s", len(items), name)
 
     def _revocation(self, doc: dict[str, Any]) -> None:
@@ -288,10 +343,14 @@ class SyncService:
         for name, sp in self.spaces.items():
             doc = sp.status(health=False)
             doc["name"] = name
+            anchor = sp.audit_head(sp.device.id)
+            if anchor is not None:
+                doc["anchor_generation"] = anchor.get("generation")
             spaces.append(doc)
         return SyncStatusResult(
             configured=True,
             device=self.device.id if self.device else None,
+            rollback_suspected=self.rollback is not None,
             endpoints=self.client.health() if health else [],
             spaces=spaces,
         )

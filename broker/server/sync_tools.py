@@ -28,6 +28,7 @@ class CloudSyncArgs(Args):
 class CloudSyncOut(BaseModel):
     configured: bool
     device: str | None = None
+    rollback_suspected: bool = False
     endpoints: list[dict[str, Any]] = Field(default_factory=list)
     spaces: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -706,6 +706,8 @@ class SyncDeviceResult(Wire):
 class SyncStatusResult(Wire):
     configured: bool
     device: str | None = None
+    # the cluster holds a later vault generation from this device than the open vault's
+    rollback_suspected: bool = False
     endpoints: list[dict[str, Any]] = Field(default_factory=list)
     spaces: list[dict[str, Any]] = Field(default_factory=list)
 
