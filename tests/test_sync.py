@@ -394,3 +394,37 @@ def test_member_failures_one_down_writes_go_on_two_down_refused_reads_work_then_
     finally:
         _stop(nodes)
         own.stop()
+
+
+def test_a_space_key_wrapped_to_one_device_opens_only_with_that_device_and_its_ad() -> None:
+    one, other = Device.new(), Device.new()
+    key = crypto.new_key()
+    blob = crypto.wrap_to(one.x_pub, key, b"ad-1")
+    assert crypto.unwrap_from(one.x_priv, blob, b"ad-1") == key
+    with pytest.raises(crypto.DecryptionFailed):
+        crypto.unwrap_from(other.x_priv, blob, b"ad-1")
+    with pytest.raises(crypto.DecryptionFailed):
+        crypto.unwrap_from(one.x_priv, blob, b"ad-2")
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    with pytest.raises(crypto.DecryptionFailed):
+        crypto.unwrap_from(one.x_priv, bytes(flipped), b"ad-1")
+    # a fresh ephemeral key every time: the same key wraps to different blobs
+    assert crypto.wrap_to(one.x_pub, key, b"ad-1") != blob
+
+
+def test_signatures_verify_only_for_the_signer_and_the_exact_message() -> None:
+    a, b = Device.new(), Device.new()
+    sig = crypto.sign(a.sign_priv, b"members: a")
+    assert crypto.verify(a.sign_pub, sig, b"members: a")
+    assert not crypto.verify(b.sign_pub, sig, b"members: a")
+    assert not crypto.verify(a.sign_pub, sig, b"members: a, mallory")
+    assert not crypto.verify(a.sign_pub, b"\0" * 64, b"members: a")
+
+
+def test_a_join_code_that_is_not_one_is_invalid_parameters() -> None:
+    from broker.core.sync import JoinCode
+
+    for bad in ("", "apmjoin1.", "apmjoin1.!!!", "something-else"):
+        with pytest.raises(InvalidParameters):
+            JoinCode.decode(bad)

@@ -18,7 +18,16 @@ from broker.cli.client import BrokerClient
 from broker.core.sync_etcd import EtcdClient, TlsFiles
 from broker.wire.errors import TransactionConflict
 from broker.wire.protocol import EntryEditParams, EntryRef
-from tests.conftest import PASSWORD, Apm, Broker, make_home, reap_brokers
+from tests.conftest import (
+    PASSWORD,
+    SWEEP_HITS,
+    Apm,
+    Broker,
+    make_home,
+    reap_brokers,
+    register_secret,
+    sweep,
+)
 from tests.etcd_cluster import EtcdCluster
 from tests.mcp_client import error_of, ok_of, shim_client
 
@@ -99,8 +108,9 @@ def devices(cluster: EtcdCluster) -> Iterator[list[Device]]:
         assert out["uploaded"] == 1
         for d in (b, c):
             code = a.apm.ok("sync", "invite", "--space", "team").stdout.strip()
+            register_secret(code)  # one-time, but a credential: never on disk or in a log
             joined = json.loads(
-                d.apm.ok("sync", "join", code, *_etcd_args(cluster), "--json").stdout
+                d.apm.ok("sync", "join", "-", *_etcd_args(cluster), "--json", stdin=code).stdout
             )
             a.apm.ok("sync", "approve", joined["device"])
         for d in (b, c):
@@ -110,6 +120,11 @@ def devices(cluster: EtcdCluster) -> Iterator[list[Device]]:
         for d in devs:
             d.broker.stop()
             reap_brokers(d.home)
+        # no secret value, password, token or join code in plaintext in any file of any home
+        # (vaults, replicas, logs, audit logs)
+        hits = [h for d in devs for h in sweep(d.home)]
+        SWEEP_HITS.extend(hits)
+        assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
 def test_an_entry_added_on_a_is_readable_on_b_and_c(devices: list[Device]) -> None:

@@ -102,9 +102,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
             )
             return 0
         elif sc == "join":
+            code = args.code
+            if code == "-":  # kept out of argv: the line after the password on stdin
+                owner.prime()
+                code = sys.stdin.readline().strip()
             res = c.call(
                 "sync.join",
-                SyncJoinParams(code=args.code, endpoints=_endpoints(args.etcd), tls=_tls(args)),
+                SyncJoinParams(code=code, endpoints=_endpoints(args.etcd), tls=_tls(args)),
                 timeout=SYNC_TIMEOUT,
                 **owner.creds(),
             )
@@ -155,7 +159,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inv = ssub.add_parser("invite", help="print a one-time join code for a synced space")
     inv.add_argument("--space", required=True)
     join = ssub.add_parser("join", help="ask to join a synced space with a join code")
-    join.add_argument("code")
+    join.add_argument(
+        "code", help='the code from "apm sync invite"; - reads it from stdin (keeps it out of argv)'
+    )
     _etcd_opts(join)
     for name, text in (
         ("approve", "admit a device that ran apm sync join (its key is wrapped to it)"),
