@@ -331,6 +331,15 @@ def test_a_rolled_back_vault_is_reported_against_the_generation_the_cluster_hold
     _wait(lambda: "after-backup" in a.names(), "the lost entry restored from the replica")
 
 
+def test_a_synced_space_cannot_be_renamed_or_removed_locally(devices: list[Device]) -> None:
+    b = devices[1]
+    for args in (("space", "rename", "team", "other"), ("space", "rm", "team", "--force")):
+        proc = b.apm(*args, password=PASSWORD)
+        assert proc.returncode == 10, proc.stderr
+        assert "synced space" in proc.stderr
+    assert "github" in b.names() and "github" in devices[0].names()
+
+
 def test_zz_a_removed_device_reads_nothing_new_and_its_writes_are_refused(
     devices: list[Device],
 ) -> None:

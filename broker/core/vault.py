@@ -1292,9 +1292,21 @@ class Vault:
         with self.mutation():
             self.spaces.append(name)
 
+    def _not_synced(self, name: str) -> None:
+        if name in self.synced_spaces:
+            # every device would see its entries deleted: leaving a synced space is a sync
+            # operation (the admin removes the device), not a local rename or removal
+            raise InvalidParameters(
+                "a synced space cannot be renamed or removed here",
+                data={"space": name},
+                hint='see "apm sync status"; the space\'s admin removes a device with '
+                '"apm sync remove"',
+            )
+
     def space_rename(self, name: str, new_name: str) -> int:
         if name not in self.spaces:
             raise SpaceNotFound(data={"space": name})
+        self._not_synced(name)
         if new_name in self.spaces:
             raise AlreadyExists("space already exists", data={"space": new_name})
         moved = 0
@@ -1309,6 +1321,7 @@ class Vault:
     def space_remove(self, name: str, force: bool) -> int:
         if name not in self.spaces:
             raise SpaceNotFound(data={"space": name})
+        self._not_synced(name)
         doomed = [e.id for e in self.entries.values() if e.space == name]
         if doomed and not force:
             raise SpaceNotEmpty(data={"space": name, "entries": len(doomed)})

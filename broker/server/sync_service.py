@@ -316,6 +316,11 @@ class SyncService:
             SyncedSpace.request_join(client, device, p.code.get_secret_value())
         finally:
             client.close()
+        if any(e.space == name for e in vault.entries.values()):
+            raise AlreadyExists(
+                "a space of that name already holds entries here",
+                hint="rename the local space first, or join from a vault without it",
+            )
         cfg["spaces"] = {**cfg["spaces"], name: {"id": jc.space, "admin_ed": _b(jc.admin_ed)}}
         if name not in vault.spaces:
             with vault.mutation():
