@@ -223,7 +223,9 @@ def test_a_replayed_older_version_is_refused(trio: tuple[str, list[Node]]) -> No
     _wait_all([b], rev)
     with pytest.raises(SyncRecordRefused):
         b.s.get("e1")
-    assert "replayed" in b.s.status(health=False)["refused"][0]["reason"]
+    st = b.s.status()
+    assert "replayed" in st["refused"][0]["reason"]
+    assert st["pending_changes"] == 0 and all(ep["ok"] for ep in st["endpoints"])
 
 
 def test_a_forged_membership_record_is_refused(trio: tuple[str, list[Node]]) -> None:

@@ -54,12 +54,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
             out.append(f"endpoint {ep['endpoint']}: {state}")
         sys.stdout.write("\n".join(out) + "\n")
         table(
-            ("SPACE", "APPLIED", "LAG", "EPOCH", "MEMBERS", "PENDING", "REFUSED"),
+            ("SPACE", "APPLIED", "BEHIND", "EPOCH", "MEMBERS", "JOINS", "REFUSED"),
             [
                 (
                     s["name"],
                     str(s["applied_revision"]),
-                    str(s["lag_revisions"]),
+                    "?" if s.get("pending_changes") is None else str(s["pending_changes"]),
                     str(s["epoch"]),
                     ",".join(s["members"]),
                     ",".join(s["pending_joins"]) or "-",

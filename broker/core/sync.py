@@ -740,6 +740,12 @@ class SyncedSpace:
         )
         return self.client.put(f"{self.prefix}audit/{self.device.id}", rec)
 
+    def _pending(self, applied: int) -> int | None:
+        try:
+            return self.client.count_newer(self.prefix, applied)
+        except SyncUnavailable:
+            return None
+
     def published_generation(self) -> int | None:
         """The vault generation this device last announced, read from etcd itself (not the
         replica, which a rollback of this machine's files would roll back too)."""
@@ -767,6 +773,7 @@ class SyncedSpace:
                 "applied_revision": applied,
                 "cluster_revision": self.client.last_revision,
                 "lag_revisions": max(0, self.client.last_revision - applied),
+                "pending_changes": None,
                 "last_event_age_s": round(time.time() - self.last_event_at, 3)
                 if self.last_event_at
                 else None,
@@ -776,7 +783,10 @@ class SyncedSpace:
                 "pending_joins": self.pending_joins(),
                 "refused": self.replica.refused(),
             }
-        if health:
+        if health:  # network calls, outside the lock
+            # keys of this space changed in etcd after the replica's revision (None: the
+            # cluster cannot say now)
+            doc["pending_changes"] = self._pending(applied)
             doc["endpoints"] = self.client.health()
         return doc
 

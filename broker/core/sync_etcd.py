@@ -220,6 +220,17 @@ class EtcdClient:
         kvs = [KeyValue.from_json(kv) for kv in doc.get("kvs", [])]
         return kvs, int(doc["header"]["revision"])
 
+    def count_newer(self, prefix: str, revision: int) -> int:
+        """How many keys under `prefix` changed after `revision` (a replica's lag)."""
+        # etcd's `count` is taken before the min_mod_revision filter: count the keys returned
+        body = {
+            "key": b64(prefix.encode()),
+            "range_end": b64(prefix_end(prefix.encode())),
+            "keys_only": True,
+            "min_mod_revision": str(revision + 1),
+        }
+        return len(self._call("/v3/kv/range", body, deadline=2.0).get("kvs", []))
+
     def get(self, key: str) -> KeyValue | None:
         kvs, _ = self.range(key)
         return kvs[0] if kvs else None

@@ -346,7 +346,8 @@ class SyncService:
             return SyncStatusResult(configured=False)
         spaces = []
         for name, sp in self.spaces.items():
-            doc = sp.status(health=False)
+            doc = sp.status(health=health)
+            doc.pop("endpoints", None)  # once for all spaces, below
             doc["name"] = name
             anchor = sp.audit_head(sp.device.id)
             if anchor is not None:
