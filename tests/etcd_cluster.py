@@ -12,6 +12,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -46,7 +47,8 @@ def ensure_etcd() -> str:
         subprocess.run(install, env=env, capture_output=True, timeout=300, check=True)
     # the package's postinst may start a default member on 2379; ours use other ports, but a
     # stray system member must not linger where a host has no policy-rc.d
-    subprocess.run(["systemctl", "stop", "etcd"], capture_output=True, timeout=30, check=False)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["systemctl", "stop", "etcd"], capture_output=True, timeout=30, check=False)
     found = shutil.which("etcd")
     assert found, "etcd-server was installed but no etcd binary is on PATH"
     return found
@@ -158,7 +160,19 @@ class EtcdCluster:
     certs: dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, size: int = 3) -> EtcdCluster:
+    def start(cls, size: int = 3, attempts: int = 3) -> EtcdCluster:
+        """A healthy cluster; a member that exits at start (a port another test process took
+        between our probe and etcd's bind) means a fresh try on other ports."""
+        for attempt in range(attempts):
+            try:
+                return cls._start(size)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, size: int) -> EtcdCluster:
         binary = ensure_etcd()
         root = Path(tempfile.mkdtemp(prefix="apm-etcd-"))
         cluster = cls(root=root, certs=make_certs(root))
@@ -170,7 +184,11 @@ class EtcdCluster:
         cluster._binary = binary
         for m in cluster.members:
             cluster._spawn(m, "new")
-        cluster.wait_healthy()
+        try:
+            cluster.wait_healthy()
+        except BaseException:
+            cluster.stop()
+            raise
         return cluster
 
     _binary: str = "etcd"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -124,6 +125,8 @@ def devices(cluster: EtcdCluster) -> Iterator[list[Device]]:
         # (vaults, replicas, logs, audit logs)
         hits = [h for d in devs for h in sweep(d.home)]
         SWEEP_HITS.extend(hits)
+        for d in devs:
+            shutil.rmtree(d.home, ignore_errors=True)
         assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
@@ -415,4 +418,9 @@ def test_etcd_member_failures_one_down_writes_go_on_two_down_refused_then_caught
         for d in devs:
             d.broker.stop()
             reap_brokers(d.home)
+        hits = [h for d in devs for h in sweep(d.home)]
+        SWEEP_HITS.extend(hits)
+        for d in devs:
+            shutil.rmtree(d.home, ignore_errors=True)
         own.stop()
+        assert not hits, f"secrets found in plaintext: {hits[:5]}"
