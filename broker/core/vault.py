@@ -262,6 +262,7 @@ class Vault:
         self._db = db
         self._saved = _Saved()
         self.audit_head: dict[str, Any] | None = None  # kept in the v2 state row
+        self.opened_generation = 0  # the generation the file had when opened (v2)
         self.spaces: list[str] = list(payload.spaces)
         self.extra: dict[str, Any] = dict(payload.extra)
         self._entries = Entries({e.id: e for e in payload.entries})
@@ -800,6 +801,7 @@ class Vault:
         self.audit_head = audit_head if isinstance(audit_head, dict) else None
         self._entries = Entries(entries)
         self._saved = _Saved(generation, want_digest, versions, saved_extra, dict(extra))
+        self.opened_generation = generation  # before this session's own commits (sync anchor)
         self._reindex()
 
     def _migrate(self, kek: bytearray) -> None:

@@ -80,8 +80,8 @@ class SyncService:
         cfg = vault.extra.get(EXTRA_KEY)
         return cfg if isinstance(cfg, dict) else None
 
-    def start(self, vault: Vault) -> None:
-        """Open every configured space (called at unlock, in the io thread)."""
+    def start(self, vault: Vault, at_unlock: bool = False) -> None:
+        """Open every configured space (at unlock, and after a configuration change)."""
         cfg = self.config(vault)
         if cfg is None or self.client is not None:
             return
@@ -91,7 +91,7 @@ class SyncService:
         for name, sc in cfg.get("spaces", {}).items():
             self._open(vault, name, sc)
         vault.sync_hook = self._outbound
-        self.publish_heads(vault)
+        self.publish_heads(vault, at_open=at_unlock)
 
     def _open(self, vault: Vault, name: str, sc: dict[str, Any]) -> SyncedSpace:
         if self.client is None or self.device is None:
@@ -150,12 +150,15 @@ class SyncService:
         else:
             threading.Thread(target=finish, name="sync-stop", daemon=True).start()
 
-    def publish_heads(self, vault: Vault) -> None:
+    def publish_heads(self, vault: Vault, at_open: bool = False) -> None:
         """This device's vault generation and audit head, signed, in every synced space: the
-        outside anchor a rolled-back vault cannot rewrite. Best effort, off the write path."""
+        outside anchor a rolled-back vault cannot rewrite. Best effort, off the write path.
+        `at_open`: compare the announced generation with the one the file had when opened
+        (an unlock commits on its own before this runs)."""
         spaces = list(self.spaces.values())
         head = json.dumps(vault.audit_head, sort_keys=True, default=str)
-        generation = vault.generation
+        current = vault.generation
+        generation = vault.opened_generation if at_open and vault.opened_generation else current
 
         def run() -> None:
             for sp in spaces:
@@ -172,7 +175,7 @@ class SyncService:
                             seen,
                         )
                         continue
-                    sp.publish_audit_head(head, generation)
+                    sp.publish_audit_head(head, current)
 
         threading.Thread(target=run, name="sync-anchor", daemon=True).start()
 
@@ -380,7 +383,7 @@ async def on_unlock(state: State) -> None:
     svc.loop = asyncio.get_running_loop()
     async with state.write_lock:
         try:
-            await state.io(svc.start, vault)
+            await state.io(svc.start, vault, True)
         except Exception:  # replication retries by itself; unlock must not fail on it
             log.warning("sync: could not start replication", exc_info=True)
 
