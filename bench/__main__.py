@@ -32,6 +32,11 @@ SCRIPTS = (
     ),
     ("Writes: commit latency and commits/s", "writes.py", ["--quick"]),
     ("One-shot apm get; the APM-style baseline", "oneshot.py", ["--quick"]),
+    (
+        "Sync: propagation latency and throughput over a 3-member etcd cluster",
+        "sync.py",
+        ["--quick"],
+    ),
 )
 
 

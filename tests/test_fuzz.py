@@ -593,6 +593,13 @@ WIRE_SEEDS: dict[str, dict[str, Any]] = {
     "profile.set": {"profile": "interactive"},
     "vault.init": {"profile": "interactive"},
     "audit.list": {"limit": 3},
+    # port 9 on loopback: nothing listens, so a sync call fails fast with SYNC_UNAVAILABLE
+    "sync.init": {"endpoints": ["https://127.0.0.1:9"], "space": "default"},
+    "sync.join": {"code": "apmjoin1." + SENTINEL, "endpoints": ["https://127.0.0.1:9"]},
+    "sync.invite": {"space": "default"},
+    "sync.approve": {"device": "dev-00"},
+    "sync.remove": {"device": "dev-00", "space": "default"},
+    "sync.revoke_sessions": {"device": "dev-00"},
 }
 TOOL_SEEDS: dict[str, dict[str, Any]] = {
     "search_entries": {"query": "seed"},

@@ -715,6 +715,14 @@ NEEDS: dict[str, str | None] = {
     "session.why": "admin",
     "audit.list": "admin",
     "request.list": "admin",
+    "sync.init": "owner",
+    "sync.invite": "owner",
+    "sync.join": "owner",
+    "sync.approve": "owner",
+    "sync.remove": "owner",
+    "sync.revoke_sessions": "owner",
+    "sync.status": None,
+    "sync.now": "write",
 }
 OWNER_ONLY = {m for m, need in NEEDS.items() if need == "owner"}
 GATE_CODES = ("PERMISSION_DENIED", "SESSION_REQUIRED")
@@ -766,6 +774,9 @@ def sample_params(twin: Twin, method: str, n: int) -> dict[str, Any] | None:
         "vault.passwd": lambda: {"new_password": "a new password"},
         "profile.set": lambda: {"profile": "interactive"},
         "vault.init": lambda: {"profile": "interactive"},
+        "sync.approve": lambda: {"device": "dev-00"},
+        "sync.remove": lambda: {"device": "dev-00", "space": "work"},
+        "sync.revoke_sessions": lambda: {"device": "dev-00"},
     }
     no_params = {
         "broker.ping",
@@ -783,6 +794,8 @@ def sample_params(twin: Twin, method: str, n: int) -> dict[str, Any] | None:
         "tx.list",
         "request.list",
         "session.diagnose",
+        "sync.status",
+        "sync.now",
     }
     if method in no_params:
         return {}

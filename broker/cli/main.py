@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         session_cmd,
         space_cmd,
         storage_cmd,
+        sync_cmd,
         tx_cmd,
         vault_cmd,
     )
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     history_cmd.register(sub)
     generate_cmd.register(sub)
     space_cmd.register(sub)
+    sync_cmd.register(sub)
     session_cmd.register(sub)
     mcp_cmd.register(sub)
     audit_cmd.register(sub)

@@ -13,6 +13,7 @@ import os
 import threading
 import unicodedata
 from dataclasses import dataclass
+from typing import Any
 
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
@@ -122,3 +123,146 @@ class Cipher:
 
     def __repr__(self) -> str:
         return "Cipher(<redacted>)"
+
+
+# --- device keys for synced spaces (X25519 to receive space keys, Ed25519 to sign) ---------
+
+_WRAP_INFO = b"apm.sync.v1.wrap"
+
+
+def device_keypairs() -> tuple[bytearray, bytearray]:
+    """A new device's raw private keys: (X25519 for key wrapping, Ed25519 for signing)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return bytearray(_raw_private(X25519PrivateKey.generate())), bytearray(
+        _raw_private(Ed25519PrivateKey.generate())
+    )
+
+
+def _raw_private(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    raw: bytes = key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+    return raw
+
+
+def _raw_public(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    raw: bytes = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return raw
+
+
+def x25519_public(private: bytearray) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return _raw_public(X25519PrivateKey.from_private_bytes(bytes(private)))
+
+
+def ed25519_public(private: bytearray) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return _raw_public(Ed25519PrivateKey.from_private_bytes(bytes(private)))
+
+
+def sign(private: bytearray, message: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(bytes(private)).sign(message)
+
+
+def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def wrap_to(recipient_public: bytes, key: bytearray, ad: bytes) -> bytes:
+    """`key` sealed to one device: ephemeral X25519 with its public key, HKDF-SHA256 over the
+    shared secret and both public keys, AES-256-GCM with `ad`. Blob: ephemeral pub || sealed."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    eph = X25519PrivateKey.generate()
+    eph_pub = _raw_public(eph)
+    shared = bytearray(eph.exchange(X25519PublicKey.from_public_bytes(recipient_public)))
+    try:
+        kek = bytearray(
+            HKDF(
+                algorithm=hashes.SHA256(),
+                length=KEY_BYTES,
+                salt=None,
+                info=_WRAP_INFO + eph_pub + recipient_public,
+            ).derive(bytes(shared))
+        )
+    finally:
+        zero(shared)
+    cipher = Cipher(kek)
+    zero(kek)
+    try:
+        return eph_pub + cipher.seal(bytes(key), ad)
+    finally:
+        cipher.close()
+
+
+def unwrap_from(private: bytearray, blob: bytes, ad: bytes) -> bytearray:
+    """The key `wrap_to` sealed for this device; DecryptionFailed if it was not, or changed."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    if len(blob) < 32 + NONCE_BYTES + 16:
+        raise DecryptionFailed("wrapped key too short")
+    me = X25519PrivateKey.from_private_bytes(bytes(private))
+    eph_pub = blob[:32]
+    try:
+        shared = bytearray(me.exchange(X25519PublicKey.from_public_bytes(eph_pub)))
+    except ValueError as exc:
+        raise DecryptionFailed("bad ephemeral key") from exc
+    try:
+        kek = bytearray(
+            HKDF(
+                algorithm=hashes.SHA256(),
+                length=KEY_BYTES,
+                salt=None,
+                info=_WRAP_INFO + eph_pub + _raw_public(me),
+            ).derive(bytes(shared))
+        )
+    finally:
+        zero(shared)
+    cipher = Cipher(kek)
+    zero(kek)
+    try:
+        return bytearray(cipher.open(blob[32:], ad))
+    finally:
+        cipher.close()
+
+
+def digest(data: bytes) -> bytes:
+    """SHA-256, for fingerprints and one-time code hashes."""
+    h = hashes.Hash(hashes.SHA256())
+    h.update(data)
+    return h.finalize()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hmac
+
+    h = hmac.HMAC(key, hashes.SHA256())
+    h.update(data)
+    return h.finalize()

@@ -231,6 +231,11 @@ class _Saved:
     extra_objs: dict[str, object] = field(default_factory=dict)  # key -> the object saved
 
 
+# the sync layer's pre-commit hook: (vault, [(entry id, before, after)]) for changed entries
+# of synced spaces; it raises to refuse the change (TRANSACTION_CONFLICT, SYNC_UNAVAILABLE...)
+SyncHook = Callable[["Vault", list[tuple[str, "StoredEntry | None", "StoredEntry | None"]]], None]
+
+
 class Vault:
     """An open vault. Construct with `create` or `open`; `close` zeroes the key."""
 
@@ -257,6 +262,7 @@ class Vault:
         self._db = db
         self._saved = _Saved()
         self.audit_head: dict[str, Any] | None = None  # kept in the v2 state row
+        self.opened_generation = 0  # the generation the file had when opened (v2)
         self.spaces: list[str] = list(payload.spaces)
         self.extra: dict[str, Any] = dict(payload.extra)
         self._entries = Entries({e.id: e for e in payload.entries})
@@ -268,6 +274,12 @@ class Vault:
         self._index_lock = threading.Lock()
         self._closed = False
         self._entry_json: dict[str, tuple[StoredEntry, bytes]] = {}
+        # synced spaces (core/sync.py via the server's sync service): a mutation touching one
+        # of them is sent through `sync_hook` before it is saved here; the hook raising undoes
+        # it. Remote changes the hook learns of on a conflict wait in `_deferred`.
+        self.synced_spaces: set[str] = set()
+        self.sync_hook: SyncHook | None = None
+        self._deferred: list[tuple[str, list[tuple[str, dict[str, Any] | None]]]] = []
         self._reindex()
 
     @property
@@ -507,6 +519,8 @@ class Vault:
         spaces, extra, head = list(self.spaces), dict(self.extra), self.audit_head
         try:
             yield
+            if self.sync_hook is not None and self.synced_spaces:
+                self._sync_outbound(self.sync_hook)
             self._reindex_touched()
             self.save()
         except BaseException:
@@ -514,7 +528,89 @@ class Vault:
             self.spaces, self.extra, self.audit_head = spaces, extra, head
             self._reindex()
             self._search = None
+            if self._deferred:
+                self._apply_deferred()
             raise
+
+    # ------------------------------------------------------------------ synced spaces
+
+    def _sync_outbound(self, hook: SyncHook) -> None:
+        changes: list[tuple[str, StoredEntry | None, StoredEntry | None]] = []
+        for eid, old in self.entries.undo.items():
+            new = dict.get(self.entries, eid)
+            was = None if old is MISSING else old
+            if new is was:
+                continue
+            if (was is not None and was.space in self.synced_spaces) or (
+                new is not None and new.space in self.synced_spaces
+            ):
+                changes.append((eid, was, new))
+        if changes:
+            hook(self, changes)
+
+    def export_entry(self, entry: StoredEntry) -> dict[str, Any]:
+        """The entry as a synced record's plaintext (current values; secrets opened): it is
+        sealed under the space key before it leaves this process."""
+        full = self._hydrate(entry)
+        fields = {
+            n: {"secret": True, "value": self._open(full.id, n, f.sealed or "")}
+            if f.secret
+            else {"secret": False, "value": f.value}
+            for n, f in full.fields.items()
+        }
+        return {
+            "name": full.name,
+            "type": full.type,
+            "tags": full.tags,
+            "url": full.url,
+            "notes": full.notes,
+            "fields": fields,
+            "created_at": full.created_at.isoformat(),
+            "updated_at": full.updated_at.isoformat(),
+        }
+
+    def defer_remote(self, space: str, items: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Remote changes to apply right after the current mutation is undone (a conflict)."""
+        self._deferred.append((space, items))
+
+    def _apply_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for space, items in deferred:
+            self.apply_remote(space, items)
+
+    def apply_remote(self, space: str, items: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Store entries another device committed to the synced `space` (None: removed),
+        sealing their secrets under this vault's key. Not sent back through the hook."""
+        hook, self.sync_hook = self.sync_hook, None
+        try:
+            with self.mutation():
+                if space not in self.spaces:
+                    self.spaces.append(space)
+                for eid, doc in items:
+                    if doc is None:
+                        if eid in self.entries:
+                            del self.entries[eid]
+                        continue
+                    fields = {
+                        n: StoredField(secret=True, sealed=self._seal(eid, n, f["value"]))
+                        if f["secret"]
+                        else StoredField(secret=False, value=f["value"])
+                        for n, f in doc["fields"].items()
+                    }
+                    self.entries[eid] = StoredEntry(
+                        id=eid,
+                        name=doc["name"],
+                        type=doc["type"],
+                        space=space,
+                        tags=doc["tags"],
+                        url=doc["url"],
+                        notes=doc["notes"],
+                        fields=fields,
+                        created_at=datetime.fromisoformat(doc["created_at"]),
+                        updated_at=datetime.fromisoformat(doc["updated_at"]),
+                    )
+        finally:
+            self.sync_hook = hook
 
     # ------------------------------------------------------------------ v2 (sealed rows)
 
@@ -705,6 +801,7 @@ class Vault:
         self.audit_head = audit_head if isinstance(audit_head, dict) else None
         self._entries = Entries(entries)
         self._saved = _Saved(generation, want_digest, versions, saved_extra, dict(extra))
+        self.opened_generation = generation  # before this session's own commits (sync anchor)
         self._reindex()
 
     def _migrate(self, kek: bytearray) -> None:
@@ -1197,9 +1294,21 @@ class Vault:
         with self.mutation():
             self.spaces.append(name)
 
+    def _not_synced(self, name: str) -> None:
+        if name in self.synced_spaces:
+            # every device would see its entries deleted: leaving a synced space is a sync
+            # operation (the admin removes the device), not a local rename or removal
+            raise InvalidParameters(
+                "a synced space cannot be renamed or removed here",
+                data={"space": name},
+                hint='see "apm sync status"; the space\'s admin removes a device with '
+                '"apm sync remove"',
+            )
+
     def space_rename(self, name: str, new_name: str) -> int:
         if name not in self.spaces:
             raise SpaceNotFound(data={"space": name})
+        self._not_synced(name)
         if new_name in self.spaces:
             raise AlreadyExists("space already exists", data={"space": new_name})
         moved = 0
@@ -1214,6 +1323,7 @@ class Vault:
     def space_remove(self, name: str, force: bool) -> int:
         if name not in self.spaces:
             raise SpaceNotFound(data={"space": name})
+        self._not_synced(name)
         doomed = [e.id for e in self.entries.values() if e.space == name]
         if doomed and not force:
             raise SpaceNotEmpty(data={"space": name, "entries": len(doomed)})

@@ -41,6 +41,7 @@ from . import (
     sd_notify,
     session_handlers,
     storage_handlers,
+    sync_service,
     tx_handlers,
 )
 from .notify import Notifier
@@ -58,6 +59,7 @@ _ = (
     tx_handlers,
     history_handlers,
     storage_handlers,
+    sync_service,
 )  # importing them registers the routes
 
 

@@ -59,7 +59,7 @@ from broker.wire.protocol import (
     UnlockResult,
 )
 
-from . import hardening
+from . import hardening, sync_service
 from .context import Context
 from .dispatch import log
 from .operations import (
@@ -197,6 +197,7 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
         raise
     warnings = await check_at_unlock(ctx.state)
     await forget_ended_sessions(ctx.state)
+    await sync_service.on_unlock(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)
     if idle_at is None or hard_at is None:
         raise VaultLocked()

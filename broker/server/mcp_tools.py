@@ -41,6 +41,7 @@ from .dispatch import invoke, to_wire_error
 from .operations import OPERATIONS
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
+from .sync_tools import SYNC_TOOLS
 from .tool_base import Args, ToolSpec, require_scope
 from .write_tools import WRITE_TOOLS
 
@@ -303,7 +304,9 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         grantable=True,
     ),
 )
-TOOLS: tuple[ToolSpec, ...] = READ_TOOLS + REQUEST_TOOLS + WRITE_TOOLS + PLUGIN_TOOLS + ADMIN_TOOLS
+TOOLS: tuple[ToolSpec, ...] = (
+    READ_TOOLS + REQUEST_TOOLS + WRITE_TOOLS + PLUGIN_TOOLS + ADMIN_TOOLS + SYNC_TOOLS
+)
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 # answered on the relay's fast path: they never talk back to the client (no elicitation)
 FAST_TOOLS = frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}

@@ -109,6 +109,7 @@ class State:
     max_ttl: timedelta = timedelta(days=90)
     started_at: float = field(default_factory=time.time)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sync: Any = None  # server/sync_service.SyncService once a sync method or unlock needs it
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     kdf_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="kdf")
@@ -218,4 +219,6 @@ class State:
                 log.warning("could not save session usage before locking", exc_info=True)
         self._store = self._store_vault = None
         self._reqs = self._reqs_vault = None
+        if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
+            self.sync.stop(wait=False)
         return self.cache.lock()

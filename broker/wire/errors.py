@@ -232,6 +232,32 @@ class BrokerRunning(ApmError):
     default_hint = 'use it, or stop it with "apm broker stop"'
 
 
+class SyncUnavailable(ApmError):
+    code = "SYNC_UNAVAILABLE"
+    exit_code = 9
+    default_message = (
+        "the sync cluster has no quorum or cannot be reached; synced writes are refused"
+    )
+    default_hint = (
+        'reads still come from this machine\'s replica; check "apm sync status" and the etcd '
+        "members, then retry"
+    )
+
+
+class SyncRecordRefused(ApmError):
+    code = "SYNC_RECORD_REFUSED"
+    exit_code = 8
+    default_message = "a synced record failed its integrity check and was refused"
+    default_hint = '"apm sync status" lists refused records; rewrite the entry from a good device'
+
+
+class SyncNotMember(ApmError):
+    code = "SYNC_NOT_MEMBER"
+    exit_code = 5
+    default_message = "this device is not a member of the synced space"
+    default_hint = 'ask the space\'s admin to run "apm sync approve DEVICE"'
+
+
 class Cancelled(ApmError):
     code = "CANCELLED"
     exit_code = 130

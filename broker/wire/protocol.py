@@ -642,6 +642,77 @@ class SecretResolveResult(Wire):
     secrets: list[ResolvedSecret]
 
 
+# ---------------------------------------------------------------------- sync (etcd)
+
+
+class SyncTls(Strict):
+    # file paths (the broker reads them); a client key file must stay private to the user
+    cacert: str | None = Field(default=None, max_length=4096)
+    cert: str | None = Field(default=None, max_length=4096)
+    key: str | None = Field(default=None, max_length=4096)
+
+
+class SyncInitParams(Strict):
+    endpoints: list[str] = Field(min_length=1, max_length=16)
+    tls: SyncTls = Field(default_factory=SyncTls)
+    space: str = Field(pattern=SPACE_PATTERN)
+
+
+class SyncInitResult(Wire):
+    space: str
+    space_id: str
+    device: str
+    uploaded: int
+
+
+class SyncSpaceParams(Strict):
+    space: str = Field(pattern=SPACE_PATTERN)
+
+
+class SyncInviteResult(Wire):
+    space: str
+    code: SecretStr  # one-time; shown once to the owner
+
+    @field_serializer("code")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class SyncJoinParams(Strict):
+    code: SecretStr = Field(max_length=4096)
+    endpoints: list[str] = Field(min_length=1, max_length=16)
+    tls: SyncTls = Field(default_factory=SyncTls)
+
+    @field_serializer("code")
+    def _ser(self, v: SecretStr, info: SerializationInfo) -> str | None:
+        return _reveal(v, info)
+
+
+class SyncJoinResult(Wire):
+    space: str
+    device: str
+
+
+class SyncDeviceParams(Strict):
+    device: str = Field(max_length=64, pattern=r"^dev-[0-9a-f]{1,32}$")
+    space: str | None = Field(default=None, pattern=SPACE_PATTERN)
+
+
+class SyncDeviceResult(Wire):
+    space: str
+    device: str
+    revision: int
+
+
+class SyncStatusResult(Wire):
+    configured: bool
+    device: str | None = None
+    # the cluster holds a later vault generation from this device than the open vault's
+    rollback_suspected: bool = False
+    endpoints: list[dict[str, Any]] = Field(default_factory=list)
+    spaces: list[dict[str, Any]] = Field(default_factory=list)
+
+
 # method -> (params model, result model)
 METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "broker.ping": (Empty, PingResult),
@@ -670,6 +741,14 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "space.add": (SpaceAddParams, SpaceInfo),
     "space.rename": (SpaceRenameParams, SpaceInfo),
     "space.remove": (SpaceRemoveParams, SpaceRemoveResult),
+    "sync.init": (SyncInitParams, SyncInitResult),
+    "sync.invite": (SyncSpaceParams, SyncInviteResult),
+    "sync.join": (SyncJoinParams, SyncJoinResult),
+    "sync.approve": (SyncDeviceParams, SyncDeviceResult),
+    "sync.remove": (SyncDeviceParams, SyncDeviceResult),
+    "sync.revoke_sessions": (SyncDeviceParams, SyncDeviceResult),
+    "sync.status": (Empty, SyncStatusResult),
+    "sync.now": (Empty, SyncStatusResult),
     "session.create": (SessionCreateParams, SessionCreateResult),
     "session.list": (Empty, SessionListResult),
     "session.show": (SessionRef, SessionInfo),

@@ -1,0 +1,159 @@
+"""MCP tools for synced spaces: `cloud_sync` (write scope: status, sync now) and `cloud_config`
+(admin: show the configuration; a change is a transaction only the owner can approve).
+
+Rules:
+- Nothing here returns a key, a join code or a client key's contents: configuration shows
+  endpoints, file paths, space names/ids and device ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from broker.wire.errors import InvalidParameters
+from broker.wire.protocol import Empty, SyncTls
+
+from . import sync_service, write_tools
+from .dispatch import Context, invoke
+from .operations import OPERATIONS
+from .tool_base import Args, ToolSpec
+from .write_tools import Plan, TxArgs, WriteOut, two_phase
+
+
+class CloudSyncArgs(Args):
+    action: Literal["status", "sync_now"] = "status"
+
+
+class CloudSyncOut(BaseModel):
+    configured: bool
+    device: str | None = None
+    rollback_suspected: bool = False
+    endpoints: list[dict[str, Any]] = Field(default_factory=list)
+    spaces: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class CloudConfigArgs(TxArgs):
+    action: Literal["show", "set_endpoints"] = "show"
+    endpoints: list[str] | None = Field(default=None, max_length=16)
+    tls: SyncTls | None = None
+
+
+class CloudConfigOut(BaseModel):
+    configured: bool
+    device: str | None = None
+    endpoints: list[str] = Field(default_factory=list)
+    tls: dict[str, Any] = Field(default_factory=dict)
+    spaces: dict[str, str] = Field(default_factory=dict)  # name -> space id
+    change: WriteOut | None = None
+
+
+class SyncConfigureParams(BaseModel):
+    endpoints: list[str]
+    tls: SyncTls | None  # None: keep the TLS files configured now
+
+
+async def _cloud_sync(ctx: Context, a: CloudSyncArgs) -> CloudSyncOut:
+    op = OPERATIONS["sync.now" if a.action == "sync_now" else "sync.status"]
+    res = await invoke(ctx, op, Empty())  # the operation's own rule, as on the wire
+    return CloudSyncOut(**res.model_dump())
+
+
+def _show(ctx: Context) -> CloudConfigOut:
+    cfg = ctx.state.cache.get().extra.get(sync_service.EXTRA_KEY)
+    if not isinstance(cfg, dict):
+        return CloudConfigOut(configured=False)
+    return CloudConfigOut(
+        configured=True,
+        device=cfg["device"]["id"],
+        endpoints=list(cfg["endpoints"]),
+        tls=dict(cfg.get("tls", {})),
+        spaces={name: sc["id"] for name, sc in cfg.get("spaces", {}).items()},
+    )
+
+
+async def _plan_config(ctx: Context, a: CloudConfigArgs) -> Plan:
+    if not a.endpoints:
+        raise InvalidParameters("set_endpoints needs endpoints", data={"fields": ["endpoints"]})
+    tls = a.tls.model_dump() if a.tls is not None else {}
+    preview = "change the sync cluster:\n" + "\n".join(
+        [f"  endpoint: {e}" for e in a.endpoints]
+        + [f"  {k}: {v}" for k, v in tls.items() if v]
+        + ([] if a.tls is not None else ["  (TLS files unchanged)"])
+    )
+    return Plan(
+        method="sync.configure",
+        params=SyncConfigureParams(endpoints=a.endpoints, tls=a.tls),
+        preview=preview,
+        owner_only=True,
+    )
+
+
+_config_change = two_phase("cloud_config", CloudConfigArgs, _plan_config)
+
+
+async def _execute_configure(ctx: Context, p: SyncConfigureParams) -> CloudConfigOut:
+    svc = sync_service.service(ctx.state)
+    vault = ctx.state.cache.get()
+
+    def work() -> None:
+        cfg = svc.config(vault)
+        if cfg is None:
+            raise InvalidParameters(
+                "this vault syncs no space", hint='the owner sets one up with "apm sync init"'
+            )
+        tls = p.tls.model_dump() if p.tls is not None else dict(cfg.get("tls", {}))
+        cfg = svc._base_config(vault, p.endpoints, tls)
+        svc.stop()
+        svc._save_config(vault, cfg)
+        svc.start(vault)
+
+    async with ctx.state.write_lock:
+        await ctx.state.io(work)
+    ctx.state.record("sync.configure", ctx, endpoints=len(p.endpoints))
+    return _show(ctx)
+
+
+write_tools._EXECUTE["sync.configure"] = _execute_configure
+
+
+async def _cloud_config(ctx: Context, a: CloudConfigArgs) -> CloudConfigOut:
+    if a.action == "show" and a.tx_id is None:
+        return _show(ctx)
+    out = _show(ctx)
+    out.change = await _config_change(ctx, a)
+    return out
+
+
+SYNC_TOOLS: tuple[ToolSpec, ...] = (
+    ToolSpec(
+        name="cloud_sync",
+        title="Sync status, sync now",
+        description=(
+            "Synced spaces (shared through etcd): endpoints and their health, last applied "
+            "revision, lag, members, pending joins and refused records; action sync_now "
+            "re-reads the cluster."
+        ),
+        scope="write",
+        args=CloudSyncArgs,
+        out=CloudSyncOut,
+        run=_cloud_sync,
+        read_only=False,
+    ),
+    ToolSpec(
+        name="cloud_config",
+        title="Sync configuration",
+        description=(
+            "Show the sync configuration (endpoints, TLS file paths, synced spaces, this "
+            "device). action set_endpoints previews a change; only the owner can approve it "
+            '("apm tx approve TX"), then commit with {"tx_id": ..., "approve": true}.'
+        ),
+        scope="admin",
+        args=CloudConfigArgs,
+        out=CloudConfigOut,
+        run=_cloud_config,
+        read_only=False,
+        idempotent=False,
+    ),
+)
