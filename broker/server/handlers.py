@@ -126,6 +126,7 @@ async def process_status(ctx: Context, p: Empty) -> StatusResult:
         hardening=hardening.report(st.cache.mlocked),
         mcp_connections=await _mcp_connections(st),
         integrity=st.rollback.integrity(st.audit),
+        throttle_failures=st.throttle.failures(ctx.peer),
     )
 
 

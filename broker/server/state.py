@@ -82,6 +82,11 @@ class Throttle:
             0.0 if count <= self.FREE else min(0.05 * 2 ** (count - self.FREE - 1), self.MAX_DELAY)
         )
 
+    def failures(self, peer: Peer) -> int:
+        """Failed attempts counted against this peer's uid (0 after a quiet period)."""
+        count, last = self._fails.get(self.key(peer), (0, 0.0))
+        return 0 if self.clock() - last > self.QUIET else count
+
     async def penalize(self, peer: Peer) -> None:
         """Record a failure and serve its delay, one penalty at a time."""
         delay = self.failed(peer)

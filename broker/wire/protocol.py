@@ -148,6 +148,7 @@ class StatusResult(Wire):
     hardening: Hardening
     mcp_connections: int = 0
     integrity: list[str] = Field(default_factory=list)  # rollback / deleted log, this broker
+    throttle_failures: int = 0  # failed token attempts counted against the caller's uid
 
 
 class InitParams(Strict):
