@@ -139,9 +139,7 @@ def test_setsid_per_guess_and_valid_calls_in_between_do_not_reset_the_throttle(
     assert token not in status
 
 
-def test_session_diagnose_tells_a_caller_without_the_token_nothing(
-    vault: Broker, apm: Apm
-) -> None:
+def test_session_diagnose_tells_a_caller_without_the_token_nothing(vault: Broker, apm: Apm) -> None:
     # the victim: an admin session bound to a process that is none of ours, so a leak of its
     # accessor, scope, state or which binding fails would show in the answer
     sleeper = subprocess.Popen(["sleep", "600"])
