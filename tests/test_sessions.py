@@ -82,10 +82,10 @@ class NoDelayThrottle(Throttle):
 
     def __init__(self) -> None:
         super().__init__()
-        self.failures = 0
+        self.reported = 0
 
     def failed(self, peer: Peer) -> float:
-        self.failures += 1
+        self.reported += 1
         super().failed(peer)
         return 0.0
 
@@ -591,9 +591,9 @@ def test_repeated_failed_token_attempts_are_reported_to_the_throttle(twin: Twin)
     token, _ = twin.delegate()
     for _ in range(4):
         twin.call("entry.list", token="eps_" + "B" * 43)
-    assert twin.throttle.failures == 4
+    assert twin.throttle.reported == 4
     assert twin.call("entry.list", token=token).ok
-    assert twin.throttle.failures == 4
+    assert twin.throttle.reported == 4
 
 
 def test_the_throttle_delay_grows_with_repeated_failures_and_is_capped() -> None:
@@ -648,7 +648,7 @@ def test_diagnosing_an_unknown_token_counts_as_a_failed_attempt_and_reveals_noth
     twin: Twin,
 ) -> None:
     token, _ = twin.delegate()
-    before = twin.throttle.failures
+    before = twin.throttle.reported
     out = twin.call("session.diagnose", token="eps_" + "C" * 43)
     assert out.ok and out.result == {
         "known": False,
@@ -658,7 +658,7 @@ def test_diagnosing_an_unknown_token_counts_as_a_failed_attempt_and_reveals_noth
         "expires_at": None,
         "problem": out.result["problem"],
     }
-    assert twin.throttle.failures == before + 1
+    assert twin.throttle.reported == before + 1
     nothing = twin.call("session.diagnose")
     assert nothing.ok and nothing.result is not None and nothing.result["known"] is False
     assert nothing.result["accessor"] is None

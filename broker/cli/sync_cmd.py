@@ -155,9 +155,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ssub = p.add_subparsers(dest="sync_cmd", required=True, metavar="COMMAND")
     init = ssub.add_parser("init", help="make a space synced, with this device as its admin")
     _etcd_opts(init)
-    init.add_argument("--space", required=True)
+    init.add_argument("--space", required=True, help="the space to sync")
     inv = ssub.add_parser("invite", help="print a one-time join code for a synced space")
-    inv.add_argument("--space", required=True)
+    inv.add_argument("--space", required=True, help="the synced space to invite to")
     join = ssub.add_parser("join", help="ask to join a synced space with a join code")
     join.add_argument(
         "code", help='the code from "apm sync invite"; - reads it from stdin (keeps it out of argv)'
@@ -169,8 +169,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ("revoke-sessions", "revoke every session on that device (it applies the record)"),
     ):
         sp = ssub.add_parser(name, help=text)
-        sp.add_argument("device")
-        sp.add_argument("--space", required=name == "remove")
+        sp.add_argument("device", help="the device id (apm sync status lists them)")
+        sp.add_argument(
+            "--space",
+            required=name == "remove",
+            help="the synced space the device belongs to",
+        )
     status = ssub.add_parser(
         "status", help="endpoints, applied revision, lag, members, pending joins, refused"
     )

@@ -255,7 +255,7 @@ class SyncNotMember(ApmError):
     code = "SYNC_NOT_MEMBER"
     exit_code = 5
     default_message = "this device is not a member of the synced space"
-    default_hint = 'ask the space\'s admin to run "apm sync approve DEVICE"'
+    default_hint = 'ask the person (the space\'s admin) to run "apm sync approve DEVICE"'
 
 
 class Cancelled(ApmError):
