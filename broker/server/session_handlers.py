@@ -154,6 +154,7 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
         pin=p.pin,
         filter=EntryFilter(spaces=p.spaces, tags=p.tags, globs=p.entries),
         approve=p.approve,
+        tool_names=p.tool_names,
     )
     token, rec = store.create(spec)
     try:
