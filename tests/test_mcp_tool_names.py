@@ -253,3 +253,37 @@ def test_delegate_refuses_an_unknown_naming(tmp_path: Path) -> None:
     r = apm("delegate", "--tool-names", "seed", password=PASSWORD)
     assert r.returncode != 0
     assert "--tool-names" in r.stderr and "apono" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["delegate", "--tool-names", "apono"],
+        ["mcp", "install", "--client", "cursor", "--tool-names", "apono"],
+        ["mcp", "config", "--client", "cursor", "--mint", "--tool-names", "apono"],
+    ],
+)
+def test_the_cli_puts_the_naming_into_the_session_it_mints(argv: list[str]) -> None:
+    from broker.cli.main import build_parser
+    from broker.cli.session_cmd import create_params
+
+    args = build_parser().parse_args(argv)
+    assert create_params(args).tool_names == "apono"
+    args = build_parser().parse_args([a for a in argv if a not in ("--tool-names", "apono")])
+    assert create_params(args).tool_names is None
+
+
+def test_server_instructions_name_the_active_set() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from broker.core.sessions import SessionRecord
+    from broker.server.mcp_host import instructions
+
+    now = datetime.now(UTC)
+    rec = SessionRecord(
+        accessor="acc_x", token_hash="h", created_at=now, expires_at=now + timedelta(hours=1)
+    )
+    assert "Call assist " in instructions(rec, "apm")
+    text = instructions(rec, "apono")
+    assert "Call user_apono_assist " in text and "Call assist " not in text
+    assert "search_entries" in text  # the other tools keep their names
