@@ -53,7 +53,9 @@ class World:
         args = ["delegate", "--json", "--ttl", "1h", "--label", label]
         if tool_names is not None:
             args += ["--tool-names", tool_names]
-        token = str(json.loads(self.apm.ok(*args).stdout)["token"])
+        made = json.loads(self.apm.ok(*args).stdout)
+        assert made["session"]["tool_names"] == tool_names  # stored on the session
+        token = str(made["token"])
         register_secret(token)
         return token
 

@@ -110,6 +110,8 @@ def _details(s: SessionInfo) -> list[str]:
         )
     if s.last_used_at:
         lines.append(f"last used: {_when(s.last_used_at)}")
+    if s.tool_names:
+        lines.append(f"MCP names: {escape(s.tool_names)} (just-in-time tools)")
     if s.declared_agent:
         lines.append(f"declared:  {escape(s.declared_agent)}")
     return lines

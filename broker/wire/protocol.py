@@ -441,6 +441,7 @@ class SessionInfo(Wire):
     declared_agent: str | None = None
     revoked_at: datetime | None = None
     approve: str = "agent"
+    tool_names: str | None = None  # MCP tool naming chosen at delegation (None: the broker's)
 
 
 class SessionCreateResult(Wire):
