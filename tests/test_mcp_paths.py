@@ -89,7 +89,12 @@ class Paths2:
         """A connection with a session of `scope` ("read-modern": no handshake, 2026 era)."""
         modern = scope.endswith("-modern")
         _, rec = self.state.sessions().create(
-            CreateSpec(label=f"p-{scope}", scope=scope.split("-")[0], ttl=timedelta(hours=1))  # type: ignore[arg-type]
+            CreateSpec(
+                label=f"p-{scope}",
+                scope=scope.split("-")[0],  # type: ignore[arg-type]
+                ttl=timedelta(hours=1),
+                tool_names="apono" if "apono" in scope else None,  # "read-apono": #14.5 names
+            )
         )
         ctx = Context(state=self.state, peer=self.peer, auth=None, request_id="", session=rec)
         identity = scope.encode()
@@ -217,6 +222,17 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("read", "arguments-not-object", call(10, "list_entries", [1, 2])),
     ("read", "request-status-unknown", call(11, "get_request_status", {"request_id": "req_x"})),
     ("read", "status-tool", call(12, "apm_status")),
+    # #14.5 seed-compatible names: one set per session, the other set's names unknown
+    ("read-apono", "apono-assist", call(40, "user_apono_assist", {"question": "seed twice"})),
+    ("read-apono", "apono-apm-name-unknown", call(41, "assist")),
+    ("read-apono", "apono-status", call(42, "user_get_request_status", {"request_id": "req_x"})),
+    (
+        "read-apono",
+        "apono-create-invalid",
+        call(43, "user_create_request", {"entry": "seed", "duration_minutes": 1}),
+    ),
+    ("read-apono", "apono-details-unknown", call(44, "get_access_details", {"request_id": "x"})),
+    ("read", "apm-apono-name-unknown", call(45, "user_apono_assist", {})),
 ]
 for _scope in SCOPES:
     CASES += [
@@ -243,6 +259,30 @@ def test_the_fast_path_and_the_sdk_path_give_the_same_answer(
 ) -> None:
     fast, sdk = paths.call(scope, doc)
     assert _normal(fast) == _normal(sdk)
+
+
+@pytest.mark.parametrize(
+    ("scope", "name", "known"),
+    [
+        ("read-apono", "user_apono_assist", True),
+        ("read-apono", "assist", False),
+        ("read", "assist", True),
+        ("read", "user_apono_assist", False),
+    ],
+)
+def test_both_paths_serve_only_the_active_naming(
+    paths: Paths2, scope: str, name: str, known: bool
+) -> None:
+    fast, sdk = paths.call(scope, call(50, name, {"question": "seed"}))
+    assert fast == sdk
+    result = fast["result"]
+    if known:
+        assert not result["isError"]
+        hits = result["structuredContent"]["candidates"]
+        assert hits and hits[0]["entry"]["name"] in ("seed", "twice")
+    else:
+        assert result["_meta"]["apm/error"]["code"] == "INVALID_PARAMETERS"
+        assert "unknown tool" in result["_meta"]["apm/error"]["message"]
 
 
 @pytest.mark.parametrize("scope", SCOPES)

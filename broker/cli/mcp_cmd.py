@@ -465,6 +465,12 @@ def _delegate_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", action="append", metavar="S", help="only entries in these spaces")
     p.add_argument("--tag", action="append", metavar="T", help="only entries with these tags")
     p.add_argument("--entries", action="append", metavar="GLOB", help="only names matching")
+    p.add_argument(
+        "--tool-names",
+        choices=("apm", "apono"),
+        help="MCP names of the just-in-time tools for this session (apono: Apono Assist's "
+        "user_create_request, ...); default: the broker's [mcp] tool_names",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "--transport",

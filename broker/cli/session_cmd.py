@@ -110,6 +110,8 @@ def _details(s: SessionInfo) -> list[str]:
         )
     if s.last_used_at:
         lines.append(f"last used: {_when(s.last_used_at)}")
+    if s.tool_names:
+        lines.append(f"MCP names: {escape(s.tool_names)} (just-in-time tools)")
     if s.declared_agent:
         lines.append(f"declared:  {escape(s.declared_agent)}")
     return lines
@@ -129,6 +131,7 @@ def create_params(args: argparse.Namespace, **overrides: object) -> SessionCreat
         "agent_exe_pin": getattr(args, "agent_exe_pin", None),
         "pin": getattr(args, "pin", False),
         "approve": getattr(args, "approve", "agent"),
+        "tool_names": getattr(args, "tool_names", None),
         "spaces": getattr(args, "space", None) or [],
         "tags": getattr(args, "tag", None) or [],
         "entries": getattr(args, "entries", None) or [],
@@ -285,6 +288,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="only this machine and user (default on)",
     )
     p.add_argument("--pid", type=int, metavar="N", help="only process N and its descendants")
+    p.add_argument(
+        "--tool-names",
+        choices=("apm", "apono"),
+        help="MCP names of the just-in-time tools for this session: apm (request_access, ...) "
+        "or apono (user_create_request, ...); default: the broker's [mcp] tool_names",
+    )
     agent = p.add_mutually_exclusive_group()
     agent.add_argument(
         "--agent", choices=AGENTS, help="only processes descending from this AI client"

@@ -33,6 +33,7 @@ from .vault_file import atomic_write
 
 Scope = Literal["read", "secrets", "write", "admin"]
 Approver = Literal["agent", "client", "owner"]
+ToolNames = Literal["apm", "apono"]  # MCP tool naming (mcp_tools.TOOL_NAMINGS)
 SCOPES: tuple[str, ...] = ("read", "secrets", "write", "admin")
 TOKEN_PREFIX = "eps_"  # noqa: S105 - a prefix, not a secret
 ACCESSOR_PREFIX = "ses_"
@@ -103,6 +104,7 @@ class SessionRecord(BaseModel):
     revoked_at: datetime | None = None
     declared_agent: str | None = None
     approve: Approver = "agent"  # who approves this session's writes
+    tool_names: ToolNames | None = None  # None: the broker's [mcp] tool_names
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -139,6 +141,7 @@ class CreateSpec:
     pin: bool = False
     filter: EntryFilter = field(default_factory=EntryFilter)
     approve: Approver = "agent"
+    tool_names: ToolNames | None = None
 
 
 @dataclass
@@ -231,6 +234,7 @@ class SessionStore:
             filter=spec.filter,
             bindings=bindings,
             approve=spec.approve,
+            tool_names=spec.tool_names,
         )
         self._index(rec)
         return token, rec

@@ -75,6 +75,7 @@ class Config:
     desktop_notifications: bool = True
     http: str | None = None
     http_limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
+    mcp_tool_names: str = "apm"  # [mcp] tool_names: "apm" or "apono"
 
 
 HTTP_LIMIT_KEYS = (
@@ -103,6 +104,17 @@ def _http_limits(section: dict[str, Any]) -> limits.HttpLimits:
     return caps
 
 
+def _mcp_tool_names(section: dict[str, Any]) -> str:
+    """[mcp] tool_names = "apm" | "apono"; unknown keys and values are refused."""
+    unknown = set(section) - {"tool_names"}
+    if unknown:
+        raise ValueError(f"unknown [mcp] key(s): {', '.join(sorted(unknown))}")
+    value = section.get("tool_names", "apm")
+    if value not in ("apm", "apono"):
+        raise ValueError('mcp.tool_names must be "apm" or "apono"')
+    return str(value)
+
+
 def load_config(config_file: Path) -> Config:
     """config.toml: [lock] idle_minutes, max_hours; [sessions] max_ttl_days; [http] listen and
     caps (limits.HttpLimits)."""
@@ -123,6 +135,7 @@ def load_config(config_file: Path) -> Config:
         if http is not None and not isinstance(http, str):
             raise ValueError("http.listen must be a string like 127.0.0.1:8765")
         http_limits = _http_limits(http_section)
+        mcp_tool_names = _mcp_tool_names(doc.get("mcp", {}))
         if webhook is not None and not (
             isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
         ):
@@ -149,6 +162,7 @@ def load_config(config_file: Path) -> Config:
         desktop_notifications=desktop,
         http=http,
         http_limits=http_limits,
+        mcp_tool_names=mcp_tool_names,
     )
 
 
@@ -301,6 +315,7 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         max_ttl=config.max_ttl,
         notifier=Notifier(config.webhook_url, config.desktop_notifications),
         request_max_minutes=config.request_max_minutes,
+        mcp_tool_names=config.mcp_tool_names,
     )
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     # the checkpoint is rewritten once per burst of records (after the event-loop turn)

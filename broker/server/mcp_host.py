@@ -64,7 +64,11 @@ MODERN_EXTRA = ',"resultType":"complete","_meta":' + json.dumps(
 )
 
 
-def instructions(rec: SessionRecord) -> str:
+def instructions(rec: SessionRecord, naming: str = "apm") -> str:
+    return mcp_tools.rename_text(_instructions(rec), naming)
+
+
+def _instructions(rec: SessionRecord) -> str:
     scopes = ", ".join(scopes_up_to(rec.scope))
     more = (
         " Secret values need the secrets scope: ask the person to run "
@@ -405,7 +409,7 @@ class McpHost:
             "apm",
             version=__version__,
             title=SERVER_TITLE,
-            instructions=instructions(rec),
+            instructions=instructions(rec, rec.tool_names or self.state.mcp_tool_names),
             on_list_tools=list_tools,
             on_call_tool=call_tool,
         )
@@ -431,7 +435,8 @@ async def serve_list(state: State, authorize: Authorize) -> types.ListToolsResul
         return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
     now = state.clock()
     has_grant = any(r.status(now) == "approved" for r in state.requests().listing(rec.accessor))
-    return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant))
+    naming = rec.tool_names or state.mcp_tool_names
+    return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant, naming))
 
 
 async def serve_call(

@@ -117,7 +117,26 @@ class TotpOut(BaseModel):
 
 
 class AssistArgs(Args):
-    pass
+    question: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="optional: what you need, in words (e.g. 'deploy to the staging database'); "
+        "the answer then ranks the entries that fit, what access each needs and the exact "
+        "request to make",
+    )
+
+
+class AssistRequest(BaseModel):
+    tool: str
+    arguments: dict[str, Any]
+
+
+class AssistCandidate(BaseModel):
+    entry: EntryMeta
+    score: float
+    access: str  # "available", "granted", "pending" or "request"
+    access_needed: str  # in words: what this session needs to use the entry
+    request: AssistRequest | None  # the exact call to make next (None: nothing to ask for)
 
 
 class SpaceCount(BaseModel):
@@ -138,6 +157,8 @@ class AssistOut(BaseModel):
     tools_available: list[str]
     needs_more_access: dict[str, str]
     how_to_get_more_access: str
+    question: str | None = None
+    candidates: list[AssistCandidate] | None = None  # with `question`: best first
 
 
 # ------------------------------------------------------------------ tool bodies
@@ -194,6 +215,85 @@ async def _get_totp(ctx: Context, a: EntryArgs) -> TotpOut:
     return TotpOut(**res.model_dump())
 
 
+_STOP_WORDS = frozenset(
+    {
+        "the", "a", "an", "and", "or", "of", "to", "for", "in", "on", "at", "with", "from",
+        "into", "my", "our", "your", "this", "that", "need", "needs", "want", "access", "use",
+        "using", "get", "give", "me", "please", "some", "which", "what", "where", "how", "can",
+        "could", "should", "would", "credential", "credentials", "secret", "secrets", "password",
+        "passwords", "key", "keys", "token", "login",
+    }
+)  # fmt: skip
+
+
+async def _candidates(ctx: Context, question: str, limit: int = 5) -> list[AssistCandidate]:
+    """Entries that fit a free-text question, best first: one search per meaningful word
+    (through the gate, so the session's filter applies), scores summed."""
+    words: list[str] = []
+    for w in re.findall(r"[\w.@-]{2,}", question.lower()):
+        if w not in _STOP_WORDS and w not in words:
+            words.append(w[:256])
+    scores: dict[str, float] = {}
+    metas: dict[str, EntryMeta] = {}
+    for w in words[:8]:
+        res = await _op(ctx, "entry.search", EntrySearchParams(query=w, limit=20))
+        for hit in res.hits:
+            scores[hit.entry.id] = scores.get(hit.entry.id, 0.0) + hit.score
+            metas[hit.entry.id] = hit.entry
+    ranked = sorted(scores, key=lambda i: (-scores[i], metas[i].name))[:limit]
+    rec = ctx.session
+    if rec is None:
+        raise PermissionDenied("assist describes a session; no session is attached")
+    now = ctx.state.clock()
+    mine = ctx.state.requests().listing(rec.accessor)
+    minutes = min(30, ctx.state.request_max_minutes)
+    why = question.strip()
+    justification = (why if len(why) >= 10 else f"needed for: {why or 'the current task'}")[:1000]
+    out = []
+    for eid in ranked:
+        meta = metas[eid]
+        live = [r for r in mine if r.entry_id == eid and r.status(now) in ("approved", "pending")]
+        approved = next((r for r in live if r.status(now) == "approved"), None)
+        pending = next((r for r in live if r.status(now) == "pending"), None)
+        if scope_rank(rec.scope) >= scope_rank("secrets"):
+            access, needed, req = (
+                "available",
+                "nothing more: this session's secrets scope covers it (prefer apm run)",
+                None,
+            )
+        elif approved is not None:
+            access, needed = "granted", f"nothing more: granted until {approved.expires_at}"
+            req = AssistRequest(tool="get_access_details", arguments={"request_id": approved.id})
+        elif pending is not None:
+            access, needed = "pending", "a request is waiting for the person's decision"
+            req = AssistRequest(tool="get_request_status", arguments={"request_id": pending.id})
+        else:
+            access = "request"
+            needed = (
+                "a just-in-time grant: metadata is visible, the secret needs the person's "
+                "approval (or the secrets scope)"
+            )
+            req = AssistRequest(
+                tool="request_access",
+                arguments={
+                    "entry": meta.id,
+                    "space": meta.space,
+                    "duration_minutes": minutes,
+                    "justification": justification,
+                },
+            )
+        out.append(
+            AssistCandidate(
+                entry=meta,
+                score=round(scores[eid], 4),
+                access=access,
+                access_needed=needed,
+                request=req,
+            )
+        )
+    return out
+
+
 async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
     from .session_handlers import session_info
 
@@ -224,8 +324,11 @@ async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
         how_to_get_more_access=(
             "Secret values and writes need a wider session. Ask the person to run "
             '"apm delegate --scope secrets" (or write/admin) and give the client the new '
-            "APM_EPHEMERAL_ID; never ask them to paste a password into the chat."
+            "APM_EPHEMERAL_ID; never ask them to paste a password into the chat. For one "
+            "entry, request_access asks for a time-limited grant instead."
         ),
+        question=a.question,
+        candidates=await _candidates(ctx, a.question) if a.question is not None else None,
     )
 
 
@@ -272,7 +375,9 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         title="What can this session do",
         description=(
             "Describe this apm session: its scopes, bindings and expiry, what the vault holds "
-            "(spaces, entry types, counts) and which tools need more access. Call it first."
+            "(spaces, entry types, counts) and which tools need more access. Call it first. "
+            "With `question` (what you need, in words) it also ranks the entries that fit, says "
+            "what access each needs and gives the exact request_access call to make."
         ),
         scope="read",
         args=AssistArgs,
@@ -312,10 +417,81 @@ TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 FAST_TOOLS = frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}
 
 
-def tools_for(scope: str, has_grant: bool = False) -> list[types.Tool]:
+# ------------------------------------------------------------------ tool names
+
+# Seed-compatible names: Apono Assist's names for the just-in-time tools. A naming is a
+# layer over the same specs: one set is exposed at a time (the other set's names are unknown
+# tools) and every hint, description and next step names the active set.
+APONO_NAMES = {
+    "request_access": "user_create_request",
+    "get_request_status": "user_get_request_status",
+    "get_access_details": "user_get_access_details",
+    "assist": "user_apono_assist",
+}
+TOOL_NAMINGS: dict[str, dict[str, str]] = {"apm": {}, "apono": APONO_NAMES}
+FAST_TOOLS |= frozenset(APONO_NAMES[n] for n in FAST_TOOLS if n in APONO_NAMES)
+_INTERNAL = {n: {v: k for k, v in m.items()} for n, m in TOOL_NAMINGS.items()}
+_MENTION = re.compile(r"\b(" + "|".join(APONO_NAMES) + r")\b")
+# answers' fields that carry words for the model (never user data such as justifications)
+_TEXT_KEYS = frozenset({"next_step", "note", "how_to_get_more_access", "hint"})
+
+
+def naming_for(ctx: Context) -> str:
+    """The session's tool naming, else the broker's [mcp] tool_names."""
+    rec = ctx.session
+    chosen = rec.tool_names if rec is not None else None
+    return chosen or getattr(ctx.state, "mcp_tool_names", "apm") or "apm"
+
+
+def public_name(name: str, naming: str) -> str:
+    return TOOL_NAMINGS.get(naming, {}).get(name, name)
+
+
+def spec_for(name: str, naming: str) -> ToolSpec | None:
+    """The spec a public tool name runs under `naming`; the other set's names are unknown."""
+    names = TOOL_NAMINGS.get(naming, {})
+    if name in names:  # an internal name the naming replaced
+        return None
+    return TOOLS_BY_NAME.get(_INTERNAL.get(naming, {}).get(name, name))
+
+
+def rename_text(text: str, naming: str) -> str:
+    names = TOOL_NAMINGS.get(naming)
+    if not names or not text:
+        return text
+    return _MENTION.sub(lambda m: names.get(m.group(1), m.group(1)), text)
+
+
+def _rename_doc(value: Any, naming: str, key: str = "") -> Any:
+    if isinstance(value, dict):
+        if key == "needs_more_access":
+            return {public_name(k, naming): v for k, v in value.items()}
+        out = {k: _rename_doc(v, naming, k) for k, v in value.items()}
+        if key == "request" and isinstance(out.get("tool"), str):  # an assist candidate's call
+            out["tool"] = public_name(out["tool"], naming)
+        return out
+    if isinstance(value, list):
+        if key == "tools_available":
+            return [public_name(v, naming) if isinstance(v, str) else v for v in value]
+        return [_rename_doc(v, naming, key) for v in value]
+    if isinstance(value, str) and key in _TEXT_KEYS:
+        return rename_text(value, naming)
+    return value
+
+
+def tools_for(scope: str, has_grant: bool = False, naming: str = "apm") -> list[types.Tool]:
     """The tools a session sees: its scope's, plus grantable ones while it holds a grant."""
     rank = scope_rank(scope)
-    return [t.to_mcp() for t in TOOLS if scope_rank(t.scope) <= rank or (has_grant and t.grantable)]
+    tools = [t for t in TOOLS if scope_rank(t.scope) <= rank or (has_grant and t.grantable)]
+    if not TOOL_NAMINGS.get(naming):
+        return [t.to_mcp() for t in tools]
+    out = []
+    for t in tools:
+        tool = t.to_mcp()
+        tool.name = public_name(t.name, naming)
+        tool.description = rename_text(t.description, naming)
+        out.append(tool)
+    return out
 
 
 ERROR_META = "apm/error"  # _meta key of an error result's {code, message, hint, data}
@@ -445,12 +621,14 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid parameters: " + "; ".join(parts)
 
 
-def error_outcome(exc: BaseException) -> Outcome:
+def error_outcome(exc: BaseException, naming: str = "apm") -> Outcome:
     body = to_wire_error(exc)
     if isinstance(exc, ValidationError):
         body.message = _validation_message(exc)
         body.hint = "call the tool again with these fields fixed (its inputSchema has the rules)"
     body.hint = model_hint(body.code, body.hint)
+    if body.hint:
+        body.hint = rename_text(body.hint, naming)
     text = f"Error {body.code}: {body.message}."
     if body.hint:
         text += f" Fix: {body.hint}"
@@ -472,8 +650,9 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
 async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
+    naming = naming_for(ctx)
     try:
-        spec = TOOLS_BY_NAME.get(name)
+        spec = spec_for(name, naming)
         if spec is None:
             from broker.wire.errors import InvalidParameters
 
@@ -483,16 +662,18 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
         if spec.grantable and ctx.session is not None:
             ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank(spec.scope)
         else:
-            require_scope(ctx, spec.scope, spec.name)
+            require_scope(ctx, spec.scope, public_name(spec.name, naming))
         args = spec.args.model_validate(arguments or {})
         out = await spec.run(ctx, args)
         structured = out.model_dump(mode="json")
+        if TOOL_NAMINGS.get(naming):
+            structured = _rename_doc(structured, naming)
         # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x slower);
         # the same text is the structured content on the wire
         text = json.dumps(structured, ensure_ascii=False, separators=(",", ":"))
         return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
-        return error_outcome(exc)
+        return error_outcome(exc, naming)
     except Exception as exc:
         log.error("tool %s failed", name[:64], exc_info=exc)
-        return error_outcome(InternalError())
+        return error_outcome(InternalError(), naming)

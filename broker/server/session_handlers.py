@@ -64,6 +64,7 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
         label=rec.label,
         scope=rec.scope,
         scopes=scopes_up_to(rec.scope),
+        tool_names=rec.tool_names,
         state=rec.state(state.clock()),
         created_at=rec.created_at,
         expires_at=rec.expires_at,
@@ -154,6 +155,7 @@ async def process_session_create(ctx: Context, p: SessionCreateParams) -> Sessio
         pin=p.pin,
         filter=EntryFilter(spaces=p.spaces, tags=p.tags, globs=p.entries),
         approve=p.approve,
+        tool_names=p.tool_names,
     )
     token, rec = store.create(spec)
     try:

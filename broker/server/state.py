@@ -109,6 +109,7 @@ class State:
     audit: AuditLog | None = None
     notifier: Notifier | None = None
     request_max_minutes: int = 60
+    mcp_tool_names: str = "apm"  # [mcp] tool_names; a session may override it
     txs: TxStore = field(init=False)
     rollback: RollbackGuard = field(init=False)  # rollback defences (core/rollback.py)
     max_ttl: timedelta = timedelta(days=90)

@@ -417,6 +417,8 @@ class SessionCreateParams(Strict):
     agent_exe_pin: Literal["stat", "sha256"] | None = None
     pin: bool = False
     approve: Literal["agent", "client", "owner"] = "agent"
+    # MCP tool names for this session (None: the broker's [mcp] tool_names setting)
+    tool_names: Literal["apm", "apono"] | None = None
     spaces: list[str] = Field(default_factory=list, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=64)
     entries: list[str] = Field(default_factory=list, max_length=64)
@@ -439,6 +441,7 @@ class SessionInfo(Wire):
     declared_agent: str | None = None
     revoked_at: datetime | None = None
     approve: str = "agent"
+    tool_names: str | None = None  # MCP tool naming chosen at delegation (None: the broker's)
 
 
 class SessionCreateResult(Wire):
