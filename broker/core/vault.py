@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
+import dataclasses
 import fnmatch
 import gc
 import hashlib
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pydantic_core
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from broker.wire.entries import (
     DEFAULT_SPACE,
@@ -74,26 +75,38 @@ V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class HistoryItem(BaseModel):
+# The entry models are slotted dataclasses, not pydantic models: a vault holds 100k of them
+# and their fields, and a pydantic object is a __dict__ per instance (plus a second one for
+# each field): ~3 KB an entry, ~300 MiB at 100k, and ~13 objects an entry for the cyclic GC
+# to walk. Pydantic still validates and serializes them where they meet JSON (the v1 payload,
+# `Payload`), and `model_copy` / `model_dump_json` keep their pydantic meaning.
+
+
+@dataclass(slots=True)
+class HistoryItem:
     sealed: str
     replaced_at: datetime
 
 
-class StoredField(BaseModel):
+@dataclass(slots=True)
+class StoredField:
+    """Never changed in place (a change builds a new one): instances and their `history`
+    lists may be shared between entries."""
+
     secret: bool
     value: str | None = None  # non-secret fields only
     sealed: str | None = None  # secret fields: b64(nonce || ct), AD = id \0 field
-    history: list[HistoryItem] = Field(default_factory=list)
+    history: list[HistoryItem] = field(default_factory=list)
 
 
-class StoredEntry(BaseModel):
+@dataclass(slots=True, kw_only=True)
+class StoredEntry:
     """One entry as the vault holds it. Never changed in place: an edit stores a new object
     (model_copy), which the search index and the save's per-entry JSON rely on."""
 
@@ -101,12 +114,19 @@ class StoredEntry(BaseModel):
     name: str
     type: EntryType
     space: str
-    tags: list[str] = Field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
     url: str | None = None
     notes: str | None = None
-    fields: dict[str, StoredField] = Field(default_factory=dict)
+    fields: dict[str, StoredField] = field(default_factory=dict)
     created_at: datetime
     updated_at: datetime
+
+    def model_copy(self, *, update: dict[str, Any] | None = None) -> StoredEntry:
+        """A shallow copy with `update` applied (pydantic's model_copy, without validation)."""
+        return dataclasses.replace(self, **(update or {}))
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        return _ENTRY_JSON.dump_json(self, **kwargs).decode()
 
     def meta(self) -> EntryMeta:
         # built from already-validated fields: construct skips a second validation (this runs
@@ -128,6 +148,12 @@ class StoredEntry(BaseModel):
             created_at=self.created_at,
             updated_at=self.updated_at,
         )
+
+
+_ENTRY_JSON: TypeAdapter[StoredEntry] = TypeAdapter(StoredEntry)
+# a secret field loaded without its sealed value and with no history: one shared instance
+_NO_HISTORY: list[HistoryItem] = []
+_LAZY_SECRET = StoredField(secret=True, value=None, sealed=None, history=_NO_HISTORY)
 
 
 class Payload(BaseModel):
@@ -478,7 +504,7 @@ class Vault:
             hit = old.get(e.id)
             if hit is None or hit[0] is not e:
                 full = self._hydrate(e) if self._db is not None else e
-                hit = (e, full.__pydantic_serializer__.to_json(full, by_alias=True))
+                hit = (e, _ENTRY_JSON.dump_json(full, by_alias=True))
             cache[e.id] = hit
         self._entry_json = cache
         rest = Payload(spaces=self.spaces, extra=self.extra)
@@ -769,16 +795,19 @@ class Vault:
         try:
             # secret records are read when a request needs one (`_hydrate`), not at unlock:
             # here only their ids and versions, for the digest
-            for kind, rid, version in db.versions("secret"):
+            secret_ad = vault_db.record_ad_for(vid, "secret")
+            from_bytes = int.from_bytes
+            for _, rid, version in db.versions("secret"):
                 secret_versions[rid] = version
-                digest += int.from_bytes(sha(record_ad(vid, kind, rid, version)).digest(), "big")
+                digest += from_bytes(sha(secret_ad(rid, version)).digest(), "big")
             entries: dict[str, StoredEntry] = {}
             versions: dict[str, tuple[int, int]] = {}
             loads = json.loads
-            for kind, rid, version, ct in db.rows(("entry",)):
-                ad = record_ad(vid, kind, rid, version)
-                doc = loads(cipher_open(ct, ad).decode())
-                digest += int.from_bytes(sha(ad).digest(), "big")
+            entry_ad = vault_db.record_ad_for(vid, "entry")
+            for _, rid, version, ct in db.rows(("entry",)):
+                ad = entry_ad(rid, version)
+                doc = loads(cipher_open(ct, ad))
+                digest += from_bytes(sha(ad).digest(), "big")
                 sv = secret_versions.pop(rid, None)
                 if sv is None or version > generation or sv > generation:
                     raise VaultCorrupt("a vault entry record has no matching secret record")
@@ -1422,71 +1451,42 @@ def _split(e: StoredEntry) -> tuple[bytes, bytes | None]:
     )
 
 
-def _built(cls: type[M], fields_set: set[str], values: dict[str, Any]) -> M:
-    """A model from values the vault itself wrote and authenticated, without validation:
-    model_construct costs ~10 µs a call, which at 100k entries (and their fields) is seconds
-    of unlock. `values` must hold every field of `cls`, so every field is set, and all models
-    of a class share one `fields_set` (model_copy only ever adds field names already in it)."""
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", fields_set)
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
-    return obj
-
-
-_ENTRY_FIELDS = set(StoredEntry.model_fields)
-_FIELD_FIELDS = set(StoredField.model_fields)
-_HISTORY_FIELDS = set(HistoryItem.model_fields)
-
-
 def _join(rid: str, meta: dict[str, Any], secrets: dict[str, Any] | None) -> StoredEntry:
     """The entry its v2 records hold; without `secrets`, its secret fields are lazy (no sealed
     value; history items carry their dates only) until `Vault._hydrate` reads that record.
     The records were authenticated under the vault key, so they are trusted as the vault
     wrote them: built without a second validation."""
     fields: dict[str, StoredField] = {}
+    fromiso = datetime.fromisoformat
+    intern = sys.intern
     for name, f in meta["fields"].items():
         if f["secret"]:
             dates = f["history"]
+            if secrets is None and not dates:
+                fields[intern(name)] = _LAZY_SECRET
+                continue
             s = secrets[name] if secrets is not None else None
             history = [
-                _built(
-                    HistoryItem,
-                    _HISTORY_FIELDS,
-                    {
-                        "sealed": s["history"][i] if s is not None else "",
-                        "replaced_at": datetime.fromisoformat(d),
-                    },
-                )
+                HistoryItem(s["history"][i] if s is not None else "", fromiso(d))
                 for i, d in enumerate(dates)
             ]
-            value = {
-                "secret": True,
-                "value": None,
-                "sealed": s["sealed"] if s is not None else None,
-                "history": history,
-            }
+            value = StoredField(True, None, s["sealed"] if s is not None else None, history)
         else:
-            value = {"secret": False, "value": f["value"], "sealed": None, "history": []}
-        fields[sys.intern(name)] = _built(StoredField, _FIELD_FIELDS, value)
+            value = StoredField(False, f["value"], None, _NO_HISTORY)
+        fields[intern(name)] = value
     if meta["type"] not in ENTRY_TYPES:
         raise VaultCorrupt("a vault entry has an unknown type")
-    return _built(
-        StoredEntry,
-        _ENTRY_FIELDS,
-        {
-            "id": rid,
-            "name": meta["name"],
-            "type": sys.intern(meta["type"]),
-            "space": sys.intern(meta["space"]),
-            "tags": [sys.intern(t) for t in meta["tags"]],
-            "url": meta["url"],
-            "notes": meta["notes"],
-            "fields": fields,
-            "created_at": datetime.fromisoformat(meta["created_at"]),
-            "updated_at": datetime.fromisoformat(meta["updated_at"]),
-        },
+    return StoredEntry(
+        id=rid,
+        name=meta["name"],
+        type=intern(meta["type"]),  # type: ignore[arg-type]
+        space=intern(meta["space"]),
+        tags=[intern(t) for t in meta["tags"]],
+        url=meta["url"],
+        notes=meta["notes"],
+        fields=fields,
+        created_at=fromiso(meta["created_at"]),
+        updated_at=fromiso(meta["updated_at"]),
     )
 
 

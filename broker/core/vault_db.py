@@ -30,7 +30,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,20 @@ def record_ad(vault_id: bytes, kind: str, rid: str, version: int) -> bytes:
     return b"".join(
         (b"apm.v2.record", vault_id, struct.pack(">H", len(k)), k, struct.pack(">I", len(i)), i)
     ) + struct.pack(">Q", version)
+
+
+def record_ad_for(vault_id: bytes, kind: str) -> Callable[[str, int], bytes]:
+    """`record_ad` for one vault and kind, as a function of (id, version): what unlock calls
+    for every row, with the constant prefix built once."""
+    k = kind.encode()
+    prefix = b"apm.v2.record" + vault_id + struct.pack(">H", len(k)) + k
+    pack_i, pack_q = struct.Struct(">I").pack, struct.Struct(">Q").pack
+
+    def ad(rid: str, version: int) -> bytes:
+        i = rid.encode()
+        return prefix + pack_i(len(i)) + i + pack_q(version)
+
+    return ad
 
 
 def key_ad(vault_id: bytes, kdf_json: bytes) -> bytes:
