@@ -71,6 +71,7 @@ from .vault_db import VaultDb
 from .vault_file import Header
 
 HISTORY_MAX = 10
+_LOAD_CHUNK = 1024  # metadata records opened and parsed together at unlock
 V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
@@ -802,17 +803,29 @@ class Vault:
                 digest += from_bytes(sha(secret_ad(rid, version)).digest(), "big")
             entries: dict[str, StoredEntry] = {}
             versions: dict[str, tuple[int, int]] = {}
-            loads = json.loads
             entry_ad = vault_db.record_ad_for(vid, "entry")
-            for _, rid, version, ct in db.rows(("entry",)):
-                ad = entry_ad(rid, version)
-                doc = loads(cipher_open(ct, ad))
-                digest += from_bytes(sha(ad).digest(), "big")
-                sv = secret_versions.pop(rid, None)
-                if sv is None or version > generation or sv > generation:
-                    raise VaultCorrupt("a vault entry record has no matching secret record")
-                entries[rid] = _join(rid, doc, None)
-                versions[rid] = (version, sv)
+            # the metadata records are read, opened (one loop over one AEAD object) and parsed
+            # (one json.loads over the chunk's concatenation: each record is one authenticated
+            # JSON object, and the count is checked) a chunk at a time: each chunk's
+            # ciphertexts and documents are freed as its entries are built, so the next chunk
+            # reuses their memory instead of fragmenting the heap (+120 MiB RSS at 100k)
+            open_all, loads = self._cipher.open_all, json.loads
+            for chunk in db.iter_rows("entry", _LOAD_CHUNK):
+                ads: list[bytes] = []
+                for _, rid, version, _ct in chunk:
+                    ad = entry_ad(rid, version)
+                    ads.append(ad)
+                    digest += from_bytes(sha(ad).digest(), "big")
+                    sv = secret_versions.pop(rid, None)
+                    if sv is None or version > generation or sv > generation:
+                        raise VaultCorrupt("a vault entry record has no matching secret record")
+                    versions[rid] = (version, sv)
+                docs = open_all([r[3] for r in chunk], ads)
+                metas = loads(b"".join((b"[", b",".join(docs), b"]")))
+                if len(metas) != len(chunk) or not all(type(m) is dict for m in metas):
+                    raise VaultCorrupt("a vault entry record is unreadable")
+                for (_, rid, _v, _ct), meta in zip(chunk, metas, strict=True):
+                    entries[rid] = _join(rid, meta, None)
             extra: dict[str, Any] = {}
             saved_extra: dict[str, tuple[int, bytes]] = {}
             for kind, rid, version, ct in db.rows(("extra",)):

@@ -232,6 +232,29 @@ class VaultDb:
             out += self._query("SELECT kind, id, version, ct FROM records WHERE kind = ?", (kind,))
         return out
 
+    def iter_rows(self, kind: str, chunk: int) -> Iterator[list[Row]]:
+        """Every record of a kind, `chunk` rows at a time (a reader that frees each chunk
+        before the next one never holds every ciphertext at once)."""
+        with self._lock:
+            try:
+                cur = self._conn.execute(
+                    "SELECT kind, id, version, ct FROM records WHERE kind = ?", (kind,)
+                )
+            except sqlite3.Error as exc:
+                raise storage_error(exc, f"could not read {self.path.name}") from exc
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        got = cur.fetchmany(chunk)
+                    except sqlite3.Error as exc:
+                        raise storage_error(exc, f"could not read {self.path.name}") from exc
+                if not got:
+                    return
+                yield got
+        finally:
+            cur.close()
+
     def versions(self, kind: str) -> list[tuple[str, str, int]]:
         """(kind, id, version) of every record of a kind, without their ciphertexts."""
         return self._query("SELECT kind, id, version FROM records WHERE kind = ?", (kind,))
