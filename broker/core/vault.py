@@ -1612,6 +1612,42 @@ class _SearchIndex:
                 at = text.find(q, at + 1)
         return found
 
+    def name_at(self, i: int) -> str:
+        """Entry `i`'s casefolded name."""
+        end = self.name_starts[i + 1] - 1 if i + 1 < len(self.name_starts) else len(self.names)
+        return self.names[self.name_starts[i] : end]
+
+    def name_hits(self, q: str) -> dict[int, float]:
+        """Position -> score of the entries with `q` in their name: 100 if it is the whole
+        name, 80 at its start, else 60 (decided by the first occurrence, the leftmost)."""
+        names, starts, out = self.names, self.name_starts, {}
+        last = len(starts) - 1
+        at = names.find(q)
+        while at >= 0:
+            i = bisect.bisect_right(starts, at) - 1
+            nxt = starts[i + 1] if i < last else len(names) + 1
+            if at == starts[i]:
+                out[i] = 100.0 if at + len(q) == nxt - 1 else 80.0
+            else:
+                out[i] = 60.0
+            if i >= last:
+                break
+            at = names.find(q, nxt)  # the next entry's name: one hit per entry is enough
+        return out
+
+    def hay_hits(self, q: str) -> set[int]:
+        """Positions of the entries with `q` in their other text (url, notes, tags, user)."""
+        hays, starts, out = self.hays, self.hay_starts, set()
+        last = len(starts) - 1
+        at = hays.find(q)
+        while at >= 0:
+            i = bisect.bisect_right(starts, at) - 1
+            out.add(i)
+            if i >= last:
+                break
+            at = hays.find(q, starts[i + 1])
+        return out
+
     def subsequence_hits(self, q: str) -> set[int]:
         """Positions of the entries whose name holds `q` as a subsequence (score 20)."""
         found: set[int] = set()
@@ -1672,15 +1708,44 @@ class SearchSnapshot:
                 hits.append((e, s))
         if not _SearchIndex.usable_for(q):
             score(index.entries)
-        else:
-            # substring hits score 40 or more, subsequence-only ones 20: once `limit` of the
-            # first are found, no subsequence match can rank among the results, and the
-            # subsequence scan (a regex over every name, most of a search's time) is skipped
-            first = index.substring_hits(q)
-            score(index.entries[i] for i in sorted(first))
-            if sum(1 for _, s in hits if s >= 40) < limit:
-                rest = index.subsequence_hits(q) - first
-                score(index.entries[i] for i in sorted(rest))
+            hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
+            return hits[:limit]
+
+        # Ranked straight from the index: a name hit's score follows from where the query
+        # sits in the name (100 whole name, 80 at its start, 60 inside), every other text hit
+        # scores 40 and a subsequence-only one 20, exactly as `_score` decides. Candidates are
+        # sorted by (score, name) first and the filters run only until `limit` pass, so a
+        # common query ("github": 2k hits at 100k) does not score and filter every hit.
+        def accept(ranked: list[tuple[float, str, int]]) -> None:
+            for n, (neg, _, i) in enumerate(ranked):
+                if taken[0] >= limit:
+                    return
+                e = index.entries[i]
+                if e.id in stale or not passes(e):
+                    continue
+                hits.append((e, -neg))
+                taken[0] += 1
+                if n % 1024 == 1023:
+                    time.sleep(0)  # searches run in a thread: let the event loop have the GIL
+
+        def passes(e: StoredEntry) -> bool:
+            if space is not None and e.space != space:
+                return False
+            if type_ is not None and e.type != type_:
+                return False
+            if tag is not None and tag not in e.tags:
+                return False
+            return visible is None or visible(e)
+
+        taken = [0]
+        named = index.name_hits(q)
+        accept(sorted((-sc, index.name_at(i), i) for i, sc in named.items()))
+        if taken[0] < limit:
+            other = index.hay_hits(q) - named.keys()
+            accept(sorted((-40.0, index.name_at(i), i) for i in other))
+            if taken[0] < limit:
+                rest = index.subsequence_hits(q) - named.keys() - other
+                accept(sorted((-20.0, index.name_at(i), i) for i in rest))
         hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
         return hits[:limit]
 
