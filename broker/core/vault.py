@@ -619,22 +619,26 @@ class Vault:
                             del self.entries[eid]
                         continue
                     fields = {
-                        n: StoredField(secret=True, sealed=self._seal(eid, n, f["value"]))
+                        n: {"secret": True, "sealed": self._seal(eid, n, f["value"])}
                         if f["secret"]
-                        else StoredField(secret=False, value=f["value"])
+                        else {"secret": False, "value": f["value"]}
                         for n, f in doc["fields"].items()
                     }
-                    self.entries[eid] = StoredEntry(
-                        id=eid,
-                        name=doc["name"],
-                        type=doc["type"],
-                        space=space,
-                        tags=doc["tags"],
-                        url=doc["url"],
-                        notes=doc["notes"],
-                        fields=fields,
-                        created_at=datetime.fromisoformat(doc["created_at"]),
-                        updated_at=datetime.fromisoformat(doc["updated_at"]),
+                    # another device's record: validated (the entry classes are plain
+                    # dataclasses, whose constructor checks nothing)
+                    self.entries[eid] = _ENTRY_JSON.validate_python(
+                        {
+                            "id": eid,
+                            "name": doc["name"],
+                            "type": doc["type"],
+                            "space": space,
+                            "tags": doc["tags"],
+                            "url": doc["url"],
+                            "notes": doc["notes"],
+                            "fields": fields,
+                            "created_at": datetime.fromisoformat(doc["created_at"]),
+                            "updated_at": datetime.fromisoformat(doc["updated_at"]),
+                        }
                     )
         finally:
             self.sync_hook = hook
