@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -927,8 +928,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="fewer runs; no 100k, no hardened")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument(
+        "--sizes",
+        metavar="N,N",
+        help="only these vault sizes (of 1000, 10000, 100000), e.g. --quick --sizes 100000",
+    )
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.sizes:
+        sizes = tuple(int(x) for x in args.sizes.split(","))
+        bad = [n for n in sizes if n not in FULL.reps]
+        if bad:
+            ap.error(f"--sizes: no repetition plan for {bad}; choose among {sorted(FULL.reps)}")
+        plan = dataclasses.replace(
+            plan, sizes=sizes, reps={n: plan.reps.get(n, FULL.reps[n]) for n in sizes}
+        )
     # SIGTERM unwinds like Ctrl-C, so the finally below still stops brokers and removes dirs
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()

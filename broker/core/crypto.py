@@ -118,6 +118,19 @@ class Cipher:
         except InvalidTag as exc:
             raise DecryptionFailed("authentication failed") from exc
 
+    def open_all(self, blobs: list[bytes], ads: list[bytes]) -> list[bytes]:
+        """`open` of each blob with its AD, in one loop over one AEAD object (a vault unlock
+        opens 100k records); any failure raises DecryptionFailed."""
+        decrypt = self._get().decrypt
+        n = NONCE_BYTES
+        try:
+            return [
+                decrypt(b[:n], b[n:], ad) if len(b) >= n + 16 else _short()
+                for b, ad in zip(blobs, ads, strict=True)
+            ]
+        except InvalidTag as exc:
+            raise DecryptionFailed("authentication failed") from exc
+
     def close(self) -> None:
         self._aead = None
 
@@ -266,3 +279,7 @@ def mac(key: bytes, data: bytes) -> bytes:
     h = hmac.HMAC(key, hashes.SHA256())
     h.update(data)
     return h.finalize()
+
+
+def _short() -> bytes:
+    raise DecryptionFailed("blob too short")

@@ -30,7 +30,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,20 @@ def record_ad(vault_id: bytes, kind: str, rid: str, version: int) -> bytes:
     return b"".join(
         (b"apm.v2.record", vault_id, struct.pack(">H", len(k)), k, struct.pack(">I", len(i)), i)
     ) + struct.pack(">Q", version)
+
+
+def record_ad_for(vault_id: bytes, kind: str) -> Callable[[str, int], bytes]:
+    """`record_ad` for one vault and kind, as a function of (id, version): what unlock calls
+    for every row, with the constant prefix built once."""
+    k = kind.encode()
+    prefix = b"apm.v2.record" + vault_id + struct.pack(">H", len(k)) + k
+    pack_i, pack_q = struct.Struct(">I").pack, struct.Struct(">Q").pack
+
+    def ad(rid: str, version: int) -> bytes:
+        i = rid.encode()
+        return prefix + pack_i(len(i)) + i + pack_q(version)
+
+    return ad
 
 
 def key_ad(vault_id: bytes, kdf_json: bytes) -> bytes:
@@ -217,6 +231,29 @@ class VaultDb:
         for kind in kinds:
             out += self._query("SELECT kind, id, version, ct FROM records WHERE kind = ?", (kind,))
         return out
+
+    def iter_rows(self, kind: str, chunk: int) -> Iterator[list[Row]]:
+        """Every record of a kind, `chunk` rows at a time (a reader that frees each chunk
+        before the next one never holds every ciphertext at once)."""
+        with self._lock:
+            try:
+                cur = self._conn.execute(
+                    "SELECT kind, id, version, ct FROM records WHERE kind = ?", (kind,)
+                )
+            except sqlite3.Error as exc:
+                raise storage_error(exc, f"could not read {self.path.name}") from exc
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        got = cur.fetchmany(chunk)
+                    except sqlite3.Error as exc:
+                        raise storage_error(exc, f"could not read {self.path.name}") from exc
+                if not got:
+                    return
+                yield got
+        finally:
+            cur.close()
 
     def versions(self, kind: str) -> list[tuple[str, str, int]]:
         """(kind, id, version) of every record of a kind, without their ciphertexts."""
