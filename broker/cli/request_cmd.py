@@ -23,6 +23,7 @@ def _show(r: AccessRequestInfo) -> None:
     what = escape(r.entry) + (f" (field {escape(r.field)})" if r.field else "")
     if r.totp_seed:
         what += " [the TOTP SEED itself, not only codes]"
+    what += " [REVEAL: the value reaches the model]" if r.access == "reveal" else " [use only]"
     out = [
         f"{r.id}  {r.state:<8} {what} for {r.minutes} min — {escape(r.label or r.session)}",
         f"    why: {escape(r.justification)}",
@@ -64,7 +65,10 @@ def cmd_request(args: argparse.Namespace) -> int:
         if args.req_cmd == "approve":
             owner = Credentials(args, owner_only=True)
             params = RequestDecideParams(
-                request_id=args.request_id, minutes=args.duration, reason=args.reason
+                request_id=args.request_id,
+                minutes=args.duration,
+                reason=args.reason,
+                use_only=args.use,
             )
             res = c.call("request.approve", params, **owner.creds())
         elif args.req_cmd == "deny":
@@ -108,6 +112,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ap.add_argument("request_id", help="the request id (see apm request ls)")
     ap.add_argument("--duration", type=int, metavar="M", help="minutes (default: as asked)")
     ap.add_argument("--reason", help="a note for the audit log")
+    ap.add_argument(
+        "--use",
+        action="store_true",
+        help="grant use only (apm run) even if the request asked to reveal the value",
+    )
     common(ap)
     dn = rsub.add_parser("deny", help="refuse the access (no password needed)")
     dn.add_argument("request_id", help="the request id (see apm request ls)")

@@ -230,6 +230,7 @@ async def _approval_gate(
 async def _authorize(ctx: Context, rule: Rule) -> None:
     if rule.scope is None and not rule.owner_only:
         return
+    ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
     if ctx.session is not None:  # already authenticated by its connection
         if rule.owner_only:
             raise _owner_only()

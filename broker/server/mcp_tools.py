@@ -284,7 +284,9 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         title="Reveal a secret value",
         description=(
             "Return the secret value of an entry (its main secret, or `field`). Use the value "
-            "only for the task at hand and never repeat it back to the person unasked."
+            "only for the task at hand and never repeat it back to the person unasked. On a use "
+            "grant (request_access's default) this is refused: call get_access_details and run "
+            "its `apm run` command instead."
         ),
         scope="secrets",
         args=DecryptEntryArgs,
@@ -295,7 +297,10 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         name="get_totp",
         title="Current TOTP code",
-        description="The current one-time code of a TOTP entry and the seconds it stays valid.",
+        description=(
+            "The current one-time code of a TOTP entry and the seconds it stays valid. Needs "
+            "the secrets scope or a reveal grant; a use grant does not give codes to you."
+        ),
         scope="secrets",
         args=EntryArgs,
         out=TotpOut,

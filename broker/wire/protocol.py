@@ -604,6 +604,7 @@ class AccessRequestInfo(Wire):
     totp_seed: bool = False  # the request names a TOTP seed: approving gives the seed itself
     minutes: int
     justification: str
+    access: Literal["use", "reveal"] = "use"  # the grant kind asked for (approved: given)
     created_at: datetime
     decided_at: datetime | None = None
     expires_at: datetime | None = None
@@ -619,6 +620,7 @@ class RequestListResult(Wire):
 class RequestDecideParams(Strict):
     request_id: str = Field(max_length=64)
     minutes: int | None = Field(default=None, ge=1)
+    use_only: bool = False  # approve a `reveal` request as a `use` grant
     reason: str | None = Field(default=None, max_length=500)
 
 
