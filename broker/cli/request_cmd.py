@@ -17,6 +17,7 @@ from broker.wire.protocol import (
 from .auth import Credentials
 from .client import BrokerClient
 from .output import emit_json, info, write_lines
+from .passkey_cmd import add_page_options, decide_on_page
 
 
 def _show(r: AccessRequestInfo) -> None:
@@ -30,6 +31,8 @@ def _show(r: AccessRequestInfo) -> None:
     ]
     if r.state == "pending":
         out.append(f"    approve: {r.approve_command}    deny: apm request deny {r.id}")
+        if r.page_url:
+            out.append(f"    page (this machine): {r.page_url}")
     elif r.expires_at and r.state == "approved":
         out.append(f"    until {r.expires_at.astimezone():%H:%M:%S}")
     write_lines(out)
@@ -62,6 +65,8 @@ def cmd_request(args: argparse.Namespace) -> int:
                         sys.stdout.flush()
                 time.sleep(args.interval)
                 res = c.call("request.list", RequestListParams(pending=True), **who.creds())
+        if args.req_cmd == "approve" and args.passkey:
+            return decide_on_page(c, "request", args.request_id, args)
         if args.req_cmd == "approve":
             owner = Credentials(args, owner_only=True)
             params = RequestDecideParams(
@@ -117,6 +122,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="grant use only (apm run) even if the request asked to reveal the value",
     )
+    add_page_options(ap)
     common(ap)
     dn = rsub.add_parser("deny", help="refuse the access (no password needed)")
     dn.add_argument("request_id", help="the request id (see apm request ls)")

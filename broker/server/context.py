@@ -4,6 +4,7 @@ and — once the gate has decided — its session and whether grants are needed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,10 @@ class Context:
     grant_kind: GrantKind = "reveal"  # set by the gate from the operation's rule
     exe: str | None = None  # the peer's executable, when already known (MCP connections)
     via: str = "wire"  # "wire": invoke records the request; "mcp": the tool call is recorded
+    # the approval page's proof of presence (a passkey assertion for this decision), checked
+    # by the gate in place of the master password; set only in-process by the page, never
+    # from a wire frame
+    presence: Callable[[], Awaitable[None]] | None = None
 
     def check_grant(self, entry: StoredEntry, field: str, *, codes: bool = False) -> None:
         """The one grant check: for a session reading a secret on a grant, refuse unless a

@@ -30,6 +30,7 @@ from broker.wire.errors import ApmError, InvalidParameters
 from broker.wire.relay import MCP_FRAME
 
 from . import (
+    approval_handlers,
     audit_handlers,
     dispatch,
     handlers,
@@ -51,6 +52,7 @@ from .transport import Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
 _ = (
+    approval_handlers,
     handlers,
     request_handlers,
     session_handlers,
@@ -75,6 +77,7 @@ class Config:
     desktop_notifications: bool = True
     http: str | None = None
     http_limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
+    approve_port: int = 0  # the approval page's own loopback port (0: any free one)
 
 
 HTTP_LIMIT_KEYS = (
@@ -123,6 +126,11 @@ def load_config(config_file: Path) -> Config:
         if http is not None and not isinstance(http, str):
             raise ValueError("http.listen must be a string like 127.0.0.1:8765")
         http_limits = _http_limits(http_section)
+        approve_port = doc.get("approve", {}).get("port", 0)
+        if isinstance(approve_port, bool) or not isinstance(approve_port, int):
+            raise ValueError("approve.port must be a port number (0: any free port)")
+        if not 0 <= approve_port < 65536:
+            raise ValueError("approve.port must be 0..65535")
         if webhook is not None and not (
             isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
         ):
@@ -149,6 +157,7 @@ def load_config(config_file: Path) -> Config:
         desktop_notifications=desktop,
         http=http,
         http_limits=http_limits,
+        approve_port=approve_port,
     )
 
 
@@ -309,6 +318,12 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         state.audit.open()
         state.record("broker.start", version=__version__, pid=os.getpid())
         frontend = await _start_http(state, http) if http is not None else None
+        page = None
+        if frontend is None or not frontend.serves_page:
+            from .approval_page import PageServer
+
+            page = PageServer(state, config.approve_port)
+            await page.start()
     except BaseException:  # nothing left behind: no socket, no lock, no half-open log
         with contextlib.suppress(Exception):
             state.record("broker.stop", reason="start failed")
@@ -331,6 +346,8 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         sd_notify.notify("STOPPING=1")
         if frontend is not None:
             await frontend.stop()
+        if page is not None:
+            await page.stop()
         host = state._mcp_host.result() if state._mcp_host.done() else None
         if host is not None:
             await host.close_all()

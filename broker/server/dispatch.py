@@ -328,6 +328,15 @@ async def _authenticate_session(
 
 
 async def _verify_owner(ctx: Context) -> None:
+    if ctx.presence is not None:  # a user-verifying passkey assertion (the approval page)
+        try:
+            await ctx.presence()
+        except ApmError as exc:
+            log.warning("owner check failed: passkey assertion refused (%s)", exc.code)
+            ctx.state.record("owner.denied", ctx, reason="passkey assertion refused")
+            raise
+        ctx.owner_proven = True
+        return
     password = ctx.password()
     vault = ctx.state.cache.get()
     try:

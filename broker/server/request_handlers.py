@@ -23,6 +23,7 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
+from .approval_handlers import request_url
 from .context import Context, totp_seed_field
 from .dispatch import log
 from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS_USE, operation
@@ -55,6 +56,7 @@ def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
         reason=req.reason,
         reference=req.reference(),
         approve_command=f"apm request approve {req.id}",
+        page_url=request_url(ctx.state, req.id),
     )
 
 
@@ -147,6 +149,7 @@ async def process_request_list(ctx: Context, p: RequestListParams) -> RequestLis
 
 
 async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequestInfo:
+    ctx.state.links.drop("request", req.id)  # decided: its page link ends here
     ctx.state.record(
         event,
         ctx,

@@ -574,6 +574,7 @@ class TxSummary(TxInfo):
 
     session: str
     label: str
+    page_url: str | None = None  # the approval page for it, while it awaits the person
 
 
 class TxListResult(Wire):
@@ -583,6 +584,34 @@ class TxListResult(Wire):
 class TxDecideParams(Strict):
     tx_id: str = Field(max_length=64)
     reason: str | None = Field(default=None, max_length=500)
+
+
+# ---------------------------------------------------------------- the approval page
+
+
+class ApprovalLinkParams(Strict):
+    kind: Literal["tx", "request"]
+    id: str = Field(max_length=64)
+
+
+class ApprovalLinkResult(Wire):
+    url: str | None  # None: no page is served, or the item is no longer pending
+    state: str
+
+
+class PasskeyBeginResult(Wire):
+    url: str
+    expires_at: datetime
+
+
+class PasskeyInfo(Wire):
+    id: str  # the credential id's first characters (base64url)
+    label: str
+    created_at: str
+
+
+class PasskeyListResult(Wire):
+    passkeys: list[PasskeyInfo]
 
 
 # ---------------------------------------------------------------- just-in-time access
@@ -611,6 +640,7 @@ class AccessRequestInfo(Wire):
     reason: str | None = None
     reference: str
     approve_command: str
+    page_url: str | None = None  # the approval page for it, while it is pending
 
 
 class RequestListResult(Wire):
@@ -768,6 +798,9 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "tx.list": (TxListParams, TxListResult),
     "tx.approve": (TxDecideParams, TxSummary),
     "tx.deny": (TxDecideParams, TxSummary),
+    "approval.link": (ApprovalLinkParams, ApprovalLinkResult),
+    "passkey.begin": (Empty, PasskeyBeginResult),
+    "passkey.list": (Empty, PasskeyListResult),
     "audit.verify": (Empty, AuditVerifyResult),
     "mcp.attach": (McpAttachParams, McpAttachResult),
     "mcp.detach": (McpDetachParams, Empty),
