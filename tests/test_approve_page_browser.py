@@ -370,7 +370,7 @@ def test_a_passkey_registered_in_the_browser_approves_a_held_write_which_then_la
     open_page(browser, url)
     # with a passkey registered the page no longer takes the password
     assert not browser.find_elements(By.ID, "password")
-    status, body = post(
+    status, _ = post(
         url, {"decision": "approve", "password": PASSWORD, "csrf": csrf_of(url)}, origin_of(url)
     )
     assert status == 403 and "lands-with-passkey" not in world.names()
