@@ -314,7 +314,10 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 # answered on the relay's fast path: they never talk back to the client (no elicitation)
-FAST_TOOLS = frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}
+# (request_access is not: it offers the approval page by URL elicitation)
+FAST_TOOLS = (
+    frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}
+) - {"request_access"}
 
 
 def tools_for(scope: str, has_grant: bool = False) -> list[types.Tool]:

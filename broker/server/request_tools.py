@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from broker.core.requests import AccessRequest, GrantKind
 from broker.core.sessions import scope_rank
+from broker.wire.display import escape
 from broker.wire.errors import PermissionDenied, RequestClosed
 
 from .context import Context
@@ -119,6 +120,15 @@ async def _request_access(ctx: Context, a: RequestAccessArgs) -> RequestInfo:
 
     req = await open_request(
         ctx, a.entry, a.space, a.field, a.duration_minutes, a.justification, a.access
+    )
+    from .approval_handlers import request_url
+    from .page_offer import offer_page
+
+    await offer_page(
+        ctx.mcp,
+        request_url(ctx.state, req.id),
+        f"An AI agent asks for access to {escape(req.entry_name)}. Open the apm approval page "
+        "on this machine to decide.",
     )
     return info(req, ctx.state.clock())
 

@@ -451,6 +451,15 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
         )
     if tx.policy == "owner" and tx.state != "approved":
         ctx.state.txs.await_owner(tx)
+        from .approval_handlers import tx_url
+        from .page_offer import offer_page
+
+        await offer_page(
+            ctx.mcp,
+            tx_url(ctx.state, tx.tx_id),
+            f"An AI agent ({escape(tx.label or tx.accessor)}) wants to make a change that "
+            "needs your approval. Open the apm approval page on this machine to decide.",
+        )
         return WriteOut(
             status="pending_owner_approval",
             tx_id=tx.tx_id,
