@@ -130,6 +130,10 @@ async def hold(ctx: Context, op: Operation, params: BaseModel) -> NoReturn:
     )
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=op.name, hash=tx.hash)
     log.info("%s held as %s for session %s (%s)", op.name, tx.tx_id, rec.accessor, rec.approve)
+    if rec.approve == "owner":
+        from .approval_handlers import notify_tx
+
+        notify_tx(ctx.state, tx)
     command = f"apm tx approve {tx.tx_id}"
     raise ApprovalPending(
         f"this session's changes need the person's approval; held as {tx.tx_id}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from broker.core.transactions import Transaction
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import (
     ApprovalLinkParams,
@@ -26,6 +27,42 @@ from .state import State
 
 REGISTRATION_TTL = timedelta(minutes=10)
 OPEN_TX = ("pending", "awaiting_owner")
+
+
+def page_lines(url: str | None, command: str) -> list[str]:
+    """What every notification says about deciding: the page (a loopback link, so only on this
+    machine) and the terminal command."""
+    lines = []
+    if url is not None:
+        lines.append(
+            f"Decide on the approval page (a loopback link: it opens on this machine): {url}"
+        )
+    lines.append(f"Or in a terminal: {command}")
+    return lines
+
+
+def notify_tx(state: State, tx: Transaction) -> None:
+    """A write awaits the owner: say so everywhere notifications go (never a value)."""
+    if state.notifier is None:
+        return
+    url = tx_url(state, tx.tx_id)
+    command = f"apm tx approve {tx.tx_id}"
+    who = tx.label or tx.accessor
+    title = f"apm: {who} wants to run {tx.method}; it awaits your approval"
+    body = "\n".join(
+        [f"{tx.tool} ({tx.method}), transaction {tx.tx_id}", *page_lines(url, command)]
+    )
+    payload = {
+        "event": "tx",
+        "tx_id": tx.tx_id,
+        "tool": tx.tool,
+        "method": tx.method,
+        "session_label": who,
+        "state": tx.status(state.clock()),
+        "approve_command": command,
+        "page_url": url,
+    }
+    state.notifier.send(title, body, payload)
 
 
 def tx_url(state: State, tx_id: str) -> str | None:

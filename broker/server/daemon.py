@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -45,7 +46,7 @@ from . import (
     sync_service,
     tx_handlers,
 )
-from .notify import Notifier
+from .notify import EmailConfig, Notifier
 from .peer import Peer
 from .state import State
 from .transport import Transport, ensure_private_dir
@@ -78,6 +79,8 @@ class Config:
     http: str | None = None
     http_limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
     approve_port: int = 0  # the approval page's own loopback port (0: any free one)
+    teams_url: str | None = None
+    email: EmailConfig | None = None
 
 
 HTTP_LIMIT_KEYS = (
@@ -120,6 +123,12 @@ def load_config(config_file: Path) -> Config:
         request_max = int(doc.get("requests", {}).get("max_minutes", 60))
         notify = doc.get("notify", {})
         webhook = notify.get("webhook_url")
+        teams = notify.get("teams_webhook_url")
+        if teams is not None and not (
+            isinstance(teams, str) and teams.startswith(("https://", "http://"))
+        ):
+            raise ValueError("notify.teams_webhook_url must be an http(s) URL")
+        email = EmailConfig.parse(notify["email"]) if "email" in notify else None
         desktop = bool(notify.get("desktop", True))
         http_section = doc.get("http", {})
         http = http_section.get("listen")
@@ -158,6 +167,8 @@ def load_config(config_file: Path) -> Config:
         http=http,
         http_limits=http_limits,
         approve_port=approve_port,
+        teams_url=teams,
+        email=email,
     )
 
 
@@ -289,6 +300,20 @@ def _check_http(opts: HttpOptions) -> tuple[Any, tuple[str, str] | None]:
     return listen, tls
 
 
+def _vault_secret(state: State, ref: str) -> str | None:
+    """The main secret of the entry `ref` ("space/name" or "name"), for the broker's own use
+    (the SMTP password); None while locked or when there is no such entry."""
+    vault = state.cache.peek()
+    if vault is None:
+        return None
+    space, _, name = ref.rpartition("/")
+    try:
+        entry = vault.resolve(name, space or None)
+        return vault.reveal(entry, None)[1]
+    except ApmError:
+        return None
+
+
 async def _start_http(state: State, opts: HttpOptions) -> Any:
     from .http import HttpFrontend
 
@@ -308,9 +333,16 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         paths=p,
         cache=OpenVault(config.lock),
         max_ttl=config.max_ttl,
-        notifier=Notifier(config.webhook_url, config.desktop_notifications),
+        notifier=Notifier(
+            config.webhook_url,
+            config.desktop_notifications,
+            teams_url=config.teams_url,
+            email=config.email,
+        ),
         request_max_minutes=config.request_max_minutes,
     )
+    if state.notifier is not None:
+        state.notifier.password = functools.partial(_vault_secret, state)
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     # the checkpoint is rewritten once per burst of records (after the event-loop turn)
     state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=_on_loop(asyncio.get_running_loop()))

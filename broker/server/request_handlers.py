@@ -23,7 +23,7 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
-from .approval_handlers import request_url
+from .approval_handlers import page_lines, request_url
 from .context import Context, totp_seed_field
 from .dispatch import log
 from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS_USE, operation
@@ -64,6 +64,7 @@ def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
     notifier = ctx.state.notifier
     if notifier is None:
         return
+    url = request_url(ctx.state, req.id) if what == "request" else None
     payload = {
         "event": what,
         "request_id": req.id,
@@ -76,12 +77,18 @@ def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
         "access": req.access,
         "state": req.state,
         "approve_command": f"apm request approve {req.id}",
+        "page_url": url,
     }
     if what == "request":
         seed = " (THE TOTP SEED, not only codes)" if _asks_for_seed(req, ctx) else ""
         kind = " TO REVEAL IT TO THE MODEL" if req.access == "reveal" else " (use only)"
         title = f"apm: {req.label or req.accessor} asks for {req.entry_name}{seed}{kind}"
-        body = f"{req.justification} ({req.minutes} min). Approve: apm request approve {req.id}"
+        body = "\n".join(
+            [
+                f"{req.justification} ({req.minutes} min).",
+                *page_lines(url, f"apm request approve {req.id}"),
+            ]
+        )
     else:
         title = f"apm: request {req.id} {req.state}"
         body = f"{req.entry_name} for {req.label or req.accessor}"

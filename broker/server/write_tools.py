@@ -450,9 +450,13 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             data={"fields": differing},
         )
     if tx.policy == "owner" and tx.state != "approved":
-        ctx.state.txs.await_owner(tx)
-        from .approval_handlers import tx_url
+        from .approval_handlers import notify_tx, tx_url
         from .page_offer import offer_page
+
+        first = tx.state == "pending"
+        ctx.state.txs.await_owner(tx)
+        if first:  # notified once, when the agent first asks to commit
+            notify_tx(ctx.state, tx)
 
         await offer_page(
             ctx.mcp,
