@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,7 +33,7 @@ from pydantic import SecretStr
 from broker.cli.client import BrokerClient
 from broker.wire.errors import ApmError
 
-from .conftest import PASSWORD, Apm, Broker, make_home, register_secret
+from .conftest import PASSWORD, Apm, Broker, clean_env, make_home, register_secret
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +157,17 @@ def open_page(driver: Any, url: str) -> None:
     driver.execute_cdp_cmd("WebAuthn.enable", {"enableUI": False})
 
 
+AUTHENTICATORS: list[str] = []
+
+
 def virtual_authenticator(driver: Any) -> str:
+    """A fresh CDP virtual authenticator with user verification, replacing any earlier one (so
+    a new one holds none of the registered credentials)."""
+    while AUTHENTICATORS:
+        with contextlib.suppress(Exception):
+            driver.execute_cdp_cmd(
+                "WebAuthn.removeVirtualAuthenticator", {"authenticatorId": AUTHENTICATORS.pop()}
+            )
     res = driver.execute_cdp_cmd(
         "WebAuthn.addVirtualAuthenticator",
         {
@@ -170,7 +181,8 @@ def virtual_authenticator(driver: Any) -> str:
             }
         },
     )
-    return str(res["authenticatorId"])
+    AUTHENTICATORS.append(str(res["authenticatorId"]))
+    return AUTHENTICATORS[-1]
 
 
 def status_text(driver: Any, timeout: float = 20.0) -> str:
@@ -350,23 +362,60 @@ def test_denying_a_request_on_the_page_needs_no_password(world: World, browser: 
 # ---------------------------------------------------------------------- with a passkey
 
 
+def cli(world: World, *args: str, password: bool = False) -> tuple[subprocess.Popen[str], str]:
+    """A real `apm` command that opens the page: started, and the link it prints read back."""
+    argv = [sys.executable, "-m", "broker.cli.main", *args, "--no-browser", "--wait", "60"]
+    if password:
+        argv.append("--password-stdin")
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(world.home),
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    if password:
+        proc.stdin.write(PASSWORD + "\n")
+    proc.stdin.close()
+    line = proc.stderr.readline()
+    found = re.search(r"(http://localhost:\d+/approve/\S+)", line)
+    assert found, line + proc.stderr.read()
+    return proc, found.group(1)
+
+
+def finished(proc: subprocess.Popen[str]) -> int:
+    code = proc.wait(timeout=60)
+    assert proc.stderr is not None and proc.stdout is not None
+    detail = proc.stderr.read() + proc.stdout.read()
+    assert code == 0, detail
+    proc.stderr.close()
+    proc.stdout.close()
+    return code
+
+
+# registers the module's passkey: kept last, the tests above need a vault without one
 def test_a_passkey_registered_in_the_browser_approves_a_held_write_which_then_lands(
     world: World, browser: Any
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    begun = world.wire("passkey.begin", {})
-    open_page(browser, begun["url"])
+    adding, url = cli(world, "passkey", "add", password=True)
+    open_page(browser, url)
     virtual_authenticator(browser)
     browser.find_element(By.ID, "passkey-register").click()
     assert status_text(browser) == "passkey registered"
+    assert finished(adding) == 0
     assert len(world.wire("passkey.list", {}, token=None)["passkeys"]) == 1
     # the registration link was used up
-    open_page(browser, begun["url"])
+    open_page(browser, url)
     assert "unknown, used or expired" in browser.find_element(By.ID, "status").text
 
     token = world.session()
-    _, url = world.held_add(token, "lands-with-passkey", VALUE)
+    tx_id, url = world.held_add(token, "lands-with-passkey", VALUE)
+    listed = world.apm.ok("tx", "ls", "--pending").stdout
+    assert f"page (this machine): {url}" in listed
     open_page(browser, url)
     # with a passkey registered the page no longer takes the password
     assert not browser.find_elements(By.ID, "password")
@@ -374,12 +423,42 @@ def test_a_passkey_registered_in_the_browser_approves_a_held_write_which_then_la
         url, {"decision": "approve", "password": PASSWORD, "csrf": csrf_of(url)}, origin_of(url)
     )
     assert status == 403 and "lands-with-passkey" not in world.names()
+
+    # `apm tx approve --passkey` opens the same page and returns once it is decided there
+    approving, opened = cli(world, "tx", "approve", tx_id, "--passkey")
+    assert opened == url
     open_page(browser, url)
     browser.find_element(By.ID, "passkey-approve").click()
     assert status_text(browser).startswith("approved"), browser.page_source
+    assert finished(approving) == 0
     assert "lands-with-passkey" in world.names()
     got = world.wire("entry.get", {"ref": "lands-with-passkey"})
     assert got["value"] == VALUE
     records = (world.home / "state" / "audit.jsonl").read_text()
     assert "tx.approved" in records and VALUE not in records
-    assert json.dumps(VALUE) not in records
+
+
+def test_an_unregistered_passkey_or_a_made_up_assertion_approves_nothing(
+    world: World, browser: Any
+) -> None:
+    """The attack: approve with an authenticator the vault does not know, or POST an
+    assertion made up by a process that has the link and the page's token."""
+    from selenium.webdriver.common.by import By
+
+    token = world.session()
+    _, first = world.held_add(token, "replay-one", VALUE)
+    _, second = world.held_add(token, "replay-two", VALUE)
+    open_page(browser, first)
+    virtual_authenticator(browser)  # a fresh authenticator: not the registered credential
+    browser.find_element(By.ID, "passkey-approve").click()
+    assert "failed" in status_text(browser) or "PERMISSION_DENIED" in status_text(browser)
+    assert "replay-one" not in world.names()
+    # a made-up assertion, with a valid token and origin, is refused by the gate
+    forged = json.dumps({"id": "AAAA", "rawId": "AAAA", "type": "public-key", "response": {}})
+    status, body = post(
+        second,
+        {"decision": "approve", "assertion": forged, "csrf": csrf_of(second)},
+        origin_of(second),
+    )
+    assert status == 403 and "PERMISSION_DENIED" in body
+    assert "replay-two" not in world.names()

@@ -35,7 +35,6 @@ from broker.wire.display import args_lines, escape
 from broker.wire.errors import ApmError, PermissionDenied, VaultLocked
 from broker.wire.protocol import Auth, RequestDecideParams, TxDecideParams
 
-from . import passkeys
 from .approval_links import Link
 from .approval_view import shown_args
 from .context import Context
@@ -97,6 +96,14 @@ class Page:
     def __init__(self, state: State, origins: list[str]) -> None:
         self.state = state
         self.origins = origins
+
+    @staticmethod
+    def _passkeys() -> Any:
+        """The WebAuthn side, loaded at the first page view (webauthn costs ~0.1 s to import,
+        kept off the broker's start)."""
+        from . import passkeys
+
+        return passkeys
 
     def routes(self) -> list[Route]:
         return [
@@ -166,7 +173,7 @@ class Page:
         if link.kind == "passkey":
             return self._register_page(link)
         vault = self.state.cache.peek()
-        has_passkey = passkeys.registered(vault)
+        has_passkey = self._passkeys().registered(vault)
         if link.kind == "tx":
             details, title = self._tx_details(link.item), "Approve a change?"
         else:
@@ -289,11 +296,11 @@ class Page:
         if vault is None:
             return _status("closed", "the vault is locked", 503)
         if link.kind == "passkey":
-            doc, link.challenge = passkeys.registration_options(vault)
+            doc, link.challenge = self._passkeys().registration_options(vault)
         else:
-            if not passkeys.registered(vault):
+            if not self._passkeys().registered(vault):
                 return _status("closed", "no passkey is registered", 409)
-            doc, link.challenge = passkeys.authentication_options(vault)
+            doc, link.challenge = self._passkeys().authentication_options(vault)
         return Response(doc, media_type="application/json", headers=HEADERS)
 
     async def decide(self, request: Request) -> Response:
@@ -319,16 +326,16 @@ class Page:
         challenge, link.challenge = link.challenge, None  # one use
         if challenge is None:
             raise PermissionDenied("no registration was started on this page")
-        credential = passkeys.parse_credential(form.get("credential", ""))
+        credential = self._passkeys().parse_credential(form.get("credential", ""))
         state = self.state
-        record = passkeys.verify_registration(
+        record = self._passkeys().verify_registration(
             credential, challenge, origin, form.get("label", "passkey"), state.clock()
         )
         vault = state.cache.get()
 
         def work() -> None:
             with vault.mutation():
-                vault.extra["passkeys"] = [*passkeys.stored(vault), record]
+                vault.extra["passkeys"] = [*self._passkeys().stored(vault), record]
 
         async with state.write_lock:
             await state.io(work)
@@ -346,14 +353,15 @@ class Page:
             if challenge is None:
                 raise PermissionDenied("no passkey challenge was issued for this page")
             vault = state.cache.get()
-            updated = passkeys.verify_assertion(
-                vault, passkeys.parse_credential(assertion), challenge, origin
+            updated = self._passkeys().verify_assertion(
+                vault, self._passkeys().parse_credential(assertion), challenge, origin
             )
 
             def work() -> None:  # the new sign count, so a cloned authenticator shows
                 with vault.mutation():
                     vault.extra["passkeys"] = [
-                        updated if c["id"] == updated["id"] else c for c in passkeys.stored(vault)
+                        updated if c["id"] == updated["id"] else c
+                        for c in self._passkeys().stored(vault)
                     ]
 
             async with state.write_lock:
@@ -373,7 +381,7 @@ class Page:
         presence = None
         proof_needed = approve or link.kind == "tx"  # tx.deny is an owner operation too
         if proof_needed:
-            if passkeys.registered(vault):
+            if self._passkeys().registered(vault):
                 if not assertion:
                     raise PermissionDenied(
                         "approving needs your passkey", hint="use the passkey button"
