@@ -209,7 +209,8 @@ def post(url: str, fields: dict[str, str], origin: str | None) -> tuple[int, str
         with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:
+            return exc.code, exc.read().decode()
 
 
 def csrf_of(url: str) -> str:

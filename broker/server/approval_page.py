@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from broker.wire.display import args_lines, escape
-from broker.wire.errors import ApmError, PermissionDenied, VaultLocked
+from broker.wire.errors import ApmError, PermissionDenied
 from broker.wire.protocol import Auth, RequestDecideParams, TxDecideParams
 
 from .approval_links import Link
@@ -124,6 +124,8 @@ class Page:
         link = self.state.links.get(link_id)
         if link is None:
             return None, "this approval link is unknown, used or expired"
+        if self.state.cache.peek() is None:
+            return link, "the vault is locked; run apm unlock, then reload this page"
         now = self.state.clock()
         if link.kind == "passkey":
             if link.expires_at is not None and now >= link.expires_at:
@@ -140,8 +142,6 @@ class Page:
                 status = req.status(now)
                 if status != "pending":
                     return link, f"this request is {status}; nothing is left to decide"
-        except VaultLocked:
-            return link, "the vault is locked; run apm unlock, then reload this page"
         except ApmError:
             return None, "this approval link is unknown, used or expired"
         return link, None
