@@ -145,3 +145,14 @@ def test_a_session_token_cannot_fetch_links_to_approve_or_register(page_world: W
         world.wire("tx.approve", {"tx_id": tx_id}, token=token)
     assert refused.value.code == "PERMISSION_DENIED"
     assert "session-approves" not in world.names()
+
+
+def test_a_rebound_host_name_gets_no_page(page_world: World) -> None:
+    """DNS rebinding: a web page on a name the attacker points at 127.0.0.1 sends its Host."""
+    _, url = held(page_world, "rebound-target")
+    req = urllib.request.Request(url, headers={"Host": "evil.example"})  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)  # noqa: S310
+    with refused.value:
+        assert refused.value.code == 421
+        assert "csrf" not in refused.value.read().decode()

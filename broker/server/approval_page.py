@@ -8,7 +8,8 @@ Rules:
   `request.approve|deny`) through `dispatch.invoke`, with the person's proof: a user-verifying
   passkey assertion for this page's challenge, or — while no passkey is registered — the
   master password typed on the page.
-- Every POST needs an Origin naming this listener and the page's CSRF token; every response
+- Every request must name this listener in Host (DNS rebinding); every POST needs an Origin
+  naming this listener and the page's CSRF token; every response
   carries a strict CSP (script only from this origin's static route, nothing inline), no
   framing, no referrer to other sites, no caching.
 - Everything shown is escaped twice over: `display.escape` (control characters, bidi, escape
@@ -96,6 +97,13 @@ class Page:
     def __init__(self, state: State, origins: list[str]) -> None:
         self.state = state
         self.origins = origins
+        self.hosts = {o.split("://", 1)[1] for o in origins}
+
+    def _rebound(self, request: Request) -> Response | None:
+        """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own Host."""
+        if request.headers.get("host") in self.hosts:
+            return None
+        return _status("refused", "refused: this page answers only as localhost", 421)
 
     @staticmethod
     def _passkeys() -> Any:
@@ -157,6 +165,8 @@ class Page:
     # ------------------------------------------------------------------ routes
 
     async def static(self, request: Request) -> Response:
+        if (rebound := self._rebound(request)) is not None:
+            return rebound
         name = request.path_params["name"]
         types = {"page.js": "text/javascript", "page.css": "text/css"}
         if name not in types:
@@ -165,6 +175,8 @@ class Page:
         return Response(body, media_type=types[name], headers=HEADERS)
 
     async def show(self, request: Request) -> Response:
+        if (rebound := self._rebound(request)) is not None:
+            return rebound
         link, closed = self._open(request.path_params["link_id"])
         if link is None:
             return _status("closed", closed or "", 404)
@@ -286,6 +298,8 @@ class Page:
         return None
 
     async def options(self, request: Request) -> Response:
+        if (rebound := self._rebound(request)) is not None:
+            return rebound
         link, closed = self._open(request.path_params["link_id"])
         if link is None or closed is not None:
             return _status("closed", closed or "", 410 if link else 404)
@@ -304,6 +318,8 @@ class Page:
         return Response(doc, media_type="application/json", headers=HEADERS)
 
     async def decide(self, request: Request) -> Response:
+        if (rebound := self._rebound(request)) is not None:
+            return rebound
         link, closed = self._open(request.path_params["link_id"])
         if link is None or closed is not None:
             return _status("closed", closed or "", 410 if link else 404)
