@@ -86,7 +86,9 @@ def add_page_options(q: argparse.ArgumentParser) -> None:
         help="decide on the approval page with your passkey instead of typing the password",
     )
     q.add_argument("--no-browser", action="store_true", help="print the page link only")
-    q.add_argument("--wait", type=float, default=WAIT_SECONDS, help=argparse.SUPPRESS)
+    q.add_argument(
+        "--wait", type=float, default=WAIT_SECONDS, help="seconds to wait for the page's decision"
+    )
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

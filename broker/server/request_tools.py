@@ -85,7 +85,8 @@ def env_name(req: AccessRequest) -> str:
 def info(req: AccessRequest, now: datetime) -> RequestInfo:
     status = req.status(now)
     step = {
-        "pending": f'waiting for the person to run "apm request approve {req.id}"',
+        "pending": "waiting for the person to decide on the approval page they were sent, or "
+        f'with "apm request approve {req.id}"',
         "approved": "call get_access_details for how to use it without seeing it",
         "denied": "the person declined; do not ask again for the same reason",
         "expired": "the grant or request expired; ask again with request_access if still needed",

@@ -471,7 +471,8 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             preview=tx.preview,
             policy=tx.policy,
             expires_at=tx.expires_at,
-            next_step=f'ask the person to run "apm tx approve {tx.tx_id}"; then '
+            next_step="the person was sent the approval page; or ask them to run "
+            f'"apm tx approve {tx.tx_id}"; then '
             f"{_commit_hint(tool, tx.tx_id)} again (tx_status shows the decision)",
         )
     if tx.policy == "client" and tx.state != "approved":
