@@ -5,6 +5,7 @@ reset before the page is read (a real other uid, created with useradd; we run as
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,15 +13,21 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
+from broker.core.bindings import AncestryCache
+from broker.server.approval_page import PageServer
+from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 
 from .conftest import Apm, Broker, make_home
 from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post
 from .test_http_identity import ATTACKER_USER, ensure_user
+from .test_requests import PASSWORD, FakeNotifier, Twin, _walk
+from .twin import Clock, broker_state
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +80,7 @@ def test_with_a_loopback_http_listener_the_page_shares_its_port(
     assert url.startswith(f"http://localhost:{port}/approve/")
     status, body = post(
         url,
-        {"decision": "approve", "password": "correct horse battery staple", "csrf": csrf_of(url)},
+        {"decision": "approve", "password": PASSWORD, "csrf": csrf_of(url)},
         origin_of(url),
     )
     assert status == 200, body
@@ -96,7 +103,7 @@ def test_a_locked_vault_shows_the_page_as_locked_and_decides_nothing(page_world:
     with closed.value:
         assert closed.value.code == 410
         assert "locked" in closed.value.read().decode()
-    fields = {"decision": "approve", "password": "correct horse battery staple", "csrf": csrf}
+    fields = {"decision": "approve", "password": PASSWORD, "csrf": csrf}
     assert post(url, fields, origin_of(url))[0] == 410
     world.apm.ok("unlock")
     assert "while-locked" not in world.names()
@@ -156,3 +163,60 @@ def test_a_rebound_host_name_gets_no_page(page_world: World) -> None:
     with refused.value:
         assert refused.value.code == 421
         assert "csrf" not in refused.value.read().decode()
+
+
+# ---------------------------------------------------------------------- expiry, in-process
+
+
+def test_a_link_is_refused_once_its_item_expires_by_the_injected_clock(tmp_path: Path) -> None:
+    """The page checks the item on every use: past the request's pending time (24 h) and the
+    transaction's (15 min) the same link answers 410 and decides nothing. No sleeping: the
+    broker's clock is a fake the test moves."""
+    clock = Clock()
+    with broker_state(
+        tmp_path,
+        PASSWORD,
+        sign_audit=False,
+        clock=clock,
+        ancestry=AncestryCache(walk=_walk, create_time_of=lambda pid: float(pid)),
+        host="host-a",
+        throttle=Throttle(),
+    ) as state:
+        loop = asyncio.new_event_loop()
+        twin = Twin(state, loop, clock, PASSWORD, FakeNotifier())
+        twin.add("expiring", {"key": VALUE})
+        _, rec = twin.delegate("read")
+        rid = twin.ask(rec, entry="expiring", access="use")
+
+        async def get(url: str) -> int:
+            rest = url.split("://", 1)[1]
+            hostport, path = rest.split("/", 1)
+            _host, port = hostport.split(":")
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
+            writer.write(
+                f"GET /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            writer.close()
+            await writer.wait_closed()
+            return status
+
+        async def scenario() -> list[int]:
+            server = PageServer(state)
+            await server.start()
+            try:
+                url = state.links.url("request", rid)
+                assert url is not None
+                seen = [await get(url)]
+                clock.advance(hours=24)
+                seen.append(await get(url))
+                return seen
+            finally:
+                await server.stop()
+
+        try:
+            assert loop.run_until_complete(scenario()) == [200, 410]
+            assert state.requests().get(rid, None).status(clock()) == "expired"
+        finally:
+            loop.close()

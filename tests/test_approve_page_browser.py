@@ -439,6 +439,19 @@ def test_a_passkey_registered_in_the_browser_approves_a_held_write_which_then_la
     assert "tx.approved" in records and VALUE not in records
 
 
+def test_with_a_passkey_denying_a_write_on_the_page_uses_it_too(world: World, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    token = world.session()
+    tx_id, url = world.held_add(token, "denied-with-passkey", VALUE)
+    open_page(browser, url)
+    browser.find_element(By.ID, "deny").click()
+    assert status_text(browser).startswith("denied"), browser.page_source
+    states = {t["tx_id"]: t["status"] for t in world.wire("tx.list", {})["transactions"]}
+    assert states[tx_id] == "denied"
+    assert "denied-with-passkey" not in world.names()
+
+
 def test_an_unregistered_passkey_or_a_made_up_assertion_approves_nothing(
     world: World, browser: Any
 ) -> None:

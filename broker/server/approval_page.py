@@ -198,6 +198,8 @@ class Page:
             "autocomplete=current-password></label>"
             "<button type=submit name=decision value=approve id=approve>Approve</button>"
         )
+        # denying a write is an owner decision too: with a passkey, the Deny button runs it
+        deny_type = "button data-passkey=1" if has_passkey and link.kind == "tx" else "submit"
         use_only = ""
         if link.kind == "request":
             req = self.state.requests().get(link.item, None)
@@ -212,7 +214,7 @@ class Page:
             f'<input type=hidden name=csrf id=csrf value="{_h(link.csrf)}">'
             "<input type=hidden name=assertion id=assertion value=''>"
             f"{use_only}{proof}"
-            "<button type=submit name=decision value=deny id=deny>Deny</button></form>"
+            f"<button type={deny_type} name=decision value=deny id=deny>Deny</button></form>"
             "<p id=status></p>"
         )
         return _page(title, details + form)
@@ -400,7 +402,7 @@ class Page:
             if self._passkeys().registered(vault):
                 if not assertion:
                     raise PermissionDenied(
-                        "approving needs your passkey", hint="use the passkey button"
+                        "this decision needs your passkey", hint="use the page's buttons"
                     )
                 presence = self._presence(link, assertion, origin)
             else:

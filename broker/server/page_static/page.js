@@ -24,7 +24,7 @@ async function options(form) {
   return resp.json();
 }
 
-async function approveWithPasskey() {
+async function decideWithPasskey(choice) {
   const form = document.getElementById("decide");
   try {
     status("waiting for your passkey…", "");
@@ -35,7 +35,7 @@ async function approveWithPasskey() {
     const decision = document.createElement("input");
     decision.type = "hidden";
     decision.name = "decision";
-    decision.value = "approve";
+    decision.value = choice;
     form.appendChild(decision);
     form.submit();
   } catch (err) {
@@ -59,7 +59,9 @@ async function registerPasskey() {
 
 document.addEventListener("DOMContentLoaded", () => {
   const approve = document.getElementById("passkey-approve");
-  if (approve) approve.addEventListener("click", approveWithPasskey);
+  if (approve) approve.addEventListener("click", () => decideWithPasskey("approve"));
+  const deny = document.getElementById("deny");
+  if (deny && deny.dataset.passkey) deny.addEventListener("click", () => decideWithPasskey("deny"));
   const register = document.getElementById("passkey-register");
   if (register) register.addEventListener("click", registerPasskey);
 });
