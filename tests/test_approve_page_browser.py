@@ -476,3 +476,22 @@ def test_an_unregistered_passkey_or_a_made_up_assertion_approves_nothing(
     )
     assert status == 403 and "PERMISSION_DENIED" in body
     assert "replay-two" not in world.names()
+
+
+def test_removing_the_passkey_needs_the_owner_and_brings_back_the_password(
+    world: World, browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    listed = world.wire("passkey.list", {}, token=None)["passkeys"]
+    assert len(listed) == 1
+    session = SecretStr(world.session(approve="agent", scope="admin"))
+    with pytest.raises(ApmError) as refused:
+        world.wire("passkey.remove", {"id": listed[0]["id"]}, token=session)
+    assert refused.value.code == "PERMISSION_DENIED"
+    world.apm.ok("passkey", "rm", listed[0]["id"])
+    assert world.wire("passkey.list", {}, token=None)["passkeys"] == []
+    _, url = world.held_add(world.session(), "after-removal", VALUE)
+    open_page(browser, url)
+    assert browser.find_elements(By.ID, "password")
+    assert not browser.find_elements(By.ID, "passkey-approve")

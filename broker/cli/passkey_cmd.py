@@ -17,7 +17,7 @@ import time
 import webbrowser
 
 from broker.wire.errors import RequestClosed, TransactionClosed
-from broker.wire.protocol import ApprovalLinkParams, Empty
+from broker.wire.protocol import ApprovalLinkParams, Empty, PasskeyRemoveParams
 
 from .auth import Credentials
 from .client import BrokerClient
@@ -65,6 +65,14 @@ def cmd_passkey(args: argparse.Namespace) -> int:
             for p in [] if args.json else res.passkeys:
                 sys.stdout.write(f"{p.id}…  {p.label}  added {p.created_at}\n")
             return 0
+        if args.pk_cmd == "rm":
+            owner = Credentials(args, owner_only=True)
+            left = c.call("passkey.remove", PasskeyRemoveParams(id=args.id), **owner.creds())
+            info(
+                f"passkey removed; {len(left.passkeys)} left"
+                + ("" if left.passkeys else ": approvals on the page ask for the master password")
+            )
+            return 0
         before = len(c.call("passkey.list", Empty()).passkeys)
         owner = Credentials(args, owner_only=True)
         res = c.call("passkey.begin", Empty(), **owner.creds())
@@ -103,6 +111,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="read the master password from the first line of stdin",
     )
     add.set_defaults(func=cmd_passkey)
+    rm = psub.add_parser("rm", help="remove a registered passkey (master password)")
+    rm.add_argument("id", help="the passkey's id as apm passkey ls shows it")
+    rm.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the master password from the first line of stdin",
+    )
+    rm.set_defaults(func=cmd_passkey)
     ls = psub.add_parser("ls", help="registered passkeys")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_passkey)

@@ -19,10 +19,11 @@ from broker.wire.protocol import (
     PasskeyBeginResult,
     PasskeyInfo,
     PasskeyListResult,
+    PasskeyRemoveParams,
 )
 
 from .context import Context
-from .operations import ANYONE_UNLOCKED, OWNER, operation
+from .operations import ANYONE_UNLOCKED, OWNER, OWNER_CHANGE, operation
 from .state import State
 
 REGISTRATION_TTL = timedelta(minutes=10)
@@ -106,12 +107,38 @@ async def process_passkey_begin(ctx: Context, p: Empty) -> PasskeyBeginResult:
     return PasskeyBeginResult(url=f"{state.links.base}/approve/{link.id}", expires_at=expires)
 
 
-@operation("passkey.list", ANYONE_UNLOCKED)
-async def process_passkey_list(ctx: Context, p: Empty) -> PasskeyListResult:
-    raw = ctx.state.cache.get().extra.get("passkeys", [])
+def _listing(raw: object) -> PasskeyListResult:
     return PasskeyListResult(
         passkeys=[
             PasskeyInfo(id=str(c["id"])[:12], label=str(c["label"]), created_at=c["created_at"])
             for c in (raw if isinstance(raw, list) else [])
         ]
     )
+
+
+@operation("passkey.list", ANYONE_UNLOCKED)
+async def process_passkey_list(ctx: Context, p: Empty) -> PasskeyListResult:
+    return _listing(ctx.state.cache.get().extra.get("passkeys", []))
+
+
+@operation("passkey.remove", OWNER_CHANGE)
+async def process_passkey_remove(ctx: Context, p: PasskeyRemoveParams) -> PasskeyListResult:
+    """Owner only: with no passkey left, the page asks for the master password again."""
+    state = ctx.state
+    vault = state.cache.get()
+    current = vault.extra.get("passkeys", [])
+    current = current if isinstance(current, list) else []
+    kept = [c for c in current if not str(c["id"]).startswith(p.id)]
+    if len(current) - len(kept) != 1:
+        raise InvalidParameters(
+            "name exactly one registered passkey", hint="apm passkey ls shows their ids"
+        )
+
+    def work() -> None:
+        with vault.mutation():
+            vault.extra["passkeys"] = kept
+
+    async with state.write_lock:
+        await state.io(work)
+    state.record("passkey.removed", ctx)
+    return _listing(kept)

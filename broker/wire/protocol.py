@@ -614,6 +614,10 @@ class PasskeyListResult(Wire):
     passkeys: list[PasskeyInfo]
 
 
+class PasskeyRemoveParams(Strict):
+    id: str = Field(min_length=4, max_length=200)  # the id as listed (a prefix is enough)
+
+
 # ---------------------------------------------------------------- just-in-time access
 
 
@@ -801,6 +805,7 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "approval.link": (ApprovalLinkParams, ApprovalLinkResult),
     "passkey.begin": (Empty, PasskeyBeginResult),
     "passkey.list": (Empty, PasskeyListResult),
+    "passkey.remove": (PasskeyRemoveParams, PasskeyListResult),
     "audit.verify": (Empty, AuditVerifyResult),
     "mcp.attach": (McpAttachParams, McpAttachResult),
     "mcp.detach": (McpDetachParams, Empty),
