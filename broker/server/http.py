@@ -445,7 +445,7 @@ class HttpFrontend:
     @property
     def serves_page(self) -> bool:
         """The approval page rides on this listener when it is loopback-only (no TLS)."""
-        return self.tls is None and self.listen.host in ("127.0.0.1", "localhost", "::1")
+        return self.tls is None and self.listen.host in ("127.0.0.1", "localhost")
 
     @staticmethod
     def _connection(ctx: ServerRequestContext[Any, Any]) -> Connection:
