@@ -442,6 +442,8 @@ def test_a_passkey_registered_in_the_browser_approves_a_held_write_which_then_la
 def test_with_a_passkey_denying_a_write_on_the_page_uses_it_too(world: World, browser: Any) -> None:
     from selenium.webdriver.common.by import By
 
+    registered = world.wire("passkey.list", {}, token=None)["passkeys"]
+    assert registered, "runs after the registration test above (file order, one browser)"
     token = world.session()
     tx_id, url = world.held_add(token, "denied-with-passkey", VALUE)
     open_page(browser, url)

@@ -38,7 +38,7 @@ from broker.wire.protocol import Auth, RequestDecideParams, TxDecideParams
 
 from .approval_links import Link
 from .approval_view import shown_args
-from .context import Context
+from .context import Context, totp_seed_field
 from .dispatch import invoke, to_wire_error
 from .operations import OPERATIONS
 from .peer import Peer
@@ -252,10 +252,13 @@ class Page:
             if req.access == "reveal"
             else "use only: apm run puts it into a command; the model never sees it"
         )
+        entry = self.state.cache.get().entries.get(req.entry_id)
+        seed = entry is not None and req.field is not None and req.field == totp_seed_field(entry)
         rows: list[tuple[str, object]] = [
             ("request", req.id),
             ("entry", f"{req.space}/{req.entry_name}"),
             ("field", req.field or "the whole entry"),
+            *([("TOTP SEED", "the seed itself: codes forever, not only codes")] if seed else []),
             ("access", kind),
             ("duration", f"{req.minutes} minutes"),
             ("justification", req.justification),
