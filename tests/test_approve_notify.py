@@ -211,6 +211,11 @@ def test_an_access_request_is_emailed_and_posted_with_the_link_and_the_command(
     assert found is not None
     assert notified.teams.bodies[0]["type"] == "message"
     assert found["type"] == "AdaptiveCard"
+    # agents' words travel as TextRuns (never Markdown): no disguised links in Teams
+    assert {block["type"] for block in found["body"]} == {"RichTextBlock"}
+    runs = [i for block in found["body"] for i in block["inlines"]]
+    assert {i["type"] for i in runs} == {"TextRun"}
+    assert any(WHY in i["text"] for i in runs)
     assert found["actions"] == [
         {"type": "Action.OpenUrl", "title": "Open the approval page", "url": url}
     ]

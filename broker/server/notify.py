@@ -147,10 +147,15 @@ class Notifier:
             "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
             "type": "AdaptiveCard",
             "version": "1.4",
+            # RichTextBlock/TextRun, not TextBlock: a TextRun's text is never read as Markdown,
+            # so an agent's words cannot become a disguised link ("[Approve](https://…)")
             "body": [
-                {"type": "TextBlock", "text": title, "weight": "Bolder", "wrap": True},
+                {
+                    "type": "RichTextBlock",
+                    "inlines": [{"type": "TextRun", "text": title, "weight": "Bolder"}],
+                },
                 *(
-                    {"type": "TextBlock", "text": line, "wrap": True}
+                    {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": line}]}
                     for line in body.split("\n")
                     if line
                 ),
