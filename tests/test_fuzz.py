@@ -600,6 +600,8 @@ WIRE_SEEDS: dict[str, dict[str, Any]] = {
     "sync.approve": {"device": "dev-00"},
     "sync.remove": {"device": "dev-00", "space": "default"},
     "sync.revoke_sessions": {"device": "dev-00"},
+    "approval.link": {"kind": "tx", "id": "@tx"},
+    "passkey.remove": {"id": "none-such"},
 }
 TOOL_SEEDS: dict[str, dict[str, Any]] = {
     "search_entries": {"query": "seed"},

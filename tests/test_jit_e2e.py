@@ -149,8 +149,8 @@ def code_of(result: mt.CallToolResult) -> str:
     return str(error_body(result)["code"])
 
 
-async def ask(client: Client, entry: str = "stripe", minutes: int = 5) -> str:
-    args = {"entry": entry, "duration_minutes": minutes, "justification": WHY}
+async def ask(client: Client, entry: str = "stripe", minutes: int = 5, access: str = "use") -> str:
+    args = {"entry": entry, "duration_minutes": minutes, "justification": WHY, "access": access}
     body = ok_of(await client.call_tool("request_access", args))
     assert body["state"] == "pending"
     return str(body["request_id"])
@@ -188,7 +188,7 @@ async def test_an_approved_request_gives_a_run_command_that_hands_the_child_the_
     env = world.as_session(token)
     async with mcp_client(world.home, token, mode) as client:
         assert "decrypt_entry" not in await tool_names(client)
-        rid = await ask(client)
+        rid = await ask(client, access="reveal")
         assert code_of(await client.call_tool("get_access_details", {"request_id": rid})) == (
             "REQUEST_CLOSED"
         )
@@ -215,7 +215,7 @@ async def test_an_approved_request_gives_a_run_command_that_hands_the_child_the_
         cut = argv.index("--")
         assert argv[: cut + 1] == ["apm", "run", "--env", f"{name}={ref}", "--"]
 
-        # the grant opens decrypt_entry for that entry, and for no other
+        # a reveal grant opens decrypt_entry for that entry, and for no other
         assert "decrypt_entry" in await tool_names(client)
         got = ok_of(await client.call_tool("decrypt_entry", {"entry": "stripe"}))
         assert got["value"] == STRIPE

@@ -94,12 +94,20 @@ class Twin(SyncTwin):
         change = Change(fields={}, secrets=secrets, remove_fields=[])
         return self.state.cache.get().add(kind, name, "default", [], None, None, change).id
 
-    def ask(self, rec: SessionRecord, entry: str = "stripe", minutes: int = 5, **kw: Any) -> str:
+    def ask(
+        self,
+        rec: SessionRecord,
+        entry: str = "stripe",
+        minutes: int = 5,
+        access: str = "reveal",  # these tests read values; test_grant_kinds.py covers `use`
+        **kw: Any,
+    ) -> str:
+        args = {"entry": entry, "duration_minutes": minutes, "justification": WHY, **kw}
         body = ok_of(
             self.tool(
                 rec,
                 "request_access",
-                {"entry": entry, "duration_minutes": minutes, "justification": WHY, **kw},
+                {**args, "access": access},
             )
         )
         assert body["state"] == "pending"

@@ -680,6 +680,8 @@ NEEDS: dict[str, str | None] = {
     "request.deny": None,
     "request.revoke": None,
     "session.diagnose": None,
+    "approval.link": None,  # a pending item's page: it decides nothing without the proof
+    "passkey.list": None,
     "vault.init": "owner",
     "vault.unlock": "owner",
     "vault.passwd": "owner",
@@ -690,6 +692,8 @@ NEEDS: dict[str, str | None] = {
     "tx.deny": "owner",
     "request.approve": "owner",
     "entry.restore": "owner",
+    "passkey.begin": "owner",
+    "passkey.remove": "owner",
     "entry.list": "read",
     "entry.search": "read",
     "entry.show": "read",
@@ -769,6 +773,8 @@ def sample_params(twin: Twin, method: str, n: int) -> dict[str, Any] | None:
         "secret.resolve": lambda: {"refs": ["apm://default/seed/key"]},
         "tx.approve": lambda: {"tx_id": "tx_none"},
         "tx.deny": lambda: {"tx_id": "tx_none"},
+        "approval.link": lambda: {"kind": "tx", "id": "tx_none"},
+        "passkey.remove": lambda: {"id": "none-such"},
         "mcp.attach": lambda: {"client_name": "ladder"},
         "mcp.detach": lambda: {"conn": "none"},
         "vault.passwd": lambda: {"new_password": "a new password"},
@@ -854,8 +860,9 @@ def test_every_method_runs_or_is_denied_exactly_as_its_access_says(twin: Twin, s
         if twin.state.cache.peek() is None:
             twin.owner("vault.unlock")
     assert outcomes == {m: expected(m, scope) for m in ROUTES}
-    # with proper parameters, "runs" means it succeeded (request ids here name nothing)
-    assert set(refused_by_handler) <= {"request.deny", "request.revoke"}, refused_by_handler
+    # with proper parameters, "runs" means it succeeded (request and tx ids here name nothing)
+    named_nothing = {"request.deny", "request.revoke", "approval.link"}
+    assert set(refused_by_handler) <= named_nothing, refused_by_handler
     # the session itself is still what it was: same scope, not extended
     info = twin.owner("session.show", {"accessor": accessor})
     assert info["scope"] == scope

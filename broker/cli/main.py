@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         history_cmd,
         import_cmd,
         mcp_cmd,
+        passkey_cmd,
         plugin_cmd,
         request_cmd,
         run_cmd,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.register(sub)
     tx_cmd.register(sub)
     request_cmd.register(sub)
+    passkey_cmd.register(sub)
     run_cmd.register(sub)
     env_cmd.register(sub)
     import_cmd.register(sub)

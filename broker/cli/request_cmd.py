@@ -17,18 +17,22 @@ from broker.wire.protocol import (
 from .auth import Credentials
 from .client import BrokerClient
 from .output import emit_json, info, write_lines
+from .passkey_cmd import add_page_options, decide_on_page
 
 
 def _show(r: AccessRequestInfo) -> None:
     what = escape(r.entry) + (f" (field {escape(r.field)})" if r.field else "")
     if r.totp_seed:
         what += " [the TOTP SEED itself, not only codes]"
+    what += " [REVEAL: the value reaches the model]" if r.access == "reveal" else " [use only]"
     out = [
         f"{r.id}  {r.state:<8} {what} for {r.minutes} min — {escape(r.label or r.session)}",
         f"    why: {escape(r.justification)}",
     ]
     if r.state == "pending":
         out.append(f"    approve: {r.approve_command}    deny: apm request deny {r.id}")
+        if r.page_url:
+            out.append(f"    page (this machine): {r.page_url}")
     elif r.expires_at and r.state == "approved":
         out.append(f"    until {r.expires_at.astimezone():%H:%M:%S}")
     write_lines(out)
@@ -61,10 +65,15 @@ def cmd_request(args: argparse.Namespace) -> int:
                         sys.stdout.flush()
                 time.sleep(args.interval)
                 res = c.call("request.list", RequestListParams(pending=True), **who.creds())
+        if args.req_cmd == "approve" and args.passkey:
+            return decide_on_page(c, "request", args.request_id, args)
         if args.req_cmd == "approve":
             owner = Credentials(args, owner_only=True)
             params = RequestDecideParams(
-                request_id=args.request_id, minutes=args.duration, reason=args.reason
+                request_id=args.request_id,
+                minutes=args.duration,
+                reason=args.reason,
+                use_only=args.use,
             )
             res = c.call("request.approve", params, **owner.creds())
         elif args.req_cmd == "deny":
@@ -108,6 +117,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ap.add_argument("request_id", help="the request id (see apm request ls)")
     ap.add_argument("--duration", type=int, metavar="M", help="minutes (default: as asked)")
     ap.add_argument("--reason", help="a note for the audit log")
+    ap.add_argument(
+        "--use",
+        action="store_true",
+        help="grant use only (apm run) even if the request asked to reveal the value",
+    )
+    add_page_options(ap)
     common(ap)
     dn = rsub.add_parser("deny", help="refuse the access (no password needed)")
     dn.add_argument("request_id", help="the request id (see apm request ls)")

@@ -10,9 +10,13 @@ from broker.wire.protocol import TxDecideParams, TxListParams
 from .auth import Credentials
 from .client import BrokerClient
 from .output import emit_json, info, write_lines
+from .passkey_cmd import add_page_options, decide_on_page
 
 
 def cmd_tx(args: argparse.Namespace) -> int:
+    if getattr(args, "passkey", False) and args.tx_cmd == "approve":
+        with BrokerClient() as c:
+            return decide_on_page(c, "tx", args.tx_id, args)
     owner = Credentials(args, owner_only=True)
     with BrokerClient() as c:
         if args.tx_cmd == "ls":
@@ -32,6 +36,7 @@ def cmd_tx(args: argparse.Namespace) -> int:
                         *(f"    {line}" for line in t.preview.splitlines()),
                         f"    approving runs {escape(t.method or t.tool)} with exactly:",
                         *args_lines(t.args, "      "),
+                        *([f"    page (this machine): {t.page_url}"] if t.page_url else []),
                     ]
                 )
             return 0
@@ -65,6 +70,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             action="store_true",
             help="read the master password from the first line of stdin",
         )
+        if name == "approve":
+            add_page_options(d)
         d.set_defaults(func=cmd_tx)
     ls.add_argument("--json", action="store_true")
     ls.add_argument(

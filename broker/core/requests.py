@@ -7,6 +7,9 @@ Rules:
   secrets-scope reads of that entry and resolution through `apm run`. Expiry and revocation
   take effect at the next call (every use re-checks against the injected clock).
 - Requests hold no secret: entry id and name, field name, justification, times, decisions.
+- A grant has a kind: `use` (the default) lets the session's references resolve (`apm run`,
+  `apm://`) and nothing more; `reveal` also lets the value reach the model (`decrypt_entry`,
+  `get_totp`). A request asks for one; the approver may turn `reveal` down to `use`, never up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import BaseModel
 from broker.wire.errors import InvalidParameters, RequestClosed, RequestNotFound
 
 RequestState = Literal["pending", "approved", "denied", "expired", "revoked"]
+GrantKind = Literal["use", "reveal"]
 PENDING_TTL = timedelta(hours=24)
 
 
@@ -35,6 +39,8 @@ class AccessRequest(BaseModel):
     main_field: str | None = None  # the entry's main secret field, for references
     minutes: int
     justification: str
+    # records stored before grant kinds existed load as `use`: the narrower reading
+    access: GrantKind = "use"
     state: RequestState = "pending"
     created_at: datetime
     decided_at: datetime | None = None
@@ -78,7 +84,13 @@ class RequestStore:
         return req
 
     def decide(
-        self, req_id: str, approve: bool, minutes: int | None, reason: str | None, max_minutes: int
+        self,
+        req_id: str,
+        approve: bool,
+        minutes: int | None,
+        reason: str | None,
+        max_minutes: int,
+        use_only: bool = False,
     ) -> AccessRequest:
         req = self.get(req_id, None)
         now = self.clock()
@@ -92,6 +104,8 @@ class RequestStore:
         req.reason = reason
         if approve:
             req.minutes = m
+            if use_only:
+                req.access = "use"
             req.state = "approved"
             req.expires_at = now + timedelta(minutes=m)
         else:
@@ -107,15 +121,22 @@ class RequestStore:
         return req
 
     def grant(
-        self, accessor: str, entry_id: str, field: str, *, named_only: bool = False
+        self,
+        accessor: str,
+        entry_id: str,
+        field: str,
+        *,
+        named_only: bool = False,
     ) -> AccessRequest | None:
-        """The live grant letting `accessor` read `field` of `entry_id`, if any.
+        """The live grant covering `field` of `entry_id` for `accessor`, if any; a `reveal`
+        grant first (it covers `use` too). The caller checks the kind it needs.
 
         A request without a field covers every field of the entry; one with a field covers it
         alone. `named_only`: only a request that named `field` itself covers it (a TOTP seed:
         the person approved the seed, not just codes).
         """
         now = self.clock()
+        found: AccessRequest | None = None
         for r in self.records.values():
             if (
                 r.accessor == accessor
@@ -123,8 +144,10 @@ class RequestStore:
                 and r.status(now) == "approved"
                 and (r.field == field or (r.field is None and not named_only))
             ):
-                return r
-        return None
+                if r.access == "reveal":
+                    return r
+                found = r
+        return found
 
     def listing(self, accessor: str | None, pending_only: bool = False) -> list[AccessRequest]:
         now = self.clock()

@@ -130,11 +130,17 @@ async def hold(ctx: Context, op: Operation, params: BaseModel) -> NoReturn:
     )
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=op.name, hash=tx.hash)
     log.info("%s held as %s for session %s (%s)", op.name, tx.tx_id, rec.accessor, rec.approve)
+    from .approval_handlers import notify_tx, tx_url
+
+    if rec.approve == "owner":
+        notify_tx(ctx.state, tx)
     command = f"apm tx approve {tx.tx_id}"
+    page = tx_url(ctx.state, tx.tx_id)
     raise ApprovalPending(
         f"this session's changes need the person's approval; held as {tx.tx_id}",
-        hint=f'the person reviews it with "apm tx ls" and approves it with "{command}"',
-        data={"tx_id": tx.tx_id, "approve": command, "preview": tx.preview},
+        hint=f'the person reviews it with "apm tx ls" and approves it with "{command}"'
+        + (f" or on the page {page} (on this machine)" if page else ""),
+        data={"tx_id": tx.tx_id, "approve": command, "preview": tx.preview, "page_url": page},
     )
 
 

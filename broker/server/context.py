@@ -4,10 +4,12 @@ and — once the gate has decided — its session and whether grants are needed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from broker.core.crypto import normalize_password
+from broker.core.requests import GrantKind
 from broker.core.sessions import SessionRecord
 from broker.core.vault import StoredEntry
 from broker.wire.errors import PermissionDenied, SessionRequired
@@ -35,14 +37,21 @@ class Context:
     owner_proven: bool = False
     mcp: Any = None  # the MCP request context, for elicitation (tool calls only)
     grant_needed: bool = False  # the session lacks `secrets`: each entry needs a live grant
+    grant_kind: GrantKind = "reveal"  # set by the gate from the operation's rule
     exe: str | None = None  # the peer's executable, when already known (MCP connections)
     via: str = "wire"  # "wire": invoke records the request; "mcp": the tool call is recorded
+    # the approval page's proof of presence (a passkey assertion for this decision), checked
+    # by the gate in place of the master password; set only in-process by the page, never
+    # from a wire frame
+    presence: Callable[[], Awaitable[None]] | None = None
 
     def check_grant(self, entry: StoredEntry, field: str, *, codes: bool = False) -> None:
-        """For a session reading a secret on a grant: refuse unless one covers this field.
+        """The one grant check: for a session reading a secret on a grant, refuse unless a
+        live grant of the kind the operation needs covers this field.
 
         A TOTP seed is opened only by a grant whose request named the seed field (the person
-        saw that); any grant on the entry gives its codes (`codes`)."""
+        saw that); any grant on the entry gives its codes (`codes`). A `use` grant resolves
+        references (`apm run`) only: nothing that returns the value to the caller."""
         if not self.grant_needed or self.session is None:
             return
         seed = field == totp_seed_field(entry) and not codes
@@ -61,6 +70,14 @@ class Context:
                 hint="ask for it with request_access; the person approves with "
                 '"apm request approve REQ"',
                 data={"needed": "secrets", "scope": self.session.scope},
+            )
+        if self.grant_kind == "reveal" and grant.access != "reveal":
+            raise PermissionDenied(
+                "this session's grant for the entry is a use grant: the value may be used "
+                "through apm run but never returned to the session",
+                hint="call get_access_details and run the command it gives; the value goes "
+                "into the command's environment without passing through you",
+                data={"needed": "reveal", "grant": "use", "request": grant.id},
             )
 
     def allows(self, space: str, tags: list[str], name: str) -> bool:

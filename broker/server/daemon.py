@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -30,6 +31,7 @@ from broker.wire.errors import ApmError, InvalidParameters
 from broker.wire.relay import MCP_FRAME
 
 from . import (
+    approval_handlers,
     audit_handlers,
     dispatch,
     handlers,
@@ -44,13 +46,14 @@ from . import (
     sync_service,
     tx_handlers,
 )
-from .notify import Notifier
+from .notify import EmailConfig, Notifier
 from .peer import Peer
 from .state import State
 from .transport import Transport, ensure_private_dir
 
 log = logging.getLogger("apm.broker")
 _ = (
+    approval_handlers,
     handlers,
     request_handlers,
     session_handlers,
@@ -76,6 +79,9 @@ class Config:
     http: str | None = None
     http_limits: limits.HttpLimits = field(default_factory=limits.HttpLimits)
     mcp_tool_names: str = "apm"  # [mcp] tool_names: "apm" or "apono"
+    approve_port: int = 0  # the approval page's own loopback port (0: any free one)
+    teams_url: str | None = None
+    email: EmailConfig | None = None
 
 
 HTTP_LIMIT_KEYS = (
@@ -129,6 +135,12 @@ def load_config(config_file: Path) -> Config:
         request_max = int(doc.get("requests", {}).get("max_minutes", 60))
         notify = doc.get("notify", {})
         webhook = notify.get("webhook_url")
+        teams = notify.get("teams_webhook_url")
+        if teams is not None and not (
+            isinstance(teams, str) and teams.startswith(("https://", "http://"))
+        ):
+            raise ValueError("notify.teams_webhook_url must be an http(s) URL")
+        email = EmailConfig.parse(notify["email"]) if "email" in notify else None
         desktop = bool(notify.get("desktop", True))
         http_section = doc.get("http", {})
         http = http_section.get("listen")
@@ -136,6 +148,11 @@ def load_config(config_file: Path) -> Config:
             raise ValueError("http.listen must be a string like 127.0.0.1:8765")
         http_limits = _http_limits(http_section)
         mcp_tool_names = _mcp_tool_names(doc.get("mcp", {}))
+        approve_port = doc.get("approve", {}).get("port", 0)
+        if isinstance(approve_port, bool) or not isinstance(approve_port, int):
+            raise ValueError("approve.port must be a port number (0: any free port)")
+        if not 0 <= approve_port < 65536:
+            raise ValueError("approve.port must be 0..65535")
         if webhook is not None and not (
             isinstance(webhook, str) and webhook.startswith(("https://", "http://"))
         ):
@@ -163,6 +180,9 @@ def load_config(config_file: Path) -> Config:
         http=http,
         http_limits=http_limits,
         mcp_tool_names=mcp_tool_names,
+        approve_port=approve_port,
+        teams_url=teams,
+        email=email,
     )
 
 
@@ -294,6 +314,20 @@ def _check_http(opts: HttpOptions) -> tuple[Any, tuple[str, str] | None]:
     return listen, tls
 
 
+def _vault_secret(state: State, ref: str) -> str | None:
+    """The main secret of the entry `ref` ("space/name" or "name"), for the broker's own use
+    (the SMTP password); None while locked or when there is no such entry."""
+    vault = state.cache.peek()
+    if vault is None:
+        return None
+    space, _, name = ref.rpartition("/")
+    try:
+        entry = vault.resolve(name, space or None)
+        return vault.reveal(entry, None)[1]
+    except ApmError:
+        return None
+
+
 async def _start_http(state: State, opts: HttpOptions) -> Any:
     from .http import HttpFrontend
 
@@ -313,10 +347,17 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         paths=p,
         cache=OpenVault(config.lock),
         max_ttl=config.max_ttl,
-        notifier=Notifier(config.webhook_url, config.desktop_notifications),
+        notifier=Notifier(
+            config.webhook_url,
+            config.desktop_notifications,
+            teams_url=config.teams_url,
+            email=config.email,
+        ),
         request_max_minutes=config.request_max_minutes,
         mcp_tool_names=config.mcp_tool_names,
     )
+    if state.notifier is not None:
+        state.notifier.password = functools.partial(_vault_secret, state)
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
     # the checkpoint is rewritten once per burst of records (after the event-loop turn)
     state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=_on_loop(asyncio.get_running_loop()))
@@ -324,6 +365,12 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         state.audit.open()
         state.record("broker.start", version=__version__, pid=os.getpid())
         frontend = await _start_http(state, http) if http is not None else None
+        page = None
+        if frontend is None or not frontend.serves_page:
+            from .approval_page import PageServer
+
+            page = PageServer(state, config.approve_port)
+            await page.start()
     except BaseException:  # nothing left behind: no socket, no lock, no half-open log
         with contextlib.suppress(Exception):
             state.record("broker.stop", reason="start failed")
@@ -346,6 +393,8 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         sd_notify.notify("STOPPING=1")
         if frontend is not None:
             await frontend.stop()
+        if page is not None:
+            await page.stop()
         host = state._mcp_host.result() if state._mcp_host.done() else None
         if host is not None:
             await host.close_all()

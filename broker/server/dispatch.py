@@ -230,6 +230,7 @@ async def _approval_gate(
 async def _authorize(ctx: Context, rule: Rule) -> None:
     if rule.scope is None and not rule.owner_only:
         return
+    ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
     if ctx.session is not None:  # already authenticated by its connection
         if rule.owner_only:
             raise _owner_only()
@@ -327,6 +328,15 @@ async def _authenticate_session(
 
 
 async def _verify_owner(ctx: Context) -> None:
+    if ctx.presence is not None:  # a user-verifying passkey assertion (the approval page)
+        try:
+            await ctx.presence()
+        except ApmError as exc:
+            log.warning("owner check failed: passkey assertion refused (%s)", exc.code)
+            ctx.state.record("owner.denied", ctx, reason="passkey assertion refused")
+            raise
+        ctx.owner_proven = True
+        return
     password = ctx.password()
     vault = ctx.state.cache.get()
     try:

@@ -442,6 +442,11 @@ class HttpFrontend:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def serves_page(self) -> bool:
+        """The approval page rides on this listener when it is loopback-only (no TLS)."""
+        return self.tls is None and self.listen.host in ("127.0.0.1", "localhost")
+
     @staticmethod
     def _connection(ctx: ServerRequestContext[Any, Any]) -> Connection:
         scope = getattr(ctx.request, "scope", None)
@@ -518,12 +523,17 @@ class HttpFrontend:
         )
         metadata = "/.well-known/oauth-protected-resource"
         mcp_endpoint = RequireBearer(StreamableHTTPASGIApp(manager), f"{base}{metadata}/mcp")
+        routes = [
+            Route("/mcp", endpoint=mcp_endpoint),
+            _metadata_route(f"{metadata}/mcp", f"{base}/mcp"),
+            _metadata_route(metadata, f"{base}/mcp"),
+        ]
+        if self.serves_page:  # the approval page shares a loopback listener (#17.1)
+            from .approval_page import Page, page_origins
+
+            routes += Page(state, page_origins(self.listen.port)).routes()
         app = Starlette(
-            routes=[
-                Route("/mcp", endpoint=mcp_endpoint),
-                _metadata_route(f"{metadata}/mcp", f"{base}/mcp"),
-                _metadata_route(metadata, f"{base}/mcp"),
-            ],
+            routes=routes,
             middleware=[
                 Middleware(
                     AuthenticationMiddleware, backend=BearerAuthBackend(SessionVerifier(state))
@@ -558,6 +568,8 @@ class HttpFrontend:
                 )
             await asyncio.sleep(0.02)
         log.info("MCP over HTTP at http://%s:%d/mcp", self.listen.host, self.listen.port)
+        if self.serves_page:
+            self.state.links.base = f"http://localhost:{self.listen.port}"
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -434,7 +434,11 @@ async def serve_list(state: State, authorize: Authorize) -> types.ListToolsResul
     except ApmError:
         return types.ListToolsResult(tools=[types.Tool.model_validate(APM_STATUS_TOOL)])
     now = state.clock()
-    has_grant = any(r.status(now) == "approved" for r in state.requests().listing(rec.accessor))
+    # only a reveal grant lists decrypt_entry/get_totp: a use grant never opens them
+    has_grant = any(
+        r.status(now) == "approved" and r.access == "reveal"
+        for r in state.requests().listing(rec.accessor)
+    )
     naming = rec.tool_names or state.mcp_tool_names
     return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant, naming))
 

@@ -389,7 +389,9 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         title="Reveal a secret value",
         description=(
             "Return the secret value of an entry (its main secret, or `field`). Use the value "
-            "only for the task at hand and never repeat it back to the person unasked."
+            "only for the task at hand and never repeat it back to the person unasked. On a use "
+            "grant (request_access's default) this is refused: call get_access_details and run "
+            "its `apm run` command instead."
         ),
         scope="secrets",
         args=DecryptEntryArgs,
@@ -400,7 +402,10 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(
         name="get_totp",
         title="Current TOTP code",
-        description="The current one-time code of a TOTP entry and the seconds it stays valid.",
+        description=(
+            "The current one-time code of a TOTP entry and the seconds it stays valid. Needs "
+            "the secrets scope or a reveal grant; a use grant does not give codes to you."
+        ),
         scope="secrets",
         args=EntryArgs,
         out=TotpOut,
@@ -414,7 +419,10 @@ TOOLS: tuple[ToolSpec, ...] = (
 )
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 # answered on the relay's fast path: they never talk back to the client (no elicitation)
-FAST_TOOLS = frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}
+# (request_access is not: it offers the approval page by URL elicitation)
+FAST_TOOLS = (
+    frozenset(t.name for t in READ_TOOLS + REQUEST_TOOLS + ADMIN_TOOLS) | {"apm_status"}
+) - {"request_access"}
 
 
 # ------------------------------------------------------------------ tool names

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
+from broker.core.requests import GrantKind
 from broker.wire.protocol import METHODS
 
 AuditClass = Literal["none", "read", "change"]
@@ -30,6 +31,8 @@ class Rule:
     `scope` set: the master password, or a session holding at least that scope.
     `owner_only`: the master password, verified now; a session is never enough.
     `grantable`: a session lacking `scope` may still pass with a per-entry grant.
+    `grant_kind`: the kind of grant that lets it pass: "reveal" (the value reaches the
+      caller, e.g. the model) or "use" (a reference resolved for `apm run`).
     `mutating`: changes the vault's entries or spaces; for a session whose approval policy
       is `owner` or `client` it becomes a pending transaction the person approves.
     `audit`: "none" (recorded by its handler, or nothing worth recording), "read" (one record
@@ -41,6 +44,7 @@ class Rule:
     scope: str | None = None
     owner_only: bool = False
     grantable: bool = False
+    grant_kind: GrantKind = "reveal"
     mutating: bool = False
     audit: AuditClass = "read"
     quiet: bool = False
@@ -55,6 +59,8 @@ OWNER_CHANGE = Rule(unlocked=True, owner_only=True, audit="change")
 READ = Rule(unlocked=True, scope="read")
 LISTING = Rule(unlocked=True, scope="read", quiet=True)
 SECRETS = Rule(unlocked=True, scope="secrets", grantable=True)
+# resolving references for `apm run`: a `use` grant is enough
+SECRETS_USE = Rule(unlocked=True, scope="secrets", grantable=True, grant_kind="use")
 WRITE = Rule(unlocked=True, scope="write", mutating=True, audit="change")
 ADMIN = Rule(unlocked=True, scope="admin")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from broker.core.requests import AccessRequest
+from broker.core.requests import AccessRequest, GrantKind
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import (
     AccessRequestInfo,
@@ -23,9 +23,10 @@ from broker.wire.protocol import (
     SecretResolveResult,
 )
 
+from .approval_handlers import page_lines, request_url
 from .context import Context, totp_seed_field
 from .dispatch import log
-from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS, operation
+from .operations import ADMIN, ANYONE_UNLOCKED, OWNER, SECRETS_USE, operation
 
 
 def _asks_for_seed(req: AccessRequest, ctx: Context) -> bool:
@@ -48,12 +49,14 @@ def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
         field=req.field,
         minutes=req.minutes,
         justification=req.justification,
+        access=req.access,
         created_at=req.created_at,
         decided_at=req.decided_at,
         expires_at=req.expires_at,
         reason=req.reason,
         reference=req.reference(),
         approve_command=f"apm request approve {req.id}",
+        page_url=request_url(ctx.state, req.id),
     )
 
 
@@ -61,6 +64,7 @@ def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
     notifier = ctx.state.notifier
     if notifier is None:
         return
+    url = request_url(ctx.state, req.id) if what == "request" else None
     payload = {
         "event": what,
         "request_id": req.id,
@@ -70,13 +74,21 @@ def _notify(ctx: Context, req: AccessRequest, what: str) -> None:
         "session_label": req.label or req.accessor,
         "justification": req.justification,
         "duration_minutes": req.minutes,
+        "access": req.access,
         "state": req.state,
         "approve_command": f"apm request approve {req.id}",
+        "page_url": url,
     }
     if what == "request":
         seed = " (THE TOTP SEED, not only codes)" if _asks_for_seed(req, ctx) else ""
-        title = f"apm: {req.label or req.accessor} asks for {req.entry_name}{seed}"
-        body = f"{req.justification} ({req.minutes} min). Approve: apm request approve {req.id}"
+        kind = " TO REVEAL IT TO THE MODEL" if req.access == "reveal" else " (use only)"
+        title = f"apm: {req.label or req.accessor} asks for {req.entry_name}{seed}{kind}"
+        body = "\n".join(
+            [
+                f"{req.justification} ({req.minutes} min).",
+                *page_lines(url, f"apm request approve {req.id}"),
+            ]
+        )
     else:
         title = f"apm: request {req.id} {req.state}"
         body = f"{req.entry_name} for {req.label or req.accessor}"
@@ -90,6 +102,7 @@ async def open_request(
     field: str | None,
     minutes: int,
     justification: str,
+    access: GrantKind = "use",
 ) -> AccessRequest:
     if ctx.session is None:
         raise InvalidParameters("access requests come from a session")
@@ -114,6 +127,7 @@ async def open_request(
         main_field=vault.default_field(entry),
         minutes=minutes,
         justification=justification.strip(),
+        access=access,
     )
     try:
         ctx.state.record(
@@ -124,6 +138,7 @@ async def open_request(
             name=entry.name,
             field=field,
             minutes=minutes,
+            access=access,
         )
         await ctx.state.persist_sessions()
     except Exception:
@@ -141,6 +156,7 @@ async def process_request_list(ctx: Context, p: RequestListParams) -> RequestLis
 
 
 async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequestInfo:
+    ctx.state.links.drop("request", req.id)  # decided: its page link ends here
     ctx.state.record(
         event,
         ctx,
@@ -148,6 +164,7 @@ async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequest
         target=req.accessor,
         entry_id=req.entry_id,
         minutes=req.minutes if req.state == "approved" else None,
+        access=req.access if req.state == "approved" else None,
     )
     await ctx.state.persist_sessions()
     _notify(ctx, req, "decision")
@@ -157,7 +174,7 @@ async def _decide(ctx: Context, req: AccessRequest, event: str) -> AccessRequest
 @operation("request.approve", OWNER)
 async def process_request_approve(ctx: Context, p: RequestDecideParams) -> AccessRequestInfo:
     req = ctx.state.requests().decide(
-        p.request_id, True, p.minutes, p.reason, ctx.state.request_max_minutes
+        p.request_id, True, p.minutes, p.reason, ctx.state.request_max_minutes, p.use_only
     )
     return await _decide(ctx, req, "request.approved")
 
@@ -187,7 +204,7 @@ def parse_reference(ref: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], field
 
 
-@operation("secret.resolve", SECRETS)
+@operation("secret.resolve", SECRETS_USE)
 async def process_secret_resolve(ctx: Context, p: SecretResolveParams) -> SecretResolveResult:
     vault = ctx.state.cache.get()
     out: list[ResolvedSecret] = []

@@ -14,8 +14,9 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from broker.core.requests import AccessRequest
+from broker.core.requests import AccessRequest, GrantKind
 from broker.core.sessions import scope_rank
+from broker.wire.display import escape
 from broker.wire.errors import PermissionDenied, RequestClosed
 
 from .context import Context
@@ -29,6 +30,14 @@ class RequestAccessArgs(Args):
     duration_minutes: int = Field(ge=1, description="how long the access is needed")
     justification: str = Field(
         min_length=10, max_length=1000, description="why, in words the person will read"
+    )
+    access: GrantKind = Field(
+        default="use",
+        description=(
+            '"use" (default): run commands with the secret through apm run, never seeing it; '
+            '"reveal": the value itself is returned to you by decrypt_entry/get_totp (ask only '
+            "when you must read it; the person may grant use instead)"
+        ),
     )
 
 
@@ -45,6 +54,7 @@ class RequestInfo(BaseModel):
     field: str | None
     duration_minutes: int
     justification: str
+    access: GrantKind
     created_at: datetime
     decided_at: datetime | None
     expires_at: datetime | None
@@ -58,6 +68,7 @@ class AccessDetails(BaseModel):
     env_name: str
     run_command: str
     expires_at: datetime | None
+    access: GrantKind
     decrypt_entry_available: bool
     note: str
 
@@ -74,7 +85,8 @@ def env_name(req: AccessRequest) -> str:
 def info(req: AccessRequest, now: datetime) -> RequestInfo:
     status = req.status(now)
     step = {
-        "pending": f'waiting for the person to run "apm request approve {req.id}"',
+        "pending": "waiting for the person to decide on the approval page they were sent, or "
+        f'with "apm request approve {req.id}"',
         "approved": "call get_access_details for how to use it without seeing it",
         "denied": "the person declined; do not ask again for the same reason",
         "expired": "the grant or request expired; ask again with request_access if still needed",
@@ -89,6 +101,7 @@ def info(req: AccessRequest, now: datetime) -> RequestInfo:
         field=req.field,
         duration_minutes=req.minutes,
         justification=req.justification,
+        access=req.access,
         created_at=req.created_at,
         decided_at=req.decided_at,
         expires_at=req.expires_at,
@@ -106,7 +119,18 @@ def _session(ctx: Context) -> str:
 async def _request_access(ctx: Context, a: RequestAccessArgs) -> RequestInfo:
     from .request_handlers import open_request
 
-    req = await open_request(ctx, a.entry, a.space, a.field, a.duration_minutes, a.justification)
+    req = await open_request(
+        ctx, a.entry, a.space, a.field, a.duration_minutes, a.justification, a.access
+    )
+    from .approval_handlers import request_url
+    from .page_offer import offer_page
+
+    await offer_page(
+        ctx.mcp,
+        request_url(ctx.state, req.id),
+        f"An AI agent asks for access to {escape(req.entry_name)}. Open the apm approval page "
+        "on this machine to decide.",
+    )
     return info(req, ctx.state.clock())
 
 
@@ -126,13 +150,16 @@ async def _details(ctx: Context, a: RequestRef) -> AccessDetails:
         )
     name = env_name(req)
     rec = ctx.session
+    on_grant = rec is not None and scope_rank(rec.scope) < scope_rank("secrets")
+    reveal = req.access == "reveal" and on_grant
     return AccessDetails(
         request_id=req.id,
         reference=req.reference(),
         env_name=name,
         run_command=f"apm run --env {name}={req.reference()} -- <command that uses ${name}>",
         expires_at=req.expires_at,
-        decrypt_entry_available=True,  # a live grant opens decrypt_entry for this entry
+        access=req.access,
+        decrypt_entry_available=req.access == "reveal",  # a use grant never opens it
         note=(
             "Run the command with APM_EPHEMERAL_ID set to this session's token: the value goes "
             "into the child's environment and is masked in its output, so it never passes "
@@ -140,7 +167,10 @@ async def _details(ctx: Context, a: RequestRef) -> AccessDetails:
             + (
                 "decrypt_entry also works for this entry until the grant expires, but prefer "
                 "apm run."
-                if rec is not None and scope_rank(rec.scope) < scope_rank("secrets")
+                if reveal
+                else "This is a use grant: decrypt_entry and get_totp stay refused for this "
+                "entry; work through apm run."
+                if req.access == "use"
                 else ""
             )
         ).strip(),
@@ -159,8 +189,12 @@ REQUEST_TOOLS: tuple[ToolSpec, ...] = (
         title="Ask the person for access to one secret",
         description=(
             "Ask the person to let this session use one entry's secret (optionally one field) "
-            "for a limited time. Give a specific justification. The person approves in their "
-            "terminal; follow up with get_request_status, then get_access_details."
+            "for a limited time. Give a specific justification. By default you ask for a use "
+            "grant: once approved, get_access_details gives an `apm run` command line that puts "
+            "the secret into a command's environment; you never see the value, and "
+            'decrypt_entry/get_totp stay refused for that entry. Ask for access="reveal" only '
+            "if you must read the value itself. The person approves in their terminal or on "
+            "the approval page; follow up with get_request_status, then get_access_details."
         ),
         scope="read",
         args=RequestAccessArgs,

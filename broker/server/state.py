@@ -24,6 +24,7 @@ from broker.core.transactions import TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
 
+from .approval_links import ApprovalLinks
 from .notify import Notifier
 from .peer import Peer
 
@@ -110,6 +111,7 @@ class State:
     notifier: Notifier | None = None
     request_max_minutes: int = 60
     mcp_tool_names: str = "apm"  # [mcp] tool_names; a session may override it
+    links: ApprovalLinks = field(default_factory=ApprovalLinks)  # the approval page's links
     txs: TxStore = field(init=False)
     rollback: RollbackGuard = field(init=False)  # rollback defences (core/rollback.py)
     max_ttl: timedelta = timedelta(days=90)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from broker.core.transactions import Transaction
 from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
 
+from .approval_handlers import tx_url
 from .approval_view import shown_args
 from .context import Context
 from .dispatch import log
@@ -18,7 +19,9 @@ from .operations import OWNER, OWNER_CHANGE, operation
 
 def summary(tx: Transaction, ctx: Context) -> TxSummary:
     """The owner's view, with the exact stored arguments approving executes (#13.1)."""
-    return tx.summary(ctx.state.clock()).model_copy(update={"args": shown_args(tx.params)})
+    return tx.summary(ctx.state.clock()).model_copy(
+        update={"args": shown_args(tx.params), "page_url": tx_url(ctx.state, tx.tx_id)}
+    )
 
 
 @operation("tx.list", OWNER)
@@ -29,6 +32,7 @@ async def process_tx_list(ctx: Context, p: TxListParams) -> TxListResult:
 
 async def _decide(ctx: Context, p: TxDecideParams, approve: bool) -> TxSummary:
     tx = ctx.state.txs.owner_decide(p.tx_id, approve, p.reason)
+    ctx.state.links.drop("tx", tx.tx_id)  # decided: its page link ends here
     event = "tx.approved" if approve else "tx.denied"
     ctx.state.record(event, ctx, tx=tx.tx_id, by="owner", target=tx.accessor)
     log.info("%s %s by the owner (pid=%s)", tx.tx_id, tx.state, ctx.peer.pid)

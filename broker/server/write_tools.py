@@ -450,7 +450,20 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             data={"fields": differing},
         )
     if tx.policy == "owner" and tx.state != "approved":
+        from .approval_handlers import notify_tx, tx_url
+        from .page_offer import offer_page
+
+        first = tx.state == "pending"
         ctx.state.txs.await_owner(tx)
+        if first:  # notified once, when the agent first asks to commit
+            notify_tx(ctx.state, tx)
+
+        await offer_page(
+            ctx.mcp,
+            tx_url(ctx.state, tx.tx_id),
+            f"An AI agent ({escape(tx.label or tx.accessor)}) wants to make a change that "
+            "needs your approval. Open the apm approval page on this machine to decide.",
+        )
         return WriteOut(
             status="pending_owner_approval",
             tx_id=tx.tx_id,
@@ -458,7 +471,8 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
             preview=tx.preview,
             policy=tx.policy,
             expires_at=tx.expires_at,
-            next_step=f'ask the person to run "apm tx approve {tx.tx_id}"; then '
+            next_step="the person was sent the approval page; or ask them to run "
+            f'"apm tx approve {tx.tx_id}"; then '
             f"{_commit_hint(tool, tx.tx_id)} again (tx_status shows the decision)",
         )
     if tx.policy == "client" and tx.state != "approved":

@@ -577,6 +577,7 @@ class TxSummary(TxInfo):
 
     session: str
     label: str
+    page_url: str | None = None  # the approval page for it, while it awaits the person
 
 
 class TxListResult(Wire):
@@ -586,6 +587,38 @@ class TxListResult(Wire):
 class TxDecideParams(Strict):
     tx_id: str = Field(max_length=64)
     reason: str | None = Field(default=None, max_length=500)
+
+
+# ---------------------------------------------------------------- the approval page
+
+
+class ApprovalLinkParams(Strict):
+    kind: Literal["tx", "request"]
+    id: str = Field(max_length=64)
+
+
+class ApprovalLinkResult(Wire):
+    url: str | None  # None: no page is served, or the item is no longer pending
+    state: str
+
+
+class PasskeyBeginResult(Wire):
+    url: str
+    expires_at: datetime
+
+
+class PasskeyInfo(Wire):
+    id: str  # the credential id's first characters (base64url)
+    label: str
+    created_at: str
+
+
+class PasskeyListResult(Wire):
+    passkeys: list[PasskeyInfo]
+
+
+class PasskeyRemoveParams(Strict):
+    id: str = Field(min_length=4, max_length=200)  # the id as listed (a prefix is enough)
 
 
 # ---------------------------------------------------------------- just-in-time access
@@ -607,12 +640,14 @@ class AccessRequestInfo(Wire):
     totp_seed: bool = False  # the request names a TOTP seed: approving gives the seed itself
     minutes: int
     justification: str
+    access: Literal["use", "reveal"] = "use"  # the grant kind asked for (approved: given)
     created_at: datetime
     decided_at: datetime | None = None
     expires_at: datetime | None = None
     reason: str | None = None
     reference: str
     approve_command: str
+    page_url: str | None = None  # the approval page for it, while it is pending
 
 
 class RequestListResult(Wire):
@@ -622,6 +657,7 @@ class RequestListResult(Wire):
 class RequestDecideParams(Strict):
     request_id: str = Field(max_length=64)
     minutes: int | None = Field(default=None, ge=1)
+    use_only: bool = False  # approve a `reveal` request as a `use` grant
     reason: str | None = Field(default=None, max_length=500)
 
 
@@ -769,6 +805,10 @@ METHODS: dict[str, tuple[type[BaseModel], type[BaseModel]]] = {
     "tx.list": (TxListParams, TxListResult),
     "tx.approve": (TxDecideParams, TxSummary),
     "tx.deny": (TxDecideParams, TxSummary),
+    "approval.link": (ApprovalLinkParams, ApprovalLinkResult),
+    "passkey.begin": (Empty, PasskeyBeginResult),
+    "passkey.list": (Empty, PasskeyListResult),
+    "passkey.remove": (PasskeyRemoveParams, PasskeyListResult),
     "audit.verify": (Empty, AuditVerifyResult),
     "mcp.attach": (McpAttachParams, McpAttachResult),
     "mcp.detach": (McpDetachParams, Empty),
