@@ -247,7 +247,13 @@ async def test_a_grant_on_a_totp_entry_gives_codes_and_never_the_seed(
         assert code_of(await client.call_tool("get_totp", {"entry": "github-2fa"})) == (
             "PERMISSION_DENIED"
         )
-        args = {"entry": "github-2fa", "duration_minutes": 5, "justification": WHY}
+        # `reveal`: the value may reach the model (a `use` grant never opens get_totp at all)
+        args = {
+            "entry": "github-2fa",
+            "access": "reveal",
+            "duration_minutes": 5,
+            "justification": WHY,
+        }
         rid = str(ok_of(await client.call_tool("request_access", args))["request_id"])
         row = pending_row(apm, rid)
         assert (row["entry"], row["field"], row["totp_seed"]) == ("github-2fa", None, False)
@@ -288,6 +294,7 @@ async def test_the_seed_comes_only_from_a_request_that_named_it_and_the_approver
         args = {
             "entry": "github-2fa",
             "field": "secret",
+            "access": "reveal",
             "duration_minutes": 5,
             "justification": WHY,
         }
