@@ -26,8 +26,9 @@ from broker.plugin_state import write_enabled
 from broker.wire.entries import ENTRY_TYPES
 from broker.wire.errors import InvalidParameters, PluginUnavailable
 
-from .conftest import PASSWORD, Apm, Broker, make_home, reap_brokers, register_secret
+from .conftest import PASSWORD, Apm, Broker, register_secret
 from .mcp_client import error_of, ok_of, shim_client
+from .plugin_world import plugin_world
 
 DIST, VERSION = "apm-demo-types", "1.2.0"
 TYPES = """
@@ -201,15 +202,8 @@ def test_the_plugins_validation_runs_and_its_message_never_shows_a_secret(local:
 
 @pytest.fixture
 def world(site: Path) -> Iterator[tuple[Apm, Broker, Path]]:
-    home = make_home()
-    broker = Broker(home, extra_env={"PYTHONPATH": str(site)}).start()
-    apm = Apm(home, env={"PYTHONPATH": str(site)})
-    apm.ok("init", "--profile", "interactive")
-    try:
-        yield apm, broker, home
-    finally:
-        broker.stop()
-        reap_brokers(home)
+    with plugin_world(site) as w:
+        yield w
 
 
 @pytest.fixture
