@@ -190,8 +190,8 @@ class _Registry:
         if plugin is None or not _TYPE_RE.match(name):
             raise InvalidParameters(
                 "unknown entry type",
-                hint=f"types: {', '.join(ENTRY_TYPE_NAMES)}, or one an enabled entry_type "
-                'plugin adds ("apm plugin ls")',
+                hint=f"types: {', '.join(ENTRY_TYPE_NAMES)}; enabled entry_type plugins add "
+                'more (the person lists them with "apm plugin ls")',
                 data={"type": name[:40]},
             )
         if plugin.name not in enabled:

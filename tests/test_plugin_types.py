@@ -61,6 +61,7 @@ ENTRY_POINTS = (
     "entry_type.badprimary = apm_demo_types:BAD_PRIMARY\n"
     "entry_type.boom = apm_boom_types:TYPE\n"
     "entry_type.quits = apm_quit_types:TYPE\n"
+    "entry_type.hangs = apm_hang_types:TYPE\n"
     "entry_type.login = apm_demo_types:XKEY\n"  # cannot replace a built-in
 )
 KEY = "xk_live_Plugin-7781"
@@ -81,6 +82,7 @@ def build_wheel(out: Path) -> Path:
         "apm_demo_types.py": TYPES,
         "apm_boom_types.py": "raise RuntimeError('boom at import')\n",
         "apm_quit_types.py": "import sys\nsys.exit('no')\n",
+        "apm_hang_types.py": "import threading\nthreading.Event().wait()\n",
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {DIST}\nVersion: {VERSION}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: apm-tests\nRoot-Is-Purelib: true\n"
         "Tag: py3-none-any\n",
@@ -122,7 +124,7 @@ def local(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("APM_HOME", str(tmp_path))
     monkeypatch.setattr(reg, "_REGISTRY", reg._Registry())
-    for mod in ("apm_demo_types", "apm_boom_types", "apm_quit_types"):
+    for mod in ("apm_demo_types", "apm_boom_types", "apm_quit_types", "apm_hang_types"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     return tmp_path / "config" / "plugins.json"
 
@@ -183,6 +185,17 @@ def test_a_broken_plugin_is_plugin_unavailable_naming_it(
         )
         assert words in err.value.message
     assert reg.entry_type_or_none(name) is None
+
+
+def test_a_plugin_that_never_finishes_loading_is_given_up_on(
+    local: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reg, "PLUGIN_TIMEOUT", 0.2)  # its import waits forever, in a daemon
+    write_enabled({"entry_type.hangs"}, local)
+    with pytest.raises(PluginUnavailable) as err:
+        reg.entry_type("hangs")
+    assert "entry_type.hangs (apm-demo-types) did not finish loading" in err.value.message
+    assert err.value.data["reason"] == "failed"
 
 
 def test_the_plugins_validation_runs_and_its_message_never_shows_a_secret(local: Path) -> None:
