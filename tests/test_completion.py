@@ -48,6 +48,9 @@ def test_bash_loads_the_generated_script_and_completes_commands_options_and_choi
     assert set(_complete(script, "env", "")) >= {"scan", "migrate"}
     assert _complete(script, "credential", "s") == ["store"]
     assert _complete(script, "completion", "") == ["bash", "zsh", "fish"]
+    # entry types are not argparse choices (a plugin may add one) yet are offered
+    assert _complete(script, "ls", "--type", "ss") == ["ssh_key"]
+    assert "api_key" in _complete(script, "add", "")
 
 
 def test_the_installed_apm_prints_a_script_bash_accepts() -> None:
@@ -192,6 +195,7 @@ def test_zsh_loads_the_generated_function_and_completes_subcommands_and_choices(
     ]
     assert set(_zsh_complete(tmp_path, "apm plugin ")) >= {"ls", "enable", "disable"}
     assert set(_zsh_complete(tmp_path, "apm get svc --c")) == {"--clip", "--clear-after"}
+    assert _zsh_complete(tmp_path, "apm search q --type to") == ["totp", "token"]
 
 
 def _fish_complete(tmp_path: Path, line: str) -> list[str]:
@@ -226,3 +230,4 @@ def test_fish_loads_the_generated_script_and_completes_subcommands_and_choices(
         "skip",
     ]
     assert set(_fish_complete(tmp_path, "apm plugin ")) >= {"ls", "enable", "disable"}
+    assert sorted(_fish_complete(tmp_path, "apm ls --type to")) == ["token", "totp"]

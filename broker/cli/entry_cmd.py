@@ -32,6 +32,7 @@ from broker.wire.protocol import (
 from . import oneshot, storage_cmd
 from .auth import Credentials
 from .client import BrokerClient
+from .completion import complete_with
 from .generate_cmd import add_options as add_generate_options
 from .generate_cmd import generated_secrets
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
@@ -348,7 +349,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "field names; enabled entry_type plugins add more (apm plugin ls). Secret fields are "
         "prompted for without echo, or read with --from-stdin.",
     )
-    p.add_argument("type", metavar="TYPE", nargs="?", help="the entry type (above, or a plugin's)")
+    complete_with(
+        p.add_argument(
+            "type", metavar="TYPE", nargs="?", help="the entry type (above, or a plugin's)"
+        ),
+        ENTRY_TYPE_NAMES,
+    )
     p.add_argument(
         "name", metavar="NAME", nargs="?", help="the entry's name, unique within its space"
     )
@@ -370,7 +376,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("ls", help="list entries (metadata only)")
     p.add_argument("--space", help="only entries in this space")
-    p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")")
+    complete_with(
+        p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")"),
+        ENTRY_TYPE_NAMES,
+    )
     p.add_argument("--tag", help="only entries with this tag")
     _common(p)
     p.set_defaults(func=cmd_ls)
@@ -378,7 +387,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("search", help="fuzzy search over names, usernames, urls, tags, notes")
     p.add_argument("query", help="words to look for (typos are forgiven)")
     p.add_argument("--space", help="only entries in this space")
-    p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")")
+    complete_with(
+        p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")"),
+        ENTRY_TYPE_NAMES,
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many hits (default 50)")
     _common(p)
     p.set_defaults(func=cmd_search)
