@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,8 +190,7 @@ class _Registry:
         if plugin is None or not _TYPE_RE.match(name):
             raise InvalidParameters(
                 "unknown entry type",
-                hint=f"types: {', '.join(ENTRY_TYPE_NAMES)}; enabled entry_type plugins add "
-                'more (the person lists them with "apm plugin ls")',
+                hint=_TYPES_HINT,
                 data={"type": name[:40]},
             )
         if plugin.name not in enabled:
@@ -201,6 +200,10 @@ class _Registry:
 
 
 _REGISTRY = _Registry()
+_TYPES_HINT = (
+    f"types: {', '.join(ENTRY_TYPE_NAMES)}; enabled entry_type plugins add more (the person "
+    'lists them with "apm plugin ls")'
+)
 
 
 def _invalid(plugin: Plugin, why: str) -> PluginUnavailable:
@@ -249,6 +252,20 @@ def entry_type(name: str) -> TypeSpec:
     if spec is not None:
         return spec
     return _REGISTRY.get(name).spec
+
+
+def check_type_filter(name: str, stored: Iterable[str]) -> None:
+    """A listing's type filter: a built-in type, a plugin's (enabled or not), or one the vault
+    still holds (its plugin uninstalled); anything else is a mistake worth saying."""
+    if name in ENTRY_TYPES or any(p.name == f"entry_type.{name}" for p in discover()):
+        return
+    if name in stored:
+        return
+    raise InvalidParameters(
+        "unknown entry type in the type filter",
+        hint=_TYPES_HINT,
+        data={"field": "type", "type": name[:40]},
+    )
 
 
 def entry_type_or_none(name: str) -> TypeSpec | None:
