@@ -28,17 +28,6 @@ class Node:
     positionals: list[tuple[str, str, list[str] | None]] = field(default_factory=list)
 
 
-def complete_with(action: argparse.Action, words: tuple[str, ...]) -> None:
-    """Words the completion scripts offer for an argument argparse does not restrict (entry
-    types: the built-ins are offered, a plugin's type is accepted too)."""
-    action.__dict__["completion_words"] = list(words)
-
-
-def _choices(action: argparse.Action) -> list[str] | None:
-    words = action.choices or action.__dict__.get("completion_words")
-    return [str(c) for c in words] if words else None
-
-
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...], help_: str = "") -> Node:
     node = Node(path, help_, parser.description or "", parser.format_usage().strip())
     for action in parser._actions:
@@ -49,12 +38,12 @@ def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...], help_: str = "
         elif action.option_strings:
             if action.help == argparse.SUPPRESS:
                 continue
-            choices = _choices(action)
+            choices = [str(c) for c in action.choices] if action.choices else None
             node.options.append(
                 (list(action.option_strings), action.help or "", choices, action.nargs != 0)
             )
         else:
-            choices = _choices(action)
+            choices = [str(c) for c in action.choices] if action.choices else None
             name = action.metavar if isinstance(action.metavar, str) else action.dest
             node.positionals.append((name, action.help or "", choices))
     return node

@@ -32,7 +32,6 @@ from broker.wire.protocol import (
 from . import oneshot, storage_cmd
 from .auth import Credentials
 from .client import BrokerClient
-from .completion import complete_with
 from .generate_cmd import add_options as add_generate_options
 from .generate_cmd import generated_secrets
 from .output import ENTRY_HEADERS, emit_json, entry_details, entry_row, info, table
@@ -334,6 +333,22 @@ def _secret_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
+class TypeNames(tuple[str, ...]):
+    """argparse choices for an entry type: iterating gives the built-ins (help, completion,
+    "did you mean"); `in` also accepts an installed entry_type plugin's type, enabled or not
+    (whether it may be used is the broker's answer)."""
+
+    def __contains__(self, value: object) -> bool:
+        if tuple.__contains__(self, value):
+            return True
+        if not isinstance(value, str) or not value:
+            return False
+        from broker.plugin_registry import discover
+
+        return any(p.name == f"entry_type.{value}" for p in discover())
+
+
+TYPES = TypeNames(ENTRY_TYPE_NAMES)
 _TYPES = ", ".join(ENTRY_TYPE_NAMES) + ", or a plugin's"
 
 
@@ -349,11 +364,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "field names; enabled entry_type plugins add more (apm plugin ls). Secret fields are "
         "prompted for without echo, or read with --from-stdin.",
     )
-    complete_with(
-        p.add_argument(
-            "type", metavar="TYPE", nargs="?", help="the entry type (above, or a plugin's)"
-        ),
-        ENTRY_TYPE_NAMES,
+    p.add_argument(
+        "type",
+        choices=TYPES,
+        metavar="TYPE",
+        nargs="?",
+        help="the entry type (above, or a plugin's)",
     )
     p.add_argument(
         "name", metavar="NAME", nargs="?", help="the entry's name, unique within its space"
@@ -376,9 +392,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("ls", help="list entries (metadata only)")
     p.add_argument("--space", help="only entries in this space")
-    complete_with(
-        p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")"),
-        ENTRY_TYPE_NAMES,
+    p.add_argument(
+        "--type", choices=TYPES, metavar="TYPE", help="only entries of this type (" + _TYPES + ")"
     )
     p.add_argument("--tag", help="only entries with this tag")
     _common(p)
@@ -387,9 +402,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("search", help="fuzzy search over names, usernames, urls, tags, notes")
     p.add_argument("query", help="words to look for (typos are forgiven)")
     p.add_argument("--space", help="only entries in this space")
-    complete_with(
-        p.add_argument("--type", metavar="TYPE", help="only entries of this type (" + _TYPES + ")"),
-        ENTRY_TYPE_NAMES,
+    p.add_argument(
+        "--type", choices=TYPES, metavar="TYPE", help="only entries of this type (" + _TYPES + ")"
     )
     p.add_argument("--limit", type=int, default=50, help="at most this many hits (default 50)")
     _common(p)
