@@ -320,6 +320,19 @@ def _no_secret_in(text: str) -> None:
 
 
 @pytest.mark.slow
+def test_import_a_kdbx31_file_through_the_broker(vault: Broker, apm: Apm) -> None:
+    for s in ("kp-gh-s3cret", "kp-api-t0ken", "kp-db-s3cret", "kp-wifi-s3cret", "kp-r3c0very"):
+        register_secret(s)
+    summary, proc = _import(apm, "keepass", str(KDBX31), "--space", "default")
+    _no_secret_in(proc.stdout + proc.stderr)
+    assert summary["failed"] == []
+    assert set(summary["added"]) >= {"GitHub", "GitHub (totp)", "GitHub (fields)", "db01", "Wifi"}
+    assert apm.ok("get", "db01").stdout == "kp-db-s3cret\n"
+    code = apm.ok("totp", "db01 (totp)").stdout.strip()
+    assert code.isdigit() and len(code) == 6
+
+
+@pytest.mark.slow
 def test_import_keepass_through_the_broker_then_get_and_totp_work(
     vault: Broker, apm: Apm, kdbx: Path
 ) -> None:
