@@ -24,6 +24,13 @@ def make_kdbx(path: Path, password: str = SOURCE_PASSWORD) -> None:
     from pykeepass import create_database
 
     kp = create_database(str(path), password=password)
+    fill_kdbx(kp)
+    kp.save()
+    assert kp.version[0] == 4, "create_database writes KDBX 4"
+
+
+def fill_kdbx(kp: Any) -> None:
+    """The fake content of the KeePass tests (also in fixtures/kdbx3/db31.kdbx, KDBX 3.1)."""
     work = kp.add_group(kp.root_group, "Work")
     servers = kp.add_group(work, "Servers")
     gh = kp.add_entry(
@@ -43,8 +50,6 @@ def make_kdbx(path: Path, password: str = SOURCE_PASSWORD) -> None:
     kp.add_entry(kp.root_group, "Wifi", "", "kp-wifi-s3cret", tags=["home", "net"])
     gone = kp.add_entry(kp.root_group, "Old", "bob", "kp-old-s3cret")
     kp.trash_entry(gone)
-    kp.save()
-    assert kp.version[0] == 4, "create_database writes KDBX 4"
 
 
 # ---------------------------------------------------------------- Bitwarden

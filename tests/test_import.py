@@ -81,6 +81,32 @@ def test_keepass_kdbx4_maps_logins_totp_custom_fields_groups_and_skips_the_recyc
     assert not any(n.startswith("Old") for n in got)
 
 
+KDBX31 = Path(__file__).parent / "fixtures" / "kdbx3" / "db31.kdbx"
+
+
+def test_keepass_kdbx31_file_maps_like_kdbx4() -> None:
+    """A real KDBX 3.1 file (AES-KDF, its own header and inner stream cipher): see its README."""
+    from pykeepass import PyKeePass
+
+    assert PyKeePass(str(KDBX31), password=fx.SOURCE_PASSWORD).version == (3, 1)
+    got, failed = _build(keepass.load(KDBX31, CTX), "keepass")
+    assert failed == []
+    gh = got["GitHub"]
+    assert gh.type == "login" and gh.fields == {"username": "alice"}
+    assert _secret(gh, "password") == "kp-gh-s3cret"
+    assert "Work" in gh.tags and "from-keepass" in gh.tags
+    assert _secret(got["GitHub (totp)"], "secret") == fx.OTPAUTH
+    extra = got["GitHub (fields)"]
+    assert _secret(extra, "API_token") == "kp-api-t0ken"  # protected in the inner stream
+    assert extra.fields == {"Team": "platform"}
+    assert "secret=" + fx.SEED in _secret(got["db01 (totp)"], "secret")
+    assert "Work/Servers" in got["db01"].tags
+    assert set(got["Wifi"].tags) >= {"home", "net"}
+    assert not any(n.startswith("Old") for n in got)
+    with pytest.raises(BadPassword):
+        keepass.load(KDBX31, ImportContext(source_password=lambda label: SecretStr("nope")))
+
+
 def test_keepass_wrong_password_is_bad_password_and_garbage_is_invalid(
     kdbx: Path, tmp_path: Path
 ) -> None:
@@ -291,6 +317,19 @@ def _no_secret_in(text: str) -> None:
     for s in ("kp-gh-s3cret", "kp-api-t0ken", "bw-ex-s3cret", "bw-p1n-4242", "op-gl-s3cret",
               "pass-fm-s3cret", fx.SEED, fx.SOURCE_PASSWORD):  # fmt: skip
         assert s not in text
+
+
+@pytest.mark.slow
+def test_import_a_kdbx31_file_through_the_broker(vault: Broker, apm: Apm) -> None:
+    for s in ("kp-gh-s3cret", "kp-api-t0ken", "kp-db-s3cret", "kp-wifi-s3cret", "kp-r3c0very"):
+        register_secret(s)
+    summary, proc = _import(apm, "keepass", str(KDBX31), "--space", "default")
+    _no_secret_in(proc.stdout + proc.stderr)
+    assert summary["failed"] == []
+    assert set(summary["added"]) >= {"GitHub", "GitHub (totp)", "GitHub (fields)", "db01", "Wifi"}
+    assert apm.ok("get", "db01").stdout == "kp-db-s3cret\n"
+    code = apm.ok("totp", "db01 (totp)").stdout.strip()
+    assert code.isdigit() and len(code) == 6
 
 
 @pytest.mark.slow

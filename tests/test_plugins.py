@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PASSWORD, Apm, Broker, make_home, reap_brokers
+from .conftest import PASSWORD, Apm, Broker
 from .mcp_client import error_of, ok_of, shim_client
+from .plugin_world import plugin_world
 
 PLUGIN = """
 from broker.cli.importers import Loaded, Record
@@ -94,17 +95,10 @@ def test_plugin_ls_enable_disable_and_a_disabled_plugin_never_runs(
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[tuple[Apm, Broker, Path]]:
-    home = make_home()
     site = tmp_path / "site"
     install_demo(site)
-    broker = Broker(home, extra_env={"PYTHONPATH": str(site)}).start()
-    apm = Apm(home, env={"PYTHONPATH": str(site)})
-    apm.ok("init", "--profile", "interactive")
-    try:
-        yield apm, broker, home
-    finally:
-        broker.stop()
-        reap_brokers(home)
+    with plugin_world(site) as w:
+        yield w
 
 
 @pytest.fixture
@@ -181,7 +175,6 @@ def explode(title, body, payload):
 
 @pytest.fixture
 def notify_world(tmp_path: Path) -> Iterator[tuple[Apm, Broker, Path, Path]]:
-    home = make_home()
     site = tmp_path / "site"
     site.mkdir()
     (site / "apm_demo_notify.py").write_text(NOTIFY)
@@ -196,17 +189,9 @@ def notify_world(tmp_path: Path) -> Iterator[tuple[Apm, Broker, Path, Path]]:
         "notifier.loadfail = apm_broken_notify:notify\n"
     )
     out = tmp_path / "notified.jsonl"
-    (home / "config").mkdir(parents=True)
-    (home / "config" / "config.toml").write_text("[notify]\ndesktop = false\n")
-    env = {"PYTHONPATH": str(site), "APM_TEST_NOTIFY_FILE": str(out)}
-    broker = Broker(home, extra_env=env).start()
-    apm = Apm(home, env={"PYTHONPATH": str(site)})
-    apm.ok("init", "--profile", "interactive")
-    try:
+    env = {"APM_TEST_NOTIFY_FILE": str(out)}
+    with plugin_world(site, env, "[notify]\ndesktop = false\n") as (apm, broker, home):
         yield apm, broker, home, out
-    finally:
-        broker.stop()
-        reap_brokers(home)
 
 
 async def _ask(home: Path, token: str) -> str:

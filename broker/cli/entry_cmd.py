@@ -16,6 +16,7 @@ import sys
 
 from pydantic import SecretStr
 
+from broker.plugin_registry import entry_type
 from broker.wire.entries import ENTRY_TYPE_NAMES, ENTRY_TYPES, EntryMeta
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import (
@@ -97,7 +98,7 @@ def _secrets(
 def _secret_values(
     args: argparse.Namespace, owner: Credentials, type_: str, adding: bool
 ) -> dict[str, SecretValue]:
-    spec = ENTRY_TYPES[type_]
+    spec = entry_type(type_)  # a plugin's type: loaded here too, to prompt for its secrets
     wanted = list(args.secret_field or [])
     wanted += [n for n in args.multiline or [] if n not in wanted]
     multiline = {f.name for f in spec.fields if f.multiline} | set(args.multiline or [])
@@ -332,6 +333,25 @@ def _secret_opts(p: argparse.ArgumentParser) -> None:
     )
 
 
+class TypeNames(tuple[str, ...]):
+    """argparse choices for an entry type: iterating gives the built-ins (help, completion,
+    "did you mean"); `in` also accepts an installed entry_type plugin's type, enabled or not
+    (whether it may be used is the broker's answer)."""
+
+    def __contains__(self, value: object) -> bool:
+        if tuple.__contains__(self, value):
+            return True
+        if not isinstance(value, str) or not value:
+            return False
+        from broker.plugin_registry import discover
+
+        return any(p.name == f"entry_type.{value}" for p in discover())
+
+
+TYPES = TypeNames(ENTRY_TYPE_NAMES)
+_TYPES = ", ".join(ENTRY_TYPE_NAMES) + ", or a plugin's"
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     types = ", ".join(
         f"{t} ({', '.join(f.name + ('*' if f.secret else '') for f in ENTRY_TYPES[t].fields)})"
@@ -341,10 +361,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "add",
         help="add an entry",
         description=f"Add an entry. Types and fields (* = secret): {types}; custom takes any "
-        "field names. Secret fields are prompted for without echo, or read with --from-stdin.",
+        "field names; enabled entry_type plugins add more (apm plugin ls). Secret fields are "
+        "prompted for without echo, or read with --from-stdin.",
     )
     p.add_argument(
-        "type", choices=ENTRY_TYPE_NAMES, metavar="TYPE", nargs="?", help="the entry type (above)"
+        "type",
+        choices=TYPES,
+        metavar="TYPE",
+        nargs="?",
+        help="the entry type (above, or a plugin's)",
     )
     p.add_argument(
         "name", metavar="NAME", nargs="?", help="the entry's name, unique within its space"
@@ -367,7 +392,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("ls", help="list entries (metadata only)")
     p.add_argument("--space", help="only entries in this space")
-    p.add_argument("--type", choices=ENTRY_TYPE_NAMES, help="only entries of this type")
+    p.add_argument(
+        "--type", choices=TYPES, metavar="TYPE", help="only entries of this type (" + _TYPES + ")"
+    )
     p.add_argument("--tag", help="only entries with this tag")
     _common(p)
     p.set_defaults(func=cmd_ls)
@@ -375,7 +402,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("search", help="fuzzy search over names, usernames, urls, tags, notes")
     p.add_argument("query", help="words to look for (typos are forgiven)")
     p.add_argument("--space", help="only entries in this space")
-    p.add_argument("--type", choices=ENTRY_TYPE_NAMES, help="only entries of this type")
+    p.add_argument(
+        "--type", choices=TYPES, metavar="TYPE", help="only entries of this type (" + _TYPES + ")"
+    )
     p.add_argument("--limit", type=int, default=50, help="at most this many hits (default 50)")
     _common(p)
     p.set_defaults(func=cmd_search)

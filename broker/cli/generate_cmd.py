@@ -11,7 +11,7 @@ import sys
 
 from pydantic import SecretStr
 
-from broker.wire.entries import ENTRY_TYPES
+from broker.plugin_registry import entry_type
 from broker.wire.errors import InvalidParameters
 from broker.wire.passwords import DEFAULT_LENGTH, MAX_LENGTH, MIN_LENGTH, generate_password
 from broker.wire.protocol import SecretValue
@@ -30,7 +30,7 @@ def _from_args(args: argparse.Namespace) -> str:
 def generated_secrets(args: argparse.Namespace, type_: str) -> dict[str, SecretValue]:
     """For `apm add --generate`: the named (or main) secret field, filled by the generator."""
     wanted = list(args.secret_field or [])
-    target = wanted[0] if wanted else ENTRY_TYPES[type_].primary
+    target = wanted[0] if wanted else entry_type(type_).primary
     if target is None:
         raise InvalidParameters("name the secret field to generate with --secret-field F")
     if args.from_stdin:

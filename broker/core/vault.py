@@ -44,8 +44,10 @@ from typing import Any, Protocol, TypeVar
 import pydantic_core
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from broker.plugin_registry import check_values, entry_type, entry_type_or_none
 from broker.wire.entries import (
     DEFAULT_SPACE,
+    ENTRY_TYPE_PATTERN,
     ENTRY_TYPES,
     FIELD_NAME_PATTERN,
     EntryMeta,
@@ -75,6 +77,7 @@ _LOAD_CHUNK = 1024  # metadata records opened and parsed together at unlock
 V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
+_TYPE_RE = re.compile(ENTRY_TYPE_PATTERN)
 T = TypeVar("T")
 
 
@@ -1058,7 +1061,8 @@ class Vault:
     @staticmethod
     def default_field(entry: StoredEntry) -> str:
         """The field `get` opens when none is named: the type's main secret."""
-        field = ENTRY_TYPES[entry.type].primary or next(
+        spec = ENTRY_TYPES.get(entry.type) or entry_type_or_none(entry.type)
+        field = (spec.primary if spec is not None else None) or next(
             (k for k, f in entry.fields.items() if f.secret), None
         )
         if field is None:
@@ -1195,7 +1199,7 @@ class Vault:
         now = self._clock()
         entry_id = str(uuid.uuid4())
         fields = self._build_fields(entry_id, item.type, {}, item.change)
-        spec = ENTRY_TYPES[item.type]
+        spec = entry_type(item.type)
         missing = [f.name for f in spec.fields if f.required and f.name not in fields]
         if missing:
             raise InvalidParameters(
@@ -1238,7 +1242,7 @@ class Vault:
         ):
             entry = self._hydrate(entry)  # the secrets record is rewritten: read it first
         fields = self._build_fields(entry.id, entry.type, entry.fields, change)
-        spec = ENTRY_TYPES[entry.type]
+        spec = entry_type(entry.type)
         missing = [f.name for f in spec.fields if f.required and f.name not in fields]
         if missing:
             raise InvalidParameters("cannot remove a required field", data={"fields": missing})
@@ -1270,7 +1274,7 @@ class Vault:
         current: dict[str, StoredField],
         change: Change,
     ) -> dict[str, StoredField]:
-        spec = ENTRY_TYPES[type_]
+        spec = entry_type(type_)  # a plugin's type: PLUGIN_UNAVAILABLE unless enabled
         known = {f.name: f for f in spec.fields}
         secrets = dict(change.secrets)
         plain = dict(change.fields)
@@ -1313,6 +1317,13 @@ class Vault:
                     period=_int_field(merged.get("period"), 30, "period"),
                     algorithm=(merged.get("algorithm") or "SHA1").upper(),
                 )
+            )
+        if type_ not in ENTRY_TYPES:  # a plugin's type checks its own values
+            kept = {k: f.value or "" for k, f in current.items() if not f.secret}
+            check_values(
+                type_,
+                {k: v for k, v in kept.items() if k not in change.remove_fields} | plain,
+                secrets,
             )
         out = dict(current)
         for name in change.remove_fields:
@@ -1491,12 +1502,12 @@ def _join(rid: str, meta: dict[str, Any], secrets: dict[str, Any] | None) -> Sto
         else:
             value = StoredField(False, f["value"], None, _NO_HISTORY)
         fields[intern(name)] = value
-    if meta["type"] not in ENTRY_TYPES:
-        raise VaultCorrupt("a vault entry has an unknown type")
+    if meta["type"] not in ENTRY_TYPES and not _TYPE_RE.match(meta["type"]):
+        raise VaultCorrupt("a vault entry has an unknown type")  # a plugin's type loads
     return StoredEntry(
         id=rid,
         name=meta["name"],
-        type=intern(meta["type"]),  # type: ignore[arg-type]
+        type=intern(meta["type"]),
         space=intern(meta["space"]),
         tags=[intern(t) for t in meta["tags"]],
         url=meta["url"],

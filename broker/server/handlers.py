@@ -14,6 +14,8 @@ from broker import __version__
 from broker.core import crypto
 from broker.core.crypto import PROFILES, normalize_password, zero
 from broker.core.vault import Change, StoredEntry, Vault, read_header
+from broker.plugin_registry import check_type_filter
+from broker.wire.entries import ENTRY_TYPES
 from broker.wire.errors import (
     AlreadyExists,
     BadPassword,
@@ -278,6 +280,8 @@ async def process_entry_add(ctx: Context, p: EntryAddParams) -> EntryResult:
 @operation("entry.list", LISTING, tools=("list_entries",))
 async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResult:
     vault = ctx.state.cache.get()
+    if p.type is not None and p.type not in ENTRY_TYPES:  # a plugin's type, or a mistake
+        check_type_filter(p.type, (e.type for e in vault.entries.values()))
     matched = sorted(
         vault.iter_entries(p.space, p.type, p.tag, ctx.visible),
         key=lambda e: (e.space, e.name.casefold()),
@@ -288,6 +292,9 @@ async def process_entry_list(ctx: Context, p: EntryListParams) -> EntryListResul
 
 @operation("entry.search", LISTING, tools=("search_entries",))
 async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearchResult:
+    if p.type is not None and p.type not in ENTRY_TYPES:  # a plugin's type, or a mistake
+        stored = ctx.state.cache.get().entries.values()
+        check_type_filter(p.type, (e.type for e in stored))
     snapshot = ctx.state.cache.get().search_snapshot()  # other calls go on while it runs
     hits = await asyncio.to_thread(
         snapshot.search, p.query, p.space, p.type, p.tag, p.limit, ctx.visible

@@ -318,7 +318,11 @@ async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
         entry_filter=info.filter,
         total_entries=len(visible),
         spaces=[SpaceCount(name=k, entries=v) for k, v in sorted(spaces.items())],
-        types={t: kinds[t] for t in ENTRY_TYPE_NAMES if t in kinds},
+        types={
+            t: kinds[t]
+            for t in (*ENTRY_TYPE_NAMES, *sorted(set(kinds) - set(ENTRY_TYPE_NAMES)))
+            if t in kinds
+        },  # plugins' types after the built-ins
         tools_available=[t.name for t in TOOLS if scope_rank(t.scope) <= rank],
         needs_more_access={t.name: t.scope for t in TOOLS if scope_rank(t.scope) > rank},
         how_to_get_more_access=(

@@ -29,9 +29,9 @@ from pydantic import BaseModel, Field, SecretStr
 
 from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction, state_allows
+from broker.plugin_registry import entry_type
 from broker.wire.display import escape
 from broker.wire.entries import (
-    ENTRY_TYPES,
     NAME_MAX,
     SPACE_PATTERN,
     VALUE_MAX,
@@ -85,7 +85,11 @@ Url = Annotated[str, Field(max_length=2048)]
 
 
 class AddEntryArgs(TxArgs):
-    type: EntryType | None = None
+    type: EntryType | None = Field(
+        default=None,
+        description="login, totp, api_key, token, ssh_key, database, note, custom, or a type "
+        "an enabled entry_type plugin adds",
+    )
     name: Name | None = None
     space: Space = "default"
     tags: Tags = Field(default_factory=list)
@@ -202,6 +206,7 @@ async def _plan_add(ctx: Context, a: AddEntryArgs) -> Plan:
         fields=a.fields,
         secrets={k: SecretValue(value=SecretStr(v)) for k, v in a.secrets.items()},
     )
+    entry_type(a.type)  # a plugin's type: a clear error now, not at commit
     vault = ctx.state.cache.get()
     if not ctx.allows(a.space, a.tags, a.name):
         raise PermissionDenied("this session may not create entries outside its entry filter")
@@ -316,7 +321,7 @@ async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
             raise EntryNotFound(
                 "no such entry", hint="pass `type` to create a new entry with this password"
             ) from None
-        field = a.field or ENTRY_TYPES[a.type].primary or "password"
+        field = a.field or entry_type(a.type).primary or "password"
         plan = await _plan_add(
             ctx,
             AddEntryArgs(
@@ -326,7 +331,7 @@ async def _plan_generate(ctx: Context, a: GeneratePasswordArgs) -> Plan:
         plan.preview += f"\n  ({field}: generated, {a.length} characters)"
         plan.generated = value
         return plan
-    field = a.field or ENTRY_TYPES[entry.type].primary or "password"
+    field = a.field or entry_type(entry.type).primary or "password"
     plan = await _plan_edit(ctx, EditEntryArgs(entry=entry.id, secrets={field: value}))
     plan.preview += f"\n  ({field}: generated, {a.length} characters)"
     plan.generated = value

@@ -8,7 +8,7 @@ Rules:
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,7 +19,10 @@ from .limits import SPACE_PATTERN as SPACE_PATTERN
 from .limits import TAG_MAX as TAG_MAX
 from .limits import VALUE_MAX as VALUE_MAX
 
-EntryType = Literal["login", "totp", "api_key", "token", "ssh_key", "database", "note", "custom"]
+# a type's name: one of ENTRY_TYPE_NAMES, or one an enabled `entry_type.NAME` plugin adds
+# (broker/plugin_registry.py); the wire checks its shape, the vault whether it is known
+ENTRY_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+EntryType = Annotated[str, Field(pattern=ENTRY_TYPE_PATTERN)]
 ENTRY_TYPE_NAMES: tuple[str, ...] = (
     "login",
     "totp",
@@ -109,6 +112,12 @@ ENTRY_TYPES: dict[str, TypeSpec] = {
     ),
     "custom": TypeSpec(name="custom", fields=(), primary=None, free_fields=True),
 }
+
+
+# the built-ins as their apm.plugins entry points name them (entry_type.login = ...:LOGIN)
+LOGIN, TOTP, API_KEY, TOKEN, SSH_KEY, DATABASE, NOTE, CUSTOM = (
+    ENTRY_TYPES[n] for n in ENTRY_TYPE_NAMES
+)
 
 
 class FieldMeta(BaseModel):

@@ -272,6 +272,17 @@ class ExternalToolMissing(ApmError):
     default_message = "a program apm needs for this is not installed"
 
 
+class PluginUnavailable(ApmError):
+    """A plugin's part is needed (an entry type, an importer) and the plugin is not enabled,
+    failed to load, or broke its contract. `data` names the `plugin` (KIND.NAME), its
+    `distribution` and the `reason`: disabled, failed or invalid."""
+
+    code = "PLUGIN_UNAVAILABLE"
+    exit_code = 10
+    default_message = "a plugin this needs is not enabled or failed"
+    default_hint = 'the person lists plugins and their state with "apm plugin ls"'
+
+
 def _all_subclasses(cls: type[ApmError]) -> list[type[ApmError]]:
     out: list[type[ApmError]] = []
     for sub in cls.__subclasses__():

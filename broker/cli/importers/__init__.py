@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
@@ -44,6 +44,17 @@ class Record:
     tags: list[str] = field(default_factory=list)
     plain: dict[str, str] = field(default_factory=dict)  # custom, non-secret
     secret: dict[str, str] = field(default_factory=dict)  # custom, secret
+
+    def take_totp(self, value: str) -> bool:
+        """Keep `value` as the record's TOTP if it is one and the record has none yet."""
+        if self.totp is not None or totp_of(value) is None:
+            return False
+        self.totp = totp_of(value)
+        return True
+
+    def put(self, label: str, value: str, secret: bool) -> None:
+        """A custom field, on the secret or the plain side as the source marked it."""
+        (self.secret if secret else self.plain)[label] = value
 
 
 @dataclass
@@ -103,113 +114,84 @@ def _sv(value: str) -> SecretValue:
     return SecretValue(value=SecretStr(value))
 
 
+def _params(
+    type_: str,
+    name: str,
+    space: str,
+    tags: list[str],
+    secrets: dict[str, str],
+    *,
+    url: str | None = None,
+    fields: dict[str, str] | None = None,
+) -> EntryAddParams:
+    return EntryAddParams(
+        type=type_,
+        name=_name(name),
+        space=space,
+        tags=tags,
+        url=url,
+        fields=fields or {},
+        secrets={k: _sv(v) for k, v in secrets.items()},
+    )
+
+
+def _main_entry(rec: Record, space: str, tags: list[str]) -> EntryAddParams | None:
+    """The record's own entry when it is of a kind apm has a type for (login, note, ssh_key,
+    api_key); takes what it uses out of `rec` (a note's text, an ssh key's key fields)."""
+    at = (rec.name, space, tags)
+    if rec.kind == "login" and rec.password:
+        user = {"username": rec.username} if rec.username else {}
+        return _params("login", *at, {"password": rec.password}, url=rec.url, fields=user)
+    if rec.kind == "note" and (rec.notes or not (rec.plain or rec.secret)):
+        content, rec.notes = rec.notes or "", None
+        return _params("note", *at, {"content": content}, url=rec.url)
+    if rec.kind == "ssh_key" and rec.secret.get("private_key"):
+        pub = rec.plain.pop("public_key", None)
+        key = {"private_key": rec.secret.pop("private_key")}
+        return _params("ssh_key", *at, key, fields={"public_key": pub} if pub else {})
+    if rec.kind == "api_key" and rec.password:
+        return _params("api_key", *at, {"key": rec.password}, url=rec.url)
+    return None
+
+
 def to_params(rec: Record, space: str, fmt: str) -> list[EntryAddParams]:
     """One record as the entries to add (main entry first, then companions)."""
     tags = _tags(rec, fmt)
-    out: list[EntryAddParams] = []
-    plain, secret = dict(rec.plain), dict(rec.secret)
-    notes = rec.notes
-    main_done = False
-    if rec.kind == "login" and rec.password:
-        out.append(
-            EntryAddParams(
-                type="login",
-                name=_name(rec.name),
-                space=space,
-                tags=tags,
-                url=rec.url,
-                fields={"username": rec.username} if rec.username else {},
-                secrets={"password": _sv(rec.password)},
-            )
-        )
-        main_done = True
-    elif rec.kind == "note" and (rec.notes or not (plain or secret)):
-        out.append(
-            EntryAddParams(
-                type="note",
-                name=_name(rec.name),
-                space=space,
-                tags=tags,
-                url=rec.url,
-                secrets={"content": _sv(rec.notes or "")},
-            )
-        )
-        main_done = True
-        notes = None
-    elif rec.kind == "ssh_key" and secret.get("private_key"):
-        pub = plain.pop("public_key", None)
-        out.append(
-            EntryAddParams(
-                type="ssh_key",
-                name=_name(rec.name),
-                space=space,
-                tags=tags,
-                fields={"public_key": pub} if pub else {},
-                secrets={"private_key": _sv(secret.pop("private_key"))},
-            )
-        )
-        main_done = True
-    elif rec.kind == "api_key" and rec.password:
-        out.append(
-            EntryAddParams(
-                type="api_key",
-                name=_name(rec.name),
-                space=space,
-                tags=tags,
-                url=rec.url,
-                secrets={"key": _sv(rec.password)},
-            )
-        )
-        main_done = True
-    if not main_done and rec.totp and not (rec.password or plain or secret or notes):
+    rec = replace(rec, plain=dict(rec.plain), secret=dict(rec.secret))  # the caller's stays
+    main = _main_entry(rec, space, tags)
+    out = [main] if main is not None else []
+    plain, secret, notes = rec.plain, rec.secret, rec.notes
+    if main is None and rec.totp and not (rec.password or plain or secret or notes):
         return [_totp(rec, rec.name, space, tags)]
-    if not main_done:
+    if main is None:
         # everything else (cards, identities, logins without a password): one custom entry
         if rec.username:
             plain.setdefault("username", rec.username)
         if rec.password:
             secret.setdefault("password", rec.password)
-    extra_plain, extra_secret = plain, secret
     if notes:
-        extra_secret[field_name("notes", {**extra_plain, **extra_secret})] = notes
-    if extra_plain or extra_secret:
+        secret[field_name("notes", {**plain, **secret})] = notes
+    if plain or secret:
         names: dict[str, str] = {}
         fields: dict[str, str] = {}
-        secrets: dict[str, SecretValue] = {}
-        for k, v in extra_plain.items():
-            n = field_name(k, names)
-            names[n] = k
-            fields[n] = v
-        for k, v in extra_secret.items():
-            n = field_name(k, names)
-            names[n] = k
-            secrets[n] = _sv(v)
-        out.append(
-            EntryAddParams(
-                type="custom",
-                name=_name(rec.name, " (fields)" if main_done else ""),
-                space=space,
-                tags=tags,
-                url=None if main_done else rec.url,
-                fields=fields,
-                secrets=secrets,
-            )
-        )
+        secrets: dict[str, str] = {}
+        for side, values in ((fields, plain), (secrets, secret)):
+            for k, v in values.items():
+                n = field_name(k, names)
+                names[n] = k
+                side[n] = v
+        name = _name(rec.name, " (fields)" if main is not None else "")
+        url = None if main is not None else rec.url
+        out.append(_params("custom", name, space, tags, secrets, url=url, fields=fields))
     if rec.totp:
         out.append(_totp(rec, _name(rec.name, " (totp)"), space, tags))
     return out
 
 
 def _totp(rec: Record, name: str, space: str, tags: list[str]) -> EntryAddParams:
-    fields = {"account": rec.username} if rec.username else {}
-    return EntryAddParams(
-        type="totp",
-        name=_name(name),
-        space=space,
-        tags=tags,
-        url=rec.url,
-        fields=fields,
-        secrets={"secret": _sv(rec.totp or "")},
+    account = {"account": rec.username} if rec.username else {}
+    return _params(
+        "totp", name, space, tags, {"secret": rec.totp or ""}, url=rec.url, fields=account
     )
 
 

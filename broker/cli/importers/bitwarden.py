@@ -179,12 +179,8 @@ def _item(item: dict[str, Any], folders: dict[str, str]) -> Record | None:
         name, value = _s(f.get("name")) or "field", _s(f.get("value"))
         if value is None or f.get("type") == 3:  # 3: linked field, no value of its own
             continue
-        if rec.totp is None and name.lower() in ("totp", "otp") and totp_of(value):
-            rec.totp = totp_of(value)
-        elif f.get("type") == 1:  # hidden
-            rec.secret[name] = value
-        else:
-            rec.plain[name] = value
+        if not (name.lower() in ("totp", "otp") and rec.take_totp(value)):
+            rec.put(name, value, secret=f.get("type") == 1)  # 1: hidden
     return rec
 
 

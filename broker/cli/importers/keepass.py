@@ -73,10 +73,7 @@ def _entry(e: Any, recycle: Any) -> Record | None:
     for key, value in props.items():
         if key in TOTP_KEYS and rec.totp is not None:
             continue
-        if e.is_custom_property_protected(key):
-            rec.secret[key] = value
-        else:
-            rec.plain[key] = value
+        rec.put(key, value, secret=e.is_custom_property_protected(key))
     if not rec.password and rec.notes and not rec.totp and not props:
         rec.kind = "note"
     return rec

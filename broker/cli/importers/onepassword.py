@@ -78,16 +78,14 @@ def _item(item: dict[str, Any], vault: str) -> Record | None:
             if text is None:
                 continue
             label = str(f.get("title") or f.get("id") or "field")
-            if is_totp and rec.totp is None and totp_of(text):
-                rec.totp = totp_of(text)
-            elif kind == "ssh_key" and secret and "private_key" not in rec.secret:
+            if is_totp and rec.take_totp(text):
+                continue
+            if kind == "ssh_key" and secret and "private_key" not in rec.secret:
                 rec.secret["private_key"] = text
             elif kind == "api_key" and secret and rec.password is None:
                 rec.password = text
-            elif secret:
-                rec.secret[label] = text
             else:
-                rec.plain[label] = text
+                rec.put(label, text, secret)
     return rec
 
 
