@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,19 @@ def test_keepass_wrong_password_is_bad_password_and_garbage_is_invalid(
     junk.write_bytes(b"not a database at all")
     with pytest.raises(InvalidParameters):
         keepass.load(junk, CTX)
+
+
+def test_without_the_keepass_extra_the_importer_says_how_to_install_it(
+    kdbx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pykeepass is GPL-3.0, so it is the opt-in `keepass` extra, not a default dependency
+    for name in [m for m in sys.modules if m == "pykeepass" or m.startswith("pykeepass.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pykeepass", None)  # import pykeepass -> ImportError
+    with pytest.raises(InvalidParameters) as caught:
+        keepass.load(kdbx, CTX)
+    assert "pykeepass" in str(caught.value)
+    assert "apm-broker[keepass]" in (caught.value.hint or "")
 
 
 def test_keepass_with_a_key_file(tmp_path: Path) -> None:

@@ -87,8 +87,12 @@ def load(path: Path, ctx: ImportContext) -> Loaded:
             HeaderChecksumError,
             PayloadChecksumError,
         )
-    except ImportError as exc:  # pragma: no cover - a dependency of apm
-        raise InvalidParameters("pykeepass is not installed", hint="pip install pykeepass") from exc
+    except ImportError as exc:  # the GPL-3.0 library is an opt-in extra (pyproject.toml)
+        raise InvalidParameters(
+            "the KeePass importer needs pykeepass, which is not installed",
+            hint="pip install 'apm-broker[keepass]' (pykeepass is GPL-3.0, so apm leaves it "
+            "out of the default install)",
+        ) from exc
     password = ctx.source_password("KeePass database password")
     if ctx.keyfile is not None and not ctx.keyfile.is_file():
         raise InvalidParameters(f"no such key file: {ctx.keyfile}")
