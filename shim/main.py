@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.backend import Socket as _RawSocket
 
 from broker import __version__, exposure, paths
 from broker.wire.relay import (
@@ -51,6 +52,18 @@ REINIT_PREFIX = "apm-shim-reinit-"
 ATTACH_TIMEOUT = 3.0
 
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
+
+# the relay's per-message socket calls use pyzmq's compiled methods with int flags: the
+# `zmq.Socket` wrappers and their enum arithmetic cost several µs per frame, and ending each
+# receive loop with a zmq.Again exception costs more than asking ZMQ_EVENTS first
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_send = _RawSocket.send
+_recv = _RawSocket.recv
+_get = _RawSocket.get
 
 
 class _QuietLog:
@@ -359,8 +372,11 @@ class Shim:
     def _to_broker(self, line: bytes) -> None:
         if self.conn is None:
             return
+        sock = self.sock
         with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart([MCP_FRAME, self.conn, line], zmq.NOBLOCK)
+            _send(sock, MCP_FRAME, _MORE)
+            _send(sock, self.conn, _MORE)
+            _send(sock, line, _NOBLOCK)
 
     def on_broker(self, frames: list[bytes]) -> None:
         if len(frames) == 1:
@@ -568,12 +584,7 @@ class Shim:
             if self.monitor in events:
                 self.on_monitor()
             if self.sock in events:
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.on_broker(frames)
+                self._receive()
             if 0 in events:
                 self.read_stdin()
             now = time.monotonic()
@@ -588,6 +599,22 @@ class Shim:
                 self.attach()
         self.close()
         return 0
+
+    def _receive(self) -> None:
+        """Every message the broker socket holds now, each as its list of frames."""
+        sock = self.sock
+        while True:
+            try:
+                if not _get(sock, _EVENTS) & _POLLIN:
+                    return
+                frames = [_recv(sock, _NOBLOCK, True)]
+                while _get(sock, _RCVMORE):
+                    frames.append(_recv(sock, _NOBLOCK, True))
+            except zmq.ZMQError:  # nothing after all (or the socket went away)
+                return
+            self.on_broker(frames)
+            if sock is not self.sock:  # replaced after a timeout: the poller watches the new one
+                return
 
     def close(self) -> None:
         if self.conn is not None:
