@@ -54,13 +54,11 @@ ATTACH_TIMEOUT = 3.0
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
 
 # the relay's per-message socket calls use pyzmq's compiled methods with int flags: the
-# `zmq.Socket` wrappers and their enum arithmetic cost several µs per frame, and ending each
-# receive loop with a zmq.Again exception costs more than asking ZMQ_EVENTS first
+# `zmq.Socket` wrappers and their enum arithmetic cost several µs per frame
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE) | _NOBLOCK
 _POLLIN = int(zmq.POLLIN)
 _EVENTS = int(zmq.EVENTS)
-_RCVMORE = int(zmq.RCVMORE)
 _send = _RawSocket.send
 _recv = _RawSocket.recv
 _get = _RawSocket.get
@@ -142,7 +140,8 @@ def _response_id(payload: bytes) -> tuple[bool, Any]:
     both the SDK and the broker's fast path write `{"jsonrpc":"2.0","id":…,"result"` first."""
     m = _RESPONSE_HEAD.match(payload)
     if m is not None:
-        return True, json.loads(m.group(1))
+        rid = m.group(1)
+        return True, (json.loads(rid) if rid[:1] == b'"' else int(rid))
     try:
         doc = json.loads(payload)
     except ValueError:
@@ -428,7 +427,7 @@ class Shim:
         if not line:
             return
         try:
-            msg = json.loads(line)
+            msg = json.loads(line.decode())  # (from str: no encoding detection per line)
         except ValueError:
             log.debug("client sent a line that is not JSON (%d bytes)", len(line))
             self.error(None, -32700, "parse error: not valid JSON")
@@ -601,19 +600,26 @@ class Shim:
         return 0
 
     def _receive(self) -> None:
-        """Every message the broker socket holds now, each as its list of frames."""
+        """Every message the broker socket holds now (the poller said it has one), each as
+        its list of frames. Whether more are waiting is asked (ZMQ_EVENTS) rather than
+        learned from a zmq.Again, whose construction costs more than the question."""
         sock = self.sock
         while True:
             try:
-                if not _get(sock, _EVENTS) & _POLLIN:
-                    return
-                frames = [_recv(sock, _NOBLOCK, True)]
-                while _get(sock, _RCVMORE):
-                    frames.append(_recv(sock, _NOBLOCK, True))
-            except zmq.ZMQError:  # nothing after all (or the socket went away)
+                frame = _recv(sock, _NOBLOCK, False)
+                frames = [frame.bytes]
+                while frame.more:  # (a frame's flag: getsockopt(RCVMORE) would cost more)
+                    frame = _recv(sock, _NOBLOCK, False)
+                    frames.append(frame.bytes)
+            except zmq.ZMQError:  # nothing after all, or the socket went away
                 return
             self.on_broker(frames)
             if sock is not self.sock:  # replaced after a timeout: the poller watches the new one
+                return
+            try:
+                if not _get(sock, _EVENTS) & _POLLIN:
+                    return
+            except zmq.ZMQError:
                 return
 
     def close(self) -> None:
