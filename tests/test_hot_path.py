@@ -445,6 +445,55 @@ def test_a_checkpoint_deferred_inside_a_receive_batch_runs_when_the_batch_ends(
     transport_free.close()
 
 
+def test_an_entrys_metadata_built_without_model_construct_is_the_same_model() -> None:
+    """`StoredEntry.meta` skips pydantic's model_construct loop; the model it builds must be
+    the one model_construct (and validation) would give: equal, same fields set, same JSON."""
+    from datetime import UTC, datetime
+
+    from broker.core.vault import HistoryItem, StoredEntry, StoredField
+    from broker.wire.entries import EntryMeta, FieldMeta
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    old = HistoryItem(sealed="y", replaced_at=now)
+    entry = StoredEntry(
+        id="e_1",
+        name="github",
+        type="login",
+        space="default",
+        tags=["work"],
+        url="https://github.com",
+        notes=None,
+        fields={
+            "username": StoredField(secret=False, value="me"),
+            "password": StoredField(secret=True, sealed="x", history=[old]),
+        },
+        created_at=now,
+        updated_at=now,
+    )
+    fast = entry.meta()
+    slow = EntryMeta.model_construct(
+        id="e_1",
+        name="github",
+        type="login",
+        space="default",
+        tags=["work"],
+        url="https://github.com",
+        notes=None,
+        fields={
+            "username": FieldMeta.model_construct(secret=False, value="me", history=0),
+            "password": FieldMeta.model_construct(secret=True, value=None, history=1),
+        },
+        created_at=now,
+        updated_at=now,
+    )
+    assert fast == slow
+    assert fast.model_fields_set == set(EntryMeta.model_fields)
+    assert fast.fields["password"].model_fields_set == set(FieldMeta.model_fields)
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert EntryMeta.model_validate(fast.model_dump()) == fast
+    assert fast.model_copy(update={"name": "other"}).name == "other" and fast.name == "github"
+
+
 def test_an_error_body_has_no_structured_content_and_its_code_in_meta_in_both_eras() -> None:
     outcome = mcp_tools.error_outcome(EntryNotFound("no entry named 'x\ud800'"))
     for extra in ("", MODERN_EXTRA):
