@@ -617,7 +617,7 @@ class Shim:
             if sock is not self.sock:  # replaced after a timeout: the poller watches the new one
                 return
             try:
-                if not _get(sock, _EVENTS) & _POLLIN:
+                if not int(_get(sock, _EVENTS)) & _POLLIN:
                     return
             except zmq.ZMQError:
                 return

@@ -14,11 +14,11 @@ Rules:
   unsigned (`mac: null`); the next signed record's chain covers them.
 - Appends are written and flushed but not fsynced (an fsync per read would dominate the cost
   of a call); commits fsync the vault, and the chain makes a lost tail visible.
-- The checkpoint follows each record, or, when the broker gives a `defer` hook (its event
-  loop's call_soon), once after each burst of records: it then lags the log by one event-loop
-  turn at most, always in the safe direction (a checkpoint behind the log flags nothing). A
-  deferred checkpoint that cannot be written refuses the next append, so failing storage still
-  fails closed.
+- The checkpoint follows each record, or, when the broker gives a `defer` hook (the end of
+  the transport's receive batch, else its event loop's call_soon), once after each burst of
+  records: it then lags the log by one batch or one event-loop turn at most, always in the
+  safe direction (a checkpoint behind the log flags nothing). A deferred checkpoint that
+  cannot be written refuses the next append, so failing storage still fails closed.
 - The log file can be deleted or replaced under a running broker (any same-user process can).
   `check_file` compares the open file with the path (nlink, device and inode): every
   `CHECK_EVERY` records, at most `CHECK_SECONDS` apart while records flow, on the broker's

@@ -221,7 +221,7 @@ class Transport:
             pass
         if not self._draining and self._receiver is not None:
             with contextlib.suppress(zmq.ZMQError):
-                if _get(sock, _EVENTS) & _POLLIN:
+                if int(_get(sock, _EVENTS)) & _POLLIN:
                     self._schedule()
 
     def close(self) -> None:
