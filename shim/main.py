@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.backend import Socket as _RawSocket
 
 from broker import __version__, exposure, paths
 from broker.wire.relay import (
@@ -51,6 +52,16 @@ REINIT_PREFIX = "apm-shim-reinit-"
 ATTACH_TIMEOUT = 3.0
 
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
+
+# the relay's per-message socket calls use pyzmq's compiled methods with int flags: the
+# `zmq.Socket` wrappers and their enum arithmetic cost several µs per frame
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_send = _RawSocket.send
+_recv = _RawSocket.recv
+_get = _RawSocket.get
 
 
 class _QuietLog:
@@ -129,7 +140,8 @@ def _response_id(payload: bytes) -> tuple[bool, Any]:
     both the SDK and the broker's fast path write `{"jsonrpc":"2.0","id":…,"result"` first."""
     m = _RESPONSE_HEAD.match(payload)
     if m is not None:
-        return True, json.loads(m.group(1))
+        rid = m.group(1)
+        return True, (json.loads(rid) if rid[:1] == b'"' else int(rid))
     try:
         doc = json.loads(payload)
     except ValueError:
@@ -359,8 +371,11 @@ class Shim:
     def _to_broker(self, line: bytes) -> None:
         if self.conn is None:
             return
+        sock = self.sock
         with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart([MCP_FRAME, self.conn, line], zmq.NOBLOCK)
+            _send(sock, MCP_FRAME, _MORE)
+            _send(sock, self.conn, _MORE)
+            _send(sock, line, _NOBLOCK)
 
     def on_broker(self, frames: list[bytes]) -> None:
         if len(frames) == 1:
@@ -412,7 +427,7 @@ class Shim:
         if not line:
             return
         try:
-            msg = json.loads(line)
+            msg = json.loads(line.decode())  # (from str: no encoding detection per line)
         except ValueError:
             log.debug("client sent a line that is not JSON (%d bytes)", len(line))
             self.error(None, -32700, "parse error: not valid JSON")
@@ -568,12 +583,7 @@ class Shim:
             if self.monitor in events:
                 self.on_monitor()
             if self.sock in events:
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self.on_broker(frames)
+                self._receive()
             if 0 in events:
                 self.read_stdin()
             now = time.monotonic()
@@ -588,6 +598,29 @@ class Shim:
                 self.attach()
         self.close()
         return 0
+
+    def _receive(self) -> None:
+        """Every message the broker socket holds now (the poller said it has one), each as
+        its list of frames. Whether more are waiting is asked (ZMQ_EVENTS) rather than
+        learned from a zmq.Again, whose construction costs more than the question."""
+        sock = self.sock
+        while True:
+            try:
+                frame = _recv(sock, _NOBLOCK, False)
+                frames = [frame.bytes]
+                while frame.more:  # (a frame's flag: getsockopt(RCVMORE) would cost more)
+                    frame = _recv(sock, _NOBLOCK, False)
+                    frames.append(frame.bytes)
+            except zmq.ZMQError:  # nothing after all, or the socket went away
+                return
+            self.on_broker(frames)
+            if sock is not self.sock:  # replaced after a timeout: the poller watches the new one
+                return
+            try:
+                if not int(_get(sock, _EVENTS)) & _POLLIN:
+                    return
+            except zmq.ZMQError:
+                return
 
     def close(self) -> None:
         if self.conn is not None:

@@ -401,6 +401,99 @@ def test_the_checkpoint_hook_wakes_the_loop_when_a_record_is_written_from_anothe
     asyncio.run(main())
 
 
+def test_a_checkpoint_deferred_inside_a_receive_batch_runs_when_the_batch_ends(
+    tmp_path: Path,
+) -> None:
+    """The broker's checkpoint hook: a record written while a batch of messages is being
+    received has its checkpoint written when that batch ends (after the replies went out),
+    not by an event-loop turn of its own; outside a batch, the caller schedules it."""
+    from broker.server.daemon import _on_loop
+
+    events: list[str] = []
+    handles: list[object] = []
+
+    def receiver_for(transport: Transport) -> Any:
+        defer = _on_loop(asyncio.get_running_loop(), transport)
+
+        def receiver(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
+            body = frames[0]
+            events.append(f"recv {body.decode()}")
+            handles.append(defer(lambda: events.append(f"checkpoint after {body.decode()}")))
+            transport.send_frames(identity, body)
+
+        return receiver
+
+    with serving(tmp_path, receiver_for) as addr:
+        ctx, sock = _dealer(addr)
+        try:
+            for i in range(3):
+                sock.send(b"m%d" % i)
+                assert sock.poll(3000)
+                assert sock.recv() == b"m%d" % i
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+    # every checkpoint ran, after its record, and none needed a call_soon (a Handle)
+    assert sorted(events) == sorted(
+        item for i in range(3) for item in (f"recv m{i}", f"checkpoint after m{i}")
+    ), events
+    for i in range(3):
+        assert events.index(f"recv m{i}") < events.index(f"checkpoint after m{i}")
+    assert handles == [None, None, None]
+    transport_free = Transport("ipc:///nonexistent/x.sock", tmp_path / "x.lock")
+    assert transport_free.after_batch(lambda: None) is False  # no batch: the caller schedules
+    transport_free.close()
+
+
+def test_an_entrys_metadata_built_without_model_construct_is_the_same_model() -> None:
+    """`StoredEntry.meta` skips pydantic's model_construct loop; the model it builds must be
+    the one model_construct (and validation) would give: equal, same fields set, same JSON."""
+    from datetime import UTC, datetime
+
+    from broker.core.vault import HistoryItem, StoredEntry, StoredField
+    from broker.wire.entries import EntryMeta, FieldMeta
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    old = HistoryItem(sealed="y", replaced_at=now)
+    entry = StoredEntry(
+        id="e_1",
+        name="github",
+        type="login",
+        space="default",
+        tags=["work"],
+        url="https://github.com",
+        notes=None,
+        fields={
+            "username": StoredField(secret=False, value="me"),
+            "password": StoredField(secret=True, sealed="x", history=[old]),
+        },
+        created_at=now,
+        updated_at=now,
+    )
+    fast = entry.meta()
+    slow = EntryMeta.model_construct(
+        id="e_1",
+        name="github",
+        type="login",
+        space="default",
+        tags=["work"],
+        url="https://github.com",
+        notes=None,
+        fields={
+            "username": FieldMeta.model_construct(secret=False, value="me", history=0),
+            "password": FieldMeta.model_construct(secret=True, value=None, history=1),
+        },
+        created_at=now,
+        updated_at=now,
+    )
+    assert fast == slow
+    assert fast.model_fields_set == set(EntryMeta.model_fields)
+    assert fast.fields["password"].model_fields_set == set(FieldMeta.model_fields)
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert EntryMeta.model_validate(fast.model_dump()) == fast
+    assert fast.model_copy(update={"name": "other"}).name == "other" and fast.name == "github"
+
+
 def test_an_error_body_has_no_structured_content_and_its_code_in_meta_in_both_eras() -> None:
     outcome = mcp_tools.error_outcome(EntryNotFound("no entry named 'x\ud800'"))
     for extra in ("", MODERN_EXTRA):

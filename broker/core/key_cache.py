@@ -73,12 +73,23 @@ class OpenVault:
         return self._vault
 
     def get(self) -> Vault:
-        """The vault for a request; counts as activity for the idle timer."""
-        self.expire()
-        if self._vault is None:
+        """The vault for a request; counts as activity for the idle timer.
+
+        `expire` inlined (this runs several times per tool call): one clock read, locked when
+        either timer ran out, exactly as `seconds_to_lock() <= 0`."""
+        vault = self._vault
+        if vault is None:
             raise VaultLocked()
-        self._last_used_mono = self._mono()
-        return self._vault
+        now = self._mono()
+        policy = self.policy
+        if (
+            self._last_used_mono + policy.idle.total_seconds() - now <= 0
+            or self._unlocked_mono + policy.hard.total_seconds() - now <= 0
+        ):
+            self.lock()
+            raise VaultLocked()
+        self._last_used_mono = now
+        return vault
 
     def lock(self) -> bool:
         vault, self._vault = self._vault, None

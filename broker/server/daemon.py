@@ -269,13 +269,19 @@ async def _serve(state: State, transport: Transport) -> None:
         transport.stop()
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], None]], object]:
+def _on_loop(
+    loop: asyncio.AbstractEventLoop, transport: Transport | None = None
+) -> Callable[[Callable[[], None]], object]:
     """Schedule a callback on `loop` from any thread (records may be written from the I/O
-    pool): call_soon on the loop's own thread, call_soon_threadsafe from any other."""
+    pool): at the end of the transport's batch being received, if there is one (no event-loop
+    turn of its own), else call_soon on the loop's own thread, call_soon_threadsafe from any
+    other."""
     loop_thread = threading.get_ident()
 
     def defer(callback: Callable[[], None]) -> object:
         if threading.get_ident() == loop_thread:
+            if transport is not None and transport.after_batch(callback):
+                return None
             return loop.call_soon(callback)
         return loop.call_soon_threadsafe(callback)
 
@@ -359,8 +365,11 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
     if state.notifier is not None:
         state.notifier.password = functools.partial(_vault_secret, state)
     state._mcp_host = asyncio.ensure_future(_load_mcp_host(state, transport))
-    # the checkpoint is rewritten once per burst of records (after the event-loop turn)
-    state.audit = AuditLog(p.state_dir / "audit.jsonl", defer=_on_loop(asyncio.get_running_loop()))
+    # the checkpoint is rewritten once per burst of records (after the batch of messages
+    # received, or after the event-loop turn)
+    state.audit = AuditLog(
+        p.state_dir / "audit.jsonl", defer=_on_loop(asyncio.get_running_loop(), transport)
+    )
     try:
         state.audit.open()
         state.record("broker.start", version=__version__, pid=os.getpid())

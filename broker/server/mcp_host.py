@@ -308,7 +308,8 @@ class McpHost:
             body = mcp_tools.error_outcome(InternalError()).json_body(
                 MODERN_EXTRA if modern else ""
             )
-        head = b'{"jsonrpc":"2.0","id":' + json.dumps(rid).encode() + b',"result":'
+        rid_json = str(rid) if isinstance(rid, int) else json.dumps(rid)  # (never a bool here)
+        head = b'{"jsonrpc":"2.0","id":' + rid_json.encode() + b',"result":'
         self.transport.send_frames(conn.identity, MCP_FRAME, conn.conn.encode(), head + body + b"}")
 
     def _send_error(self, conn: Connection, rid: Any, code: int, message: str) -> None:

@@ -506,6 +506,11 @@ def tools_for(scope: str, has_grant: bool = False, naming: str = "apm") -> list[
     return out
 
 
+# the hot path's encoders, built once: json.dumps with non-default arguments builds a new
+# encoder per call; a str alone is what json.dumps(text) gives (ASCII-escaped)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_STRING = json.encoder.encode_basestring_ascii
+
 ERROR_META = "apm/error"  # _meta key of an error result's {code, message, hint, data}
 
 
@@ -534,11 +539,9 @@ class Outcome:
 
     def json_body(self, extra: str = "") -> bytes:
         """The CallToolResult as compact JSON; `extra` (`,"key":value…`) goes inside it."""
-        structured = self.structured_json or json.dumps(
-            self.structured, ensure_ascii=False, separators=(",", ":")
-        )
+        structured = self.structured_json or _COMPACT(self.structured)
         flag = "true" if self.is_error else "false"
-        text = f'{{"content":[{{"type":"text","text":{json.dumps(self.text)}}}],'
+        text = f'{{"content":[{{"type":"text","text":{_STRING(self.text)}}}],'
         if self.is_error:  # as in to_mcp: no structuredContent, the error in `_meta`
             body = f'{text}"isError":{flag}{_with_error_meta(extra, structured)}}}'
         else:
@@ -682,7 +685,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
             structured = _rename_doc(structured, naming)
         # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x slower);
         # the same text is the structured content on the wire
-        text = json.dumps(structured, ensure_ascii=False, separators=(",", ":"))
+        text = _COMPACT(structured)
         return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
         return error_outcome(exc, naming)

@@ -15,6 +15,11 @@ Rules:
 - libzmq's descriptor is edge-triggered and a send may consume the edge that announces incoming
   messages, so after each send outside a batch the socket is asked (ZMQ_EVENTS) and a batch is
   scheduled if anything is waiting.
+- The hot path calls pyzmq's compiled socket methods with int flags: the `zmq.Socket` wrappers
+  and their enum arithmetic cost ~6 µs per frame sent (4 frames per MCP answer); a received
+  frame's `more` flag replaces getsockopt(RCVMORE) (each getsockopt builds an enum).
+- Work that should follow a batch (the audit checkpoint) can be queued with `after_batch`: it
+  runs when the batch ends, without an event-loop turn of its own.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import IO
 
 import zmq
+from zmq.backend import Socket as _RawSocket
 
 from broker.wire.errors import BrokerRunning, StorageError
 from broker.wire.protocol import MAX_FRAME_BYTES
@@ -40,6 +46,13 @@ log = logging.getLogger("apm.broker.transport")
 
 HARD_FRAME_CAP = 4 * MAX_FRAME_BYTES  # libzmq disconnects peers beyond this
 BATCH = 64  # messages received per wake-up before other work gets a turn
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+_send = _RawSocket.send  # compiled: no wrapper, no enum arithmetic
+_recv = _RawSocket.recv
+_get = _RawSocket.get
 
 
 def parse_peer_address(value: str | None) -> Peer | None:
@@ -97,6 +110,7 @@ class Transport:
         self._fd: int | None = None
         self._draining = False  # inside a batch: its own recv loop sees what a send uncovers
         self._scheduled = False
+        self._after: list[Callable[[], None]] = []  # run when the current batch ends
 
     def bind(self) -> None:
         if self.socket_path is not None:
@@ -149,24 +163,35 @@ class Transport:
             self._scheduled = True
             self._loop.call_soon(self._drain)
 
+    def after_batch(self, callback: Callable[[], None]) -> bool:
+        """Run `callback` when the batch being received ends (True), or say there is none."""
+        if not self._draining:
+            return False
+        self._after.append(callback)
+        return True
+
     def _drain(self) -> None:
         self._scheduled = False
         receiver = self._receiver
         if receiver is None:
             return
+        sock = self.sock
         self._draining = True
         try:
             for _ in range(BATCH):
                 try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                    first = _recv(sock, _NOBLOCK, False)
+                    frames = []
+                    frame = first
+                    while frame.more:  # (a frame's flag: getsockopt would cost an enum)
+                        frame = _recv(sock, _NOBLOCK, False)
+                        frames.append(frame.bytes)
+                except zmq.ZMQError:  # nothing more for now (zmq.Again), or closed at shutdown
                     return
-                except zmq.ZMQError:  # closed under us at shutdown
-                    return
-                prop = frames[-1].get("Peer-Address")
+                prop = first.get("Peer-Address")
                 peer = parse_peer_address(prop if isinstance(prop, str) else None)
                 try:
-                    receiver(frames[0].bytes, [f.bytes for f in frames[1:]], peer)
+                    receiver(first.bytes, frames, peer)
                 except Exception:  # one bad message must not stop the broker listening
                     log.error("message handler failed", exc_info=True)
             self._scheduled = True  # more may be waiting: after the others had a turn
@@ -174,16 +199,29 @@ class Transport:
                 self._loop.call_soon(self._drain)
         finally:
             self._draining = False
+            if self._after:
+                after, self._after = self._after, []
+                for callback in after:
+                    try:
+                        callback()
+                    except Exception:
+                        log.error("after-batch work failed", exc_info=True)
 
     def send(self, identity: bytes, payload: bytes) -> None:
         self.send_frames(identity, payload)
 
     def send_frames(self, identity: bytes, *frames: bytes) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.sock.send_multipart([identity, *frames], zmq.NOBLOCK)
+        sock = self.sock
+        try:
+            _send(sock, identity, _MORE)
+            last = len(frames) - 1
+            for i, frame in enumerate(frames):
+                _send(sock, frame, _NOBLOCK if i == last else _MORE)
+        except zmq.ZMQError:  # a ROUTER drops what it cannot route; a closed socket at exit
+            pass
         if not self._draining and self._receiver is not None:
             with contextlib.suppress(zmq.ZMQError):
-                if int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if int(_get(sock, _EVENTS)) & _POLLIN:
                     self._schedule()
 
     def close(self) -> None:
