@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,7 +22,7 @@ from broker.core.key_cache import OpenVault
 from broker.core.requests import RequestStore
 from broker.core.rollback import RollbackGuard
 from broker.core.sessions import PendingRevocations, SessionStore
-from broker.core.transactions import TxStore
+from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
 
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
+# (tx id, its `committed` record): set while an approved transaction executes, so the vault
+# commit that makes its change writes the record too, in the same SQLite transaction
+_LANDING: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
+    "apm_tx_landing", default=None
+)
 
 
 class Throttle:
@@ -132,7 +139,65 @@ class State:
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Durable writes run one at a time, off the event loop."""
+        landing = _LANDING.get()
+        vault = self.cache.peek()
+        if landing is not None and vault is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.io_pool, _landed, vault, landing, fn, *args
+            )
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    # ------------------------------------------------------------------ transactions kept
+
+    @contextlib.contextmanager
+    def landing(self, tx: Transaction, receipt: str) -> Iterator[datetime]:
+        """Around the execution of an approved transaction: the vault commit that makes its
+        change also writes its `committed` record (one SQLite transaction: after a crash the
+        change and the mark are both there or both not, never one). Yields the commit time to
+        pass to `txs.committed`."""
+        at = self.clock()
+        if not tx.must_survive:
+            yield at
+            return
+        token = _LANDING.set((tx.tx_id, tx.landed(receipt, at)))
+        try:
+            yield at
+        finally:
+            _LANDING.reset(token)
+
+    async def save_tx(self, tx: Transaction) -> None:
+        """Write a surviving transaction's record durably (and drop stale ones in the same
+        commit); raises StorageError, the caller's operation then fails."""
+        vault = self.cache.peek()
+        if vault is None or not tx.must_survive or vault.format < 2:
+            return
+        doc = tx.to_doc()
+        stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
+        if vault.tx_docs.get(tx.tx_id) == doc and not stale:
+            return  # already written (e.g. landed with the change)
+
+        def work() -> None:
+            with vault.mutation():
+                vault.tx_docs[tx.tx_id] = doc
+                for t in stale:
+                    vault.tx_docs.pop(t, None)
+
+        async with self.write_lock:
+            await self.io(work)
+
+    async def restore_txs(self) -> list[Transaction]:
+        """At unlock: the transactions kept in the vault back in memory; those the audit log
+        says were decided after the vault file was saved are closed (a rolled-back file)."""
+        vault = self.cache.get()
+        closed: dict[str, str] = {}
+        if self.audit is not None:
+            anchor = vault.extra.get("anchor")
+            seq = int(anchor.get("audit_seq", 0)) if isinstance(anchor, dict) else 0
+            closed = self.audit.journal.tx_decisions_after(seq)
+        changed = self.txs.restore(dict(vault.tx_docs), closed)
+        for tx in changed:
+            await self.save_tx(tx)
+        return changed
 
     def __post_init__(self) -> None:
         self.txs = TxStore(self.clock)
@@ -230,3 +295,20 @@ class State:
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
             self.sync.stop(wait=False)
         return self.cache.lock()
+
+
+def _landed(vault: Vault, landing: tuple[str, bytes], fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` (a vault mutation, on the io thread) with a transaction's `committed` record
+    staged: its commit writes it. If `fn` fails, the record is as before."""
+    tx_id, doc = landing
+    before = vault.tx_docs.get(tx_id)
+    vault.tx_docs[tx_id] = doc
+    try:
+        return fn(*args)
+    except BaseException:
+        if vault.tx_docs.get(tx_id) is doc:
+            if before is None:
+                vault.tx_docs.pop(tx_id, None)
+            else:
+                vault.tx_docs[tx_id] = before
+        raise
