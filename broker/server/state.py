@@ -20,7 +20,7 @@ from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.key_cache import OpenVault
 from broker.core.requests import RequestStore
-from broker.core.rollback import RollbackGuard
+from broker.core.rollback import Anchor, RollbackGuard
 from broker.core.sessions import PendingRevocations, SessionStore
 from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
@@ -185,15 +185,21 @@ class State:
         async with self.write_lock:
             await self.io(work)
 
-    async def restore_txs(self) -> list[Transaction]:
-        """At unlock: the transactions kept in the vault back in memory; those the audit log
-        says were decided after the vault file was saved are closed (a rolled-back file)."""
+    def tx_decisions_lost(self) -> dict[str, str]:
+        """Before the unlock's rollback check saves anything: tx id -> decision, for what the
+        audit log says was decided after the vault file was saved, if the file was rolled back
+        (a save the log recorded is not in it). A crash before a decision's commit is not that
+        (no later save): its transaction is as the file says, and the person decides again."""
         vault = self.cache.get()
-        closed: dict[str, str] = {}
-        if self.audit is not None:
-            anchor = vault.extra.get("anchor")
-            seq = int(anchor.get("audit_seq", 0)) if isinstance(anchor, dict) else 0
-            closed = self.audit.journal.tx_decisions_after(seq)
+        anchor = Anchor.of(vault)
+        if self.audit is None or anchor.generation >= self.audit.journal.generation:
+            return {}
+        return self.audit.journal.tx_decisions_after(anchor.audit_seq)
+
+    async def restore_txs(self, closed: dict[str, str]) -> list[Transaction]:
+        """At unlock: the transactions kept in the vault back in memory; those in `closed`
+        (`tx_decisions_lost`) that the file holds as open are closed and written so."""
+        vault = self.cache.get()
         changed = self.txs.restore(dict(vault.tx_docs), closed)
         for tx in changed:
             await self.save_tx(tx)
