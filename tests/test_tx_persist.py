@@ -27,7 +27,7 @@ from broker.core.transactions import RETAIN, Transaction
 from broker.core.vault import Vault
 from broker.core.vault_db import VaultDb
 from broker.server.state import State
-from broker.wire.errors import StorageError
+from broker.wire.errors import ApmError, StorageError
 
 from .twin import Twin, twin_of, wire
 
@@ -348,3 +348,24 @@ async def test_an_older_copy_of_one_transaction_record_spliced_in_fails_the_unlo
     with pytest.raises(Exception) as err:
         Vault.open(path, normalize_password(PASSWORD))
     assert getattr(err.value, "code", None) == "VAULT_CORRUPT"
+
+
+@pytest.mark.anyio
+async def test_only_the_change_itself_carries_the_committed_mark(booted: Restarts) -> None:
+    """While a transaction executes, the broker's own saves (session usage) do not write its
+    `committed` record; a change that fails does not either; the change that lands does."""
+    twin = booted.twin
+    _, rec = await owner_session(twin)
+    tx_id = (await twin.ok(rec, "add_entry", ADD))["tx_id"]
+    tx = twin.state.txs.get(tx_id, None)
+    before = twin.vault.tx_docs[tx_id]
+    with pytest.raises(ApmError), twin.state.landing(tx, "rcpt_x"):
+        await twin.state.io(twin.vault.space_add, "default")  # exists: refused
+    assert twin.vault.tx_docs[tx_id] == before
+    with twin.state.landing(tx, "rcpt_x"):
+        await twin.state.persist_sessions()
+        assert twin.vault.tx_docs[tx_id] == before
+        await twin.state.io(twin.vault.space_add, "x")
+    twin = await booted.restart(crash=True)
+    assert stored(twin)[tx_id].state == "committed" and stored(twin)[tx_id].receipt == "rcpt_x"
+    assert "x" in twin.vault.spaces

@@ -145,6 +145,11 @@ class State:
             return await asyncio.get_running_loop().run_in_executor(
                 self.io_pool, _landed, vault, landing, fn, *args
             )
+        return await self._io_plain(fn, *args)
+
+    async def _io_plain(self, fn: Callable[..., T], *args: Any) -> T:
+        """`io` that never carries a landing transaction's record: for the broker's own
+        bookkeeping saves (sessions, transaction records), which are not the change."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
     # ------------------------------------------------------------------ transactions kept
@@ -183,7 +188,7 @@ class State:
                     vault.tx_docs.pop(t, None)
 
         async with self.write_lock:
-            await self.io(work)
+            await self._io_plain(work)
 
     def tx_decisions_lost(self) -> dict[str, str]:
         """Before the unlock's rollback check saves anything: tx id -> decision, for what the
@@ -261,10 +266,10 @@ class State:
                 vault.extra["requests"] = reqs.dump()
 
         if locked:
-            await self.io(work)
+            await self._io_plain(work)
         else:
             async with self.write_lock:
-                await self.io(work)
+                await self._io_plain(work)
         store.dirty = False
 
     def peer_exe(self, peer: Peer) -> str | None:
