@@ -369,3 +369,20 @@ async def test_only_the_change_itself_carries_the_committed_mark(booted: Restart
     twin = await booted.restart(crash=True)
     assert stored(twin)[tx_id].state == "committed" and stored(twin)[tx_id].receipt == "rcpt_x"
     assert "x" in twin.vault.spaces
+
+
+@pytest.mark.anyio
+async def test_a_restored_edit_still_matches_the_entry_version_it_was_previewed_from(
+    booted: Restarts,
+) -> None:
+    twin = booted.twin
+    twin.add("aws", "old-Value-0001")
+    _, rec = await owner_session(twin)
+    edit = {"entry": "aws", "secrets": {"password": SECRET}}
+    tx = (await twin.ok(rec, "edit_entry", edit))["tx_id"]
+    twin = await booted.restart(crash=True)
+    assert (await owner(twin, "tx.approve", {"tx_id": tx})).ok
+    rec = twin.state.sessions().records[rec.accessor]
+    done = await twin.ok(rec, "edit_entry", {"tx_id": tx, "approve": True})
+    assert done["status"] == "committed"
+    assert twin.secret_of("aws") == SECRET

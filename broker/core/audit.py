@@ -171,7 +171,10 @@ class Journal:
         elif event in _TX_DECISIONS:
             tx = doc.get("tx")
             if isinstance(tx, str) and tx:
+                self.tx_decisions.pop(tx[:64], None)
                 self.tx_decisions[tx[:64]] = (seq, _TX_DECISIONS[str(event)])
+                if len(self.tx_decisions) > _TX_DECISIONS_KEPT:  # the oldest: long expired
+                    del self.tx_decisions[next(iter(self.tx_decisions))]
 
     def tx_decisions_after(self, seq: int) -> dict[str, str]:
         return {t: what for t, (s, what) in self.tx_decisions.items() if s > seq}
@@ -187,6 +190,9 @@ _TX_DECISIONS = {
     "tx.aborted": "aborted",
     "tx.conflict": "aborted",
 }
+# a transaction expires 15 minutes after its preview: a rolled-back file's transactions older
+# than the newest this many decisions are expired at unlock anyway
+_TX_DECISIONS_KEPT = 10_000
 _JOURNALED = frozenset(
     {"vault.saved", "session.revoked", "session.revocations_reapplied", *_TX_DECISIONS}
 )
