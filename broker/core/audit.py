@@ -148,7 +148,7 @@ class Journal:
     generation_seq: int = 0
     generation_ts: str = ""
     revocations: list[Revocation] = field(default_factory=list)
-    # tx id -> (seq, "approved"/"denied"/"committed"/"aborted"): the last decision on each
+    # tx id -> (seq, "approved"/"denied"/"aborted"): the last decision on each
     # transaction, so an older vault file cannot bring a decided one back (core/transactions)
     tx_decisions: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -183,10 +183,11 @@ class Journal:
         return [r for r in self.revocations if r.seq > seq]
 
 
+# (not `tx.commit`: a person's transaction is committed only after its `tx.approved`, and an
+# agent's own commits, the frequent ones, have no record a rolled-back file could hold)
 _TX_DECISIONS = {
     "tx.approved": "approved",
     "tx.denied": "denied",
-    "tx.commit": "committed",
     "tx.aborted": "aborted",
     "tx.conflict": "aborted",
 }

@@ -335,7 +335,7 @@ class TxStore:
         """Replace the surviving transactions in memory with the vault's records (at unlock).
 
         `closed_by_log`: tx id -> the last decision the audit log holds for it ("denied",
-        "approved", "committed", "aborted"), for those recorded after the vault file's anchor.
+        "approved", "aborted"), for those recorded after the vault file's anchor.
         A record that is still open there was rolled back: it is closed, never run. Returns
         the transactions whose record must be written again."""
         for tx_id in [t.tx_id for t in self.txs.values() if t.must_survive]:
