@@ -109,3 +109,36 @@ def test_the_vault_file_holds_a_held_change_only_sealed(
     data = _file_bytes(home)
     assert data and new.encode() not in data and new.encode().hex().encode() not in data
     assert b"https://ok.example" not in data
+
+
+def test_putting_back_an_older_vault_file_does_not_reopen_decided_changes(
+    vault: Broker, apm: Apm, home: Path
+) -> None:
+    """The attack: keep a copy of the vault while two changes wait, let the owner approve one
+    and deny the other, then restore the copy and restart. Neither is pending again."""
+    landed, _ = _held_edit(apm, home)
+    out = apm.ok("delegate", "--ttl", "1h", "--scope", "write", "--approve", "owner", "--json")
+    env = clean_env(home, APM_EPHEMERAL_ID=json.loads(out.stdout)["token"])
+    proc = apm("space", "add", "eve", env=env)
+    assert proc.returncode == ApprovalPending.exit_code, proc.stderr
+    refused = proc.stderr.split("apm tx approve ")[1].split('"')[0].split()[0]
+    copy = home / "old-copy.apm"
+    apm.ok("vault", "backup", str(copy))
+    apm.ok("tx", "approve", landed)
+    apm.ok("tx", "deny", refused)
+    apm("lock", check=True)
+    vault.stop()
+    for side in home.glob("vault.apm-*"):
+        side.unlink()
+    (home / "vault.apm").write_bytes(copy.read_bytes())
+    vault.start()
+    unlocked = apm.ok("unlock")
+    assert "rolled back" in unlocked.stdout + unlocked.stderr
+    txs = _txs(apm)
+    assert txs[landed]["status"] == "aborted" and "rolled back" in txs[landed]["reason"]
+    assert txs[refused]["status"] == "denied"
+    assert json.loads(apm.ok("tx", "ls", "--pending", "--json").stdout) == []
+    for tx in (landed, refused):
+        assert apm("tx", "approve", tx, password=PASSWORD).returncode == 7  # TRANSACTION_CLOSED
+    assert apm.ok("get", "seed", "--no-newline").stdout == "seed-pw-0001"  # the copy's value
+    assert "eve" not in apm.ok("space", "ls").stdout
