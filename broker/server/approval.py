@@ -37,7 +37,6 @@ from .write_tools import (
     EditEntryArgs,
     ManageSpacesArgs,
     Plan,
-    _kept,
     _plan_add,
     _plan_delete,
     _plan_edit,
@@ -129,7 +128,7 @@ async def hold(ctx: Context, op: Operation, params: BaseModel) -> NoReturn:
         base_updated_at=made.base_updated_at,
         origin="wire",
     )
-    await _kept(ctx, tx)
+    await ctx.state.save_new_tx(tx)
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=op.name, hash=tx.hash)
     log.info("%s held as %s for session %s (%s)", op.name, tx.tx_id, rec.accessor, rec.approve)
     from .approval_handlers import notify_tx, tx_url

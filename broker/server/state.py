@@ -201,6 +201,15 @@ class State:
             return {}
         return self.audit.journal.tx_decisions_after(anchor.audit_seq)
 
+    async def save_new_tx(self, tx: Transaction) -> None:
+        """A new transaction a person decides is written to the vault before it is announced;
+        if that fails it does not exist (the error is raised)."""
+        try:
+            await self.save_tx(tx)
+        except BaseException:
+            self.txs.txs.pop(tx.tx_id, None)
+            raise
+
     async def restore_txs(self, closed: dict[str, str]) -> list[Transaction]:
         """At unlock: the transactions kept in the vault back in memory; those in `closed`
         (`tx_decisions_lost`) that the file holds as open are closed and written so."""

@@ -358,16 +358,6 @@ async def _execute(ctx: Context, tx: Transaction) -> Any:
     return await _EXECUTE[tx.method](ctx, tx.params)
 
 
-async def _kept(ctx: Context, tx: Transaction) -> None:
-    """A new transaction a person decides is written to the vault before it is announced;
-    if that fails it does not exist."""
-    try:
-        await ctx.state.save_tx(tx)
-    except BaseException:
-        ctx.state.txs.txs.pop(tx.tx_id, None)
-        raise
-
-
 def _commit_hint(tool: str, tx_id: str) -> str:
     return f'call {tool} with {{"tx_id": "{tx_id}", "approve": true}} to execute it'
 
@@ -391,7 +381,7 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         base_updated_at=plan.base_updated_at,
         extra={"generated": plan.generated} if plan.generated else {},
     )
-    await _kept(ctx, tx)
+    await ctx.state.save_new_tx(tx)
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=tool, hash=tx.hash)
     who = {
         "agent": "this session may commit it itself",
