@@ -278,7 +278,7 @@ class _Saved:
     """What the last v2 commit wrote, to tell what the next one must write."""
 
     generation: int = 0
-    digest: int = 0  # sum of the record hashes of every entry/secret/extra row (mod 2**256)
+    digest: int = 0  # sum of the record hashes of every entry/secret/extra/tx row (mod 2**256)
     versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # entry -> (meta, secret)
     extra: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # key -> (version, json)
     extra_objs: dict[str, object] = field(default_factory=dict)  # key -> the object saved
@@ -909,7 +909,9 @@ class Vault:
         self.extra = extra
         self.audit_head = audit_head if isinstance(audit_head, dict) else None
         self._entries = Entries(entries)
-        self._saved = _Saved(generation, want_digest, versions, saved_extra, dict(extra), saved_txs)
+        self._saved = _Saved(
+            generation, want_digest, versions, saved_extra, dict(extra), txs=saved_txs
+        )
         self.tx_docs = {k: doc for k, (_, doc) in saved_txs.items()}
         self.opened_generation = generation  # before this session's own commits (sync anchor)
         self._reindex()
