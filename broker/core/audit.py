@@ -148,6 +148,9 @@ class Journal:
     generation_seq: int = 0
     generation_ts: str = ""
     revocations: list[Revocation] = field(default_factory=list)
+    # tx id -> (seq, "approved"/"denied"/"aborted"): the last decision on each
+    # transaction, so an older vault file cannot bring a decided one back (core/transactions)
+    tx_decisions: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def note(self, doc: dict[str, Any]) -> None:
         event, seq = doc.get("event"), doc.get("seq")
@@ -165,12 +168,35 @@ class Journal:
                 self.revocations.append(Revocation(seq, all_before=before))
             elif isinstance(target, str) and target and target != "all":
                 self.revocations.append(Revocation(seq, tuple(target.split(","))))
+        elif event in _TX_DECISIONS:
+            tx = doc.get("tx")
+            if isinstance(tx, str) and tx:
+                self.tx_decisions.pop(tx[:64], None)
+                self.tx_decisions[tx[:64]] = (seq, _TX_DECISIONS[str(event)])
+                if len(self.tx_decisions) > _TX_DECISIONS_KEPT:  # the oldest: long expired
+                    del self.tx_decisions[next(iter(self.tx_decisions))]
+
+    def tx_decisions_after(self, seq: int) -> dict[str, str]:
+        return {t: what for t, (s, what) in self.tx_decisions.items() if s > seq}
 
     def revocations_after(self, seq: int) -> list[Revocation]:
         return [r for r in self.revocations if r.seq > seq]
 
 
-_JOURNALED = frozenset({"vault.saved", "session.revoked", "session.revocations_reapplied"})
+# (not `tx.commit`: a person's transaction is committed only after its `tx.approved`, and an
+# agent's own commits, the frequent ones, have no record a rolled-back file could hold)
+_TX_DECISIONS = {
+    "tx.approved": "approved",
+    "tx.denied": "denied",
+    "tx.aborted": "aborted",
+    "tx.conflict": "aborted",
+}
+# a transaction expires 15 minutes after its preview: a rolled-back file's transactions older
+# than the newest this many decisions are expired at unlock anyway
+_TX_DECISIONS_KEPT = 10_000
+_JOURNALED = frozenset(
+    {"vault.saved", "session.revoked", "session.revocations_reapplied", *_TX_DECISIONS}
+)
 _JOURNAL_MARKS = tuple(b'"event":"%s"' % e.encode() for e in sorted(_JOURNALED))
 
 

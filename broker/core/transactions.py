@@ -6,21 +6,33 @@ Rules:
   not found.
 - Pending transactions expire (default 15 min, injected clock); committed, aborted or denied
   ones can never be used again.
-- Transactions live in broker memory only: a broker restart drops every pending one, which is
-  the safe direction (nothing is committed that the person did not see previewed again).
+- Transactions that wait for a person (policy `owner` or `client`) survive a broker restart:
+  each is a sealed vault record of kind `tx` (the exact arguments, secrets included, only
+  inside AEAD ciphertext), written in the vault commit that creates, decides or closes it, and
+  restored at unlock. The commit that executes one writes its `committed` record in the same
+  SQLite transaction as the change (`State.landing`), so a crash can neither lose the mark nor
+  run the change twice. An agent-policy preview lives in memory only: nobody waits on it, and
+  a restart asks the agent to preview again (the safe direction).
+- Expiry is not a write: `expires_at` is sealed with the record and a restored transaction
+  past it is expired. Closed or expired records are deleted a day after their expiry.
+- A decision the audit log holds but the vault file does not (the file was rolled back) closes
+  the restored transaction: an approved or denied one never becomes pending again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
 import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from broker.wire.errors import (
     ApprovalDenied,
@@ -32,6 +44,10 @@ from broker.wire.protocol import TxInfo, TxSummary
 
 TxState = Literal["pending", "awaiting_owner", "approved", "committed", "aborted", "denied"]
 DEFAULT_TTL = timedelta(minutes=15)
+SURVIVING_POLICIES = frozenset({"owner", "client"})  # a person decides: kept across restarts
+RETAIN = timedelta(days=1)  # a closed or expired record is deleted this long after its expiry
+OPEN_STATES = frozenset({"pending", "awaiting_owner", "approved"})
+log = logging.getLogger("apm.broker.tx")
 
 
 def args_hash(params: BaseModel) -> str:
@@ -89,6 +105,120 @@ class Transaction:
         if self.state in ("pending", "awaiting_owner", "approved") and now >= self.expires_at:
             return "expired"
         return self.state
+
+    @property
+    def must_survive(self) -> bool:
+        """Kept in the vault (a person decides it), not only in broker memory."""
+        return self.policy in SURVIVING_POLICIES
+
+    def to_doc(self) -> bytes:
+        """The sealed record's plaintext: everything, the arguments' secrets revealed (it is
+        only ever stored inside the record's AEAD ciphertext)."""
+        cls = type(self.params)
+        doc = {
+            "v": 1,
+            "tx_id": self.tx_id,
+            "accessor": self.accessor,
+            "label": self.label,
+            "tool": self.tool,
+            "method": self.method,
+            "params_type": f"{cls.__module__}:{cls.__qualname__}",
+            "params": self.params.model_dump(mode="json", context={"reveal": True}),
+            "raw_args": self.raw_args,
+            "hash": self.hash,
+            "preview": self.preview,
+            "created_at": self.created_at.isoformat(),
+            "expires_at": self.expires_at.isoformat(),
+            "policy": self.policy,
+            "entry_id": self.entry_id,
+            "base_updated_at": _iso(self.base_updated_at),
+            "state": self.state,
+            "receipt": self.receipt,
+            "decided_reason": self.decided_reason,
+            "committed_at": _iso(self.committed_at),
+            "extra": self.extra,
+            "origin": self.origin,
+        }
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True, default=_plain).encode()
+
+    @classmethod
+    def from_doc(cls, raw: bytes) -> Transaction:
+        """A transaction from its record (ValueError/KeyError/TypeError if unreadable)."""
+        doc = json.loads(raw)
+        params_cls = _params_class(str(doc["params_type"]))
+        params = params_cls.model_validate(doc["params"])
+        tx = cls(
+            tx_id=str(doc["tx_id"]),
+            accessor=str(doc["accessor"]),
+            label=str(doc["label"]),
+            tool=str(doc["tool"]),
+            method=str(doc["method"]),
+            params=params,
+            raw_args=dict(doc["raw_args"]),
+            hash=str(doc["hash"]),
+            preview=str(doc["preview"]),
+            created_at=datetime.fromisoformat(doc["created_at"]),
+            expires_at=datetime.fromisoformat(doc["expires_at"]),
+            policy=str(doc["policy"]),
+            entry_id=doc["entry_id"],
+            base_updated_at=_from_iso(doc["base_updated_at"]),
+            state=doc["state"],
+            receipt=doc["receipt"],
+            decided_reason=doc["decided_reason"],
+            committed_at=_from_iso(doc["committed_at"]),
+            extra=dict(doc["extra"]),
+            origin=doc["origin"],
+        )
+        if tx.state not in (
+            "pending",
+            "awaiting_owner",
+            "approved",
+            "committed",
+            "aborted",
+            "denied",
+        ):
+            raise ValueError("unknown transaction state")
+        if args_hash(params) != tx.hash:  # the arguments are exactly the previewed ones
+            raise ValueError("transaction arguments do not match their hash")
+        return tx
+
+    def landed(self, receipt: str, at: datetime) -> bytes:
+        """The record as it will read once committed with `receipt` (written with the change)."""
+        return dataclasses.replace(
+            self, state="committed", receipt=receipt, committed_at=at
+        ).to_doc()
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def _from_iso(t: object) -> datetime | None:
+    return None if t is None else datetime.fromisoformat(str(t))
+
+
+def _plain(v: object) -> object:
+    """JSON for what a preview call's arguments may hold besides plain JSON."""
+    if isinstance(v, SecretStr):
+        return v.get_secret_value()
+    if isinstance(v, datetime):
+        return v.isoformat()
+    if isinstance(v, BaseModel):
+        return v.model_dump(mode="json", context={"reveal": True})
+    raise TypeError(f"cannot store {type(v).__name__}")
+
+
+def _params_class(name: str) -> type[BaseModel]:
+    """The arguments' model class a record names: only apm's own models."""
+    module, _, qual = name.partition(":")
+    if not (module == "broker" or module.startswith("broker.")) or not qual:
+        raise ValueError(f"not an apm model: {name[:80]}")
+    obj: Any = importlib.import_module(module)
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, BaseModel)):
+        raise ValueError(f"not a model: {name[:80]}")
+    return obj
 
 
 def state_allows(tx: Transaction, now: datetime) -> bool:
@@ -189,10 +319,43 @@ class TxStore:
         """Minted before the commit runs, so the audit record naming it precedes the change."""
         return "rcpt_" + secrets.token_hex(8)
 
-    def committed(self, tx: Transaction, receipt: str) -> None:
+    def committed(self, tx: Transaction, receipt: str, at: datetime | None = None) -> None:
         tx.state = "committed"
         tx.receipt = receipt
-        tx.committed_at = self.clock()
+        tx.committed_at = at or self.clock()
+
+    # ------------------------------------------------------------------ persistence
+
+    def stale(self, now: datetime) -> list[str]:
+        """Transactions whose records may go: expired over RETAIN ago (closed or not)."""
+        cutoff = now - RETAIN
+        return [t.tx_id for t in self.txs.values() if t.expires_at < cutoff]
+
+    def restore(self, docs: dict[str, bytes], closed_by_log: dict[str, str]) -> list[Transaction]:
+        """Replace the surviving transactions in memory with the vault's records (at unlock).
+
+        `closed_by_log`: tx id -> the last decision the audit log holds for it ("denied",
+        "approved", "aborted"), for those recorded after the vault file's anchor.
+        A record that is still open there was rolled back: it is closed, never run. Returns
+        the transactions whose record must be written again."""
+        for tx_id in [t.tx_id for t in self.txs.values() if t.must_survive]:
+            del self.txs[tx_id]
+        changed: list[Transaction] = []
+        for tx_id, raw in docs.items():
+            try:
+                tx = Transaction.from_doc(raw)
+            except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+                log.error("a stored transaction could not be restored (%s): %s", tx_id, exc)
+                continue
+            later = closed_by_log.get(tx_id)
+            if later is not None and tx.state in OPEN_STATES:
+                tx.state = "denied" if later == "denied" else "aborted"
+                tx.decided_reason = (
+                    f"{later} after the vault file was saved: the vault file was rolled back"
+                )
+                changed.append(tx)
+            self.txs[tx_id] = tx
+        return changed
 
     def listing(self, accessor: str | None, states: set[str] | None = None) -> list[Transaction]:
         now = self.clock()

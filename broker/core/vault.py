@@ -278,10 +278,11 @@ class _Saved:
     """What the last v2 commit wrote, to tell what the next one must write."""
 
     generation: int = 0
-    digest: int = 0  # sum of the record hashes of every entry/secret/extra row (mod 2**256)
+    digest: int = 0  # sum of the record hashes of every entry/secret/extra/tx row (mod 2**256)
     versions: dict[str, tuple[int, int]] = field(default_factory=dict)  # entry -> (meta, secret)
     extra: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # key -> (version, json)
     extra_objs: dict[str, object] = field(default_factory=dict)  # key -> the object saved
+    txs: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # tx id -> (version, doc)
 
 
 # the sync layer's pre-commit hook: (vault, [(entry id, before, after)]) for changed entries
@@ -318,6 +319,9 @@ class Vault:
         self.opened_generation = 0  # the generation the file had when opened (v2)
         self.spaces: list[str] = list(payload.spaces)
         self.extra: dict[str, Any] = dict(payload.extra)
+        # transactions that must survive a restart (core/transactions.py), one sealed record
+        # of kind `tx` each: id -> the record's JSON (v2 only; a v1 vault keeps none)
+        self.tx_docs: dict[str, bytes] = {}
         self._entries = Entries({e.id: e for e in payload.entries})
         self._by_name: dict[tuple[str, str], str] = {}
         self._by_fold: dict[str, list[str]] = {}
@@ -480,6 +484,7 @@ class Vault:
         crypto.zero(self._dek)
         self._cipher.close()
         self._entries = Entries()
+        self.tx_docs = {}
         self._by_name = {}
         self._by_fold = {}
         self._search = None
@@ -570,6 +575,7 @@ class Vault:
     def mutation(self) -> Iterator[None]:
         """Apply a change and save it; on any failure restore the previous state."""
         spaces, extra, head = list(self.spaces), dict(self.extra), self.audit_head
+        tx_docs = dict(self.tx_docs)
         try:
             yield
             if self.sync_hook is not None and self.synced_spaces:
@@ -579,6 +585,7 @@ class Vault:
         except BaseException:
             self.entries.rollback()
             self.spaces, self.extra, self.audit_head = spaces, extra, head
+            self.tx_docs = tx_docs
             self._reindex()
             self._search = None
             if self._deferred:
@@ -765,6 +772,19 @@ class Vault:
             puts.append(self._seal_row("extra", key, gen, doc))
             digest += self._row_hash("extra", key, gen)
             extra[key] = (gen, doc)
+        txs: dict[str, tuple[int, bytes] | None] = {}
+        for key in set(self.tx_docs) | set(saved.txs):
+            prev, tdoc = saved.txs.get(key), self.tx_docs.get(key)
+            if prev is not None and (tdoc is None or prev[1] != tdoc):
+                digest -= self._row_hash("tx", key, prev[0])
+            if tdoc is None:
+                if prev is not None:
+                    deletes.append(("tx", key))
+                    txs[key] = None
+            elif prev is None or prev[1] != tdoc:
+                puts.append(self._seal_row("tx", key, gen, tdoc))
+                digest += self._row_hash("tx", key, gen)
+                txs[key] = (gen, tdoc)
         digest %= _DIGEST_MOD
         puts.append(self._seal_row("state", "vault", gen, self._state_doc(gen, digest)))
         db.commit(puts, deletes, expect_generation=saved.generation)
@@ -780,6 +800,11 @@ class Vault:
             else:
                 saved.extra[key] = x
         saved.extra_objs = dict(self.extra)
+        for key, t in txs.items():
+            if t is None:
+                saved.txs.pop(key, None)
+            else:
+                saved.txs[key] = t
 
     def _load_rows(self) -> None:
         """Open every row of a v2 vault into memory and check the set against the state row.
@@ -864,6 +889,11 @@ class Vault:
                 extra[rid] = json.loads(raw)
                 saved_extra[rid] = (version, raw)
                 digest += int.from_bytes(sha(ad).digest(), "big")
+            saved_txs: dict[str, tuple[int, bytes]] = {}
+            for kind, rid, version, ct in db.rows(("tx",)):
+                ad = record_ad(vid, kind, rid, version)
+                saved_txs[rid] = (version, cipher_open(ct, ad))
+                digest += int.from_bytes(sha(ad).digest(), "big")
         except DecryptionFailed as exc:
             raise VaultCorrupt("a vault record failed authentication") from exc
         except (ValueError, KeyError, TypeError) as exc:
@@ -879,7 +909,10 @@ class Vault:
         self.extra = extra
         self.audit_head = audit_head if isinstance(audit_head, dict) else None
         self._entries = Entries(entries)
-        self._saved = _Saved(generation, want_digest, versions, saved_extra, dict(extra))
+        self._saved = _Saved(
+            generation, want_digest, versions, saved_extra, dict(extra), txs=saved_txs
+        )
+        self.tx_docs = {k: doc for k, (_, doc) in saved_txs.items()}
         self.opened_generation = generation  # before this session's own commits (sync anchor)
         self._reindex()
 

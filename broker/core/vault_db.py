@@ -11,8 +11,9 @@ Tables:
 
 Record kinds: `entry` (an entry's metadata), `secret` (the same entry's secret fields, sealed
 apart so listing and search never open them), `state` (generation, spaces, the record digest,
-the audit head) and `extra` (sessions, requests and other broker state, one row per key).
-Only kind, id, version and updated_at are in the clear.
+the audit head), `extra` (sessions, requests and other broker state, one row per key) and `tx`
+(a transaction awaiting a person, one row per transaction id, its exact arguments included:
+core/transactions.py). Only kind, id, version and updated_at are in the clear.
 
 Rules:
 - This module moves bytes; it never sees a key or a plaintext (vault.py seals and opens).

@@ -128,6 +128,7 @@ async def hold(ctx: Context, op: Operation, params: BaseModel) -> NoReturn:
         base_updated_at=made.base_updated_at,
         origin="wire",
     )
+    await ctx.state.save_new_tx(tx)
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=op.name, hash=tx.hash)
     log.info("%s held as %s for session %s (%s)", op.name, tx.tx_id, rec.accessor, rec.approve)
     from .approval_handlers import notify_tx, tx_url
@@ -151,6 +152,7 @@ async def execute(ctx: Context, tx: Transaction) -> None:
     rec = state.sessions().records.get(tx.accessor)
     if rec is None or rec.state(state.clock()) != "active":
         state.txs.conflicted(tx, "the session that asked for it has ended")
+        await state.save_tx(tx)
         raise TransactionConflict(
             "the session that asked for this change has ended; nothing was changed",
             data={"tx_id": tx.tx_id},
@@ -166,9 +168,12 @@ async def execute(ctx: Context, tx: Transaction) -> None:
     receipt = state.txs.new_receipt()
     state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
     try:
-        await invoke(as_session, OPERATIONS[tx.method], tx.params, tx=tx)
+        with state.landing(tx, receipt) as at:  # its record lands with the change
+            await invoke(as_session, OPERATIONS[tx.method], tx.params, tx=tx)
     except TransactionConflict:
         state.txs.conflicted(tx, "conflict: the entry changed since the preview")
+        await state.save_tx(tx)
         raise
-    state.txs.committed(tx, receipt)
+    state.txs.committed(tx, receipt, at)
+    await state.save_tx(tx)
     log.info("committed held %s (%s) receipt %s", tx.tx_id, tx.method, receipt)

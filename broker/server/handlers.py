@@ -198,7 +198,10 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
         async with ctx.state.write_lock:
             await ctx.state.flush_and_lock()  # fail closed: no unlock without its record
         raise
+    lost = ctx.state.tx_decisions_lost() if current is None else {}
     warnings = await check_at_unlock(ctx.state)
+    if current is None:
+        await ctx.state.restore_txs(lost)  # pending approvals survive a restart (#15)
     await forget_ended_sessions(ctx.state)
     await sync_service.on_unlock(ctx.state)
     idle_at, hard_at = ctx.state.cache.lock_times() or (None, None)

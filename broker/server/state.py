@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -18,9 +20,9 @@ from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.key_cache import OpenVault
 from broker.core.requests import RequestStore
-from broker.core.rollback import RollbackGuard
+from broker.core.rollback import Anchor, RollbackGuard
 from broker.core.sessions import PendingRevocations, SessionStore
-from broker.core.transactions import TxStore
+from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
 
@@ -33,6 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
+# (tx id, its `committed` record): set while an approved transaction executes, so the vault
+# commit that makes its change writes the record too, in the same SQLite transaction
+_LANDING: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
+    "apm_tx_landing", default=None
+)
 
 
 class Throttle:
@@ -132,7 +139,85 @@ class State:
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Durable writes run one at a time, off the event loop."""
+        landing = _LANDING.get()
+        vault = self.cache.peek()
+        if landing is not None and vault is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.io_pool, _landed, vault, landing, fn, *args
+            )
+        return await self._io_plain(fn, *args)
+
+    async def _io_plain(self, fn: Callable[..., T], *args: Any) -> T:
+        """`io` that never carries a landing transaction's record: for the broker's own
+        bookkeeping saves (sessions, transaction records), which are not the change."""
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
+
+    # ------------------------------------------------------------------ transactions kept
+
+    @contextlib.contextmanager
+    def landing(self, tx: Transaction, receipt: str) -> Iterator[datetime]:
+        """Around the execution of an approved transaction: the vault commit that makes its
+        change also writes its `committed` record (one SQLite transaction: after a crash the
+        change and the mark are both there or both not, never one). Yields the commit time to
+        pass to `txs.committed`."""
+        at = self.clock()
+        if not tx.must_survive:
+            yield at
+            return
+        token = _LANDING.set((tx.tx_id, tx.landed(receipt, at)))
+        try:
+            yield at
+        finally:
+            _LANDING.reset(token)
+
+    async def save_tx(self, tx: Transaction) -> None:
+        """Write a surviving transaction's record durably (and drop stale ones in the same
+        commit); raises StorageError, the caller's operation then fails."""
+        vault = self.cache.peek()
+        if vault is None or not tx.must_survive or vault.format < 2:
+            return
+        doc = tx.to_doc()
+        stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
+        if vault.tx_docs.get(tx.tx_id) == doc and not stale:
+            return  # already written (e.g. landed with the change)
+
+        def work() -> None:
+            with vault.mutation():
+                vault.tx_docs[tx.tx_id] = doc
+                for t in stale:
+                    vault.tx_docs.pop(t, None)
+
+        async with self.write_lock:
+            await self._io_plain(work)
+
+    def tx_decisions_lost(self) -> dict[str, str]:
+        """Before the unlock's rollback check saves anything: tx id -> decision, for what the
+        audit log says was decided after the vault file was saved, if the file was rolled back
+        (a save the log recorded is not in it). A crash before a decision's commit is not that
+        (no later save): its transaction is as the file says, and the person decides again."""
+        vault = self.cache.get()
+        anchor = Anchor.of(vault)
+        if self.audit is None or anchor.generation >= self.audit.journal.generation:
+            return {}
+        return self.audit.journal.tx_decisions_after(anchor.audit_seq)
+
+    async def save_new_tx(self, tx: Transaction) -> None:
+        """A new transaction a person decides is written to the vault before it is announced;
+        if that fails it does not exist (the error is raised)."""
+        try:
+            await self.save_tx(tx)
+        except BaseException:
+            self.txs.txs.pop(tx.tx_id, None)
+            raise
+
+    async def restore_txs(self, closed: dict[str, str]) -> list[Transaction]:
+        """At unlock: the transactions kept in the vault back in memory; those in `closed`
+        (`tx_decisions_lost`) that the file holds as open are closed and written so."""
+        vault = self.cache.get()
+        changed = self.txs.restore(dict(vault.tx_docs), closed)
+        for tx in changed:
+            await self.save_tx(tx)
+        return changed
 
     def __post_init__(self) -> None:
         self.txs = TxStore(self.clock)
@@ -190,10 +275,10 @@ class State:
                 vault.extra["requests"] = reqs.dump()
 
         if locked:
-            await self.io(work)
+            await self._io_plain(work)
         else:
             async with self.write_lock:
-                await self.io(work)
+                await self._io_plain(work)
         store.dirty = False
 
     def peer_exe(self, peer: Peer) -> str | None:
@@ -230,3 +315,20 @@ class State:
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
             self.sync.stop(wait=False)
         return self.cache.lock()
+
+
+def _landed(vault: Vault, landing: tuple[str, bytes], fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` (a vault mutation, on the io thread) with a transaction's `committed` record
+    staged: its commit writes it. If `fn` fails, the record is as before."""
+    tx_id, doc = landing
+    before = vault.tx_docs.get(tx_id)
+    vault.tx_docs[tx_id] = doc
+    try:
+        return fn(*args)
+    except BaseException:
+        if vault.tx_docs.get(tx_id) is doc:
+            if before is None:
+                vault.tx_docs.pop(tx_id, None)
+            else:
+                vault.tx_docs[tx_id] = before
+        raise

@@ -35,6 +35,8 @@ async def _decide(ctx: Context, p: TxDecideParams, approve: bool) -> TxSummary:
     ctx.state.links.drop("tx", tx.tx_id)  # decided: its page link ends here
     event = "tx.approved" if approve else "tx.denied"
     ctx.state.record(event, ctx, tx=tx.tx_id, by="owner", target=tx.accessor)
+    if not (approve and tx.origin == "wire"):  # a held change's record lands with it
+        await ctx.state.save_tx(tx)
     log.info("%s %s by the owner (pid=%s)", tx.tx_id, tx.state, ctx.peer.pid)
     if approve and tx.origin == "wire":  # held by the gate: nobody commits it later
         from .approval import execute  # imports the write tools' previews

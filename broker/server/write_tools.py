@@ -381,6 +381,7 @@ async def _preview(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut
         base_updated_at=plan.base_updated_at,
         extra={"generated": plan.generated} if plan.generated else {},
     )
+    await ctx.state.save_new_tx(tx)
     ctx.state.record("tx.preview", ctx, tx=tx.tx_id, tool=tool, hash=tx.hash)
     who = {
         "agent": "this session may commit it itself",
@@ -432,6 +433,7 @@ async def _ask_person(ctx: Context, tx: Transaction) -> None:
         tx, approved, None if approved else f"person answered {answer.action}"
     )
     if not approved:
+        await ctx.state.save_tx(tx)
         ctx.state.record("tx.denied", ctx, tx=tx.tx_id, by="client", answer=answer.action)
         raise ApprovalDenied("the person did not approve the change", data={"tx_id": tx.tx_id})
     ctx.state.record("tx.approved", ctx, tx=tx.tx_id, by="client")
@@ -461,6 +463,7 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
         first = tx.state == "pending"
         ctx.state.txs.await_owner(tx)
         if first:  # notified once, when the agent first asks to commit
+            await ctx.state.save_tx(tx)
             notify_tx(ctx.state, tx)
 
         await offer_page(
@@ -490,10 +493,12 @@ async def _commit(ctx: Context, tool: str, a: TxArgs, build: Build) -> WriteOut:
     ctx.state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tool, hash=tx.hash)
     try:
         # the handler re-checks `expect_updated_at` under the write lock: nothing slips between
-        result = await _execute(ctx, tx)
+        with ctx.state.landing(tx, receipt) as at:  # its record lands with the change
+            result = await _execute(ctx, tx)
     except TransactionConflict:
         raise await _conflict(ctx, tool, tx, build) from None
-    ctx.state.txs.committed(tx, receipt)
+    ctx.state.txs.committed(tx, receipt, at)
+    await ctx.state.save_tx(tx)  # unless it landed with the change (a plugin's, say)
     log.info("committed %s (%s) receipt %s session %s", tx.tx_id, tool, receipt, rec.accessor)
     entry = getattr(result, "entry", None)
     generated = tx.extra.get("generated")
@@ -516,6 +521,7 @@ async def _conflict(ctx: Context, tool: str, tx: Transaction, build: Build) -> T
     """Close `tx` and make a fresh preview of the same arguments against the current entry."""
     ctx.state.txs.conflicted(tx, "conflict: the entry changed since the preview")
     ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tool)
+    await ctx.state.save_tx(tx)
     fresh: WriteOut | None = None
     with contextlib.suppress(ApmError):  # the entry or space may be gone: no fresh preview
         fresh = await _preview(ctx, tool, _args_model(tool).model_validate(tx.raw_args), build)
@@ -568,6 +574,7 @@ async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
         raise PermissionDenied("tx_abort needs a session")
     tx = ctx.state.txs.abort(a.tx_id, ctx.session.accessor)
     ctx.state.record("tx.aborted", ctx, tx=tx.tx_id)
+    await ctx.state.save_tx(tx)
     return tx.info(ctx.state.clock())
 
 
