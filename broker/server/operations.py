@@ -19,6 +19,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 
 from broker.core.requests import GrantKind
+from broker.core.sessions import SessionRecord
+from broker.wire.errors import PermissionDenied
 from broker.wire.protocol import METHODS
 
 AuditClass = Literal["none", "read", "change"]
@@ -63,6 +65,20 @@ SECRETS = Rule(unlocked=True, scope="secrets", grantable=True)
 SECRETS_USE = Rule(unlocked=True, scope="secrets", grantable=True, grant_kind="use")
 WRITE = Rule(unlocked=True, scope="write", mutating=True, audit="change")
 ADMIN = Rule(unlocked=True, scope="admin")
+
+
+def filtered_admin(rec: SessionRecord, needed: str) -> PermissionDenied | None:
+    """Admin operations see the whole vault's audit log, sessions and transactions; a session
+    limited to some entries never gets them (delegation refuses the pair; this refuses one
+    stored by an older version)."""
+    if needed != "admin" or rec.filter.empty:
+        return None
+    return PermissionDenied(
+        "a session limited to some entries cannot use admin operations",
+        hint="ask the owner for an admin session without an entry filter",
+        data={"needed": needed, "scope": rec.scope},
+    )
+
 
 Handler = Callable[[Any, Any], Awaitable[BaseModel]]
 

@@ -13,7 +13,7 @@ from broker.core.sessions import scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
 from .context import Context
-from .dispatch import filtered_admin
+from .operations import filtered_admin
 
 
 class Args(BaseModel):
