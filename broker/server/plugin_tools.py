@@ -20,8 +20,9 @@ from broker.plugin_state import read_enabled, write_enabled
 from broker.wire.errors import EntryNotFound, InvalidParameters
 
 from .context import Context
+from .planners import Plan, TxArgs
 from .tool_base import ToolSpec
-from .write_tools import _EXECUTE, Plan, TxArgs, WriteOut, two_phase
+from .write_tools import _EXECUTE, WriteOut, two_phase
 
 GROUP = "apm.plugins"
 BUILTIN_DIST = "apm-broker"

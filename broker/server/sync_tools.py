@@ -18,8 +18,9 @@ from broker.wire.protocol import Empty, SyncTls
 from . import sync_service, write_tools
 from .dispatch import Context, invoke
 from .operations import OPERATIONS
+from .planners import Plan, TxArgs
 from .tool_base import Args, ToolSpec
-from .write_tools import Plan, TxArgs, WriteOut, two_phase
+from .write_tools import WriteOut, two_phase
 
 
 class CloudSyncArgs(Args):

@@ -47,22 +47,19 @@ from .approval_view import approval_lines
 from .context import Context
 from .dispatch import invoke
 from .operations import OPERATIONS
-from .planners import (  # noqa: F401 - re-exported: plugin and sync tools build on them
-    MASK,
+from .planners import (
     AddEntryArgs,
     Build,
     DeleteEntryArgs,
     EditEntryArgs,
     GeneratePasswordArgs,
     ManageSpacesArgs,
-    Plan,
     TxArgs,
     _plan_add,
     _plan_delete,
     _plan_edit,
     _plan_generate,
     _plan_spaces,
-    generate,
 )
 from .tool_base import Args, ToolSpec
 
