@@ -22,7 +22,7 @@ from broker.core.sessions import CreateSpec
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
 from broker.server.context import Context
-from broker.server.operations import OPERATIONS
+from broker.server.operations import OPERATIONS, TOOL_OPERATIONS
 
 from .twin import Twin, twin_of
 
@@ -343,26 +343,87 @@ async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(tw
 
 def test_the_operation_table_names_real_tools_and_each_write_tool_runs_mutating_ones() -> None:
     by_tool: dict[str, set[str]] = {}
-    for op in OPERATIONS.values():
+    for op in [*OPERATIONS.values(), *TOOL_OPERATIONS.values()]:
         for tool in op.tools:
             assert tool in mcp_tools.TOOLS_BY_NAME, (op.name, tool)
             by_tool.setdefault(tool, set()).add(op.name)
     changing = {
         t.name
         for t in mcp_tools.TOOLS
-        if t.scope == "write" and not t.read_only and not t.name.startswith("tx_")
+        if t.scope in ("write", "admin") and not t.read_only and not t.name.startswith("tx_")
     }
-    # install_plugin changes no vault data: its commit (plugin.enable) is not a broker
-    # operation and is always the owner's decision, whatever the session's policy
-    changing.discard("install_plugin")
-    # cloud_sync changes no vault data either: it runs sync.status / sync.now (write scope)
+    # cloud_sync changes no vault data: it runs sync.status / sync.now (write scope)
     changing.discard("cloud_sync")
-    assert len(changing) == 5
+    assert len(changing) == 7
     for tool in changing:
         assert by_tool.get(tool), tool
-        assert all(OPERATIONS[o].rule.mutating for o in by_tool[tool]), tool
+        ops = [OPERATIONS.get(o) or TOOL_OPERATIONS[o] for o in by_tool[tool]]
+        assert all(op.rule.mutating for op in ops), tool
     # a rule's audit class and mutating flag are consistent: every change leaves an attempt
-    assert all(op.rule.audit == "change" for op in OPERATIONS.values() if op.rule.mutating)
+    every = [*OPERATIONS.values(), *TOOL_OPERATIONS.values()]
+    assert all(op.rule.audit == "change" for op in every if op.rule.mutating)
+
+
+# ------------------------------------------- changes only a tool proposes (plugin, sync config)
+
+
+def test_the_changes_only_a_tool_proposes_are_declared_operations_in_this_matrix() -> None:
+    assert set(TOOL_OPERATIONS) == {"plugin.enable", "sync.configure"}
+    assert all(op.rule.mutating for op in TOOL_OPERATIONS.values())
+    assert not set(TOOL_OPERATIONS) & set(OPERATIONS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_plugin_is_enabled_only_after_the_owner_approved_whatever_the_policy(
+    twin: Twin, policy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.plugin_state import read_enabled
+
+    from .test_plugins import install_demo
+
+    install_demo(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("APM_HOME", str(tmp_path / "home"))
+    token, rec = twin.session(approve=policy)
+    # no wire method reaches it: a raw frame is an unknown method, for a session or the owner
+    for creds in ({"token": token}, {"password": PASSWORD}):
+        raw = await twin.wire("plugin.enable", {"distribution": "apm-demo-plugin"}, **creds)
+        assert raw.error is not None and raw.error.code == "INVALID_PARAMETERS"
+    shown = await twin.body(rec, "install_plugin", {"distribution": "apm-demo-plugin"})
+    assert shown["status"] == "pending" and shown["policy"] == "owner", shown
+    commit = {"tx_id": shown["tx_id"], "approve": True}
+    waiting = await twin.body(rec, "install_plugin", commit, mcp=FakeElicitation(answer=True))
+    assert waiting["status"] == "pending_owner_approval"  # the client's yes is not enough
+    assert read_enabled() == set()
+    own = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, token=token)
+    assert own.error is not None and own.error.code == "PERMISSION_DENIED"
+    ok = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, password=PASSWORD)
+    assert ok.ok and ok.result is not None and ok.result["status"] == "approved"
+    assert read_enabled() == set()  # it lands at the agent's commit
+    done = await twin.body(rec, "install_plugin", commit)
+    assert done["status"] == "committed", done
+    assert read_enabled() == {"importer.demo", "importer.broken"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_sync_endpoint_change_reaches_its_operation_only_after_the_owner_approved(
+    twin: Twin, policy: str
+) -> None:
+    _, rec = twin.session("admin", approve=policy)
+    args = {"action": "set_endpoints", "endpoints": ["http://127.0.0.1:2379"]}
+    shown = (await twin.body(rec, "cloud_config", args))["change"]
+    assert shown["status"] == "pending" and shown["policy"] == "owner", shown
+    commit = {"tx_id": shown["tx_id"], "approve": True}
+    waiting = await twin.body(rec, "cloud_config", commit, mcp=FakeElicitation(answer=True))
+    assert waiting["change"]["status"] == "pending_owner_approval"
+    ok = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, password=PASSWORD)
+    assert ok.ok, ok.error
+    # approved, the commit runs sync.configure's handler: this vault syncs no space
+    done = await twin.body(rec, "cloud_config", commit)
+    assert done["error"] and done["code"] == "INVALID_PARAMETERS"
+    assert "syncs no space" in done["message"]
 
 
 @pytest.mark.anyio

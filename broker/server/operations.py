@@ -8,6 +8,9 @@ Rules:
   from `Rule`.
 - Every wire method in `protocol.METHODS` has exactly one operation (tests/test_wire.py).
 - A new operation gets every rule by being declared with `@operation(name, RULE)`.
+- A change only an MCP tool proposes (enabling a plugin, the sync endpoints) is still an
+  operation, declared with `@tool_operation`: it has no wire method, so no raw frame reaches
+  it, and its commit runs through the same gate as every other.
 """
 
 from __future__ import annotations
@@ -110,3 +113,32 @@ def operation(name: str, rule: Rule = UNAUDITED, tools: tuple[str, ...] = ()) ->
         return fn
 
     return register
+
+
+# operations with no wire method: reached only by committing an MCP tool's transaction
+TOOL_OPERATIONS: dict[str, Operation] = {}
+
+
+def tool_operation(
+    name: str,
+    params: type[BaseModel],
+    result: type[BaseModel],
+    rule: Rule,
+    tools: tuple[str, ...],
+) -> Callable[[H], H]:
+    """Declare an operation that only `tools` propose; the decorated function is its handler."""
+    if name in METHODS:
+        raise RuntimeError(f"{name} is a wire method: declare it with @operation")
+
+    def register(fn: H) -> H:
+        if name in TOOL_OPERATIONS:
+            raise RuntimeError(f"operation {name} declared twice")
+        TOOL_OPERATIONS[name] = Operation(name, params, result, rule, fn, tools)
+        return fn
+
+    return register
+
+
+def find(name: str) -> Operation | None:
+    """The operation a transaction names: a wire method's, or one only a tool proposes."""
+    return OPERATIONS.get(name) or TOOL_OPERATIONS.get(name)

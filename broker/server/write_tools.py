@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -27,7 +27,7 @@ import mcp.types as types
 from pydantic import BaseModel, Field
 
 from broker.core.sessions import scope_rank
-from broker.core.transactions import Transaction, state_allows
+from broker.core.transactions import Transaction
 from broker.wire.display import escape
 from broker.wire.entries import (
     EntryMeta,
@@ -35,6 +35,7 @@ from broker.wire.entries import (
 from broker.wire.errors import (
     ApmError,
     ApprovalDenied,
+    InternalError,
     InvalidParameters,
     PermissionDenied,
     TransactionConflict,
@@ -46,7 +47,7 @@ from broker.wire.protocol import (
 from .approval_view import approval_lines
 from .context import Context
 from .dispatch import invoke
-from .operations import OPERATIONS
+from .operations import find
 from .planners import (
     AddEntryArgs,
     Build,
@@ -94,21 +95,13 @@ class TxListOut(BaseModel):
 # ------------------------------------------------------------------ the two phases
 
 
-# changes a tool may commit that are not broker operations (plugin.enable): they run after
-# the same approval check the gate makes for operations
-_EXECUTE: dict[str, Callable[[Context, Any], Awaitable[Any]]] = {}
-
-
 async def _execute(ctx: Context, tx: Transaction) -> Any:
-    """Run an approved transaction: an operation through the gate, else its registered runner."""
-    op = OPERATIONS.get(tx.method)
-    if op is not None:
-        return await invoke(ctx, op, tx.params, tx=tx)
-    if not state_allows(tx, ctx.state.clock()):
-        raise PermissionDenied(
-            "this change was not approved", hint="preview it again and have it approved"
-        )
-    return await _EXECUTE[tx.method](ctx, tx.params)
+    """Run an approved transaction through the gate: the operation it names (a wire method's,
+    or one only a tool proposes) checks the approval and runs exactly the stored params."""
+    op = find(tx.method)
+    if op is None:  # a transaction is only ever created by a planner naming an operation
+        raise InternalError(f"no operation {tx.method[:64]!r}")
+    return await invoke(ctx, op, tx.params, tx=tx)
 
 
 def _commit_hint(tool: str, tx_id: str) -> str:
