@@ -163,7 +163,7 @@ def _zsh_complete(tmp_path: Path, line: str) -> list[str]:
     exe = ensure_shell("zsh")
     comp = tmp_path / "zfunc"
     comp.mkdir(exist_ok=True)
-    (comp / "_apm").write_text(zsh())
+    (comp / "_apm").write_text(zsh(build_parser()))
     init = tmp_path / "init.zsh"
     init.write_text(ZSH_INIT)
     driver = tmp_path / "driver.zsh"
@@ -201,7 +201,7 @@ def test_zsh_loads_the_generated_function_and_completes_subcommands_and_choices(
 def _fish_complete(tmp_path: Path, line: str) -> list[str]:
     exe = ensure_shell("fish")
     script = tmp_path / "apm.fish"
-    script.write_text(fish())
+    script.write_text(fish(build_parser()))
     proc = subprocess.run(
         [exe, "--no-config", "-c", f"source {script}; complete -C {_fish_arg(line)}"],
         capture_output=True,
