@@ -368,8 +368,8 @@ def test_the_operation_table_names_real_tools_and_each_write_tool_runs_mutating_
 
 
 def test_the_changes_only_a_tool_proposes_are_declared_operations_in_this_matrix() -> None:
-    assert set(TOOL_OPERATIONS) == {"plugin.enable", "sync.configure"}
-    assert all(op.rule.mutating for op in TOOL_OPERATIONS.values())
+    mutating = {n for n, op in TOOL_OPERATIONS.items() if op.rule.mutating}
+    assert mutating == {"plugin.enable", "sync.configure"}  # each has its test below
     assert not set(TOOL_OPERATIONS) & set(OPERATIONS)
 
 
@@ -440,3 +440,39 @@ async def test_a_batch_add_of_a_human_approved_session_never_lands(twin: Twin, p
     # not held yet (a batch has no preview): refused, fail closed, nothing lands
     assert not resp.ok and resp.error is not None
     assert snapshot(twin) == before
+
+
+# ------------------------------------------- tools as thin adapters over operations (#12.2)
+
+
+def test_admin_request_and_tx_tools_run_one_operation_whose_rule_matches_their_catalog_entry() -> (
+    None
+):
+    thin = {
+        "get_audit_logs", "get_history", "manage_profiles", "request_access",
+        "get_request_status", "get_access_details", "list_my_requests", "tx_status", "tx_list",
+        "tx_abort",
+    }  # fmt: skip
+    by_name = mcp_tools.TOOLS_BY_NAME
+    assert {name for name, spec in by_name.items() if spec.op is not None} >= thin
+    for spec in mcp_tools.TOOLS:
+        if spec.op is None:
+            continue
+        op = OPERATIONS.get(spec.op) or TOOL_OPERATIONS[spec.op]
+        assert spec.name in op.tools, spec.name
+        # the published schemas are the operation's models; the catalog's scope is the gate's
+        assert (spec.args, spec.out) == (op.params, op.result), spec.name
+        assert op.rule.scope == spec.scope and spec.run is None, spec.name
+
+
+@pytest.mark.anyio
+async def test_a_session_lacking_a_thin_tools_scope_is_refused_by_the_gate_and_the_denial_kept(
+    twin: Twin,
+) -> None:
+    _, rec = twin.session("read")
+    for tool, args in (("get_audit_logs", {}), ("tx_list", {}), ("tx_status", {"tx_id": "tx_x"})):
+        body = await twin.body(rec, tool, args)
+        assert body["error"] and body["code"] == "PERMISSION_DENIED", tool
+    # refused by the gate, as a wire method would be: `apm session why` can show it
+    reasons = [d.reason for d in twin.state.sessions().denials[rec.accessor]]
+    assert reasons == ["scope read lacks admin", "scope read lacks admin", "scope read lacks write"]

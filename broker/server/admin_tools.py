@@ -1,4 +1,8 @@
-"""Admin-scope tools: the audit log, an entry's history, the vault's KDF profile."""
+"""Admin-scope tools: the audit log, an entry's history, the vault's KDF profile.
+
+Each is an operation without a wire method (`@tool_operation`): the gate checks its rule
+(admin scope, no entry filter) before the handler runs, as for every wire method.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from broker.wire.protocol import Empty
 from . import handlers  # noqa: F401 - declares the operations these tools run
 from .context import Context
 from .dispatch import invoke
-from .operations import OPERATIONS
+from .operations import OPERATIONS, Rule, tool_operation
 from .tool_base import Args, ToolSpec
 
 
@@ -79,6 +83,12 @@ def _matches(rec: dict[str, Any], a: AuditArgs, entry_ids: set[str]) -> bool:
     return True
 
 
+# admin scope (a session limited to some entries never gets them); the tool call is audited
+# by its caller
+ADMIN_TOOL = Rule(scope="admin", audit="none")
+
+
+@tool_operation("audit.search", AuditArgs, AuditOut, ADMIN_TOOL, ("get_audit_logs",))
 async def _audit(ctx: Context, a: AuditArgs) -> AuditOut:
     audit = ctx.state.audit
     if audit is None:
@@ -100,6 +110,7 @@ async def _audit(ctx: Context, a: AuditArgs) -> AuditOut:
     return AuditOut(records=out, next_after_seq=out[-1]["seq"] if more and out else None)
 
 
+@tool_operation("entry.versions", HistoryArgs, HistoryOut, ADMIN_TOOL, ("get_history",))
 async def _history(ctx: Context, a: HistoryArgs) -> HistoryOut:
     entry = ctx.state.cache.get().resolve(a.entry, a.space, ctx.visible)
     versions: list[FieldVersion] = []
@@ -121,6 +132,7 @@ async def _history(ctx: Context, a: HistoryArgs) -> HistoryOut:
     )
 
 
+@tool_operation("profile.manage", ProfilesArgs, ProfilesOut, ADMIN_TOOL, ("manage_profiles",))
 async def _profiles(ctx: Context, a: ProfilesArgs) -> ProfilesOut:
     if a.action == "set":
         raise PermissionDenied(
@@ -142,7 +154,7 @@ ADMIN_TOOLS: tuple[ToolSpec, ...] = (
         scope="admin",
         args=AuditArgs,
         out=AuditOut,
-        run=_audit,
+        op="audit.search",
     ),
     ToolSpec(
         name="get_history",
@@ -151,7 +163,7 @@ ADMIN_TOOLS: tuple[ToolSpec, ...] = (
         scope="admin",
         args=HistoryArgs,
         out=HistoryOut,
-        run=_history,
+        op="entry.versions",
     ),
     ToolSpec(
         name="manage_profiles",
@@ -163,6 +175,6 @@ ADMIN_TOOLS: tuple[ToolSpec, ...] = (
         scope="admin",
         args=ProfilesArgs,
         out=ProfilesOut,
-        run=_profiles,
+        op="profile.manage",
     ),
 )

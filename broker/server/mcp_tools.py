@@ -38,11 +38,11 @@ from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
 from .context import Context
 from .dispatch import invoke, to_wire_error
-from .operations import OPERATIONS
+from .operations import OPERATIONS, find
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
-from .tool_base import Args, ToolSpec, require_scope
+from .tool_base import Args, ToolSpec, require_scope, require_session
 from .write_tools import WRITE_TOOLS
 
 log = logging.getLogger("apm.broker.mcp")
@@ -674,12 +674,20 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        if spec.grantable and ctx.session is not None:
+        op = find(spec.op) if spec.op is not None else None
+        if op is not None:  # the gate checks the operation's rule: scope, filter, grants
+            require_session(ctx, public_name(spec.name, naming))
+        elif spec.grantable and ctx.session is not None:
             ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank(spec.scope)
         else:
             require_scope(ctx, spec.scope, public_name(spec.name, naming))
         args = spec.args.model_validate(arguments or {})
-        out = await spec.run(ctx, args)
+        if op is not None:
+            out = await invoke(ctx, op, args)
+        elif spec.run is not None:
+            out = await spec.run(ctx, args)
+        else:
+            raise InternalError(f"tool {spec.name} runs nothing")
         structured = out.model_dump(mode="json")
         if TOOL_NAMINGS.get(naming):
             structured = _rename_doc(structured, naming)

@@ -5,6 +5,8 @@ Rules:
 - `get_access_details` never returns a secret value: it returns the `apm://` reference and a
   ready `apm run` command line that injects the value into a child process.
 - A session sees only its own requests.
+- Each tool runs one operation without a wire method (`@tool_operation`): the gate checks its
+  rule (read scope) before the handler runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from broker.wire.display import escape
 from broker.wire.errors import PermissionDenied, RequestClosed
 
 from .context import Context
+from .operations import Rule, tool_operation
 from .tool_base import Args, ToolSpec
 
 
@@ -116,6 +119,11 @@ def _session(ctx: Context) -> str:
     return ctx.session.accessor
 
 
+# read scope; the tool call is audited by its caller (opening a request records its own event)
+READ_TOOL = Rule(scope="read", audit="none")
+
+
+@tool_operation("request.open", RequestAccessArgs, RequestInfo, READ_TOOL, ("request_access",))
 async def _request_access(ctx: Context, a: RequestAccessArgs) -> RequestInfo:
     from .request_handlers import open_request
 
@@ -134,11 +142,13 @@ async def _request_access(ctx: Context, a: RequestAccessArgs) -> RequestInfo:
     return info(req, ctx.state.clock())
 
 
+@tool_operation("request.status", RequestRef, RequestInfo, READ_TOOL, ("get_request_status",))
 async def _status(ctx: Context, a: RequestRef) -> RequestInfo:
     req = ctx.state.requests().get(a.request_id, _session(ctx))
     return info(req, ctx.state.clock())
 
 
+@tool_operation("request.details", RequestRef, AccessDetails, READ_TOOL, ("get_access_details",))
 async def _details(ctx: Context, a: RequestRef) -> AccessDetails:
     req = ctx.state.requests().get(a.request_id, _session(ctx))
     status = req.status(ctx.state.clock())
@@ -177,6 +187,7 @@ async def _details(ctx: Context, a: RequestRef) -> AccessDetails:
     )
 
 
+@tool_operation("request.mine", Args, MyRequestsOut, READ_TOOL, ("list_my_requests",))
 async def _mine(ctx: Context, a: Args) -> MyRequestsOut:
     now = ctx.state.clock()
     reqs = ctx.state.requests().listing(_session(ctx))
@@ -199,7 +210,7 @@ REQUEST_TOOLS: tuple[ToolSpec, ...] = (
         scope="read",
         args=RequestAccessArgs,
         out=RequestInfo,
-        run=_request_access,
+        op="request.open",
         read_only=False,
         idempotent=False,
     ),
@@ -210,7 +221,7 @@ REQUEST_TOOLS: tuple[ToolSpec, ...] = (
         scope="read",
         args=RequestRef,
         out=RequestInfo,
-        run=_status,
+        op="request.status",
     ),
     ToolSpec(
         name="get_access_details",
@@ -222,7 +233,7 @@ REQUEST_TOOLS: tuple[ToolSpec, ...] = (
         scope="read",
         args=RequestRef,
         out=AccessDetails,
-        run=_details,
+        op="request.details",
     ),
     ToolSpec(
         name="list_my_requests",
@@ -231,6 +242,6 @@ REQUEST_TOOLS: tuple[ToolSpec, ...] = (
         scope="read",
         args=Args,
         out=MyRequestsOut,
-        run=_mine,
+        op="request.mine",
     ),
 )

@@ -9,7 +9,7 @@ from typing import Any
 import mcp.types as types
 from pydantic import BaseModel, ConfigDict
 
-from broker.core.sessions import scope_rank
+from broker.core.sessions import SessionRecord, scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
 from .context import Context
@@ -31,7 +31,11 @@ class ToolSpec:
     scope: str
     args: type[Args]
     out: type[BaseModel]
-    run: Run
+    # either the operation the tool runs (its rule, checked by the gate, decides who may; the
+    # tool validates its arguments as the operation's params and shapes nothing else) ...
+    op: str | None = None
+    # ... or, for a tool not yet declared as one operation, its own runner
+    run: Run | None = None
     read_only: bool = True
     destructive: bool = False
     idempotent: bool = True
@@ -54,14 +58,20 @@ class ToolSpec:
         )
 
 
-def require_scope(ctx: Context, scope: str, what: str) -> None:
+def require_session(ctx: Context, what: str) -> SessionRecord:
     """A tool runs for a session only: no session is never the owner (fail closed)."""
     if ctx.session is None:
         raise SessionRequired(
             f"{what} needs a session", hint='ask the person to run "apm delegate"'
         )
-    have = ctx.session.scope
-    refused = filtered_admin(ctx.session, scope)
+    return ctx.session
+
+
+def require_scope(ctx: Context, scope: str, what: str) -> None:
+    """For a tool with its own runner: the session's scope, checked here (fail closed)."""
+    rec = require_session(ctx, what)
+    have = rec.scope
+    refused = filtered_admin(rec, scope)
     if refused is not None:
         raise refused
     if scope_rank(have) < scope_rank(scope):

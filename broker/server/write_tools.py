@@ -47,7 +47,7 @@ from broker.wire.protocol import (
 from .approval_view import approval_lines
 from .context import Context
 from .dispatch import invoke
-from .operations import find
+from .operations import Rule, find, tool_operation
 from .planners import (
     AddEntryArgs,
     Build,
@@ -302,12 +302,19 @@ def two_phase(tool: str, args: type[TxArgs], build: Build) -> Callable[[Context,
 # ------------------------------------------------------------------ transaction tools
 
 
+# this session's own transactions; the tool call is audited by its caller
+OWN_TX = Rule(scope="write", audit="none")
+OWN_TX_ADMIN = Rule(scope="admin", audit="none")
+
+
+@tool_operation("tx.status", TxStatusArgs, TxInfo, OWN_TX, ("tx_status",))
 async def _tx_status(ctx: Context, a: TxStatusArgs) -> TxInfo:
     accessor = ctx.session.accessor if ctx.session is not None else None
     tx = ctx.state.txs.get(a.tx_id, accessor)
     return tx.info(ctx.state.clock())
 
 
+@tool_operation("tx.mine", TxListArgs, TxListOut, OWN_TX_ADMIN, ("tx_list",))
 async def _tx_list(ctx: Context, a: TxListArgs) -> TxListOut:
     accessor = ctx.session.accessor if ctx.session is not None else None
     now = ctx.state.clock()
@@ -315,6 +322,7 @@ async def _tx_list(ctx: Context, a: TxListArgs) -> TxListOut:
     return TxListOut(transactions=[t.info(now) for t in txs])
 
 
+@tool_operation("tx.abort", TxStatusArgs, TxInfo, OWN_TX_ADMIN, ("tx_abort",))
 async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
     if ctx.session is None:
         raise PermissionDenied("tx_abort needs a session")
@@ -407,7 +415,7 @@ WRITE_TOOLS: tuple[ToolSpec, ...] = (
         scope="write",
         args=TxStatusArgs,
         out=TxInfo,
-        run=_tx_status,
+        op="tx.status",
     ),
     ToolSpec(
         name="tx_list",
@@ -416,7 +424,7 @@ WRITE_TOOLS: tuple[ToolSpec, ...] = (
         scope="admin",
         args=TxListArgs,
         out=TxListOut,
-        run=_tx_list,
+        op="tx.mine",
     ),
     ToolSpec(
         name="tx_abort",
@@ -425,7 +433,7 @@ WRITE_TOOLS: tuple[ToolSpec, ...] = (
         scope="admin",
         args=TxStatusArgs,
         out=TxInfo,
-        run=_tx_abort,
+        op="tx.abort",
         read_only=False,
         idempotent=True,
     ),
