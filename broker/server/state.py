@@ -298,6 +298,11 @@ class State:
         chain = self.ancestry.get(peer.pid)
         return chain[0].exe if chain else None
 
+    def tool_naming(self, rec: SessionRecord | None) -> str:
+        """The MCP tool naming a session sees: its own, chosen at delegation, else the
+        broker's [mcp] tool_names (the one place this rule is written)."""
+        return (rec.tool_names if rec is not None else None) or self.mcp_tool_names or "apm"
+
     def record(self, event: str, ctx: Caller | None = None, **fields: Any) -> None:
         """Append an audit record; raises StorageError so the caller refuses the operation."""
         if self.audit is None:
