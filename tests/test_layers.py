@@ -100,7 +100,9 @@ def test_the_relay_contract_is_stdlib_only() -> None:
 
 
 def test_dispatch_and_its_operations_load_neither_zmq_nor_the_mcp_sdk() -> None:
-    loaded = _loaded_after("import broker.server.dispatch, broker.server.handlers")
+    loaded = _loaded_after(
+        "import broker.server.dispatch, broker.server.handlers, broker.server.tool_operations"
+    )
     assert {"broker.server.dispatch", "broker.server.peer"} <= loaded
     assert _offenders(loaded, ["zmq", "mcp", "shim"]) == []
 

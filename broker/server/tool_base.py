@@ -7,18 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import mcp.types as types
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
 from broker.core.sessions import SessionRecord, scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
 from .context import Context
 from .operations import filtered_admin
+from .tool_args import Args
 
-
-class Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+__all__ = ["Args", "Run", "ToolSpec", "require_scope", "require_session"]
 
 Run = Callable[[Context, Any], Awaitable[BaseModel]]
 

@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import mcp.types as types
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from broker.core.sessions import scope_rank
 from broker.core.transactions import Transaction
@@ -47,7 +47,7 @@ from broker.wire.protocol import (
 from .approval_view import approval_lines
 from .context import Context
 from .dispatch import invoke
-from .operations import Rule, find, tool_operation
+from .operations import find
 from .planners import (
     AddEntryArgs,
     Build,
@@ -62,7 +62,8 @@ from .planners import (
     _plan_generate,
     _plan_spaces,
 )
-from .tool_base import Args, ToolSpec
+from .tool_base import ToolSpec
+from .tool_operations import TxListArgs, TxListOut, TxStatusArgs
 
 log = logging.getLogger("apm.broker.tx")
 
@@ -78,18 +79,6 @@ class WriteOut(BaseModel):
     next_step: str
     entry: EntryMeta | None = None
     generated: str | None = None  # a generated password, only for sessions with `secrets`
-
-
-class TxStatusArgs(Args):
-    tx_id: str = Field(max_length=64)
-
-
-class TxListArgs(Args):
-    status: str | None = None
-
-
-class TxListOut(BaseModel):
-    transactions: list[TxInfo]
 
 
 # ------------------------------------------------------------------ the two phases
@@ -300,36 +289,6 @@ def two_phase(tool: str, args: type[TxArgs], build: Build) -> Callable[[Context,
 
 
 # ------------------------------------------------------------------ transaction tools
-
-
-# this session's own transactions; the tool call is audited by its caller
-OWN_TX = Rule(scope="write", audit="none")
-OWN_TX_ADMIN = Rule(scope="admin", audit="none")
-
-
-@tool_operation("tx.status", TxStatusArgs, TxInfo, OWN_TX, ("tx_status",))
-async def _tx_status(ctx: Context, a: TxStatusArgs) -> TxInfo:
-    accessor = ctx.session.accessor if ctx.session is not None else None
-    tx = ctx.state.txs.get(a.tx_id, accessor)
-    return tx.info(ctx.state.clock())
-
-
-@tool_operation("tx.mine", TxListArgs, TxListOut, OWN_TX_ADMIN, ("tx_list",))
-async def _tx_list(ctx: Context, a: TxListArgs) -> TxListOut:
-    accessor = ctx.session.accessor if ctx.session is not None else None
-    now = ctx.state.clock()
-    txs = ctx.state.txs.listing(accessor, {a.status} if a.status else None)
-    return TxListOut(transactions=[t.info(now) for t in txs])
-
-
-@tool_operation("tx.abort", TxStatusArgs, TxInfo, OWN_TX_ADMIN, ("tx_abort",))
-async def _tx_abort(ctx: Context, a: TxStatusArgs) -> TxInfo:
-    if ctx.session is None:
-        raise PermissionDenied("tx_abort needs a session")
-    tx = ctx.state.txs.abort(a.tx_id, ctx.session.accessor)
-    ctx.state.record("tx.aborted", ctx, tx=tx.tx_id)
-    await ctx.state.save_tx(tx)
-    return tx.info(ctx.state.clock())
 
 
 WRITE_TOOLS: tuple[ToolSpec, ...] = (
