@@ -448,13 +448,6 @@ _MENTION = re.compile(r"\b(" + "|".join(APONO_NAMES) + r")\b")
 _TEXT_KEYS = frozenset({"next_step", "note", "how_to_get_more_access", "hint"})
 
 
-def naming_for(ctx: Context) -> str:
-    """The session's tool naming, else the broker's [mcp] tool_names."""
-    rec = ctx.session
-    chosen = rec.tool_names if rec is not None else None
-    return chosen or getattr(ctx.state, "mcp_tool_names", "apm") or "apm"
-
-
 def public_name(name: str, naming: str) -> str:
     return TOOL_NAMINGS.get(naming, {}).get(name, name)
 
@@ -665,7 +658,7 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
 async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
-    naming = naming_for(ctx)
+    naming = ctx.naming  # the session's, else the broker's (State.tool_naming)
     try:
         spec = spec_for(name, naming)
         if spec is None:
