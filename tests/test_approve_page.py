@@ -19,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from broker.core.bindings import AncestryCache
-from broker.server.approval_page import PageServer
+from broker.server.page_server import PageServer
 from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 

@@ -110,6 +110,7 @@ def _modules_after(argv: list[str], env: dict[str, str], tmp: Path) -> set[str]:
 
 LEAN_CLI = {"broker.cli", "broker.cli.main", "broker.cli.oneshot", "broker.cli.auth"}
 LEAN_CLI |= {"broker.cli.client", "broker.cli.run_cmd", "broker.cli.masking", "broker.cli.parser"}
+LEAN_CLI |= {"broker.cli.raw_calls"}  # the calls the lean path and `apm run` share
 HEAVY = ["pydantic", "pydantic_core", "broker.wire.protocol", "broker.wire.entries"]
 HEAVY += ["cryptography", "mcp", "psutil", "uuid", "getpass"]
 

@@ -36,7 +36,7 @@ def _complete(script: str, *words: str) -> list[str]:
 
 
 def test_bash_loads_the_generated_script_and_completes_commands_options_and_choices() -> None:
-    script = bash()
+    script = bash(build_parser())
     assert sorted(set(_complete(script, "")) & set(TOP)) == TOP
     assert _complete(script, "ge") == ["get", "generate"]
     assert set(_complete(script, "get", "svc", "--c")) == {"--clip", "--clear-after"}
@@ -73,7 +73,7 @@ def test_the_installed_apm_prints_a_script_bash_accepts() -> None:
 
 
 def test_zsh_and_fish_scripts_name_every_command() -> None:
-    z, f = zsh(), fish()
+    z, f = zsh(build_parser()), fish(build_parser())
     assert z.startswith("#compdef apm")
     for cmd in TOP:
         assert f"'_root:{cmd}'" in z
@@ -88,7 +88,7 @@ def test_zsh_and_fish_scripts_name_every_command() -> None:
 
 
 def test_the_man_page_lists_every_command_and_renders_without_warnings() -> None:
-    page = man()
+    page = man(build_parser())
     assert page.startswith(".TH APM 1 ")
     for cmd in TOP:
         assert f".SS apm {cmd}" in page
@@ -163,7 +163,7 @@ def _zsh_complete(tmp_path: Path, line: str) -> list[str]:
     exe = ensure_shell("zsh")
     comp = tmp_path / "zfunc"
     comp.mkdir(exist_ok=True)
-    (comp / "_apm").write_text(zsh())
+    (comp / "_apm").write_text(zsh(build_parser()))
     init = tmp_path / "init.zsh"
     init.write_text(ZSH_INIT)
     driver = tmp_path / "driver.zsh"
@@ -201,7 +201,7 @@ def test_zsh_loads_the_generated_function_and_completes_subcommands_and_choices(
 def _fish_complete(tmp_path: Path, line: str) -> list[str]:
     exe = ensure_shell("fish")
     script = tmp_path / "apm.fish"
-    script.write_text(fish())
+    script.write_text(fish(build_parser()))
     proc = subprocess.run(
         [exe, "--no-config", "-c", f"source {script}; complete -C {_fish_arg(line)}"],
         capture_output=True,

@@ -22,7 +22,7 @@ from broker.core.sessions import CreateSpec
 from broker.core.vault import Change, Vault
 from broker.server import mcp_tools
 from broker.server.context import Context
-from broker.server.operations import OPERATIONS
+from broker.server.operations import OPERATIONS, TOOL_OPERATIONS
 
 from .twin import Twin, twin_of
 
@@ -343,26 +343,87 @@ async def test_every_refused_tool_argument_names_a_field_of_that_tools_schema(tw
 
 def test_the_operation_table_names_real_tools_and_each_write_tool_runs_mutating_ones() -> None:
     by_tool: dict[str, set[str]] = {}
-    for op in OPERATIONS.values():
+    for op in [*OPERATIONS.values(), *TOOL_OPERATIONS.values()]:
         for tool in op.tools:
             assert tool in mcp_tools.TOOLS_BY_NAME, (op.name, tool)
             by_tool.setdefault(tool, set()).add(op.name)
     changing = {
         t.name
         for t in mcp_tools.TOOLS
-        if t.scope == "write" and not t.read_only and not t.name.startswith("tx_")
+        if t.scope in ("write", "admin") and not t.read_only and not t.name.startswith("tx_")
     }
-    # install_plugin changes no vault data: its commit (plugin.enable) is not a broker
-    # operation and is always the owner's decision, whatever the session's policy
-    changing.discard("install_plugin")
-    # cloud_sync changes no vault data either: it runs sync.status / sync.now (write scope)
+    # cloud_sync changes no vault data: it runs sync.status / sync.now (write scope)
     changing.discard("cloud_sync")
-    assert len(changing) == 5
+    assert len(changing) == 7
     for tool in changing:
         assert by_tool.get(tool), tool
-        assert all(OPERATIONS[o].rule.mutating for o in by_tool[tool]), tool
+        ops = [OPERATIONS.get(o) or TOOL_OPERATIONS[o] for o in by_tool[tool]]
+        assert all(op.rule.mutating for op in ops), tool
     # a rule's audit class and mutating flag are consistent: every change leaves an attempt
-    assert all(op.rule.audit == "change" for op in OPERATIONS.values() if op.rule.mutating)
+    every = [*OPERATIONS.values(), *TOOL_OPERATIONS.values()]
+    assert all(op.rule.audit == "change" for op in every if op.rule.mutating)
+
+
+# ------------------------------------------- changes only a tool proposes (plugin, sync config)
+
+
+def test_the_changes_only_a_tool_proposes_are_declared_operations_in_this_matrix() -> None:
+    mutating = {n for n, op in TOOL_OPERATIONS.items() if op.rule.mutating}
+    assert mutating == {"plugin.enable", "sync.configure"}  # each has its test below
+    assert not set(TOOL_OPERATIONS) & set(OPERATIONS)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_plugin_is_enabled_only_after_the_owner_approved_whatever_the_policy(
+    twin: Twin, policy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from broker.plugin_state import read_enabled
+
+    from .test_plugins import install_demo
+
+    install_demo(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("APM_HOME", str(tmp_path / "home"))
+    token, rec = twin.session(approve=policy)
+    # no wire method reaches it: a raw frame is an unknown method, for a session or the owner
+    for creds in ({"token": token}, {"password": PASSWORD}):
+        raw = await twin.wire("plugin.enable", {"distribution": "apm-demo-plugin"}, **creds)
+        assert raw.error is not None and raw.error.code == "INVALID_PARAMETERS"
+    shown = await twin.body(rec, "install_plugin", {"distribution": "apm-demo-plugin"})
+    assert shown["status"] == "pending" and shown["policy"] == "owner", shown
+    commit = {"tx_id": shown["tx_id"], "approve": True}
+    waiting = await twin.body(rec, "install_plugin", commit, mcp=FakeElicitation(answer=True))
+    assert waiting["status"] == "pending_owner_approval"  # the client's yes is not enough
+    assert read_enabled() == set()
+    own = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, token=token)
+    assert own.error is not None and own.error.code == "PERMISSION_DENIED"
+    ok = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, password=PASSWORD)
+    assert ok.ok and ok.result is not None and ok.result["status"] == "approved"
+    assert read_enabled() == set()  # it lands at the agent's commit
+    done = await twin.body(rec, "install_plugin", commit)
+    assert done["status"] == "committed", done
+    assert read_enabled() == {"importer.demo", "importer.broken"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_sync_endpoint_change_reaches_its_operation_only_after_the_owner_approved(
+    twin: Twin, policy: str
+) -> None:
+    _, rec = twin.session("admin", approve=policy)
+    args = {"action": "set_endpoints", "endpoints": ["http://127.0.0.1:2379"]}
+    shown = (await twin.body(rec, "cloud_config", args))["change"]
+    assert shown["status"] == "pending" and shown["policy"] == "owner", shown
+    commit = {"tx_id": shown["tx_id"], "approve": True}
+    waiting = await twin.body(rec, "cloud_config", commit, mcp=FakeElicitation(answer=True))
+    assert waiting["change"]["status"] == "pending_owner_approval"
+    ok = await twin.wire("tx.approve", {"tx_id": shown["tx_id"]}, password=PASSWORD)
+    assert ok.ok, ok.error
+    # approved, the commit runs sync.configure's handler: this vault syncs no space
+    done = await twin.body(rec, "cloud_config", commit)
+    assert done["error"] and done["code"] == "INVALID_PARAMETERS"
+    assert "syncs no space" in done["message"]
 
 
 @pytest.mark.anyio
@@ -379,3 +440,39 @@ async def test_a_batch_add_of_a_human_approved_session_never_lands(twin: Twin, p
     # not held yet (a batch has no preview): refused, fail closed, nothing lands
     assert not resp.ok and resp.error is not None
     assert snapshot(twin) == before
+
+
+# ------------------------------------------- tools as thin adapters over operations (#12.2)
+
+
+def test_admin_request_and_tx_tools_run_one_operation_whose_rule_matches_their_catalog_entry() -> (
+    None
+):
+    thin = {
+        "get_audit_logs", "get_history", "manage_profiles", "request_access",
+        "get_request_status", "get_access_details", "list_my_requests", "tx_status", "tx_list",
+        "tx_abort",
+    }  # fmt: skip
+    by_name = mcp_tools.TOOLS_BY_NAME
+    assert {name for name, spec in by_name.items() if spec.op is not None} >= thin
+    for spec in mcp_tools.TOOLS:
+        if spec.op is None:
+            continue
+        op = OPERATIONS.get(spec.op) or TOOL_OPERATIONS[spec.op]
+        assert spec.name in op.tools, spec.name
+        # the published schemas are the operation's models; the catalog's scope is the gate's
+        assert (spec.args, spec.out) == (op.params, op.result), spec.name
+        assert op.rule.scope == spec.scope and spec.run is None, spec.name
+
+
+@pytest.mark.anyio
+async def test_a_session_lacking_a_thin_tools_scope_is_refused_by_the_gate_and_the_denial_kept(
+    twin: Twin,
+) -> None:
+    _, rec = twin.session("read")
+    for tool, args in (("get_audit_logs", {}), ("tx_list", {}), ("tx_status", {"tx_id": "tx_x"})):
+        body = await twin.body(rec, tool, args)
+        assert body["error"] and body["code"] == "PERMISSION_DENIED", tool
+    # refused by the gate, as a wire method would be: `apm session why` can show it
+    reasons = [d.reason for d in twin.state.sessions().denials[rec.accessor]]
+    assert reasons == ["scope read lacks admin", "scope read lacks admin", "scope read lacks write"]

@@ -32,7 +32,7 @@ def test_generator_refuses_no_classes_and_lengths_out_of_range() -> None:
 
 
 def test_the_mcp_tool_generates_through_the_same_function(monkeypatch: pytest.MonkeyPatch) -> None:
-    from broker.server import write_tools
+    from broker.server import planners
 
     seen: list[int] = []
 
@@ -40,8 +40,8 @@ def test_the_mcp_tool_generates_through_the_same_function(monkeypatch: pytest.Mo
         seen.append(length)
         return "x" * length
 
-    monkeypatch.setattr(write_tools, "generate_password", fake)
-    out = write_tools.generate(write_tools.GeneratePasswordArgs(entry="e", length=33))
+    monkeypatch.setattr(planners, "generate_password", fake)
+    out = planners.generate(planners.GeneratePasswordArgs(entry="e", length=33))
     assert out == "x" * 33
     assert seen == [33]
 

@@ -100,6 +100,111 @@ def test_the_relay_contract_is_stdlib_only() -> None:
 
 
 def test_dispatch_and_its_operations_load_neither_zmq_nor_the_mcp_sdk() -> None:
-    loaded = _loaded_after("import broker.server.dispatch, broker.server.handlers")
+    loaded = _loaded_after(
+        "import broker.server.dispatch, broker.server.handlers, broker.server.tool_operations"
+    )
     assert {"broker.server.dispatch", "broker.server.peer"} <= loaded
     assert _offenders(loaded, ["zmq", "mcp", "shim"]) == []
+
+
+# ---------------------------------------------------------------- import cycles among modules
+
+# function-local imports that may close a loop, each with its reason; every other import
+# (module level, under TYPE_CHECKING, or inside a function) counts
+LAZY_EXEMPT: dict[tuple[str, str], str] = {}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, dict[str, int]]:
+    """broker module -> {broker module it imports: line}, read from the source (nothing run)."""
+    import ast
+
+    files = {_module_name(p): p for p in (ROOT / "broker").rglob("*.py")}
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import mod` names a module; `from mod import name` the module
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names
+                ]
+            for target in targets:
+                while target and target not in files:  # `import a.b.c` of a name inside c
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    edges.setdefault(target, node.lineno)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles_among_broker_modules() -> None:
+    graph = _import_graph()
+    for (importer, imported), reason in LAZY_EXEMPT.items():
+        assert reason and imported in graph.get(importer, {}), (importer, imported)
+        del graph[importer][imported]
+    found = [
+        [f"{a} -> {b} (line {graph[a][b]})" for a in comp for b in comp if b in graph[a]]
+        for comp in _cycles(graph)
+    ]
+    assert found == [], "import cycles: break them, or exempt a lazy import with its reason"
+
+
+def test_the_cycle_check_finds_a_planted_cycle() -> None:
+    """Guards the check above against a graph reader that sees no edges."""
+    graph = _import_graph()
+    assert "broker.server.operations" in graph["broker.server.dispatch"]
+    assert "broker.server.approval" in graph["broker.server.dispatch"]  # function-local counts
+    graph["broker.server.operations"]["broker.server.dispatch"] = 1
+    assert any("broker.server.dispatch" in c for c in _cycles(graph))

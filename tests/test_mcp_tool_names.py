@@ -289,3 +289,33 @@ def test_server_instructions_name_the_active_set() -> None:
     text = instructions(rec, "apono")
     assert "Call user_apono_assist " in text and "Call assist " not in text
     assert "search_entries" in text  # the other tools keep their names
+
+
+def test_the_naming_rule_is_written_once_and_carried_by_the_context(tmp_path: Path) -> None:
+    """A session's own naming wins, else the broker's [mcp] tool_names; the context, tools/list
+    and the server instructions all read it from State.tool_naming."""
+    from datetime import UTC, datetime, timedelta
+
+    from broker.core.key_cache import LockPolicy, OpenVault
+    from broker.core.sessions import SessionRecord
+    from broker.server.context import Context
+    from broker.server.peer import Peer
+    from broker.server.state import State
+
+    from .twin import twin_paths
+
+    state = State(paths=twin_paths(tmp_path), cache=OpenVault(LockPolicy()))
+    now = datetime.now(UTC)
+    rec = SessionRecord(
+        accessor="ses_x", token_hash="h", created_at=now, expires_at=now + timedelta(hours=1)
+    )
+    ctx = Context(state=state, peer=Peer(uid=0, gid=0, pid=None), auth=None, request_id="1")
+    try:
+        assert state.tool_naming(None) == state.tool_naming(rec) == ctx.naming == "apm"
+        state.mcp_tool_names = "apono"
+        assert state.tool_naming(rec) == ctx.naming == "apono"
+        ctx.session = rec.model_copy(update={"tool_names": "apm"})
+        assert ctx.naming == "apm"  # the session's choice beats the broker's
+    finally:
+        state.kdf_pool.shutdown(wait=True)
+        state.io_pool.shutdown(wait=True)

@@ -6,22 +6,25 @@ import argparse
 import sys
 
 
-def cmd_completion(args: argparse.Namespace) -> int:
+def cmd_completion(args: argparse.Namespace, root: argparse.ArgumentParser) -> int:
     from . import completion
 
     script = {"bash": completion.bash, "zsh": completion.zsh, "fish": completion.fish}
-    sys.stdout.write(script[args.shell]())
+    sys.stdout.write(script[args.shell](root))
     return 0
 
 
-def cmd_man(args: argparse.Namespace) -> int:
+def cmd_man(args: argparse.Namespace, root: argparse.ArgumentParser) -> int:
     from .completion import man
 
-    sys.stdout.write(man())
+    sys.stdout.write(man(root))
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], root: argparse.ArgumentParser
+) -> None:
+    """`root`: apm's whole parser, which the generators describe (handed in by `main`)."""
     p = sub.add_parser(
         "completion",
         help="print a shell completion script (bash, zsh, fish)",
@@ -31,10 +34,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "~/.config/fish/completions/apm.fish",
     )
     p.add_argument("shell", choices=("bash", "zsh", "fish"), help="the shell to complete for")
-    p.set_defaults(func=cmd_completion)
+    p.set_defaults(func=lambda args: cmd_completion(args, root))
     p = sub.add_parser(
         "man",
         help="print apm's man page (roff), generated from the parser",
         description="Print the apm(1) man page. View it with: apm man | man -l -",
     )
-    p.set_defaults(func=cmd_man)
+    p.set_defaults(func=lambda args: cmd_man(args, root))

@@ -115,10 +115,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--space", help="only logins in this space (default: all; env APM_CREDENTIAL_SPACE)"
     )
     p.set_defaults(func=cmd_credential, password_stdin=False)
-
-
-def git_main() -> int:
-    """`git-credential-apm [--space S] ACTION`: what git runs for credential.helper=apm."""
-    from .main import main
-
-    return main(["credential", *sys.argv[1:]])

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor_cmd.register(sub)
     broker_cmd.register(sub)
     credential_cmd.register(sub)
-    completion_cmd.register(sub)
+    completion_cmd.register(sub, parser)
     return parser
 
 
@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None, *, lean: bool = True) -> int:
         return code
     except (Exception, KeyboardInterrupt) as exc:
         return report(exc)
+
+
+def git_main() -> int:
+    """`git-credential-apm [--space S] ACTION`: what git runs for credential.helper=apm."""
+    return main(["credential", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
 They start in a fraction of the full CLI's time: the parser knows only the one command, requests
 are plain dicts (the frames `broker.wire.protocol` models would encode), and no pydantic or other
-command module is imported. Without a session (the owner's password), `main` takes the full path.
+command module is imported (`run_cmd` is itself lean, and `raw_calls` holds the calls both
+make). Without a session (the owner's password), `main` takes the full path.
 
 Rules:
 - Same contract as the full path: the same wire frames, client-side checks with the same
@@ -20,14 +21,13 @@ import re
 import sys
 from typing import Any
 
-from broker.wire.errors import InternalError, InvalidParameters
-from broker.wire.limits import FIELD_NAME_PATTERN, NAME_MAX, RESOLVE_REFS_MAX, SPACE_PATTERN
+from broker.wire.limits import FIELD_NAME_PATTERN, NAME_MAX, SPACE_PATTERN
 
-from .auth import AGENT_ENV, Credentials, session_token
+from .auth import AGENT_ENV, session_token
 from .client import BrokerClient
+from .raw_calls import invalid, result_field
 
 HOT = ("get", "totp", "run")
-INVALID_HINT = 'see "apm COMMAND --help"'
 
 
 def _password_stdin(p: argparse.ArgumentParser) -> None:
@@ -76,11 +76,6 @@ def _register(sub: argparse._SubParsersAction[argparse.ArgumentParser], command:
         run_cmd.register(sub)
 
 
-def _invalid(bad: list[str]) -> InvalidParameters:
-    """What the full path says for a pydantic ValidationError on these fields."""
-    return InvalidParameters(f"invalid value for {', '.join(sorted(set(bad)))}", hint=INVALID_HINT)
-
-
 def entry_ref(name: str, space: str | None, **extra: str | None) -> dict[str, Any]:
     """EntryRef / EntryGetParams as a dict, checked as their models check them."""
     bad = []
@@ -92,7 +87,7 @@ def entry_ref(name: str, space: str | None, **extra: str | None) -> dict[str, An
         if value is not None and not re.fullmatch(FIELD_NAME_PATTERN, value):
             bad.append(key)
     if bad:
-        raise _invalid(bad)
+        raise invalid(bad)
     params: dict[str, Any] = {"ref": name}
     if space is not None:
         params["space"] = space
@@ -104,18 +99,11 @@ def _session(args: argparse.Namespace) -> dict[str, Any]:
     return {"token": session_token(args), "agent": os.environ.get(AGENT_ENV) or None}
 
 
-def _field(result: dict[str, Any], key: str, kind: type) -> Any:
-    value = result.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise InternalError(f"broker sent a result without {key!r}")
-    return value
-
-
 def cmd_get(args: argparse.Namespace) -> int:
     params = entry_ref(args.name, args.space, field=args.field)
     with BrokerClient() as c:
         res = c.call_raw("entry.get", params, **_session(args))
-    value: str = _field(res, "value", str)
+    value: str = result_field(res, "value", str)
     sys.stdout.write(value + ("" if args.no_newline else "\n"))
     sys.stdout.flush()
     return 0
@@ -128,7 +116,7 @@ def cmd_totp(args: argparse.Namespace) -> int:
     params = entry_ref(args.name, args.space)
     with BrokerClient() as c:
         res = c.call_raw("entry.totp", params, **_session(args))
-    totp = {key: _field(res, key, kind) for key, kind in TOTP_KEYS}
+    totp = {key: result_field(res, key, kind) for key, kind in TOTP_KEYS}
     if args.json:
         import json
 
@@ -137,18 +125,6 @@ def cmd_totp(args: argparse.Namespace) -> int:
         sys.stdout.write(totp["code"] + "\n")
         sys.stderr.write(f"apm: valid for {totp['remaining']} more seconds\n")
     return 0
-
-
-def resolve_refs(refs: list[str], who: Credentials) -> dict[str, str]:
-    """secret.resolve for `apm run`: {ref: value}, with the session or the owner's password."""
-    if not 1 <= len(refs) <= RESOLVE_REFS_MAX:
-        raise _invalid(["refs"])
-    with BrokerClient() as c:
-        res = c.call_raw("secret.resolve", {"refs": refs}, **who.creds())
-    secrets = res.get("secrets")
-    if not isinstance(secrets, list):
-        raise InternalError("broker sent a result without 'secrets'")
-    return {_field(s, "ref", str): _field(s, "value", str) for s in secrets}
 
 
 def parse(argv: list[str]) -> argparse.Namespace | None:

@@ -28,7 +28,7 @@ from broker.wire.errors import InvalidParameters
 
 from .auth import AGENT_ENV, TOKEN_ENV, Credentials
 from .masking import Masker
-from .oneshot import resolve_refs  # lean: `apm run` starts without pydantic
+from .raw_calls import resolve_refs  # lean: `apm run` starts without pydantic
 
 FORWARDED = (
     signal.SIGINT,

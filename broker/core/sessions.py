@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from broker.wire.errors import InvalidParameters, SessionRequired
+from broker.wire.protocol import SessionFields
 
 from .bindings import AGENT_PROFILES, AgentProfile, AncestryCache, Proc, file_identity
 from .vault_file import atomic_write
@@ -88,23 +89,14 @@ class EntryFilter(BaseModel):
         )
 
 
-class SessionRecord(BaseModel):
-    accessor: str
+class SessionRecord(SessionFields):
+    """A session as the broker stores it: the fields it shares with its wire view
+    (`protocol.SessionFields`, declared once) plus the token's hash and the structured filter
+    and bindings, which the view shows in display form (`session_handlers.session_info`)."""
+
     token_hash: str
-    label: str = ""
-    scope: Scope = "read"
-    created_at: datetime
-    expires_at: datetime
-    idle_seconds: int | None = None
-    max_uses: int | None = None
-    last_used_at: datetime | None = None
-    use_count: int = 0
     filter: EntryFilter = Field(default_factory=EntryFilter)
     bindings: Bindings = Field(default_factory=Bindings)
-    revoked_at: datetime | None = None
-    declared_agent: str | None = None
-    approve: Approver = "agent"  # who approves this session's writes
-    tool_names: ToolNames | None = None  # None: the broker's [mcp] tool_names
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:

@@ -1,6 +1,6 @@
 """The approval policy's two ends for changes that arrive as wire requests (an `apm` command
 run with a session, or a raw frame): `hold` turns the change into a pending transaction, and
-`execute` runs it once the person has approved it with `apm tx approve`.
+`tx_handlers` runs it once the person has approved it with `apm tx approve`.
 
 Rules:
 - A held change is pinned before it is stored: the entry by id and version, a space by the
@@ -13,11 +13,11 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from typing import NoReturn
 
 from pydantic import BaseModel
 
-from broker.core.transactions import Transaction
 from broker.wire.errors import ApprovalPending, InvalidParameters, TransactionConflict
 from broker.wire.protocol import (
     EntryAddParams,
@@ -29,9 +29,8 @@ from broker.wire.protocol import (
 )
 
 from .context import Context
-from .dispatch import invoke, log
-from .operations import OPERATIONS, Operation
-from .write_tools import (
+from .operations import Operation
+from .planners import (
     AddEntryArgs,
     DeleteEntryArgs,
     EditEntryArgs,
@@ -42,6 +41,9 @@ from .write_tools import (
     _plan_edit,
     _plan_spaces,
 )
+
+# below the gate (`dispatch` imports `hold`): nothing here runs an operation
+log = logging.getLogger("apm.broker")
 
 
 def _revealed(values: dict[str, object]) -> dict[str, str]:
@@ -143,37 +145,3 @@ async def hold(ctx: Context, op: Operation, params: BaseModel) -> NoReturn:
         + (f" or on the page {page} (on this machine)" if page else ""),
         data={"tx_id": tx.tx_id, "approve": command, "preview": tx.preview, "page_url": page},
     )
-
-
-async def execute(ctx: Context, tx: Transaction) -> None:
-    """Run a held change the owner just approved, as the session that asked for it (its
-    filter and scope still apply); the audit record naming the receipt precedes the change."""
-    state = ctx.state
-    rec = state.sessions().records.get(tx.accessor)
-    if rec is None or rec.state(state.clock()) != "active":
-        state.txs.conflicted(tx, "the session that asked for it has ended")
-        await state.save_tx(tx)
-        raise TransactionConflict(
-            "the session that asked for this change has ended; nothing was changed",
-            data={"tx_id": tx.tx_id},
-        )
-    as_session = Context(
-        state=state,
-        peer=ctx.peer,
-        auth=None,
-        request_id=ctx.request_id,
-        session=rec,
-        exe=ctx.exe,
-    )
-    receipt = state.txs.new_receipt()
-    state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
-    try:
-        with state.landing(tx, receipt) as at:  # its record lands with the change
-            await invoke(as_session, OPERATIONS[tx.method], tx.params, tx=tx)
-    except TransactionConflict:
-        state.txs.conflicted(tx, "conflict: the entry changed since the preview")
-        await state.save_tx(tx)
-        raise
-    state.txs.committed(tx, receipt, at)
-    await state.save_tx(tx)
-    log.info("committed held %s (%s) receipt %s", tx.tx_id, tx.method, receipt)

@@ -80,6 +80,11 @@ class Context:
                 data={"needed": "reveal", "grant": "use", "request": grant.id},
             )
 
+    @property
+    def naming(self) -> str:
+        """The MCP tool naming this caller sees (its session's, else the broker's)."""
+        return self.state.tool_naming(self.session)
+
     def allows(self, space: str, tags: list[str], name: str) -> bool:
         f = self.session.filter if self.session is not None else None
         return f is None or f.empty or f.allows(space, tags, name)

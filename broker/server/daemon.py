@@ -376,7 +376,7 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         frontend = await _start_http(state, http) if http is not None else None
         page = None
         if frontend is None or not frontend.serves_page:
-            from .approval_page import PageServer
+            from .page_server import PageServer
 
             page = PageServer(state, config.approve_port)
             await page.start()

@@ -44,7 +44,7 @@ from broker.wire.protocol import (
 )
 
 from .context import Context, totp_seed_field
-from .operations import OPERATIONS, Operation, Rule
+from .operations import OPERATIONS, Operation, Rule, filtered_admin
 from .peer import Peer
 from .state import State, Throttle
 
@@ -251,19 +251,6 @@ def _owner_only() -> PermissionDenied:
     return PermissionDenied(
         "this operation needs the owner's master password; a session is never enough",
         hint="the person runs it from their own terminal",
-    )
-
-
-def filtered_admin(rec: SessionRecord, needed: str) -> PermissionDenied | None:
-    """Admin operations see the whole vault's audit log, sessions and transactions; a session
-    limited to some entries never gets them (delegation refuses the pair; this refuses one
-    stored by an older version)."""
-    if needed != "admin" or rec.filter.empty:
-        return None
-    return PermissionDenied(
-        "a session limited to some entries cannot use admin operations",
-        hint="ask the owner for an admin session without an entry filter",
-        data={"needed": needed, "scope": rec.scope},
     )
 
 

@@ -410,7 +410,7 @@ class McpHost:
             "apm",
             version=__version__,
             title=SERVER_TITLE,
-            instructions=instructions(rec, rec.tool_names or self.state.mcp_tool_names),
+            instructions=instructions(rec, self.state.tool_naming(rec)),
             on_list_tools=list_tools,
             on_call_tool=call_tool,
         )
@@ -440,8 +440,8 @@ async def serve_list(state: State, authorize: Authorize) -> types.ListToolsResul
         r.status(now) == "approved" and r.access == "reveal"
         for r in state.requests().listing(rec.accessor)
     )
-    naming = rec.tool_names or state.mcp_tool_names
-    return types.ListToolsResult(tools=mcp_tools.tools_for(rec.scope, has_grant, naming))
+    tools = mcp_tools.tools_for(rec.scope, has_grant, state.tool_naming(rec))
+    return types.ListToolsResult(tools=tools)
 
 
 async def serve_call(

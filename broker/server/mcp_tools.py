@@ -38,11 +38,11 @@ from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
 from .context import Context
 from .dispatch import invoke, to_wire_error
-from .operations import OPERATIONS
+from .operations import OPERATIONS, find
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
-from .tool_base import Args, ToolSpec, require_scope
+from .tool_base import Args, ToolSpec, require_scope, require_session
 from .write_tools import WRITE_TOOLS
 
 log = logging.getLogger("apm.broker.mcp")
@@ -448,13 +448,6 @@ _MENTION = re.compile(r"\b(" + "|".join(APONO_NAMES) + r")\b")
 _TEXT_KEYS = frozenset({"next_step", "note", "how_to_get_more_access", "hint"})
 
 
-def naming_for(ctx: Context) -> str:
-    """The session's tool naming, else the broker's [mcp] tool_names."""
-    rec = ctx.session
-    chosen = rec.tool_names if rec is not None else None
-    return chosen or getattr(ctx.state, "mcp_tool_names", "apm") or "apm"
-
-
 def public_name(name: str, naming: str) -> str:
     return TOOL_NAMINGS.get(naming, {}).get(name, name)
 
@@ -665,7 +658,7 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
 async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
-    naming = naming_for(ctx)
+    naming = ctx.naming  # the session's, else the broker's (State.tool_naming)
     try:
         spec = spec_for(name, naming)
         if spec is None:
@@ -674,12 +667,20 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        if spec.grantable and ctx.session is not None:
+        op = find(spec.op) if spec.op is not None else None
+        if op is not None:  # the gate checks the operation's rule: scope, filter, grants
+            require_session(ctx, public_name(spec.name, naming))
+        elif spec.grantable and ctx.session is not None:
             ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank(spec.scope)
         else:
             require_scope(ctx, spec.scope, public_name(spec.name, naming))
         args = spec.args.model_validate(arguments or {})
-        out = await spec.run(ctx, args)
+        if op is not None:
+            out = await invoke(ctx, op, args)
+        elif spec.run is not None:
+            out = await spec.run(ctx, args)
+        else:
+            raise InternalError(f"tool {spec.name} runs nothing")
         structured = out.model_dump(mode="json")
         if TOOL_NAMINGS.get(naming):
             structured = _rename_doc(structured, naming)

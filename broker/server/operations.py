@@ -8,6 +8,9 @@ Rules:
   from `Rule`.
 - Every wire method in `protocol.METHODS` has exactly one operation (tests/test_wire.py).
 - A new operation gets every rule by being declared with `@operation(name, RULE)`.
+- A change only an MCP tool proposes (enabling a plugin, the sync endpoints) is still an
+  operation, declared with `@tool_operation`: it has no wire method, so no raw frame reaches
+  it, and its commit runs through the same gate as every other.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel
 
 from broker.core.requests import GrantKind
+from broker.core.sessions import SessionRecord
+from broker.wire.errors import PermissionDenied
 from broker.wire.protocol import METHODS
 
 AuditClass = Literal["none", "read", "change"]
@@ -64,6 +69,20 @@ SECRETS_USE = Rule(unlocked=True, scope="secrets", grantable=True, grant_kind="u
 WRITE = Rule(unlocked=True, scope="write", mutating=True, audit="change")
 ADMIN = Rule(unlocked=True, scope="admin")
 
+
+def filtered_admin(rec: SessionRecord, needed: str) -> PermissionDenied | None:
+    """Admin operations see the whole vault's audit log, sessions and transactions; a session
+    limited to some entries never gets them (delegation refuses the pair; this refuses one
+    stored by an older version)."""
+    if needed != "admin" or rec.filter.empty:
+        return None
+    return PermissionDenied(
+        "a session limited to some entries cannot use admin operations",
+        hint="ask the owner for an admin session without an entry filter",
+        data={"needed": needed, "scope": rec.scope},
+    )
+
+
 Handler = Callable[[Any, Any], Awaitable[BaseModel]]
 
 
@@ -94,3 +113,32 @@ def operation(name: str, rule: Rule = UNAUDITED, tools: tuple[str, ...] = ()) ->
         return fn
 
     return register
+
+
+# operations with no wire method: reached only by committing an MCP tool's transaction
+TOOL_OPERATIONS: dict[str, Operation] = {}
+
+
+def tool_operation(
+    name: str,
+    params: type[BaseModel],
+    result: type[BaseModel],
+    rule: Rule,
+    tools: tuple[str, ...],
+) -> Callable[[H], H]:
+    """Declare an operation that only `tools` propose; the decorated function is its handler."""
+    if name in METHODS:
+        raise RuntimeError(f"{name} is a wire method: declare it with @operation")
+
+    def register(fn: H) -> H:
+        if name in TOOL_OPERATIONS:
+            raise RuntimeError(f"operation {name} declared twice")
+        TOOL_OPERATIONS[name] = Operation(name, params, result, rule, fn, tools)
+        return fn
+
+    return register
+
+
+def find(name: str) -> Operation | None:
+    """The operation a transaction names: a wire method's, or one only a tool proposes."""
+    return OPERATIONS.get(name) or TOOL_OPERATIONS.get(name)

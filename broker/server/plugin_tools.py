@@ -20,8 +20,10 @@ from broker.plugin_state import read_enabled, write_enabled
 from broker.wire.errors import EntryNotFound, InvalidParameters
 
 from .context import Context
+from .operations import Rule, tool_operation
+from .planners import Plan, TxArgs
 from .tool_base import ToolSpec
-from .write_tools import _EXECUTE, Plan, TxArgs, WriteOut, two_phase
+from .write_tools import WriteOut, two_phase
 
 GROUP = "apm.plugins"
 BUILTIN_DIST = "apm-broker"
@@ -83,6 +85,13 @@ async def _plan_install(ctx: Context, a: InstallPluginArgs) -> Plan:
     )
 
 
+# owner-approved whatever the session's policy: the planner marks its transaction `owner`
+ENABLE = Rule(unlocked=True, scope="write", mutating=True, audit="change")
+
+
+@tool_operation(
+    "plugin.enable", PluginEnableParams, PluginEnableResult, ENABLE, ("install_plugin",)
+)
 async def execute_enable(ctx: Context, p: PluginEnableParams) -> PluginEnableResult:
     _, version, eps = _plugins_of(p.distribution)
     if version != p.version or sorted(n for n, _ in eps) != sorted(p.names):
@@ -94,8 +103,6 @@ async def execute_enable(ctx: Context, p: PluginEnableParams) -> PluginEnableRes
     ctx.state.record("plugin.enabled", ctx, distribution=p.distribution, names=",".join(p.names))
     return PluginEnableResult(enabled=p.names)
 
-
-_EXECUTE["plugin.enable"] = execute_enable
 
 PLUGIN_TOOLS: tuple[ToolSpec, ...] = (
     ToolSpec(

@@ -26,6 +26,7 @@ from broker.wire.protocol import (
     SessionCreateParams,
     SessionCreateResult,
     SessionDiagnoseResult,
+    SessionFields,
     SessionInfo,
     SessionListResult,
     SessionRef,
@@ -59,26 +60,15 @@ def session_info(rec: SessionRecord, state: State) -> SessionInfo:
             else "first use"
         )
     f = rec.filter
+    shared = {name: getattr(rec, name) for name in SessionFields.model_fields}
     return SessionInfo(
-        accessor=rec.accessor,
-        label=rec.label,
-        scope=rec.scope,
+        **shared,
         scopes=scopes_up_to(rec.scope),
-        tool_names=rec.tool_names,
         state=rec.state(state.clock()),
-        created_at=rec.created_at,
-        expires_at=rec.expires_at,
-        idle_seconds=rec.idle_seconds,
-        max_uses=rec.max_uses,
-        last_used_at=rec.last_used_at,
-        use_count=rec.use_count,
         filter={
             k: v for k, v in (("spaces", f.spaces), ("tags", f.tags), ("entries", f.globs)) if v
         },
         bindings=bindings,
-        declared_agent=rec.declared_agent,
-        revoked_at=rec.revoked_at,
-        approve=rec.approve,
     )
 
 

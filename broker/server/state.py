@@ -14,14 +14,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from broker.core.audit import AuditLog
 from broker.core.bindings import AncestryCache, host_fingerprint
 from broker.core.key_cache import OpenVault
 from broker.core.requests import RequestStore
 from broker.core.rollback import Anchor, RollbackGuard
-from broker.core.sessions import PendingRevocations, SessionStore
+from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore
 from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
@@ -30,9 +30,6 @@ from .approval_links import ApprovalLinks
 from .notify import Notifier
 from .peer import Peer
 
-if TYPE_CHECKING:
-    from .context import Context
-
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
 # (tx id, its `committed` record): set while an approved transaction executes, so the vault
@@ -40,6 +37,20 @@ T = TypeVar("T")
 _LANDING: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
     "apm_tx_landing", default=None
 )
+
+
+class Caller(Protocol):
+    """Who an audit record names: what `record` reads of a request's `context.Context`
+    (declared here, so the state does not import the context built on it)."""
+
+    @property
+    def peer(self) -> Peer: ...
+    @property
+    def exe(self) -> str | None: ...
+    @property
+    def session(self) -> SessionRecord | None: ...
+    @property
+    def owner_proven(self) -> bool: ...
 
 
 class Throttle:
@@ -287,7 +298,12 @@ class State:
         chain = self.ancestry.get(peer.pid)
         return chain[0].exe if chain else None
 
-    def record(self, event: str, ctx: Context | None = None, **fields: Any) -> None:
+    def tool_naming(self, rec: SessionRecord | None) -> str:
+        """The MCP tool naming a session sees: its own, chosen at delegation, else the
+        broker's [mcp] tool_names (the one place this rule is written)."""
+        return (rec.tool_names if rec is not None else None) or self.mcp_tool_names or "apm"
+
+    def record(self, event: str, ctx: Caller | None = None, **fields: Any) -> None:
         """Append an audit record; raises StorageError so the caller refuses the operation."""
         if self.audit is None:
             return

@@ -15,11 +15,13 @@ from pydantic import BaseModel, Field
 from broker.wire.errors import InvalidParameters
 from broker.wire.protocol import Empty, SyncTls
 
-from . import sync_service, write_tools
-from .dispatch import Context, invoke
-from .operations import OPERATIONS
+from . import sync_service
+from .context import Context
+from .dispatch import invoke
+from .operations import OPERATIONS, Rule, tool_operation
+from .planners import Plan, TxArgs
 from .tool_base import Args, ToolSpec
-from .write_tools import Plan, TxArgs, WriteOut, two_phase
+from .write_tools import WriteOut, two_phase
 
 
 class CloudSyncArgs(Args):
@@ -93,6 +95,11 @@ async def _plan_config(ctx: Context, a: CloudConfigArgs) -> Plan:
 _config_change = two_phase("cloud_config", CloudConfigArgs, _plan_config)
 
 
+# owner-approved whatever the session's policy: the planner marks its transaction `owner`
+CONFIGURE = Rule(unlocked=True, scope="admin", mutating=True, audit="change")
+
+
+@tool_operation("sync.configure", SyncConfigureParams, CloudConfigOut, CONFIGURE, ("cloud_config",))
 async def _execute_configure(ctx: Context, p: SyncConfigureParams) -> CloudConfigOut:
     svc = sync_service.service(ctx.state)
     vault = ctx.state.cache.get()
@@ -113,9 +120,6 @@ async def _execute_configure(ctx: Context, p: SyncConfigureParams) -> CloudConfi
         await ctx.state.io(work)
     ctx.state.record("sync.configure", ctx, endpoints=len(p.endpoints))
     return _show(ctx)
-
-
-write_tools._EXECUTE["sync.configure"] = _execute_configure
 
 
 async def _cloud_config(ctx: Context, a: CloudConfigArgs) -> CloudConfigOut:

@@ -7,18 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import mcp.types as types
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
-from broker.core.sessions import scope_rank
+from broker.core.sessions import SessionRecord, scope_rank
 from broker.wire.errors import PermissionDenied, SessionRequired
 
 from .context import Context
-from .dispatch import filtered_admin
+from .operations import filtered_admin
+from .tool_args import Args
 
-
-class Args(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+__all__ = ["Args", "Run", "ToolSpec", "require_scope", "require_session"]
 
 Run = Callable[[Context, Any], Awaitable[BaseModel]]
 
@@ -31,7 +29,11 @@ class ToolSpec:
     scope: str
     args: type[Args]
     out: type[BaseModel]
-    run: Run
+    # either the operation the tool runs (its rule, checked by the gate, decides who may; the
+    # tool validates its arguments as the operation's params and shapes nothing else) ...
+    op: str | None = None
+    # ... or, for a tool not yet declared as one operation, its own runner
+    run: Run | None = None
     read_only: bool = True
     destructive: bool = False
     idempotent: bool = True
@@ -54,14 +56,20 @@ class ToolSpec:
         )
 
 
-def require_scope(ctx: Context, scope: str, what: str) -> None:
+def require_session(ctx: Context, what: str) -> SessionRecord:
     """A tool runs for a session only: no session is never the owner (fail closed)."""
     if ctx.session is None:
         raise SessionRequired(
             f"{what} needs a session", hint='ask the person to run "apm delegate"'
         )
-    have = ctx.session.scope
-    refused = filtered_admin(ctx.session, scope)
+    return ctx.session
+
+
+def require_scope(ctx: Context, scope: str, what: str) -> None:
+    """For a tool with its own runner: the session's scope, checked here (fail closed)."""
+    rec = require_session(ctx, what)
+    have = rec.scope
+    refused = filtered_admin(rec, scope)
     if refused is not None:
         raise refused
     if scope_rank(have) < scope_rank(scope):

@@ -8,13 +8,14 @@ the agent's next commit call executes exactly the stored arguments. A change the
 from __future__ import annotations
 
 from broker.core.transactions import Transaction
+from broker.wire.errors import TransactionConflict
 from broker.wire.protocol import TxDecideParams, TxListParams, TxListResult, TxSummary
 
 from .approval_handlers import tx_url
 from .approval_view import shown_args
 from .context import Context
-from .dispatch import log
-from .operations import OWNER, OWNER_CHANGE, operation
+from .dispatch import invoke, log
+from .operations import OPERATIONS, OWNER, OWNER_CHANGE, operation
 
 
 def summary(tx: Transaction, ctx: Context) -> TxSummary:
@@ -39,10 +40,42 @@ async def _decide(ctx: Context, p: TxDecideParams, approve: bool) -> TxSummary:
         await ctx.state.save_tx(tx)
     log.info("%s %s by the owner (pid=%s)", tx.tx_id, tx.state, ctx.peer.pid)
     if approve and tx.origin == "wire":  # held by the gate: nobody commits it later
-        from .approval import execute  # imports the write tools' previews
-
-        await execute(ctx, tx)
+        await _execute_held(ctx, tx)
     return summary(tx, ctx)
+
+
+async def _execute_held(ctx: Context, tx: Transaction) -> None:
+    """Run a held change the owner just approved, as the session that asked for it (its
+    filter and scope still apply); the audit record naming the receipt precedes the change."""
+    state = ctx.state
+    rec = state.sessions().records.get(tx.accessor)
+    if rec is None or rec.state(state.clock()) != "active":
+        state.txs.conflicted(tx, "the session that asked for it has ended")
+        await state.save_tx(tx)
+        raise TransactionConflict(
+            "the session that asked for this change has ended; nothing was changed",
+            data={"tx_id": tx.tx_id},
+        )
+    as_session = Context(
+        state=state,
+        peer=ctx.peer,
+        auth=None,
+        request_id=ctx.request_id,
+        session=rec,
+        exe=ctx.exe,
+    )
+    receipt = state.txs.new_receipt()
+    state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+    try:
+        with state.landing(tx, receipt) as at:  # its record lands with the change
+            await invoke(as_session, OPERATIONS[tx.method], tx.params, tx=tx)
+    except TransactionConflict:
+        state.txs.conflicted(tx, "conflict: the entry changed since the preview")
+        await state.save_tx(tx)
+        raise
+    state.txs.committed(tx, receipt, at)
+    await state.save_tx(tx)
+    log.info("committed held %s (%s) receipt %s", tx.tx_id, tx.method, receipt)
 
 
 @operation("tx.approve", OWNER_CHANGE)

@@ -424,24 +424,36 @@ class SessionCreateParams(Strict):
     entries: list[str] = Field(default_factory=list, max_length=64)
 
 
-class SessionInfo(Wire):
+class SessionFields(Wire):
+    """What a session's stored record (core `SessionRecord`) and its wire view (`SessionInfo`)
+    share, declared once: both derive from it, and `session_info` copies exactly these fields,
+    so a field added here reaches both and a field added to only one of them fails
+    tests/test_models.py."""
+
     accessor: str
-    label: str
-    scope: str
-    scopes: list[str]
-    state: str
+    label: str = ""
+    scope: Scope = "read"
     created_at: datetime
     expires_at: datetime
     idle_seconds: int | None = None
     max_uses: int | None = None
     last_used_at: datetime | None = None
     use_count: int = 0
+    revoked_at: datetime | None = None
+    declared_agent: str | None = None
+    approve: Literal["agent", "client", "owner"] = "agent"  # who approves this session's writes
+    # MCP tool naming chosen at delegation (None: the broker's [mcp] tool_names)
+    tool_names: Literal["apm", "apono"] | None = None
+
+
+class SessionInfo(SessionFields):
+    """The wire view of a session: the shared fields plus what is derived for display (never
+    the token hash)."""
+
+    scopes: list[str]
+    state: str
     filter: dict[str, list[str]] = Field(default_factory=dict)
     bindings: dict[str, Any] = Field(default_factory=dict)
-    declared_agent: str | None = None
-    revoked_at: datetime | None = None
-    approve: str = "agent"
-    tool_names: str | None = None  # MCP tool naming chosen at delegation (None: the broker's)
 
 
 class SessionCreateResult(Wire):
