@@ -29,6 +29,7 @@ import fnmatch
 import gc
 import hashlib
 import json
+import marshal
 import os
 import re
 import sys
@@ -74,6 +75,8 @@ from .vault_file import Header
 
 HISTORY_MAX = 10
 _LOAD_CHUNK = 1024  # metadata records opened and parsed together at unlock
+SNAPSHOT_KIND, SNAPSHOT_ID = "snapshot", "entries"  # the sealed metadata snapshot's row
+_SNAPSHOT_FORMAT = 1
 V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
@@ -315,6 +318,7 @@ class Vault:
         self._clock = clock
         self._db = db
         self._saved = _Saved()
+        self._snapshot_at = -1  # the generation of the snapshot row read or written last
         self.audit_head: dict[str, Any] | None = None  # kept in the v2 state row
         self.opened_generation = 0  # the generation the file had when opened (v2)
         self.spaces: list[str] = list(payload.spaces)
@@ -479,6 +483,8 @@ class Vault:
         return derive_audit_key(self._dek)
 
     def close(self) -> None:
+        if self._db is not None and not self._closed:
+            self.write_snapshot()
         with self._index_lock:
             self._closed = True
         crypto.zero(self._dek)
@@ -859,17 +865,45 @@ class Vault:
             entries: dict[str, StoredEntry] = {}
             versions: dict[str, tuple[int, int]] = {}
             entry_ad = vault_db.record_ad_for(vid, "entry")
+            # the sealed snapshot (see `write_snapshot`) stands in for the metadata records
+            # it saw unchanged; only the others are read, opened and parsed one by one
+            snap = self._read_snapshot(generation)
+            if snap is not None:
+                todo: list[str] = []
+                for rid, version, nonce in db.entry_nonces():
+                    ad = entry_ad(rid, version)
+                    digest += from_bytes(sha(ad).digest(), "big")
+                    sv = secret_versions.pop(rid, None)
+                    if sv is None or version > generation or sv > generation:
+                        raise VaultCorrupt("a vault entry record has no matching secret record")
+                    versions[rid] = (version, sv)
+                    got = snap.get(rid)
+                    if got is not None and got[0] == version and got[1] == nonce:
+                        entries[rid] = _from_snapshot(rid, got)
+                    else:
+                        todo.append(rid)
+                snap, from_rows = None, False
+                chunks: Iterable[list[vault_db.Row]] = (
+                    db.rows_by_id("entry", todo[i : i + _LOAD_CHUNK])
+                    for i in range(0, len(todo), _LOAD_CHUNK)
+                )
+            else:
+                chunks, from_rows, todo = db.iter_rows("entry", _LOAD_CHUNK), True, []
             # the metadata records are read, opened (one loop over one AEAD object) and parsed
             # (one json.loads over the chunk's concatenation: each record is one authenticated
             # JSON object, and the count is checked) a chunk at a time: each chunk's
             # ciphertexts and documents are freed as its entries are built, so the next chunk
             # reuses their memory instead of fragmenting the heap (+120 MiB RSS at 100k)
             open_all, loads = self._cipher.open_all, json.loads
-            for chunk in db.iter_rows("entry", _LOAD_CHUNK):
+            for chunk in chunks:
                 ads: list[bytes] = []
                 for _, rid, version, _ct in chunk:
                     ad = entry_ad(rid, version)
                     ads.append(ad)
+                    if not from_rows:  # counted and checked above, from its version
+                        if versions[rid][0] != version:
+                            raise VaultCorrupt("a vault entry record changed while loading")
+                        continue
                     digest += from_bytes(sha(ad).digest(), "big")
                     sv = secret_versions.pop(rid, None)
                     if sv is None or version > generation or sv > generation:
@@ -898,6 +932,8 @@ class Vault:
             raise VaultCorrupt("a vault record failed authentication") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise VaultCorrupt("a vault record is unreadable") from exc
+        if len(entries) != len(versions):
+            raise VaultCorrupt("a vault entry record changed while loading")
         if secret_versions:
             raise VaultCorrupt("a vault secret record has no entry record")
         if digest % _DIGEST_MOD != want_digest:
@@ -915,6 +951,55 @@ class Vault:
         self.tx_docs = {k: doc for k, (_, doc) in saved_txs.items()}
         self.opened_generation = generation  # before this session's own commits (sync anchor)
         self._reindex()
+
+    # ------------------------------------------------------------------ v2 snapshot
+
+    def _read_snapshot(self, generation: int) -> dict[str, tuple[Any, ...]] | None:
+        """The entries of the sealed snapshot row, by id, or None when there is none or it is
+        unusable (written after the state row's generation, sealed for another vault or
+        generation, damaged or of another format): it is a cache, and unlock then reads every
+        metadata record as it would without it."""
+        row = self._v2.row(SNAPSHOT_KIND, SNAPSHOT_ID)
+        if row is None or row[2] > generation:
+            return None
+        try:
+            raw = self._cipher.open(bytes(row[3]), vault_db.record_ad(self._v2.vault_id, *row[:3]))
+            # authenticated under the vault key just above: only this code wrote it
+            fmt, at, entries = marshal.loads(raw)  # noqa: S302
+        except (DecryptionFailed, ValueError, EOFError, TypeError):
+            return None
+        if fmt != _SNAPSHOT_FORMAT or at != row[2] or type(entries) is not dict:
+            return None
+        self._snapshot_at = at
+        return entries
+
+    def write_snapshot(self) -> bool:
+        """Seal every entry's metadata, as the records of the current generation hold it, into
+        one row (kind `snapshot`, version = generation, AD = vault id + kind + id + version),
+        so the next unlock opens one record instead of one per entry. Each entry in it carries
+        its record's version and nonce: unlock uses it only for records still on disk with both
+        the same (the same sealed row, so the same plaintext), and reads any other record one by
+        one. Not part of the state row's digest, and never trusted for which records exist:
+        unlock checks those as without it. Written when the vault closes; False when nothing
+        was written (no commit since the last snapshot, an open mutation, a storage error)."""
+        db, saved = self._v2, self._saved
+        if self.entries.undo or saved.generation == self._snapshot_at or not saved.versions:
+            return False
+        try:
+            nonces = {rid: (v, n) for rid, v, n in db.entry_nonces()}
+            entries: dict[str, tuple[Any, ...]] = {}
+            for rid, (mv, _sv) in saved.versions.items():
+                e = dict.get(self.entries, rid)
+                got = nonces.get(rid)
+                if e is None or got is None or got[0] != mv:
+                    continue
+                entries[rid] = _to_snapshot(e, mv, got[1])
+            doc = marshal.dumps((_SNAPSHOT_FORMAT, saved.generation, entries))
+            db.put_snapshot(self._seal_row(SNAPSHOT_KIND, SNAPSHOT_ID, saved.generation, doc))
+        except ApmError:
+            return False
+        self._snapshot_at = saved.generation
+        return True
 
     def _migrate(self, kek: bytearray) -> None:
         """Turn this (just opened) v1 vault into v2 at the same path, keeping the v1 file as
@@ -1620,6 +1705,63 @@ def _clean_tags(tags: list[str]) -> list[str]:
 
 
 _SEP = "\x00"  # never in an entry name (names are printable) nor, checked, in a query
+
+
+def _to_snapshot(e: StoredEntry, version: int, nonce: bytes) -> tuple[Any, ...]:
+    """One entry in the snapshot: its metadata record's content as plain tuples (marshal)."""
+    intern = sys.intern
+    fields = tuple(
+        (
+            intern(name),
+            f.secret,
+            None if f.secret else f.value,
+            tuple(h.replaced_at.isoformat() for h in f.history) if f.secret else (),
+        )
+        for name, f in e.fields.items()
+    )
+    return (
+        version,
+        nonce,
+        e.name,
+        intern(e.type),
+        intern(e.space),
+        tuple(intern(x) for x in e.tags),
+        e.url,
+        e.notes,
+        fields,
+        e.created_at.isoformat(),
+        e.updated_at.isoformat(),
+    )
+
+
+def _from_snapshot(rid: str, t: tuple[Any, ...]) -> StoredEntry:
+    """The entry (secret fields lazy, as `_join` without secrets) a snapshot tuple holds. Its
+    names, types, spaces and tags were interned when written, and marshal interns them again
+    as it loads them (one object per distinct string, as `_join` makes)."""
+    _v, _n, name, etype, space, tags, url, notes, raw_fields, created, updated = t
+    fromiso = datetime.fromisoformat
+    fields: dict[str, StoredField] = {}
+    for fname, secret, value, dates in raw_fields:
+        if not secret:
+            fields[fname] = StoredField(False, value, None, _NO_HISTORY)
+        elif not dates:
+            fields[fname] = _LAZY_SECRET
+        else:
+            fields[fname] = StoredField(
+                True, None, None, [HistoryItem("", fromiso(d)) for d in dates]
+            )
+    return StoredEntry(
+        id=rid,
+        name=name,
+        type=etype,
+        space=space,
+        tags=list(tags),
+        url=url,
+        notes=notes,
+        fields=fields,
+        created_at=fromiso(created),
+        updated_at=fromiso(updated),
+    )
 
 
 def _haystack(e: StoredEntry) -> list[str]:

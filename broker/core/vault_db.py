@@ -266,6 +266,37 @@ class VaultDb:
         )
         return tuple(got[0]) if got else None
 
+    def entry_nonces(self) -> list[tuple[str, int, bytes]]:
+        """(id, version, nonce) of every entry record: what tells a snapshot's copy of a record
+        from another record of the same id and version (the sealed metadata snapshot)."""
+        return self._query(
+            "SELECT id, version, substr(ct, 1, 12) FROM records WHERE kind = 'entry'"
+        )
+
+    def rows_by_id(self, kind: str, ids: list[str]) -> list[Row]:
+        """The records of a kind with these ids (at most a few hundred at a time)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        return self._query(
+            f"SELECT kind, id, version, ct FROM records WHERE kind = ? AND id IN ({marks})",  # noqa: S608 (only "?" marks)
+            (kind, *ids),
+        )
+
+    def put_snapshot(self, row: Row) -> None:
+        """Replace the snapshot row (a cache: not part of any commit or digest), durably."""
+        kind, rid, version, ct = row
+        with self._lock:
+            try:
+                with _transaction(self._conn):
+                    self._conn.execute(
+                        "INSERT OR REPLACE INTO records (kind, id, version, updated_at, ct) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (kind, rid, version, int(time.time()), ct),
+                    )
+            except sqlite3.Error as exc:
+                raise storage_error(exc, f"could not save {self.path.name}") from exc
+
     def count(self, kind: str) -> int:
         return int(self._query("SELECT count(*) FROM records WHERE kind = ?", (kind,))[0][0])
 
