@@ -76,7 +76,7 @@ from .vault_file import Header
 HISTORY_MAX = 10
 _LOAD_CHUNK = 1024  # metadata records opened and parsed together at unlock
 SNAPSHOT_KIND, SNAPSHOT_ID = "snapshot", "entries"  # the sealed metadata snapshot's row
-_SNAPSHOT_FORMAT = 1
+_SNAPSHOT_FORMAT = 2
 V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
@@ -855,34 +855,54 @@ class Vault:
         record_ad = vault_db.record_ad
         secret_versions: dict[str, int] = {}
         try:
+            # the sealed snapshot (see `write_snapshot`) stands in for the metadata records
+            # it saw unchanged; only the others are read, opened and parsed one by one
+            got_snap = self._read_snapshot(generation)
             # secret records are read when a request needs one (`_hydrate`), not at unlock:
             # here only their ids and versions, for the digest
             secret_ad = vault_db.record_ad_for(vid, "secret")
             from_bytes = int.from_bytes
             for _, rid, version in db.versions("secret"):
                 secret_versions[rid] = version
-                digest += from_bytes(sha(secret_ad(rid, version)).digest(), "big")
+                if got_snap is None:
+                    digest += from_bytes(sha(secret_ad(rid, version)).digest(), "big")
             entries: dict[str, StoredEntry] = {}
             versions: dict[str, tuple[int, int]] = {}
             entry_ad = vault_db.record_ad_for(vid, "entry")
-            # the sealed snapshot (see `write_snapshot`) stands in for the metadata records
-            # it saw unchanged; only the others are read, opened and parsed one by one
-            snap = self._read_snapshot(generation)
-            if snap is not None:
+            if got_snap is not None:
+                # the digest: the snapshot's sum over the (entry, secret) records it lists,
+                # corrected by the hash of every record whose version differs from the
+                # snapshot's, added if on disk, taken away if only in the snapshot. The same
+                # sum as hashing every record, without hashing those it saw.
+                snap_digest, snap = got_snap
+                digest += snap_digest
+
+                def h(ad: bytes) -> int:
+                    return from_bytes(sha(ad).digest(), "big")
+
                 todo: list[str] = []
                 for rid, version, nonce in db.entry_nonces():
-                    ad = entry_ad(rid, version)
-                    digest += from_bytes(sha(ad).digest(), "big")
                     sv = secret_versions.pop(rid, None)
                     if sv is None or version > generation or sv > generation:
                         raise VaultCorrupt("a vault entry record has no matching secret record")
                     versions[rid] = (version, sv)
-                    got = snap.get(rid)
-                    if got is not None and got[0] == version and got[1] == nonce:
-                        entries[rid] = _from_snapshot(rid, got)
+                    t = snap.pop(rid, None)
+                    if t is None:
+                        digest += h(entry_ad(rid, version)) + h(secret_ad(rid, sv))
+                        todo.append(rid)
+                        continue
+                    if t[2] != sv:
+                        digest += h(secret_ad(rid, sv)) - h(secret_ad(rid, t[2]))
+                    if t[0] != version:
+                        digest += h(entry_ad(rid, version)) - h(entry_ad(rid, t[0]))
+                        todo.append(rid)
+                    elif t[1] == nonce:
+                        entries[rid] = _from_snapshot(rid, t)
                     else:
                         todo.append(rid)
-                snap, from_rows = None, False
+                for rid, t in snap.items():  # listed by the snapshot, no longer on disk
+                    digest -= h(entry_ad(rid, t[0])) + h(secret_ad(rid, t[2]))
+                snap, from_rows = {}, False
                 chunks: Iterable[list[vault_db.Row]] = (
                     db.rows_by_id("entry", todo[i : i + _LOAD_CHUNK])
                     for i in range(0, len(todo), _LOAD_CHUNK)
@@ -954,8 +974,8 @@ class Vault:
 
     # ------------------------------------------------------------------ v2 snapshot
 
-    def _read_snapshot(self, generation: int) -> dict[str, tuple[Any, ...]] | None:
-        """The entries of the sealed snapshot row, by id, or None when there is none or it is
+    def _read_snapshot(self, generation: int) -> tuple[int, dict[str, tuple[Any, ...]]] | None:
+        """The sealed snapshot row's digest and entries by id, or None when there is none or it is
         unusable (written after the state row's generation, sealed for another vault or
         generation, damaged or of another format): it is a cache, and unlock then reads every
         metadata record as it would without it."""
@@ -965,13 +985,13 @@ class Vault:
         try:
             raw = self._cipher.open(bytes(row[3]), vault_db.record_ad(self._v2.vault_id, *row[:3]))
             # authenticated under the vault key just above: only this code wrote it
-            fmt, at, entries = marshal.loads(raw)  # noqa: S302
+            fmt, at, digest, entries = marshal.loads(raw)  # noqa: S302
         except (DecryptionFailed, ValueError, EOFError, TypeError):
             return None
         if fmt != _SNAPSHOT_FORMAT or at != row[2] or type(entries) is not dict:
             return None
         self._snapshot_at = at
-        return entries
+        return digest, entries
 
     def write_snapshot(self) -> bool:
         """Seal every entry's metadata, as the records of the current generation hold it, into
@@ -988,13 +1008,15 @@ class Vault:
         try:
             nonces = {rid: (v, n) for rid, v, n in db.entry_nonces()}
             entries: dict[str, tuple[Any, ...]] = {}
-            for rid, (mv, _sv) in saved.versions.items():
+            digest = 0
+            for rid, (mv, sv) in saved.versions.items():
                 e = dict.get(self.entries, rid)
                 got = nonces.get(rid)
                 if e is None or got is None or got[0] != mv:
                     continue
-                entries[rid] = _to_snapshot(e, mv, got[1])
-            doc = marshal.dumps((_SNAPSHOT_FORMAT, saved.generation, entries))
+                entries[rid] = _to_snapshot(e, mv, got[1], sv)
+                digest += self._row_hash("entry", rid, mv) + self._row_hash("secret", rid, sv)
+            doc = marshal.dumps((_SNAPSHOT_FORMAT, saved.generation, digest % _DIGEST_MOD, entries))
             db.put_snapshot(self._seal_row(SNAPSHOT_KIND, SNAPSHOT_ID, saved.generation, doc))
         except ApmError:
             return False
@@ -1707,7 +1729,7 @@ def _clean_tags(tags: list[str]) -> list[str]:
 _SEP = "\x00"  # never in an entry name (names are printable) nor, checked, in a query
 
 
-def _to_snapshot(e: StoredEntry, version: int, nonce: bytes) -> tuple[Any, ...]:
+def _to_snapshot(e: StoredEntry, version: int, nonce: bytes, sv: int) -> tuple[Any, ...]:
     """One entry in the snapshot: its metadata record's content as plain tuples (marshal)."""
     intern = sys.intern
     fields = tuple(
@@ -1722,6 +1744,7 @@ def _to_snapshot(e: StoredEntry, version: int, nonce: bytes) -> tuple[Any, ...]:
     return (
         version,
         nonce,
+        sv,
         e.name,
         intern(e.type),
         intern(e.space),
@@ -1738,7 +1761,7 @@ def _from_snapshot(rid: str, t: tuple[Any, ...]) -> StoredEntry:
     """The entry (secret fields lazy, as `_join` without secrets) a snapshot tuple holds. Its
     names, types, spaces and tags were interned when written, and marshal interns them again
     as it loads them (one object per distinct string, as `_join` makes)."""
-    _v, _n, name, etype, space, tags, url, notes, raw_fields, created, updated = t
+    _v, _n, _sv, name, etype, space, tags, url, notes, raw_fields, created, updated = t
     fromiso = datetime.fromisoformat
     fields: dict[str, StoredField] = {}
     for fname, secret, value, dates in raw_fields:
