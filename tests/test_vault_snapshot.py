@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from broker.core import vault as vault_mod
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.vault import Change, StoredEntry, Vault
 from broker.core.vault_db import VaultDb
@@ -66,16 +67,19 @@ def sql(path: Path, query: str, *args: object) -> list[Any]:
         conn.close()
 
 
-def snapshot_row(path: Path) -> tuple[int, bytes]:
-    (got,) = sql(path, "SELECT version, ct FROM records WHERE kind = 'snapshot'")
+def snapshot_row(path: Path, i: int = 0) -> tuple[int, bytes]:
+    (got,) = sql(
+        path, "SELECT version, ct FROM records WHERE kind = 'snapshot' AND id = ?", f"entries.{i}"
+    )
     return got[0], bytes(got[1])
 
 
-def put_snapshot(path: Path, row: tuple[int, bytes]) -> None:
+def put_snapshot(path: Path, row: tuple[int, bytes], i: int = 0) -> None:
     sql(
         path,
         "INSERT OR REPLACE INTO records (kind, id, version, updated_at, ct) "
-        "VALUES ('snapshot', 'entries', ?, 0, ?)",
+        "VALUES ('snapshot', ?, ?, 0, ?)",
+        f"entries.{i}",
         *row,
     )
 
@@ -229,3 +233,29 @@ def test_a_record_deleted_behind_the_snapshot_is_detected(path: Path) -> None:
     with pytest.raises(ApmError) as err:
         Vault.open(path, pw())
     assert err.value.code == "VAULT_CORRUPT"
+
+
+def test_snapshot_rows_of_two_snapshots_never_mix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is split into rows (one row's plaintext in memory at a time); a row of
+    another snapshot of the same generation (a fork) makes unlock drop the whole snapshot."""
+    monkeypatch.setattr(vault_mod, "_SNAPSHOT_CHUNK", 16)
+    path, fork = tmp_path / "vault.apm", tmp_path / "fork.apm"
+    v = Vault.create(path, pw(), FAST)
+    for i in range(40):
+        add(v, f"site{i}")
+    v.close()
+    assert len(sql(path, "SELECT id FROM records WHERE kind = 'snapshot'")) == 3
+    shutil.copy(path, fork)
+    for p, name in ((path, "one"), (fork, "two")):
+        v = Vault.open(p, pw())
+        assert v._snapshot_at == v.generation  # all three rows used
+        add(v, name)
+        v.close()
+    put_snapshot(fork, snapshot_row(path, 1), 1)
+    want = reference(fork, tmp_path)
+    v = Vault.open(fork, pw())
+    assert v._snapshot_at == -1
+    assert view(v) == want and "two" in {e.name for e in v.entries.values()}
+    crash(v)

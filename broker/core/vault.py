@@ -76,7 +76,14 @@ from .vault_file import Header
 HISTORY_MAX = 10
 _LOAD_CHUNK = 1024  # metadata records opened and parsed together at unlock
 SNAPSHOT_KIND, SNAPSHOT_ID = "snapshot", "entries"  # the sealed metadata snapshot's row
-_SNAPSHOT_FORMAT = 2
+_SNAPSHOT_FORMAT = 3
+_SNAPSHOT_CHUNK = 4096  # entries per snapshot row: unlock holds one row's plaintext at a time
+
+
+class _SnapshotUnusable(Exception):
+    """A snapshot row that does not open or belong: unlock starts again without any."""
+
+
 V1_BACKUP_DAYS = 30
 _DIGEST_MOD = 1 << 256
 _FIELD_RE = re.compile(FIELD_NAME_PATTERN)
@@ -833,7 +840,7 @@ class Vault:
             if enabled:
                 gc.enable()
 
-    def _load_rows_now(self) -> None:
+    def _load_rows_now(self, use_snapshot: bool = True) -> None:
         db = self._v2
         state_row = db.row("state", "vault")
         if state_row is None:
@@ -857,52 +864,27 @@ class Vault:
         try:
             # the sealed snapshot (see `write_snapshot`) stands in for the metadata records
             # it saw unchanged; only the others are read, opened and parsed one by one
-            got_snap = self._read_snapshot(generation)
+            snap_at = self._snapshot_head(generation) if use_snapshot else None
             # secret records are read when a request needs one (`_hydrate`), not at unlock:
             # here only their ids and versions, for the digest
             secret_ad = vault_db.record_ad_for(vid, "secret")
             from_bytes = int.from_bytes
             for _, rid, version in db.versions("secret"):
                 secret_versions[rid] = version
-                if got_snap is None:
+                if snap_at is None:
                     digest += from_bytes(sha(secret_ad(rid, version)).digest(), "big")
             entries: dict[str, StoredEntry] = {}
             versions: dict[str, tuple[int, int]] = {}
             entry_ad = vault_db.record_ad_for(vid, "entry")
-            if got_snap is not None:
-                # the digest: the snapshot's sum over the (entry, secret) records it lists,
-                # corrected by the hash of every record whose version differs from the
-                # snapshot's, added if on disk, taken away if only in the snapshot. The same
-                # sum as hashing every record, without hashing those it saw.
-                snap_digest, snap = got_snap
+            if snap_at is not None:
+                try:
+                    snap_digest, todo = self._load_snapshot(
+                        snap_at, generation, secret_versions, entries, versions
+                    )
+                except _SnapshotUnusable:
+                    return self._load_rows_now(use_snapshot=False)
                 digest += snap_digest
-
-                def h(ad: bytes) -> int:
-                    return from_bytes(sha(ad).digest(), "big")
-
-                todo: list[str] = []
-                for rid, version, nonce in db.entry_nonces():
-                    sv = secret_versions.pop(rid, None)
-                    if sv is None or version > generation or sv > generation:
-                        raise VaultCorrupt("a vault entry record has no matching secret record")
-                    versions[rid] = (version, sv)
-                    t = snap.pop(rid, None)
-                    if t is None:
-                        digest += h(entry_ad(rid, version)) + h(secret_ad(rid, sv))
-                        todo.append(rid)
-                        continue
-                    if t[2] != sv:
-                        digest += h(secret_ad(rid, sv)) - h(secret_ad(rid, t[2]))
-                    if t[0] != version:
-                        digest += h(entry_ad(rid, version)) - h(entry_ad(rid, t[0]))
-                        todo.append(rid)
-                    elif t[1] == nonce:
-                        entries[rid] = _from_snapshot(rid, t)
-                    else:
-                        todo.append(rid)
-                for rid, t in snap.items():  # listed by the snapshot, no longer on disk
-                    digest -= h(entry_ad(rid, t[0])) + h(secret_ad(rid, t[2]))
-                snap, from_rows = {}, False
+                from_rows = False
                 chunks: Iterable[list[vault_db.Row]] = (
                     db.rows_by_id("entry", todo[i : i + _LOAD_CHUNK])
                     for i in range(0, len(todo), _LOAD_CHUNK)
@@ -974,53 +956,136 @@ class Vault:
 
     # ------------------------------------------------------------------ v2 snapshot
 
-    def _read_snapshot(self, generation: int) -> tuple[int, dict[str, tuple[Any, ...]]] | None:
-        """The sealed snapshot row's digest and entries by id, or None when there is none or it is
-        unusable (written after the state row's generation, sealed for another vault or
-        generation, damaged or of another format): it is a cache, and unlock then reads every
-        metadata record as it would without it."""
-        row = self._v2.row(SNAPSHOT_KIND, SNAPSHOT_ID)
-        if row is None or row[2] > generation:
+    def _snapshot_head(self, generation: int) -> int | None:
+        """The generation of the snapshot rows, if they look usable: all of one generation, not
+        newer than the state record's, numbered 0..n-1. (Their content is checked as read.)"""
+        heads = self._v2.versions(SNAPSHOT_KIND)
+        if not heads:
             return None
-        try:
-            raw = self._cipher.open(bytes(row[3]), vault_db.record_ad(self._v2.vault_id, *row[:3]))
-            # authenticated under the vault key just above: only this code wrote it
-            fmt, at, digest, entries = marshal.loads(raw)  # noqa: S302
-        except (DecryptionFailed, ValueError, EOFError, TypeError):
+        at = heads[0][2]
+        if at > generation or any(v != at for _, _, v in heads):
             return None
-        if fmt != _SNAPSHOT_FORMAT or at != row[2] or type(entries) is not dict:
+        if {rid for _, rid, _ in heads} != {f"{SNAPSHOT_ID}.{i}" for i in range(len(heads))}:
             return None
+        return int(at)
+
+    def _load_snapshot(
+        self,
+        at: int,
+        generation: int,
+        secret_versions: dict[str, int],
+        entries: dict[str, StoredEntry],
+        versions: dict[str, tuple[int, int]],
+    ) -> tuple[int, list[str]]:
+        """Fill `entries` from the snapshot rows (generation `at`), a row at a time, and
+        `versions` from the records on disk. Returns the digest of every entry and secret
+        record on disk, and the ids whose metadata record must be read on its own: the
+        snapshot's sum over the records it lists, corrected by the hash of every record whose
+        version differs from the snapshot's (added if on disk, taken away if only in the
+        snapshot): the same sum as hashing every record, without hashing those it saw.
+        Raises _SnapshotUnusable when a snapshot row does not open or does not belong with the
+        others (unlock then starts again without it)."""
+        db, vid = self._v2, self._v2.vault_id
+        entry_ad = vault_db.record_ad_for(vid, "entry")
+        secret_ad = vault_db.record_ad_for(vid, "secret")
+        sha, from_bytes = hashlib.sha256, int.from_bytes
+
+        def h(ad: bytes) -> int:
+            return from_bytes(sha(ad).digest(), "big")
+
+        disk: dict[str, tuple[int, bytes]] = {}
+        for rid, version, nonce in db.entry_nonces():
+            sv = secret_versions.pop(rid, None)
+            if sv is None or version > generation or sv > generation:
+                raise VaultCorrupt("a vault entry record has no matching secret record")
+            versions[rid] = (version, sv)
+            disk[rid] = (version, nonce)
+        n = db.count(SNAPSHOT_KIND)
+        digest, tag, todo = 0, None, []
+        for i in range(n):
+            row = db.row(SNAPSHOT_KIND, f"{SNAPSHOT_ID}.{i}")
+            if row is None or row[2] != at:
+                raise _SnapshotUnusable
+            try:
+                raw = self._cipher.open(bytes(row[3]), vault_db.record_ad(vid, *row[:3]))
+                # authenticated under the vault key just above: only write_snapshot wrote it
+                fmt, got_at, got_tag, index, count, part, chunk = marshal.loads(raw)  # noqa: S302
+            except (DecryptionFailed, ValueError, EOFError, TypeError) as exc:
+                raise _SnapshotUnusable from exc
+            del raw
+            if (fmt, got_at, index, count) != (_SNAPSHOT_FORMAT, at, i, n) or (
+                tag is not None and got_tag != tag
+            ):
+                raise _SnapshotUnusable
+            tag = got_tag
+            digest += part
+            for rid, t in chunk.items():
+                got = disk.pop(rid, None)
+                if got is None:  # listed by the snapshot, no longer on disk
+                    digest -= h(entry_ad(rid, t[0])) + h(secret_ad(rid, t[2]))
+                    continue
+                version, sv = versions[rid]
+                if t[2] != sv:
+                    digest += h(secret_ad(rid, sv)) - h(secret_ad(rid, t[2]))
+                if t[0] != version:
+                    digest += h(entry_ad(rid, version)) - h(entry_ad(rid, t[0]))
+                    todo.append(rid)
+                elif t[1] == got[1]:  # the very record the snapshot saw
+                    entries[rid] = _from_snapshot(rid, t)
+                else:
+                    todo.append(rid)
+            del chunk
+        for rid, (version, _) in disk.items():  # on disk, not in the snapshot
+            digest += h(entry_ad(rid, version)) + h(secret_ad(rid, versions[rid][1]))
+            todo.append(rid)
         self._snapshot_at = at
-        return digest, entries
+        return digest, todo
 
     def write_snapshot(self) -> bool:
         """Seal every entry's metadata, as the records of the current generation hold it, into
-        one row (kind `snapshot`, version = generation, AD = vault id + kind + id + version),
-        so the next unlock opens one record instead of one per entry. Each entry in it carries
-        its record's version and nonce: unlock uses it only for records still on disk with both
-        the same (the same sealed row, so the same plaintext), and reads any other record one by
-        one. Not part of the state row's digest, and never trusted for which records exist:
-        unlock checks those as without it. Written when the vault closes; False when nothing
-        was written (no commit since the last snapshot, an open mutation, a storage error)."""
+        snapshot rows of up to _SNAPSHOT_CHUNK entries each (kind `snapshot`, id `entries.<i>`,
+        version = generation, AD = vault id + kind + id + version; all rows carry one random
+        tag and their count, so rows of two snapshots never mix), so the next unlock opens a
+        few records instead of one per entry. Each entry in it carries its records' versions
+        and its metadata record's nonce: unlock uses it only for a record still on disk with
+        the same version and nonce (the same sealed row, so the same plaintext), and reads any
+        other one on its own. Not part of the state row's digest, and never trusted for which
+        records exist. Written when the vault closes; False when nothing was written (no
+        commit since the last snapshot, an open mutation, a storage error)."""
         db, saved = self._v2, self._saved
         if self.entries.undo or saved.generation == self._snapshot_at or not saved.versions:
             return False
         try:
             nonces = {rid: (v, n) for rid, v, n in db.entry_nonces()}
-            entries: dict[str, tuple[Any, ...]] = {}
+            chunks: list[tuple[int, dict[str, tuple[Any, ...]]]] = []
+            chunk: dict[str, tuple[Any, ...]] = {}
             digest = 0
             for rid, (mv, sv) in saved.versions.items():
                 e = dict.get(self.entries, rid)
                 got = nonces.get(rid)
                 if e is None or got is None or got[0] != mv:
                     continue
-                entries[rid] = _to_snapshot(e, mv, got[1], sv)
+                chunk[rid] = _to_snapshot(e, mv, got[1], sv)
                 digest += self._row_hash("entry", rid, mv) + self._row_hash("secret", rid, sv)
-            doc = marshal.dumps((_SNAPSHOT_FORMAT, saved.generation, digest % _DIGEST_MOD, entries))
-            db.put_snapshot(self._seal_row(SNAPSHOT_KIND, SNAPSHOT_ID, saved.generation, doc))
+                if len(chunk) >= _SNAPSHOT_CHUNK:
+                    chunks.append((digest % _DIGEST_MOD, chunk))
+                    chunk, digest = {}, 0
+            if chunk or not chunks:
+                chunks.append((digest % _DIGEST_MOD, chunk))
+            gen, tag = saved.generation, crypto.random_bytes(16)
+            rows = [
+                self._seal_row(
+                    SNAPSHOT_KIND,
+                    f"{SNAPSHOT_ID}.{i}",
+                    gen,
+                    marshal.dumps((_SNAPSHOT_FORMAT, gen, tag, i, len(chunks), part, c)),
+                )
+                for i, (part, c) in enumerate(chunks)
+            ]
+            db.put_snapshot(rows)
         except ApmError:
             return False
-        self._snapshot_at = saved.generation
+        self._snapshot_at = gen
         return True
 
     def _migrate(self, kek: bytearray) -> None:

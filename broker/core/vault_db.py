@@ -283,16 +283,17 @@ class VaultDb:
             (kind, *ids),
         )
 
-    def put_snapshot(self, row: Row) -> None:
-        """Replace the snapshot row (a cache: not part of any commit or digest), durably."""
-        kind, rid, version, ct = row
+    def put_snapshot(self, rows: list[Row]) -> None:
+        """Replace every snapshot row with these (a cache: not part of any commit or digest)."""
+        now = int(time.time())
         with self._lock:
             try:
                 with _transaction(self._conn):
-                    self._conn.execute(
-                        "INSERT OR REPLACE INTO records (kind, id, version, updated_at, ct) "
+                    self._conn.execute("DELETE FROM records WHERE kind = 'snapshot'")
+                    self._conn.executemany(
+                        "INSERT INTO records (kind, id, version, updated_at, ct) "
                         "VALUES (?, ?, ?, ?, ?)",
-                        (kind, rid, version, int(time.time()), ct),
+                        [(k, i, v, now, ct) for k, i, v, ct in rows],
                     )
             except sqlite3.Error as exc:
                 raise storage_error(exc, f"could not save {self.path.name}") from exc
