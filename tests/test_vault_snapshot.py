@@ -259,3 +259,27 @@ def test_snapshot_rows_of_two_snapshots_never_mix(
     assert v._snapshot_at == -1
     assert view(v) == want and "two" in {e.name for e in v.entries.values()}
     crash(v)
+
+
+def test_closing_rewrites_the_snapshot_only_when_an_entry_changed(
+    path: Path, tmp_path: Path
+) -> None:
+    """Sessions and the audit head commit often (their own rows); the snapshot of 100k entries
+    is not rewritten for them at every lock, and stays usable for the later generations."""
+    first = snapshot_row(path)
+    v = Vault.open(path, pw())
+    assert v._snapshot_clean
+    v.record_audit_head({"seq": 7, "hash": "00"})  # a commit, no entry in it
+    gen = v.generation
+    v.close()
+    assert gen > first[0] and snapshot_row(path) == first
+    v = Vault.open(path, pw())
+    assert v._snapshot_at == first[0] and v._snapshot_clean
+    rename(v, next(iter(v.entries.values())), "changed")
+    assert not v._snapshot_clean
+    v.close()
+    assert snapshot_row(path)[0] == v.generation
+    want = reference(path, tmp_path)
+    v = Vault.open(path, pw())
+    assert v._snapshot_clean and view(v) == want
+    crash(v)

@@ -326,6 +326,9 @@ class Vault:
         self._db = db
         self._saved = _Saved()
         self._snapshot_at = -1  # the generation of the snapshot row read or written last
+        # True while the snapshot on disk holds every entry record as it is (none changed since
+        # it was written, or read whole at unlock): closing then need not write it again
+        self._snapshot_clean = False
         self.audit_head: dict[str, Any] | None = None  # kept in the v2 state row
         self.opened_generation = 0  # the generation the file had when opened (v2)
         self.spaces: list[str] = list(payload.spaces)
@@ -802,6 +805,8 @@ class Vault:
         puts.append(self._seal_row("state", "vault", gen, self._state_doc(gen, digest)))
         db.commit(puts, deletes, expect_generation=saved.generation)
         saved.generation, saved.digest = gen, digest
+        if versions:
+            self._snapshot_clean = False
         for eid, v in versions.items():
             if v is None:
                 saved.versions.pop(eid, None)
@@ -1001,7 +1006,7 @@ class Vault:
             versions[rid] = (version, sv)
             disk[rid] = (version, nonce)
         n = db.count(SNAPSHOT_KIND)
-        digest, tag, todo = 0, None, []
+        digest, tag, todo, changed = 0, None, [], 0
         for i in range(n):
             row = db.row(SNAPSHOT_KIND, f"{SNAPSHOT_ID}.{i}")
             if row is None or row[2] != at:
@@ -1023,10 +1028,12 @@ class Vault:
                 got = disk.pop(rid, None)
                 if got is None:  # listed by the snapshot, no longer on disk
                     digest -= h(entry_ad(rid, t[0])) + h(secret_ad(rid, t[2]))
+                    changed += 1
                     continue
                 version, sv = versions[rid]
                 if t[2] != sv:
                     digest += h(secret_ad(rid, sv)) - h(secret_ad(rid, t[2]))
+                    changed += 1
                 if t[0] != version:
                     digest += h(entry_ad(rid, version)) - h(entry_ad(rid, t[0]))
                     todo.append(rid)
@@ -1038,7 +1045,7 @@ class Vault:
         for rid, (version, _) in disk.items():  # on disk, not in the snapshot
             digest += h(entry_ad(rid, version)) + h(secret_ad(rid, versions[rid][1]))
             todo.append(rid)
-        self._snapshot_at = at
+        self._snapshot_at, self._snapshot_clean = at, not todo and not changed
         return digest, todo
 
     def write_snapshot(self) -> bool:
@@ -1053,7 +1060,9 @@ class Vault:
         records exist. Written when the vault closes; False when nothing was written (no
         commit since the last snapshot, an open mutation, a storage error)."""
         db, saved = self._v2, self._saved
-        if self.entries.undo or saved.generation == self._snapshot_at or not saved.versions:
+        if self.entries.undo or self._snapshot_clean or not saved.versions:
+            return False
+        if saved.generation == self._snapshot_at:
             return False
         try:
             nonces = {rid: (v, n) for rid, v, n in db.entry_nonces()}
@@ -1085,7 +1094,7 @@ class Vault:
             db.put_snapshot(rows)
         except ApmError:
             return False
-        self._snapshot_at = gen
+        self._snapshot_at, self._snapshot_clean = gen, True
         return True
 
     def _migrate(self, kek: bytearray) -> None:
