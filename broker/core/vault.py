@@ -1007,6 +1007,7 @@ class Vault:
             disk[rid] = (version, nonce)
         n = db.count(SNAPSHOT_KIND)
         digest, tag, todo, changed = 0, None, [], 0
+        shared: dict[str | None, StoredField] = {}
         for i in range(n):
             row = db.row(SNAPSHOT_KIND, f"{SNAPSHOT_ID}.{i}")
             if row is None or row[2] != at:
@@ -1038,7 +1039,7 @@ class Vault:
                     digest += h(entry_ad(rid, version)) - h(entry_ad(rid, t[0]))
                     todo.append(rid)
                 elif t[1] == got[1]:  # the very record the snapshot saw
-                    entries[rid] = _from_snapshot(rid, t)
+                    entries[rid] = _from_snapshot(rid, t, shared)
                 else:
                     todo.append(rid)
             del chunk
@@ -1831,16 +1832,25 @@ def _to_snapshot(e: StoredEntry, version: int, nonce: bytes, sv: int) -> tuple[A
     )
 
 
-def _from_snapshot(rid: str, t: tuple[Any, ...]) -> StoredEntry:
+def _from_snapshot(
+    rid: str, t: tuple[Any, ...], shared: dict[str | None, StoredField]
+) -> StoredEntry:
     """The entry (secret fields lazy, as `_join` without secrets) a snapshot tuple holds. Its
     names, types, spaces and tags were interned when written, and marshal interns them again
-    as it loads them (one object per distinct string, as `_join` makes)."""
+    as it loads them (one object per distinct string, as `_join` makes). A short non-secret
+    value's field object is shared through `shared` (fields are never changed in place):
+    digits, periods, issuers and the like repeat across thousands of entries."""
     _v, _n, _sv, name, etype, space, tags, url, notes, raw_fields, created, updated = t
     fromiso = datetime.fromisoformat
     fields: dict[str, StoredField] = {}
     for fname, secret, value, dates in raw_fields:
         if not secret:
-            fields[fname] = StoredField(False, value, None, _NO_HISTORY)
+            f = shared.get(value)
+            if f is None:
+                f = StoredField(False, value, None, _NO_HISTORY)
+                if value is None or len(value) <= 16:
+                    shared[value] = f
+            fields[fname] = f
         elif not dates:
             fields[fname] = _LAZY_SECRET
         else:
