@@ -1070,13 +1070,18 @@ class Vault:
             chunks: list[tuple[int, dict[str, tuple[Any, ...]]]] = []
             chunk: dict[str, tuple[Any, ...]] = {}
             digest = 0
+            entry_ad = vault_db.record_ad_for(db.vault_id, "entry")
+            secret_ad = vault_db.record_ad_for(db.vault_id, "secret")
+            sha, from_bytes = hashlib.sha256, int.from_bytes
             for rid, (mv, sv) in saved.versions.items():
                 e = dict.get(self.entries, rid)
                 got = nonces.get(rid)
                 if e is None or got is None or got[0] != mv:
                     continue
                 chunk[rid] = _to_snapshot(e, mv, got[1], sv)
-                digest += self._row_hash("entry", rid, mv) + self._row_hash("secret", rid, sv)
+                digest += from_bytes(sha(entry_ad(rid, mv)).digest(), "big") + from_bytes(
+                    sha(secret_ad(rid, sv)).digest(), "big"
+                )
                 if len(chunk) >= _SNAPSHOT_CHUNK:
                     chunks.append((digest % _DIGEST_MOD, chunk))
                     chunk, digest = {}, 0
