@@ -13,7 +13,9 @@ Record kinds: `entry` (an entry's metadata), `secret` (the same entry's secret f
 apart so listing and search never open them), `state` (generation, spaces, the record digest,
 the audit head), `extra` (sessions, requests and other broker state, one row per key) and `tx`
 (a transaction awaiting a person, one row per transaction id, its exact arguments included:
-core/transactions.py). Only kind, id, version and updated_at are in the clear.
+core/transactions.py). Beside them, `snapshot` rows (`entries.<i>`) are a cache of every
+entry's metadata that unlock checks record by record (vault.py `write_snapshot`); they are in
+no commit and no digest. Only kind, id, version and updated_at are in the clear.
 
 Rules:
 - This module moves bytes; it never sees a key or a plaintext (vault.py seals and opens).
