@@ -68,17 +68,14 @@ def sql(path: Path, query: str, *args: object) -> list[Any]:
 
 
 def snapshot_row(path: Path, i: int = 0) -> tuple[int, bytes]:
-    (got,) = sql(
-        path, "SELECT version, ct FROM records WHERE kind = 'snapshot' AND id = ?", f"entries.{i}"
-    )
+    (got,) = sql(path, "SELECT version, ct FROM snapshot WHERE id = ?", f"entries.{i}")
     return got[0], bytes(got[1])
 
 
 def put_snapshot(path: Path, row: tuple[int, bytes], i: int = 0) -> None:
     sql(
         path,
-        "INSERT OR REPLACE INTO records (kind, id, version, updated_at, ct) "
-        "VALUES ('snapshot', ?, ?, 0, ?)",
+        "INSERT OR REPLACE INTO snapshot (id, version, updated_at, ct) VALUES (?, ?, 0, ?)",
         f"entries.{i}",
         *row,
     )
@@ -88,7 +85,7 @@ def reference(path: Path, tmp_path: Path) -> dict[str, Any]:
     """What the vault holds when opened without any snapshot row."""
     ref = tmp_path / "reference.apm"
     shutil.copy(path, ref)
-    sql(ref, "DELETE FROM records WHERE kind = 'snapshot'")
+    sql(ref, "DELETE FROM snapshot")
     v = Vault.open(ref, pw())
     try:
         assert v._snapshot_at == -1
@@ -246,7 +243,7 @@ def test_snapshot_rows_of_two_snapshots_never_mix(
     for i in range(40):
         add(v, f"site{i}")
     v.close()
-    assert len(sql(path, "SELECT id FROM records WHERE kind = 'snapshot'")) == 3
+    assert len(sql(path, "SELECT id FROM snapshot")) == 3
     shutil.copy(path, fork)
     for p, name in ((path, "one"), (fork, "two")):
         v = Vault.open(p, pw())

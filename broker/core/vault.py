@@ -964,7 +964,7 @@ class Vault:
     def _snapshot_head(self, generation: int) -> int | None:
         """The generation of the snapshot rows, if they look usable: all of one generation, not
         newer than the state record's, numbered 0..n-1. (Their content is checked as read.)"""
-        heads = self._v2.versions(SNAPSHOT_KIND)
+        heads = self._v2.snapshot_versions()
         if not heads:
             return None
         at = heads[0][2]
@@ -1005,11 +1005,11 @@ class Vault:
                 raise VaultCorrupt("a vault entry record has no matching secret record")
             versions[rid] = (version, sv)
             disk[rid] = (version, nonce)
-        n = db.count(SNAPSHOT_KIND)
+        n = len(db.snapshot_versions())
         digest, tag, todo, changed = 0, None, [], 0
         shared: dict[str | None, StoredField] = {}
         for i in range(n):
-            row = db.row(SNAPSHOT_KIND, f"{SNAPSHOT_ID}.{i}")
+            row = db.snapshot_row(f"{SNAPSHOT_ID}.{i}")
             if row is None or row[2] != at:
                 raise _SnapshotUnusable
             try:

@@ -13,7 +13,7 @@ Record kinds: `entry` (an entry's metadata), `secret` (the same entry's secret f
 apart so listing and search never open them), `state` (generation, spaces, the record digest,
 the audit head), `extra` (sessions, requests and other broker state, one row per key) and `tx`
 (a transaction awaiting a person, one row per transaction id, its exact arguments included:
-core/transactions.py). Beside them, `snapshot` rows (`entries.<i>`) are a cache of every
+core/transactions.py). Beside them, the `snapshot` table's rows (`entries.<i>`) are a cache of every
 entry's metadata that unlock checks record by record (vault.py `write_snapshot`); they are in
 no commit and no digest. Only kind, id, version and updated_at are in the clear.
 
@@ -63,6 +63,18 @@ CREATE TABLE IF NOT EXISTS records (
     ct BLOB NOT NULL,
     PRIMARY KEY (kind, id)
 ) WITHOUT ROWID;
+"""
+
+# the sealed metadata snapshot (vault.py `write_snapshot`): a rowid table of its own, because
+# SQLite reads a WITHOUT ROWID row's whole payload, overflow pages included, to compare its key:
+# megabyte rows in `records` made every commit's lookups beside them read them (+10 ms a commit)
+_SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshot (
+    id TEXT PRIMARY KEY NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    ct BLOB NOT NULL
+);
 """
 
 # SQLite result codes that mean the database file itself is damaged (anything else that fails
@@ -285,17 +297,34 @@ class VaultDb:
             (kind, *ids),
         )
 
+    def _has_snapshot_table(self) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshot'")
+        )
+
+    def snapshot_versions(self) -> list[tuple[str, str, int]]:
+        """("snapshot", id, version) of every snapshot row (none in a vault that never had one)."""
+        if not self._has_snapshot_table():
+            return []
+        return self._query("SELECT 'snapshot', id, version FROM snapshot")
+
+    def snapshot_row(self, rid: str) -> Row | None:
+        if not self._has_snapshot_table():
+            return None
+        got = self._query("SELECT 'snapshot', id, version, ct FROM snapshot WHERE id = ?", (rid,))
+        return tuple(got[0]) if got else None
+
     def put_snapshot(self, rows: list[Row]) -> None:
         """Replace every snapshot row with these (a cache: not part of any commit or digest)."""
         now = int(time.time())
         with self._lock:
             try:
                 with _transaction(self._conn):
-                    self._conn.execute("DELETE FROM records WHERE kind = 'snapshot'")
+                    self._conn.execute(_SNAPSHOT_SCHEMA)
+                    self._conn.execute("DELETE FROM snapshot")
                     self._conn.executemany(
-                        "INSERT INTO records (kind, id, version, updated_at, ct) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        [(k, i, v, now, ct) for k, i, v, ct in rows],
+                        "INSERT INTO snapshot (id, version, updated_at, ct) VALUES (?, ?, ?, ?)",
+                        [(i, v, now, ct) for _k, i, v, ct in rows],
                     )
             except sqlite3.Error as exc:
                 raise storage_error(exc, f"could not save {self.path.name}") from exc
