@@ -520,7 +520,12 @@ def real_broker(
         token = {"token": created.token}
         log(f"{n:,} entries: session calls")
         res["session"] = through_broker(b, sample, r, token, "session")
-        q = [EntrySearchParams(query=search_query(i)) for i in range(max(3, r.search_session // 2))]
+        # at least 40 searches: at 100k one takes ~14 ms, so 5 gave ~50 pings, whose p99 was
+        # their max, one scheduler hiccup on a shared machine (the idle broker.ping p99 above
+        # is the figure to compare it with)
+        q = [
+            EntrySearchParams(query=search_query(i)) for i in range(max(40, r.search_session // 2))
+        ]
         res["session"]["ping during search"] = ping_under_load(b, "entry.search", q, token)
         more = [add_params("load", i) for i in range(max(2, r.add_session // 2))]
         res["session"]["ping during add"] = ping_under_load(b, "entry.add", more, token)

@@ -10,11 +10,13 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.core import vault as vault_module
 from broker.core import vault_db
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.vault import (
@@ -362,12 +364,16 @@ _texts = st.text(alphabet="abcAB-ß.İ ", max_size=8)
         max_size=12,
     ),
     st.text(alphabet="abcAB-ß.İ *", min_size=1, max_size=4),
+    st.sampled_from([1, 3, 1 << 16]),
 )
 def test_search_through_the_index_finds_exactly_what_a_full_scan_finds(
     tmp_path_factory: pytest.TempPathFactory,
     rows: list[tuple[str, str, str, list[str]]],
     query: str,
+    chunk: int,
 ) -> None:
+    # chunk: the index scans its text in chunks (so a search never holds the GIL for long);
+    # 1 puts a chunk boundary at every entry, and a match must never be lost or split there
     path = tmp_path_factory.mktemp("idx") / "vault.apm"
     vault = Vault.create(path, normalize_password(PASSWORD), FAST, format=1)  # fast to create
     try:
@@ -386,6 +392,8 @@ def test_search_through_the_index_finds_exactly_what_a_full_scan_finds(
                 updated_at=now,
             )
             vault.entries[e.id] = e
+        with mock.patch.object(vault_module, "_SCAN_CHUNK", chunk):
+            vault.build_search_index()
         got = [(e.id, score) for e, score in vault.search(query, limit=1000)]
         assert got == _full_scan(vault, query)
         # a small limit may skip the subsequence pass: the top results must not change

@@ -13,7 +13,9 @@ Record kinds: `entry` (an entry's metadata), `secret` (the same entry's secret f
 apart so listing and search never open them), `state` (generation, spaces, the record digest,
 the audit head), `extra` (sessions, requests and other broker state, one row per key) and `tx`
 (a transaction awaiting a person, one row per transaction id, its exact arguments included:
-core/transactions.py). Only kind, id, version and updated_at are in the clear.
+core/transactions.py). Beside them, the `snapshot` table's rows (`entries.<i>`) are a cache of every
+entry's metadata that unlock checks record by record (vault.py `write_snapshot`); they are in
+no commit and no digest. Only kind, id, version and updated_at are in the clear.
 
 Rules:
 - This module moves bytes; it never sees a key or a plaintext (vault.py seals and opens).
@@ -61,6 +63,18 @@ CREATE TABLE IF NOT EXISTS records (
     ct BLOB NOT NULL,
     PRIMARY KEY (kind, id)
 ) WITHOUT ROWID;
+"""
+
+# the sealed metadata snapshot (vault.py `write_snapshot`): a rowid table of its own, because
+# SQLite reads a WITHOUT ROWID row's whole payload, overflow pages included, to compare its key:
+# megabyte rows in `records` made every commit's lookups beside them read them (+10 ms a commit)
+_SNAPSHOT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshot (
+    id TEXT PRIMARY KEY NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    ct BLOB NOT NULL
+);
 """
 
 # SQLite result codes that mean the database file itself is damaged (anything else that fails
@@ -265,6 +279,55 @@ class VaultDb:
             "SELECT kind, id, version, ct FROM records WHERE kind = ? AND id = ?", (kind, rid)
         )
         return tuple(got[0]) if got else None
+
+    def entry_nonces(self) -> list[tuple[str, int, bytes]]:
+        """(id, version, nonce) of every entry record: what tells a snapshot's copy of a record
+        from another record of the same id and version (the sealed metadata snapshot)."""
+        return self._query(
+            "SELECT id, version, substr(ct, 1, 12) FROM records WHERE kind = 'entry'"
+        )
+
+    def rows_by_id(self, kind: str, ids: list[str]) -> list[Row]:
+        """The records of a kind with these ids (at most a few hundred at a time)."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        return self._query(
+            f"SELECT kind, id, version, ct FROM records WHERE kind = ? AND id IN ({marks})",  # noqa: S608 (only "?" marks)
+            (kind, *ids),
+        )
+
+    def _has_snapshot_table(self) -> bool:
+        return bool(
+            self._query("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'snapshot'")
+        )
+
+    def snapshot_versions(self) -> list[tuple[str, str, int]]:
+        """("snapshot", id, version) of every snapshot row (none in a vault that never had one)."""
+        if not self._has_snapshot_table():
+            return []
+        return self._query("SELECT 'snapshot', id, version FROM snapshot")
+
+    def snapshot_row(self, rid: str) -> Row | None:
+        if not self._has_snapshot_table():
+            return None
+        got = self._query("SELECT 'snapshot', id, version, ct FROM snapshot WHERE id = ?", (rid,))
+        return tuple(got[0]) if got else None
+
+    def put_snapshot(self, rows: list[Row]) -> None:
+        """Replace every snapshot row with these (a cache: not part of any commit or digest)."""
+        now = int(time.time())
+        with self._lock:
+            try:
+                with _transaction(self._conn):
+                    self._conn.execute(_SNAPSHOT_SCHEMA)
+                    self._conn.execute("DELETE FROM snapshot")
+                    self._conn.executemany(
+                        "INSERT INTO snapshot (id, version, updated_at, ct) VALUES (?, ?, ?, ?)",
+                        [(i, v, now, ct) for _k, i, v, ct in rows],
+                    )
+            except sqlite3.Error as exc:
+                raise storage_error(exc, f"could not save {self.path.name}") from exc
 
     def count(self, kind: str) -> int:
         return int(self._query("SELECT count(*) FROM records WHERE kind = ?", (kind,))[0][0])

@@ -299,10 +299,14 @@ async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearc
         stored = ctx.state.cache.get().entries.values()
         check_type_filter(p.type, (e.type for e in stored))
     snapshot = ctx.state.cache.get().search_snapshot()  # other calls go on while it runs
-    hits = await asyncio.to_thread(
-        snapshot.search, p.query, p.space, p.type, p.tag, p.limit, ctx.visible
-    )
-    return EntrySearchResult(hits=[SearchHit(entry=e.meta(), score=s) for e, s in hits])
+
+    def run() -> list[SearchHit]:
+        # the hits' models are built in the thread too (entries are immutable): ~0.6 ms for
+        # 50 hits that a ping would otherwise wait out on the event loop
+        found = snapshot.search(p.query, p.space, p.type, p.tag, p.limit, ctx.visible)
+        return [SearchHit(entry=e.meta(), score=s) for e, s in found]
+
+    return EntrySearchResult(hits=await asyncio.to_thread(run))
 
 
 @operation("entry.show", LISTING, tools=("get_entry",))
