@@ -8,11 +8,10 @@ polls with a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import shlex
-import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -24,15 +23,12 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp import types as mt
-from pydantic import SecretStr
 
-from broker.cli.client import BrokerClient
 from broker.cli.masking import MARK
-from broker.wire.errors import ApmError
 
-from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
-from .conftest import sweep as sweep_home
+from .conftest import PASSWORD, Apm, Broker, clean_env, register_secret
 from .mcp_client import error_body, ok_of, shim_client, tool_names, whole
+from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
 
@@ -99,46 +95,16 @@ class World:
         return clean_env(self.home, APM_EPHEMERAL_ID=token)
 
 
-def wire(home: Path, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    with BrokerClient(f"ipc://{home}/run/broker.sock") as client:
-        return client.call_raw(method, params or {}, password=SecretStr(PASSWORD), timeout=30)
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    home = make_home()
     hook = Hook()
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(
-        f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = false\n'
-    )
-    broker = Broker(home)
-    apm = Apm(home)
     try:
-        broker.start(wait=False)
-        assert broker.proc is not None
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.proc.poll() is None, broker.output()
-            if broker.socket.exists():
-                with contextlib.suppress(ApmError):
-                    with BrokerClient(f"ipc://{home}/run/broker.sock") as c:
-                        c.call_raw("broker.ping", {}, timeout=5)
-                    break
-            assert time.monotonic() < deadline, "broker did not become ready"
-            time.sleep(0.05)
-        apm.ok("init", "--profile", "interactive")
-        for name, value in (("stripe", STRIPE), ("other", OTHER)):
-            secrets = {"key": {"value": value}}
-            wire(home, "entry.add", {"type": "api_key", "name": name, "secrets": secrets})
-        yield World(home, apm, broker, hook)
+        with mcp_broker(f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = false\n') as (apm, b):
+            for name, value in (("stripe", STRIPE), ("other", OTHER)):
+                add_api_key(b.home, name, value)
+            yield World(b.home, apm, b, hook)
     finally:
-        broker.stop()
         hook.close()
-        hits = sweep_home(home)
-        SWEEP_HITS.extend(hits)
-        shutil.rmtree(home, ignore_errors=True)
-        assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
 def mcp_client(home: Path, token: str, mode: str) -> Any:
@@ -174,6 +140,17 @@ def child(out: Path, name: str, code: int = 7, one_char: bool = False) -> list[s
         f"sys.exit({code})\n"
     )
     return [sys.executable, "-c", script]
+
+
+def run_with_stripe(
+    world: World, token: str, out: Path, name: str, **child_kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """`apm run --env NAME=apm://default/stripe/key -- <child>` in session `token`."""
+    return world.apm(
+        *("run", "--env", f"{name}=apm://default/stripe/key", "--"),
+        *child(out, name, **child_kw),
+        env=world.as_session(token),
+    )
 
 
 # ---------------------------------------------------------------------- the approved path
@@ -263,14 +240,7 @@ async def test_a_denied_request_reports_the_reason_and_apm_run_is_refused(
         assert code_of(closed) == "REQUEST_CLOSED"
         assert "decrypt_entry" not in await tool_names(client)
     out = tmp_path / "received"
-    run = world.apm(
-        "run",
-        "--env",
-        "STRIPE_KEY=apm://default/stripe/key",
-        "--",
-        *child(out, "STRIPE_KEY"),
-        env=world.as_session(token),
-    )
+    run = run_with_stripe(world, token, out, "STRIPE_KEY")
     assert run.returncode == 5, run.stderr
     assert not out.exists()
     # a denied request cannot be approved afterwards
@@ -300,25 +270,11 @@ async def test_another_session_can_neither_see_nor_use_a_request(
         assert code_of(res) == "PERMISSION_DENIED"
         assert STRIPE not in whole(res)
     out = tmp_path / "received"
-    run = world.apm(
-        "run",
-        "--env",
-        "K=apm://default/stripe/key",
-        "--",
-        *child(out, "K"),
-        env=world.as_session(token_b),
-    )
+    run = run_with_stripe(world, token_b, out, "K")
     assert run.returncode == 5, run.stderr
     assert not out.exists()
     # ...while A, whose grant it is, can
-    run = world.apm(
-        "run",
-        "--env",
-        "K=apm://default/stripe/key",
-        "--",
-        *child(out, "K", code=0),
-        env=world.as_session(token_a),
-    )
+    run = run_with_stripe(world, token_a, out, "K", code=0)
     assert run.returncode == 0, run.stderr
     assert out.read_text() == STRIPE
 
@@ -383,14 +339,7 @@ def test_apm_run_conceals_a_secret_the_child_writes_one_character_at_a_time(
 ) -> None:
     out = tmp_path / "received"
     token = world.delegate("secrets")
-    run = world.apm(
-        "run",
-        "--env",
-        "KEY=apm://default/stripe/key",
-        "--",
-        *child(out, "KEY", code=3, one_char=True),
-        env=world.as_session(token),
-    )
+    run = run_with_stripe(world, token, out, "KEY", code=3, one_char=True)
     assert run.returncode == 3, run.stderr
     assert out.read_text() == STRIPE
     for stream in (run.stdout, run.stderr):
