@@ -24,8 +24,9 @@ from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 
 from .conftest import Apm, Broker, make_home
+from .other_uid import PLAIN_ENV, as_user, ensure_user
 from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post
-from .test_http_identity import ATTACKER_USER, ensure_user
+from .test_http_identity import ATTACKER_USER
 from .test_requests import PASSWORD, FakeNotifier, Twin, _walk
 from .twin import Clock, broker_state
 
@@ -124,15 +125,12 @@ def test_another_local_user_cannot_read_the_page(page_world: World) -> None:
     )
     out = subprocess.run(
         ["/usr/bin/python3", "-c", script],
-        user=attacker.pw_name,
-        group=attacker.pw_gid,
-        extra_groups=[],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin"},
+        env=PLAIN_ENV,
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
+        **as_user(attacker),
     )
     got = json.loads(out.stdout)
     assert "error" in got, got  # reset at accept: no page, no CSRF token

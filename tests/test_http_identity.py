@@ -30,6 +30,16 @@ from typing import Any
 import pytest
 
 from .conftest import PASSWORD, PY, SWEEP_HITS, register_secret, sweep
+from .other_uid import (
+    NOBODY,
+    PLAIN_ENV,
+    as_user,
+    ensure_user,
+    need_root,
+    public_dir,
+    publish,
+    python_for,
+)
 from .test_http import SECRET, World, free_port
 from .test_http import world as world  # the module-scoped broker fixture
 
@@ -45,33 +55,10 @@ BROKER_USER = "apmhttpb"  # runs a non-root broker
 def other_python() -> str:
     """A Python of this interpreter's version that any user may run (the venv's may sit under a
     private directory, like /root/.pyenv here): the broker's C extensions need the same 3.x."""
+    found = python_for(NOBODY)
     want = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = [
-        os.path.realpath(PY),
-        *(shutil.which(want, path=d) for d in ("/usr/bin", "/usr/local/bin", "/opt/python/bin")),
-    ]
-    for cand in dict.fromkeys(c for c in candidates if c):
-        try:
-            probe = subprocess.run(
-                [cand, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                user=NOBODY,
-                group=NOBODY,
-                extra_groups=[],
-                cwd="/",
-                env={"PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-        except OSError:  # not there, or not ours to run
-            continue
-        if probe.stdout.strip() == want.removeprefix("python"):
-            return cand
-    raise AssertionError(f"no {want} that other users may run; install it (apt-get install {want})")
-
-
-NOBODY = 65534
+    assert found, f"no {want} that other users may run; install it (apt-get install {want})"
+    return found
 
 
 def raw(
@@ -89,10 +76,7 @@ def raw(
     argv = [python, str(script), "--port", str(port), "--src-port", str(src_port)]
     if tool:
         argv += ["--tool", tool, "--args", json.dumps(args or {})]
-    kw: dict[str, Any] = {}
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+    kw = as_user(pwd.getpwnam(user)) if user is not None else {}
     proc = subprocess.run(
         argv,
         input=token + "\n",
@@ -100,7 +84,7 @@ def raw(
         text=True,
         timeout=60,
         check=False,
-        env={"PATH": "/usr/bin:/bin"},
+        env=PLAIN_ENV,
         **kw,
     )
     assert proc.returncode == 0, proc.stderr
@@ -125,25 +109,9 @@ def tool_code(result: dict[str, Any] | None) -> str | None:
     return str((error or {}).get("code"))
 
 
-def ensure_user(name: str) -> pwd.struct_passwd:
-    """A local user for the test (created with useradd when missing; we run as root)."""
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(name)
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return pwd.getpwnam(name)
-
-
 @pytest.fixture(scope="module")
 def needs_root() -> None:
-    if os.getuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("these tests need root (useradd, other uids); CI runs them as root")
-        pytest.skip("needs root to create and run as other users")
+    need_root()
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +122,8 @@ def attacker(needs_root: None) -> pwd.struct_passwd:
 @pytest.fixture(scope="module")
 def public_client(needs_root: None) -> Iterator[Path]:
     """The raw client where any user can read it."""
-    work = Path(tempfile.mkdtemp(prefix="apmraw-", dir="/tmp"))
-    work.chmod(0o755)
-    script = work / "http_raw_client.py"
-    shutil.copy(RAW_CLIENT, script)
-    script.chmod(0o644)
-    yield script
-    shutil.rmtree(work, ignore_errors=True)
+    with public_dir("apmraw-") as work:
+        yield publish(RAW_CLIENT, work / "http_raw_client.py")
 
 
 # ------------------------------------------------------------------ #13.2 source-port reuse
@@ -178,9 +141,7 @@ class Holder:
         python: str = PY,
         script: Path = RAW_CLIENT,
     ) -> None:
-        kw: dict[str, Any] = {}
-        if user is not None:
-            kw = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": "/"}
+        kw = as_user(user) if user is not None else {}
         self.proc = subprocess.Popen(
             [
                 *(python, str(script), "--port", str(port), "--src-port", str(src_port)),
@@ -283,10 +244,7 @@ class UserBroker:
 
     def _kw(self) -> dict[str, Any]:
         return {
-            "user": self.user.pw_uid,
-            "group": self.user.pw_gid,
-            "extra_groups": [],
-            "cwd": str(self.home),
+            **as_user(self.user, self.home),
             "env": {
                 "PATH": "/usr/bin:/bin",
                 "HOME": str(self.home),
@@ -358,14 +316,11 @@ def _readable_code(spare: Path) -> str:
     paths = [str(ROOT), site]
     probe = subprocess.run(
         [other_python(), "-c", "import sys; import broker, zmq, mcp, argon2, psutil"],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(paths)},
-        user=pwd.getpwnam(BROKER_USER).pw_uid,
-        group=pwd.getpwnam(BROKER_USER).pw_gid,
-        extra_groups=[],
-        cwd="/",
+        env={**PLAIN_ENV, "PYTHONPATH": ":".join(paths)},
         capture_output=True,
         timeout=60,
         check=False,
+        **as_user(pwd.getpwnam(BROKER_USER)),
     )
     if probe.returncode == 0:
         return ":".join(paths)

@@ -16,10 +16,7 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +27,7 @@ import zmq
 import broker
 import shim
 
+from . import other_uid as other_uid_
 from .conftest import Apm, Broker, clean_env, register_secret
 from .mcp_client import SHIM
 
@@ -53,10 +51,7 @@ INITIALIZE = {
 
 
 def need_root() -> None:
-    if os.getuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: these attack tests must run there")
-        pytest.skip("needs root (to read other processes' /proc and to create a test user)")
+    other_uid_.need_root("needs root (to read other processes' /proc and to create a test user)")
 
 
 def environ_of(pid: int) -> bytes:
@@ -142,64 +137,15 @@ def test_the_shims_environ_block_no_longer_holds_its_token_and_it_still_works(
 # ---------------------------------------------------------------------- as another uid
 
 
-def _ensure_test_user() -> pwd.struct_passwd:
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(TEST_USER)
-    proc = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    # 9: created meanwhile by a parallel test run
-    assert proc.returncode in (0, 9), proc.stderr
-    return pwd.getpwnam(TEST_USER)
-
-
-def _copy_tree(src: Path, dest: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        shutil.copy2(src, dest)
-
-
-def _python_for(user: pwd.struct_passwd, work: Path) -> str:
-    """An interpreter of this minor version that `user` may run (the venv's may live under a
-    private home), checked by running it as `user`."""
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = [os.path.realpath(sys.executable)]
-    found = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin")
-    if found:
-        candidates.append(found)
-    for interp in candidates:
-        with contextlib.suppress(PermissionError, OSError):
-            proc = subprocess.run(
-                [interp, "-I", "-c", "import ctypes"],
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=[],
-                cwd=work,
-                env={"PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            if proc.returncode == 0:
-                return interp
-    pytest.fail(f"no {minor} that user {user.pw_name} may run: install python3 from the OS")
-
-
 @pytest.fixture(scope="module")
 def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
     """(the test user, an interpreter it may run, a world-readable copy of apm + its imports)."""
     need_root()
-    user = _ensure_test_user()
-    work = Path(tempfile.mkdtemp(prefix="apmx-", dir="/tmp"))
-    try:
+    user = other_uid_.ensure_user(TEST_USER)
+    with other_uid_.public_dir("apmx-") as work:
         code = work / "code"
-        code.mkdir()
         for pkg in (broker, shim):
-            _copy_tree(Path(pkg.__file__).parent, code / pkg.__name__)
+            other_uid_.publish(Path(pkg.__file__).parent, code / pkg.__name__)
         site = Path(zmq.__file__).resolve().parent.parent
         for name in (
             "zmq",
@@ -212,15 +158,15 @@ def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
             "psutil",
         ):
             if (site / name).exists():
-                _copy_tree(site / name, code / name)
-        for path in [work, *work.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+                other_uid_.publish(site / name, code / name)
+        code.chmod(0o755)
         home = work / "home"
         home.mkdir(mode=0o700)
         os.chown(home, user.pw_uid, user.pw_gid)
-        yield user, _python_for(user, work), work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        interp = other_uid_.python_for(user, "import ctypes", work)
+        if interp is None:
+            pytest.fail(f"no Python that user {user.pw_name} may run: install python3 from the OS")
+        yield user, interp, work
 
 
 def _as_user(
@@ -236,13 +182,13 @@ def _as_user(
 
 def _user_kw(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, object]:
     user, _, work = setup
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": work}
+    return other_uid_.as_user(user, work)
 
 
 def _user_env(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, str]:
     _, _, work = setup
     return {
-        "PATH": "/usr/bin:/bin",
+        **other_uid_.PLAIN_ENV,
         "APM_HOME": str(work / "home"),
         "APM_EPHEMERAL_ID": FAKE_TOKEN,
     }
