@@ -17,11 +17,9 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from .other_uid import (
     publish,
     python_for,
 )
-from .test_http import SECRET, World, free_port
+from .test_http import SECRET, World, free_port, wait_listening
 from .test_http import world as world  # the module-scoped broker fixture
 
 pytestmark = pytest.mark.slow
@@ -283,14 +281,10 @@ class UserBroker:
             **self._kw(),
         )
         log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.output()
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return
-            assert time.monotonic() < deadline, "the non-root broker did not come up"
-            time.sleep(0.05)
+        try:
+            wait_listening(self.port, "the non-root broker", 30, self.proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
         with contextlib.suppress(OSError):

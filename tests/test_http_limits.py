@@ -12,11 +12,9 @@ Loops are bounded in count and every wait has a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -112,30 +110,8 @@ class LimitedBroker(HttpBroker):
 
     nofile: tuple[int, int] = (FD_LIMIT, FD_LIMIT)
 
-    def start(self, wait: bool = True) -> LimitedBroker:
-        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
-        argv += ["--http", f"127.0.0.1:{self.port}"]
-        with open(self.stdout_path, "a") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=clean_env(self.home),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=limited(*self.nofile),  # only setrlimit, before exec
-            )
-        if wait:
-            self.wait_ready()
-            wait_for(lambda: _can_connect(self.port), 15, "the HTTP listener")
-        return self
-
-
-def _can_connect(port: int) -> bool:
-    with contextlib.suppress(OSError):
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    return False
+    def popen_kw(self) -> dict[str, Any]:
+        return {"preexec_fn": limited(*self.nofile)}  # only setrlimit, before exec
 
 
 def swept(home: Path) -> None:
