@@ -8,12 +8,10 @@ polls with a deadline.
 
 from __future__ import annotations
 
-import http.server
 import json
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from mcp import types as mt
 from broker.cli.masking import MARK
 
 from .conftest import PASSWORD, Apm, Broker, clean_env, register_secret
+from .hook_server import Hook
 from .mcp_client import error_body, ok_of, shim_client, tool_names, whole
 from .mcp_world import add_api_key, mcp_broker, wire
 
@@ -44,37 +43,6 @@ register_secret(OTHER)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Hook:
-    """A local HTTP server recording the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                n = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append(self.rfile.read(n))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def payloads(self, request_id: str) -> list[dict[str, Any]]:
-        docs = [json.loads(b) for b in list(self.bodies)]
-        return [d for d in docs if d.get("apm", {}).get("request_id") == request_id]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass

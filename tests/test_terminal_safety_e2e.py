@@ -25,9 +25,9 @@ from mcp import Client, StdioServerParameters
 from mcp import types as mt
 
 from .conftest import PASSWORD, Apm, Broker, clean_env, make_home, register_secret
+from .hook_server import Hook
 from .mcp_client import SHIM, ok_of, unwrapped
 from .mcp_world import add_api_key, mcp_broker, wire
-from .test_jit_e2e import Hook
 
 pytestmark = pytest.mark.slow
 
