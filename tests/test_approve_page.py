@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -23,9 +22,9 @@ from broker.server.page_server import PageServer
 from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 
-from .conftest import Apm, Broker, make_home
 from .other_uid import PLAIN_ENV, as_user, ensure_user
-from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post
+from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post, started_world
+from .test_http import free_port
 from .test_http_identity import ATTACKER_USER
 from .test_requests import PASSWORD, FakeNotifier, Twin, _walk
 from .twin import Clock, broker_state
@@ -40,37 +39,15 @@ def held(world: World, name: str) -> tuple[str, str]:
 
 @pytest.fixture
 def http_world() -> Iterator[tuple[World, int]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    home = make_home()
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n')
-    broker = Broker(home)
-    apm = Apm(home)
-    try:
-        broker.start()
-        apm.ok("init", "--profile", "interactive")
-        yield World(home, apm, broker), port
-    finally:
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    port = free_port()
+    with started_world(f'[http]\nlisten = "127.0.0.1:{port}"\n') as world:
+        yield world, port
 
 
 @pytest.fixture
 def page_world() -> Iterator[World]:
-    home = make_home()
-    broker = Broker(home)
-    apm = Apm(home)
-    try:
-        broker.start()
-        apm.ok("init", "--profile", "interactive")
-        yield World(home, apm, broker)
-    finally:
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with started_world() as world:
+        yield world
 
 
 def test_with_a_loopback_http_listener_the_page_shares_its_port(
