@@ -20,6 +20,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -194,6 +195,26 @@ def _user_env(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, str]:
     }
 
 
+def _probe_as_user(
+    setup: tuple[pwd.struct_passwd, str, Path], probe: str, pid: int, timeout: float
+) -> Any:
+    """Run the Python code `probe` (json and sys imported, apm's copy importable, `pid` in
+    sys.argv[1]) as the test user; what it printed, as JSON."""
+    _, interp, work = setup
+    head = f"import json, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
+    out = subprocess.run(
+        [interp, "-I", "-c", head + probe, str(pid)],
+        env=other_uid_.PLAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **_user_kw(setup),  # type: ignore[arg-type]
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def test_apm_runs_child_of_the_same_uid_cannot_read_its_parents_environ(
     other_uid: tuple[pwd.struct_passwd, str, Path],
 ) -> None:
@@ -237,26 +258,14 @@ def test_a_sibling_of_the_same_uid_cannot_read_the_shims_environ(
         # a broker of this uid still sees what bindings check (as walk_ancestry reads it):
         # create_time, name and parent. (/proc/<pid>/exe is withheld; psutil's exe() then
         # guesses from cmdline[0], which the process chose: bindings must not trust that.)
-        _, interp, work = other_uid
         probe = (
-            f"import json, os, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
-            "import psutil\n"
+            "import os, psutil\n"
             "p = psutil.Process(int(sys.argv[1]))\n"
             "try:\n    os.readlink(f'/proc/{p.pid}/exe')\n    exe = 'readable'\n"
             "except PermissionError:\n    exe = None\n"
             "print(json.dumps([p.create_time() > 0, p.name(), p.ppid(), exe]))\n"
         )
-        seen = subprocess.run(
-            [interp, "-I", "-c", probe, str(proc.pid)],
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            **_user_kw(other_uid),  # type: ignore[arg-type]
-        )
-        assert seen.returncode == 0, seen.stderr
-        created, name, ppid, exe = json.loads(seen.stdout)
+        created, name, ppid, exe = _probe_as_user(other_uid, probe, proc.pid, timeout=30)
         assert created and name and ppid == os.getpid() and exe is None
 
 
@@ -266,7 +275,7 @@ def test_a_non_dumpable_process_cannot_pass_for_another_executable_through_its_a
     # The attack: a same-uid process makes itself non-dumpable (so a non-root broker cannot
     # read /proc/<pid>/exe) and sets argv[0] to the client it wants to pass for. psutil's
     # exe() then falls back to argv[0]; the ancestry walk must report no executable instead.
-    _, interp, work = other_uid
+    _, interp, _ = other_uid
     spoof = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); time.sleep(30)"
     attacker = subprocess.Popen(  # 4: PR_SET_DUMPABLE; argv[0] names another file
         ["/usr/bin/env", "-I", "-c", spoof],
@@ -281,23 +290,12 @@ def test_a_non_dumpable_process_cannot_pass_for_another_executable_through_its_a
                 break
             time.sleep(0.05)
         probe = (
-            f"import json, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
             "import psutil\n"
             "from broker.core.bindings import walk_ancestry\n"
             "pid = int(sys.argv[1])\n"
             "print(json.dumps([psutil.Process(pid).exe(), walk_ancestry(pid)[0].exe]))\n"
         )
-        out = subprocess.run(
-            [interp, "-I", "-c", probe, str(attacker.pid)],
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            **_user_kw(other_uid),  # type: ignore[arg-type]
-        )
-        assert out.returncode == 0, out.stderr
-        psutil_guess, walked = json.loads(out.stdout)
+        psutil_guess, walked = _probe_as_user(other_uid, probe, attacker.pid, timeout=60)
         assert psutil_guess == "/usr/bin/env"  # the spoof works on psutil alone
         assert walked == ""  # the walk trusts only the kernel's link: no executable to match
     finally:
