@@ -89,6 +89,19 @@ def raw(
     return dict(json.loads(proc.stdout))
 
 
+def decrypt_github_as(user: str, script: Path, port: int, token: str) -> dict[str, Any]:
+    """decrypt_entry github with `token`, from the raw client run as `user` (a public copy)."""
+    return raw(
+        port,
+        token,
+        tool="decrypt_entry",
+        args={"entry": "github"},
+        user=user,
+        python=other_python(),
+        script=script,
+    )
+
+
 def call_result(out: dict[str, Any]) -> dict[str, Any] | None:
     """The tools/call result the raw client got, or None if it got none."""
     for step in out["steps"]:
@@ -211,15 +224,7 @@ def test_a_client_of_another_uid_is_refused_by_a_root_broker(
 ) -> None:
     assert os.getuid() == 0
     token, _ = world.delegate("--scope", "secrets")
-    out = raw(
-        world.broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=attacker.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    out = decrypt_github_as(attacker.pw_name, public_client, world.broker.port, token)
     assert SECRET not in json.dumps(out)
     # refused at accept: no HTTP answer at all, not even a 401 or 403
     assert out["steps"] == [] and "error" in out, out
@@ -359,15 +364,7 @@ def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(
     out = user_broker.apm("delegate", "--scope", "secrets", "--ttl", "1h", "--json")
     token = json.loads(out.stdout)["token"]
     # the attack: another user (its pid is invisible to this broker) presents the token
-    stolen = raw(
-        user_broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=attacker.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    stolen = decrypt_github_as(attacker.pw_name, public_client, user_broker.port, token)
     assert SECRET not in json.dumps(stolen)
     assert stolen["steps"] == [] and "error" in stolen, stolen
     # root is another user too for this broker
@@ -376,15 +373,7 @@ def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(
     assert as_root["steps"] == [] and "error" in as_root, as_root
     assert f"uid {attacker.pw_uid}" in user_broker.output()
     # control: the broker's own user is served
-    mine = raw(
-        user_broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=user_broker.user.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    mine = decrypt_github_as(user_broker.user.pw_name, public_client, user_broker.port, token)
     assert tool_code(call_result(mine)) == "OK", mine
     assert SECRET in json.dumps(mine)
 
