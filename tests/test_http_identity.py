@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PASSWORD, PY, SWEEP_HITS, register_secret, sweep
+from .conftest import PASSWORD, PY, SWEEP_HITS, end_child, register_secret, sweep
 from .other_uid import (
     NOBODY,
     PLAIN_ENV,
@@ -172,16 +172,7 @@ class Holder:
         return dict(json.loads(self.proc.stdout.readline()))
 
     def release(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_child(self.proc)
 
 
 def test_a_process_reusing_the_source_port_of_a_pid_bound_client_is_identified_as_itself(

@@ -42,6 +42,7 @@ from .conftest import (
     Apm,
     Broker,
     clean_env,
+    end_child,
 )
 
 pytestmark = pytest.mark.slow
@@ -93,15 +94,7 @@ class Tree:
         return subprocess.CompletedProcess(args, out["rc"], out["stdout"], out["stderr"])
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_child(self.proc)
 
 
 @pytest.fixture
