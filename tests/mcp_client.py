@@ -17,6 +17,17 @@ from mcp import Client, StdioServerParameters
 from broker.server.mcp_tools import ERROR_META
 
 SHIM = Path(sys.executable).parent / "apm-mcp"
+# a raw JSON-RPC `initialize`, for the tests that speak to the shim without the SDK
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "pytest", "version": "1"},
+    },
+}
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

@@ -30,7 +30,7 @@ import shim
 
 from . import other_uid as other_uid_
 from .conftest import Apm, Broker, clean_env, register_secret
-from .mcp_client import SHIM
+from .mcp_client import INITIALIZE, SHIM
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,6 @@ TEST_USER = "apmterm"
 DB_KEY = "Prod-Db-Key-4471-unique"
 FAKE_TOKEN = "eps_" + "Zq7" * 15  # what another uid's processes hold; never reaches a broker
 register_secret(DB_KEY)
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "pytest", "version": "1"},
-    },
-}
 
 
 def need_root() -> None:

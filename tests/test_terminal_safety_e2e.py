@@ -26,7 +26,7 @@ from mcp import types as mt
 
 from .conftest import PASSWORD, Apm, Broker, clean_env, make_home, register_secret
 from .hook_server import Hook
-from .mcp_client import SHIM, ok_of, unwrapped
+from .mcp_client import INITIALIZE, SHIM, ok_of, unwrapped
 from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
@@ -313,18 +313,6 @@ def test_session_why_escapes_a_hostile_process_name_in_the_ancestry_it_shows(
     out = world.run("session", "why", accessor)
     assert "ancestry:" in out and not control_chars(out), out
     assert "ev\\x1b[2Jil" in out
-
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "pytest", "version": "1"},
-    },
-}
 
 
 @pytest.mark.anyio
