@@ -107,5 +107,17 @@ def whole(result: mt.CallToolResult) -> str:
     return result.model_dump_json(by_alias=True)
 
 
+async def request_access(
+    client: Client, entry: str, justification: str, minutes: int = 5, **extra: Any
+) -> str:
+    """The agent's side of the just-in-time flow: request_access for `entry` (with `extra`
+    arguments: access, field), asserted pending; its request id. The person then answers with
+    `apm request approve|deny ID`, and the agent retries or follows the request."""
+    args = {"entry": entry, "duration_minutes": minutes, "justification": justification, **extra}
+    body = ok_of(await client.call_tool("request_access", args))
+    assert body["state"] == "pending", body
+    return str(body["request_id"])
+
+
 async def tool_names(client: Client) -> set[str]:
     return {t.name for t in (await client.list_tools()).tools}

@@ -26,7 +26,7 @@ from broker.cli.masking import MARK
 
 from .conftest import PASSWORD, Apm, Broker, clean_env, register_secret
 from .hook_server import Hook
-from .mcp_client import error_body, ok_of, shim_client, tool_names, whole
+from .mcp_client import error_body, ok_of, request_access, shim_client, tool_names, whole
 from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
@@ -84,10 +84,7 @@ def code_of(result: mt.CallToolResult) -> str:
 
 
 async def ask(client: Client, entry: str = "stripe", minutes: int = 5, access: str = "use") -> str:
-    args = {"entry": entry, "duration_minutes": minutes, "justification": WHY, "access": access}
-    body = ok_of(await client.call_tool("request_access", args))
-    assert body["state"] == "pending"
-    return str(body["request_id"])
+    return await request_access(client, entry, WHY, minutes, access=access)
 
 
 def child(out: Path, name: str, code: int = 7, one_char: bool = False) -> list[str]:

@@ -26,7 +26,7 @@ from mcp import types as mt
 
 from .conftest import PASSWORD, Apm, Broker, clean_env, make_home, register_secret
 from .hook_server import Hook
-from .mcp_client import INITIALIZE, SHIM, ok_of, unwrapped
+from .mcp_client import INITIALIZE, SHIM, ok_of, request_access, unwrapped
 from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
@@ -176,13 +176,7 @@ async def _hostile_request(w: World) -> str:
     justification: its id."""
     token = w.delegate("read", label=HOSTILE_LABEL)
     async with shim(w, token, HOSTILE_CLIENT) as client:
-        body = ok_of(
-            await client.call_tool(
-                "request_access",
-                {"entry": "proddb", "duration_minutes": 60, "justification": SPOOF_WHY},
-            )
-        )
-    return str(body["request_id"])
+        return await request_access(client, "proddb", SPOOF_WHY, 60)
 
 
 @pytest.mark.anyio
