@@ -10,17 +10,19 @@ from typing import Any
 
 
 class Hook:
-    """A local HTTP server recording the JSON bodies POSTed to it."""
+    """A local HTTP server recording the JSON bodies POSTed to it; it answers with the queued
+    `statuses` (a failing webhook), then 200."""
 
-    def __init__(self) -> None:
+    def __init__(self, statuses: list[int] | None = None) -> None:
         self.bodies: list[bytes] = []
+        self.statuses = list(statuses or [])
         hook = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", "0"))
                 hook.bodies.append(self.rfile.read(n))
-                self.send_response(200)
+                self.send_response(hook.statuses.pop(0) if hook.statuses else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -17,17 +17,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from broker.core.bindings import AncestryCache
 from broker.server.page_server import PageServer
-from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 
 from .other_uid import PLAIN_ENV, as_user, ensure_user
 from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post, started_world
 from .test_http import free_port
 from .test_http_identity import ATTACKER_USER
-from .test_requests import PASSWORD, FakeNotifier, Twin, _walk
-from .twin import Clock, broker_state
+from .test_requests import PASSWORD, FakeNotifier, Twin, twin_state
+from .twin import Clock
 
 pytestmark = pytest.mark.slow
 
@@ -148,15 +146,7 @@ def test_a_link_is_refused_once_its_item_expires_by_the_injected_clock(tmp_path:
     transaction's (15 min) the same link answers 410 and decides nothing. No sleeping: the
     broker's clock is a fake the test moves."""
     clock = Clock()
-    with broker_state(
-        tmp_path,
-        PASSWORD,
-        sign_audit=False,
-        clock=clock,
-        ancestry=AncestryCache(walk=_walk, create_time_of=lambda pid: float(pid)),
-        host="host-a",
-        throttle=Throttle(),
-    ) as state:
+    with twin_state(tmp_path, clock) as state:
         loop = asyncio.new_event_loop()
         twin = Twin(state, loop, clock, PASSWORD, FakeNotifier())
         twin.add("expiring", {"key": VALUE})
