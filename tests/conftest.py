@@ -143,16 +143,25 @@ class Broker:
     def socket(self) -> Path:
         return self.home / "run" / "broker.sock"
 
+    def argv(self) -> list[str]:
+        """The broker's command line (subclasses start it otherwise)."""
+        return [PY, "-m", "broker.server.daemon", "--log-level", "debug"]
+
+    def popen_kw(self) -> dict[str, Any]:
+        """More subprocess.Popen keyword arguments for the broker process (none here)."""
+        return {}
+
     def start(self, wait: bool = True) -> Broker:
         # stdout to a file, not a pipe: a pipe nobody reads would block a chatty broker
         with open(self.stdout_path, "a") as out:
             self.proc = subprocess.Popen(
-                [PY, "-m", "broker.server.daemon", "--log-level", "debug"],
+                self.argv(),
                 env=clean_env(self.home, **self.extra_env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 text=True,
+                **self.popen_kw(),
             )
         if wait:
             self.wait_ready()

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import httpx2
 import pytest
@@ -119,25 +119,15 @@ class HttpBroker(Broker):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp"
 
-    def popen_kw(self) -> dict[str, Any]:
-        """More subprocess.Popen keyword arguments for the broker process (none here)."""
-        return {}
+    def argv(self) -> list[str]:
+        return [
+            *(PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"),
+            *("--http", f"127.0.0.1:{self.port}"),
+        ]
 
     def start(self, wait: bool = True) -> Self:
-        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
-        argv += ["--http", f"127.0.0.1:{self.port}"]
-        with open(self.stdout_path, "a") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=clean_env(self.home, **self.extra_env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                **self.popen_kw(),
-            )
+        super().start(wait)
         if wait:
-            self.wait_ready()
             wait_listening(self.port)
         return self
 
