@@ -11,6 +11,7 @@ tests/test_zz_hygiene_sweep.py asserts the whole run's count is zero.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -141,16 +143,25 @@ class Broker:
     def socket(self) -> Path:
         return self.home / "run" / "broker.sock"
 
+    def argv(self) -> list[str]:
+        """The broker's command line (subclasses start it otherwise)."""
+        return [PY, "-m", "broker.server.daemon", "--log-level", "debug"]
+
+    def popen_kw(self) -> dict[str, Any]:
+        """More subprocess.Popen keyword arguments for the broker process (none here)."""
+        return {}
+
     def start(self, wait: bool = True) -> Broker:
         # stdout to a file, not a pipe: a pipe nobody reads would block a chatty broker
         with open(self.stdout_path, "a") as out:
             self.proc = subprocess.Popen(
-                [PY, "-m", "broker.server.daemon", "--log-level", "debug"],
+                self.argv(),
                 env=clean_env(self.home, **self.extra_env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 text=True,
+                **self.popen_kw(),
             )
         if wait:
             self.wait_ready()
@@ -191,6 +202,21 @@ class Broker:
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def end_child(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """End a child that stops at the end of its stdin: close its stdin, wait for it (killed
+    after `timeout`), close its stdout."""
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def make_home() -> Path:

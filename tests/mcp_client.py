@@ -17,6 +17,17 @@ from mcp import Client, StdioServerParameters
 from broker.server.mcp_tools import ERROR_META
 
 SHIM = Path(sys.executable).parent / "apm-mcp"
+# a raw JSON-RPC `initialize`, for the tests that speak to the shim without the SDK
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "pytest", "version": "1"},
+    },
+}
 
 
 def leaves(exc: BaseException) -> list[BaseException]:
@@ -94,6 +105,18 @@ def error_of(result: mt.CallToolResult) -> dict[str, Any]:
 def whole(result: mt.CallToolResult) -> str:
     """Everything a client receives in a tool result, as one string."""
     return result.model_dump_json(by_alias=True)
+
+
+async def request_access(
+    client: Client, entry: str, justification: str, minutes: int = 5, **extra: Any
+) -> str:
+    """The agent's side of the just-in-time flow: request_access for `entry` (with `extra`
+    arguments: access, field), asserted pending; its request id. The person then answers with
+    `apm request approve|deny ID`, and the agent retries or follows the request."""
+    args = {"entry": entry, "duration_minutes": minutes, "justification": justification, **extra}
+    body = ok_of(await client.call_tool("request_access", args))
+    assert body["state"] == "pending", body
+    return str(body["request_id"])
 
 
 async def tool_names(client: Client) -> set[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +30,9 @@ import pytest
 
 from broker.core.bindings import AGENT_PROFILES, path_matches
 
-from .conftest import CAPTURED, PY, STDERRS, Apm, Broker, clean_env, make_home
+from .agent_exe import CLI, SESSION_REFUSED, broker_with_user_home, dash_copy, through
+from .conftest import CAPTURED, Apm, Broker, clean_env
 
-SESSION_REFUSED = 5  # SESSION_REQUIRED's exit code
-CLI = [PY, "-m", "broker.cli.main"]
 NPM_TAIL = "node_modules/@anthropic-ai/claude-code/bin/claude.exe"
 
 
@@ -112,36 +110,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    home = make_home()
-    user_home = home / "user"
-    user_home.mkdir()
-    broker = Broker(home, extra_env={"HOME": str(user_home)}).start()
-    try:
-        apm = Apm(home)
-        apm.ok("init", "--profile", "interactive")
-        apm.ok("add", "api_key", "openai", "--from-stdin", stdin="sk-profile-value\n")
+    with broker_with_user_home("sk-profile-value") as (home, user_home, apm, broker):
         yield Lab(home, user_home, apm, broker)
-    finally:
-        broker.stop()
-        STDERRS.clear()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-def dash_copy(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shutil.which("dash") or "/bin/dash", path)
-    path.chmod(0o755)
-    return path
-
-
-def through(exe: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as a child of `exe` (`; exit $?` keeps dash from exec-replacing itself)."""
-    cmd = " ".join(shlex.quote(a) for a in [*CLI, *args]) + "; exit $?"
-    proc = subprocess.run(
-        [str(exe), "-c", cmd], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    CAPTURED.append(proc.stderr)
-    return proc
 
 
 class Waiting:

@@ -7,11 +7,9 @@ carries the page link and the CLI command, and never a secret.
 from __future__ import annotations
 
 import email
-import http.server
 import json
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from pydantic import SecretStr
 from broker.wire.errors import ApmError
 
 from .conftest import Apm, Broker, make_home, register_secret
+from .hook_server import Hook
 from .mcp_client import ok_of, shim_client
 from .test_approve_page_browser import World
 
@@ -59,33 +58,6 @@ class Mailbox:
                 success=data.login == b"apm" and data.password == SMTP_PASSWORD.encode()
             )
         return AuthResult(success=False)
-
-
-class Hook:
-    """A local HTTP server recording the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                n = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append(json.loads(self.rfile.read(n)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def free_port() -> int:
@@ -200,7 +172,7 @@ def test_an_access_request_is_emailed_and_posted_with_the_link_and_the_command(
     assert SMTP_PASSWORD.encode() in notified.mailbox.passwords
 
     def card() -> dict[str, Any] | None:
-        for doc in notified.teams.bodies:
+        for doc in notified.teams.docs():
             content = doc["attachments"][0]["content"]
             if rid in json.dumps(content):
                 return dict(content)
@@ -209,7 +181,7 @@ def test_an_access_request_is_emailed_and_posted_with_the_link_and_the_command(
     wait_for(lambda: card() is not None)
     found = card()
     assert found is not None
-    assert notified.teams.bodies[0]["type"] == "message"
+    assert notified.teams.docs()[0]["type"] == "message"
     assert found["type"] == "AdaptiveCard"
     # agents' words travel as TextRuns (never Markdown): no disguised links in Teams
     assert {block["type"] for block in found["body"]} == {"RichTextBlock"}
@@ -219,11 +191,11 @@ def test_an_access_request_is_emailed_and_posted_with_the_link_and_the_command(
     assert found["actions"] == [
         {"type": "Action.OpenUrl", "title": "Open the approval page", "url": url}
     ]
-    no_secret(json.dumps(notified.teams.bodies))
-    wait_for(lambda: any(rid in json.dumps(b) for b in notified.slack.bodies))
-    slack = next(b for b in notified.slack.bodies if rid in json.dumps(b))
+    no_secret(json.dumps(notified.teams.docs()))
+    wait_for(lambda: any(rid in json.dumps(b) for b in notified.slack.docs()))
+    slack = next(b for b in notified.slack.docs() if rid in json.dumps(b))
     assert url in slack["text"] and slack["apm"]["page_url"] == url
-    no_secret(json.dumps(notified.slack.bodies))
+    no_secret(json.dumps(notified.slack.docs()))
 
 
 def test_a_write_awaiting_the_owner_is_emailed_with_the_link_and_the_command(
@@ -247,8 +219,8 @@ def test_a_write_awaiting_the_owner_is_emailed_with_the_link_and_the_command(
     text = text_of(mail_for()[0])
     assert url in text and f"apm tx approve {tx_id}" in text
     no_secret(text)
-    wait_for(lambda: any(tx_id in json.dumps(b) for b in notified.teams.bodies))
-    no_secret(json.dumps(notified.teams.bodies) + json.dumps(notified.slack.bodies))
+    wait_for(lambda: any(tx_id in json.dumps(b) for b in notified.teams.docs()))
+    no_secret(json.dumps(notified.teams.docs()) + json.dumps(notified.slack.docs()))
     log = (world.home / "state" / "broker.log").read_text()
     no_secret(log)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,16 +17,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from broker.core.bindings import AncestryCache
 from broker.server.page_server import PageServer
-from broker.server.state import Throttle
 from broker.wire.errors import ApmError
 
-from .conftest import Apm, Broker, make_home
-from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post
-from .test_http_identity import ATTACKER_USER, ensure_user
-from .test_requests import PASSWORD, FakeNotifier, Twin, _walk
-from .twin import Clock, broker_state
+from .other_uid import PLAIN_ENV, as_user, ensure_user
+from .test_approve_page_browser import VALUE, World, csrf_of, origin_of, post, started_world
+from .test_http import free_port
+from .test_http_identity import ATTACKER_USER
+from .test_requests import PASSWORD, FakeNotifier, Twin, twin_state
+from .twin import Clock
 
 pytestmark = pytest.mark.slow
 
@@ -39,37 +37,15 @@ def held(world: World, name: str) -> tuple[str, str]:
 
 @pytest.fixture
 def http_world() -> Iterator[tuple[World, int]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    home = make_home()
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(f'[http]\nlisten = "127.0.0.1:{port}"\n')
-    broker = Broker(home)
-    apm = Apm(home)
-    try:
-        broker.start()
-        apm.ok("init", "--profile", "interactive")
-        yield World(home, apm, broker), port
-    finally:
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    port = free_port()
+    with started_world(f'[http]\nlisten = "127.0.0.1:{port}"\n') as world:
+        yield world, port
 
 
 @pytest.fixture
 def page_world() -> Iterator[World]:
-    home = make_home()
-    broker = Broker(home)
-    apm = Apm(home)
-    try:
-        broker.start()
-        apm.ok("init", "--profile", "interactive")
-        yield World(home, apm, broker)
-    finally:
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with started_world() as world:
+        yield world
 
 
 def test_with_a_loopback_http_listener_the_page_shares_its_port(
@@ -124,15 +100,12 @@ def test_another_local_user_cannot_read_the_page(page_world: World) -> None:
     )
     out = subprocess.run(
         ["/usr/bin/python3", "-c", script],
-        user=attacker.pw_name,
-        group=attacker.pw_gid,
-        extra_groups=[],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin"},
+        env=PLAIN_ENV,
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
+        **as_user(attacker),
     )
     got = json.loads(out.stdout)
     assert "error" in got, got  # reset at accept: no page, no CSRF token
@@ -173,15 +146,7 @@ def test_a_link_is_refused_once_its_item_expires_by_the_injected_clock(tmp_path:
     transaction's (15 min) the same link answers 410 and decides nothing. No sleeping: the
     broker's clock is a fake the test moves."""
     clock = Clock()
-    with broker_state(
-        tmp_path,
-        PASSWORD,
-        sign_audit=False,
-        clock=clock,
-        ancestry=AncestryCache(walk=_walk, create_time_of=lambda pid: float(pid)),
-        host="host-a",
-        throttle=Throttle(),
-    ) as state:
+    with twin_state(tmp_path, clock) as state:
         loop = asyncio.new_event_loop()
         twin = Twin(state, loop, clock, PASSWORD, FakeNotifier())
         twin.add("expiring", {"key": VALUE})

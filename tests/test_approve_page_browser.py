@@ -104,9 +104,13 @@ class World:
         return {e["name"] for e in self.wire("entry.list", {})["entries"]}
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
+@contextlib.contextmanager
+def started_world(config: str | None = None) -> Iterator[World]:
+    """A started, initialised broker of a new home (`config` as its config.toml), removed after."""
     home = make_home()
+    if config is not None:
+        (home / "config").mkdir(parents=True, exist_ok=True)
+        (home / "config" / "config.toml").write_text(config)
     broker = Broker(home)
     apm = Apm(home)
     try:
@@ -116,6 +120,12 @@ def world() -> Iterator[World]:
     finally:
         broker.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with started_world() as w:
+        yield w
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 from broker.cli.client import BrokerClient, request_frame
 
 from .conftest import PASSWORD, PY, Apm, Broker, clean_env, register_secret
-from .mcp_client import error_body, ok_of, shim_client, whole
+from .mcp_client import error_body, ok_of, request_access, shim_client, whole
 
 pytestmark = pytest.mark.slow
 
@@ -248,13 +248,7 @@ async def test_a_grant_on_a_totp_entry_gives_codes_and_never_the_seed(
             "PERMISSION_DENIED"
         )
         # `reveal`: the value may reach the model (a `use` grant never opens get_totp at all)
-        args = {
-            "entry": "github-2fa",
-            "access": "reveal",
-            "duration_minutes": 5,
-            "justification": WHY,
-        }
-        rid = str(ok_of(await client.call_tool("request_access", args))["request_id"])
+        rid = await request_access(client, "github-2fa", WHY, access="reveal")
         row = pending_row(apm, rid)
         assert (row["entry"], row["field"], row["totp_seed"]) == ("github-2fa", None, False)
         assert "SEED" not in human_line(apm, rid)
@@ -291,14 +285,7 @@ async def test_the_seed_comes_only_from_a_request_that_named_it_and_the_approver
     env = clean_env(home, APM_EPHEMERAL_ID=token)
     out = tmp_path / "received"
     async with shim_client(home, token, "legacy", CALL_TIMEOUT) as client:
-        args = {
-            "entry": "github-2fa",
-            "field": "secret",
-            "access": "reveal",
-            "duration_minutes": 5,
-            "justification": WHY,
-        }
-        rid = str(ok_of(await client.call_tool("request_access", args))["request_id"])
+        rid = await request_access(client, "github-2fa", WHY, field="secret", access="reveal")
         # what the person sees before approving: the seed itself, not only codes
         row = pending_row(apm, rid)
         assert (row["entry"], row["field"], row["totp_seed"]) == ("github-2fa", "secret", True)

@@ -10,8 +10,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -25,11 +23,12 @@ from broker.wire import errors
 from broker.wire.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, Request
 
 from .conftest import PY, Apm, Broker, clean_env, make_home
+from .other_uid import NOBODY, PLAIN_ENV, as_user, public_dir, publish, python_for
 
 pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
-NOBODY_UID = 65534
+NOBODY_UID = NOBODY
 SECRET = "wire-s3cret-7c1d9e-DO-NOT-ECHO"
 
 
@@ -263,40 +262,13 @@ def _zmq_for_nobody(work: Path) -> str:
     dest = work / "site"
     for name in ("zmq", "pyzmq.libs"):
         if (site / name).exists():
-            shutil.copytree(site / name, dest / name)
-    for path in [dest, *dest.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+            publish(site / name, dest / name)
     return str(dest)
 
 
 def _nobody_python(site_dir: str, work: Path) -> str | None:
     """An interpreter user nobody can run that imports zmq from the venv, or None."""
-    candidates = [sys.executable, os.path.realpath(sys.executable)]
-    for name in (f"python{sys.version_info[0]}.{sys.version_info[1]}",):
-        found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
-        if found:
-            candidates.append(found)
-    probe = work / "probe.py"
-    probe.write_text(f"import sys\nsys.path.insert(0, {site_dir!r})\nimport zmq\n")
-    probe.chmod(0o644)
-    for interp in dict.fromkeys(candidates):
-        try:
-            proc = subprocess.run(
-                [interp, "-I", str(probe)],
-                user=NOBODY_UID,
-                group=NOBODY_UID,
-                extra_groups=[],
-                cwd=work,
-                env={"PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                timeout=30,
-                check=False,
-            )
-        except PermissionError:
-            continue
-        if proc.returncode == 0:
-            return interp
-    return None
+    return python_for(NOBODY_UID, f"sys.path.insert(0, {site_dir!r})\nimport zmq", work)
 
 
 NOBODY_CLIENT = """\
@@ -316,10 +288,8 @@ ctx.term()
 
 @pytest.fixture
 def nobody_workdir() -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="apmn-", dir="/tmp"))
-    work.chmod(0o755)
-    yield work
-    shutil.rmtree(work, ignore_errors=True)
+    with public_dir("apmn-") as work:
+        yield work
 
 
 def test_peer_with_another_uid_gets_no_answer_and_is_logged(
@@ -343,15 +313,12 @@ def test_peer_with_another_uid_gets_no_answer_and_is_logged(
     _, raw = ping_bytes()
     proc = subprocess.run(
         [interp, "-I", str(script), f"ipc://{broker.socket}", raw.hex(), site_dir],
-        user=NOBODY_UID,
-        group=NOBODY_UID,
-        extra_groups=[],
-        cwd=nobody_workdir,
-        env={"PATH": "/usr/bin:/bin"},
+        env=PLAIN_ENV,
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
+        **as_user(NOBODY_UID, nobody_workdir),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "NOREPLY"

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx2
 import pytest
@@ -81,6 +82,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_listening(
+    port: int,
+    what: str = "the HTTP listener",
+    timeout: float = 15,
+    proc: subprocess.Popen[str] | None = None,
+) -> None:
+    """Until 127.0.0.1:`port` accepts a connection (and `proc`, if given, is still running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc is None or proc.poll() is None, f"{what} exited"
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        assert time.monotonic() < deadline, f"{what} did not come up"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -101,27 +119,16 @@ class HttpBroker(Broker):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/mcp"
 
-    def start(self, wait: bool = True) -> HttpBroker:
-        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
-        argv += ["--http", f"127.0.0.1:{self.port}"]
-        with open(self.stdout_path, "a") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=clean_env(self.home, **self.extra_env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+    def argv(self) -> list[str]:
+        return [
+            *(PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"),
+            *("--http", f"127.0.0.1:{self.port}"),
+        ]
+
+    def start(self, wait: bool = True) -> Self:
+        super().start(wait)
         if wait:
-            self.wait_ready()
-            deadline = time.monotonic() + 15
-            while True:
-                with contextlib.suppress(OSError):
-                    socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                    return self
-                assert time.monotonic() < deadline, "the HTTP listener did not come up"
-                time.sleep(0.05)
+            wait_listening(self.port)
         return self
 
 

@@ -17,11 +17,9 @@ import json
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +27,18 @@ from typing import Any
 
 import pytest
 
-from .conftest import PASSWORD, PY, SWEEP_HITS, register_secret, sweep
-from .test_http import SECRET, World, free_port
+from .conftest import PASSWORD, PY, SWEEP_HITS, end_child, register_secret, sweep
+from .other_uid import (
+    NOBODY,
+    PLAIN_ENV,
+    as_user,
+    ensure_user,
+    need_root,
+    public_dir,
+    publish,
+    python_for,
+)
+from .test_http import SECRET, World, free_port, wait_listening
 from .test_http import world as world  # the module-scoped broker fixture
 
 pytestmark = pytest.mark.slow
@@ -45,33 +53,10 @@ BROKER_USER = "apmhttpb"  # runs a non-root broker
 def other_python() -> str:
     """A Python of this interpreter's version that any user may run (the venv's may sit under a
     private directory, like /root/.pyenv here): the broker's C extensions need the same 3.x."""
+    found = python_for(NOBODY)
     want = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = [
-        os.path.realpath(PY),
-        *(shutil.which(want, path=d) for d in ("/usr/bin", "/usr/local/bin", "/opt/python/bin")),
-    ]
-    for cand in dict.fromkeys(c for c in candidates if c):
-        try:
-            probe = subprocess.run(
-                [cand, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                user=NOBODY,
-                group=NOBODY,
-                extra_groups=[],
-                cwd="/",
-                env={"PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-        except OSError:  # not there, or not ours to run
-            continue
-        if probe.stdout.strip() == want.removeprefix("python"):
-            return cand
-    raise AssertionError(f"no {want} that other users may run; install it (apt-get install {want})")
-
-
-NOBODY = 65534
+    assert found, f"no {want} that other users may run; install it (apt-get install {want})"
+    return found
 
 
 def raw(
@@ -89,10 +74,7 @@ def raw(
     argv = [python, str(script), "--port", str(port), "--src-port", str(src_port)]
     if tool:
         argv += ["--tool", tool, "--args", json.dumps(args or {})]
-    kw: dict[str, Any] = {}
-    if user is not None:
-        pw = pwd.getpwnam(user)
-        kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": "/"}
+    kw = as_user(pwd.getpwnam(user)) if user is not None else {}
     proc = subprocess.run(
         argv,
         input=token + "\n",
@@ -100,11 +82,24 @@ def raw(
         text=True,
         timeout=60,
         check=False,
-        env={"PATH": "/usr/bin:/bin"},
+        env=PLAIN_ENV,
         **kw,
     )
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
+
+
+def decrypt_github_as(user: str, script: Path, port: int, token: str) -> dict[str, Any]:
+    """decrypt_entry github with `token`, from the raw client run as `user` (a public copy)."""
+    return raw(
+        port,
+        token,
+        tool="decrypt_entry",
+        args={"entry": "github"},
+        user=user,
+        python=other_python(),
+        script=script,
+    )
 
 
 def call_result(out: dict[str, Any]) -> dict[str, Any] | None:
@@ -125,25 +120,9 @@ def tool_code(result: dict[str, Any] | None) -> str | None:
     return str((error or {}).get("code"))
 
 
-def ensure_user(name: str) -> pwd.struct_passwd:
-    """A local user for the test (created with useradd when missing; we run as root)."""
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(name)
-    subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return pwd.getpwnam(name)
-
-
 @pytest.fixture(scope="module")
 def needs_root() -> None:
-    if os.getuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("these tests need root (useradd, other uids); CI runs them as root")
-        pytest.skip("needs root to create and run as other users")
+    need_root()
 
 
 @pytest.fixture(scope="module")
@@ -154,13 +133,8 @@ def attacker(needs_root: None) -> pwd.struct_passwd:
 @pytest.fixture(scope="module")
 def public_client(needs_root: None) -> Iterator[Path]:
     """The raw client where any user can read it."""
-    work = Path(tempfile.mkdtemp(prefix="apmraw-", dir="/tmp"))
-    work.chmod(0o755)
-    script = work / "http_raw_client.py"
-    shutil.copy(RAW_CLIENT, script)
-    script.chmod(0o644)
-    yield script
-    shutil.rmtree(work, ignore_errors=True)
+    with public_dir("apmraw-") as work:
+        yield publish(RAW_CLIENT, work / "http_raw_client.py")
 
 
 # ------------------------------------------------------------------ #13.2 source-port reuse
@@ -178,9 +152,7 @@ class Holder:
         python: str = PY,
         script: Path = RAW_CLIENT,
     ) -> None:
-        kw: dict[str, Any] = {}
-        if user is not None:
-            kw = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": "/"}
+        kw = as_user(user) if user is not None else {}
         self.proc = subprocess.Popen(
             [
                 *(python, str(script), "--port", str(port), "--src-port", str(src_port)),
@@ -200,16 +172,7 @@ class Holder:
         return dict(json.loads(self.proc.stdout.readline()))
 
     def release(self) -> None:
-        with contextlib.suppress(OSError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_child(self.proc)
 
 
 def test_a_process_reusing_the_source_port_of_a_pid_bound_client_is_identified_as_itself(
@@ -252,15 +215,7 @@ def test_a_client_of_another_uid_is_refused_by_a_root_broker(
 ) -> None:
     assert os.getuid() == 0
     token, _ = world.delegate("--scope", "secrets")
-    out = raw(
-        world.broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=attacker.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    out = decrypt_github_as(attacker.pw_name, public_client, world.broker.port, token)
     assert SECRET not in json.dumps(out)
     # refused at accept: no HTTP answer at all, not even a 401 or 403
     assert out["steps"] == [] and "error" in out, out
@@ -283,10 +238,7 @@ class UserBroker:
 
     def _kw(self) -> dict[str, Any]:
         return {
-            "user": self.user.pw_uid,
-            "group": self.user.pw_gid,
-            "extra_groups": [],
-            "cwd": str(self.home),
+            **as_user(self.user, self.home),
             "env": {
                 "PATH": "/usr/bin:/bin",
                 "HOME": str(self.home),
@@ -325,14 +277,10 @@ class UserBroker:
             **self._kw(),
         )
         log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, self.output()
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return
-            assert time.monotonic() < deadline, "the non-root broker did not come up"
-            time.sleep(0.05)
+        try:
+            wait_listening(self.port, "the non-root broker", 30, self.proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.output()}") from None
 
     def output(self) -> str:
         with contextlib.suppress(OSError):
@@ -358,14 +306,11 @@ def _readable_code(spare: Path) -> str:
     paths = [str(ROOT), site]
     probe = subprocess.run(
         [other_python(), "-c", "import sys; import broker, zmq, mcp, argon2, psutil"],
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(paths)},
-        user=pwd.getpwnam(BROKER_USER).pw_uid,
-        group=pwd.getpwnam(BROKER_USER).pw_gid,
-        extra_groups=[],
-        cwd="/",
+        env={**PLAIN_ENV, "PYTHONPATH": ":".join(paths)},
         capture_output=True,
         timeout=60,
         check=False,
+        **as_user(pwd.getpwnam(BROKER_USER)),
     )
     if probe.returncode == 0:
         return ":".join(paths)
@@ -410,15 +355,7 @@ def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(
     out = user_broker.apm("delegate", "--scope", "secrets", "--ttl", "1h", "--json")
     token = json.loads(out.stdout)["token"]
     # the attack: another user (its pid is invisible to this broker) presents the token
-    stolen = raw(
-        user_broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=attacker.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    stolen = decrypt_github_as(attacker.pw_name, public_client, user_broker.port, token)
     assert SECRET not in json.dumps(stolen)
     assert stolen["steps"] == [] and "error" in stolen, stolen
     # root is another user too for this broker
@@ -427,15 +364,7 @@ def test_a_client_of_another_uid_is_refused_by_a_non_root_broker(
     assert as_root["steps"] == [] and "error" in as_root, as_root
     assert f"uid {attacker.pw_uid}" in user_broker.output()
     # control: the broker's own user is served
-    mine = raw(
-        user_broker.port,
-        token,
-        tool="decrypt_entry",
-        args={"entry": "github"},
-        user=user_broker.user.pw_name,
-        python=other_python(),
-        script=public_client,
-    )
+    mine = decrypt_github_as(user_broker.user.pw_name, public_client, user_broker.port, token)
     assert tool_code(call_result(mine)) == "OK", mine
     assert SECRET in json.dumps(mine)
 

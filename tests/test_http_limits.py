@@ -16,7 +16,6 @@ import contextlib
 import json
 import resource
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -112,30 +111,8 @@ class LimitedBroker(HttpBroker):
 
     nofile: tuple[int, int] = (FD_LIMIT, FD_LIMIT)
 
-    def start(self, wait: bool = True) -> LimitedBroker:
-        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
-        argv += ["--http", f"127.0.0.1:{self.port}"]
-        with open(self.stdout_path, "a") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=clean_env(self.home),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=limited(*self.nofile),  # only setrlimit, before exec
-            )
-        if wait:
-            self.wait_ready()
-            wait_for(lambda: _can_connect(self.port), 15, "the HTTP listener")
-        return self
-
-
-def _can_connect(port: int) -> bool:
-    with contextlib.suppress(OSError):
-        socket.create_connection(("127.0.0.1", port), 0.5).close()
-        return True
-    return False
+    def popen_kw(self) -> dict[str, Any]:
+        return {"preexec_fn": limited(*self.nofile)}  # only setrlimit, before exec
 
 
 def swept(home: Path) -> None:
@@ -262,9 +239,11 @@ max_sessions_per_uid = 2
 """
 
 
-@pytest.fixture(scope="module")
-def capped() -> Iterator[tuple[LimitedBroker, str]]:
-    home = home_with_config(CAPS)
+@contextlib.contextmanager
+def configured_broker(config: str) -> Iterator[tuple[LimitedBroker, str]]:
+    """(broker, a session token): an initialised HTTP broker with `config` as its config.toml
+    and room for 4096 open files; stopped and swept after."""
+    home = home_with_config(config)
     broker = LimitedBroker(home, port=free_port())
     broker.nofile = (4096, 4096)
     broker.start()
@@ -276,6 +255,12 @@ def capped() -> Iterator[tuple[LimitedBroker, str]]:
     finally:
         broker.stop()
         swept(home)
+
+
+@pytest.fixture(scope="module")
+def capped() -> Iterator[tuple[LimitedBroker, str]]:
+    with configured_broker(CAPS) as made:
+        yield made
 
 
 def initialize(client: httpx2.Client, url: str, token: str) -> httpx2.Response:
@@ -353,36 +338,26 @@ def test_unknown_http_keys_and_bad_caps_in_config_toml_refuse_to_start() -> None
 
 
 def test_idle_mcp_sessions_expire() -> None:
-    home = home_with_config("[http]\nsession_idle_minutes = 0.05\nmax_sessions = 1\n")
-    broker = LimitedBroker(home, port=free_port())
-    broker.nofile = (4096, 4096)
-    broker.start()
-    apm = Apm(home)
-    try:
-        apm.ok("init", "--profile", "interactive")
-        token = json.loads(apm.ok("delegate", "--ttl", "1h", "--json").stdout)["token"]
-        with httpx2.Client() as c:
-            r = initialize(c, broker.url, token)
-            assert r.status_code == 200
-            sid = r.headers["mcp-session-id"]
-            # the only session slot is taken while it lives
-            assert initialize(c, broker.url, token).status_code == 503
-            headers = {
-                **MCP_HEADERS,
-                "Authorization": f"Bearer {token}",
-                "mcp-session-id": sid,
-            }
-            ping = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
+    config = "[http]\nsession_idle_minutes = 0.05\nmax_sessions = 1\n"
+    with configured_broker(config) as (broker, token), httpx2.Client() as c:
+        r = initialize(c, broker.url, token)
+        assert r.status_code == 200
+        sid = r.headers["mcp-session-id"]
+        # the only session slot is taken while it lives
+        assert initialize(c, broker.url, token).status_code == 503
+        headers = {
+            **MCP_HEADERS,
+            "Authorization": f"Bearer {token}",
+            "mcp-session-id": sid,
+        }
+        ping = {"jsonrpc": "2.0", "id": 9, "method": "ping"}
 
-            def expired() -> bool:
-                return c.post(broker.url, headers=headers, json=ping, timeout=20).status_code == 404
+        def expired() -> bool:
+            return c.post(broker.url, headers=headers, json=ping, timeout=20).status_code == 404
 
-            # polled with a deadline: the idle timeout is 3 s; a poll every 4 s leaves it idle
-            deadline = time.monotonic() + 30
-            while not expired():
-                assert time.monotonic() < deadline, "the idle session never expired"
-                time.sleep(4)
-            assert initialize(c, broker.url, token).status_code == 200
-    finally:
-        broker.stop()
-        swept(home)
+        # polled with a deadline: the idle timeout is 3 s; a poll every 4 s leaves it idle
+        deadline = time.monotonic() + 30
+        while not expired():
+            assert time.monotonic() < deadline, "the idle session never expired"
+            time.sleep(4)
+        assert initialize(c, broker.url, token).status_code == 200

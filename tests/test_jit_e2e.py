@@ -8,13 +8,10 @@ polls with a deadline.
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
 import shlex
-import shutil
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,15 +21,13 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp import types as mt
-from pydantic import SecretStr
 
-from broker.cli.client import BrokerClient
 from broker.cli.masking import MARK
-from broker.wire.errors import ApmError
 
-from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
-from .conftest import sweep as sweep_home
-from .mcp_client import error_body, ok_of, shim_client, tool_names, whole
+from .conftest import PASSWORD, Apm, Broker, clean_env, register_secret
+from .hook_server import Hook
+from .mcp_client import error_body, ok_of, request_access, shim_client, tool_names, whole
+from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
 
@@ -48,37 +43,6 @@ register_secret(OTHER)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class Hook:
-    """A local HTTP server recording the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                n = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append(self.rfile.read(n))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def payloads(self, request_id: str) -> list[dict[str, Any]]:
-        docs = [json.loads(b) for b in list(self.bodies)]
-        return [d for d in docs if d.get("apm", {}).get("request_id") == request_id]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass
@@ -99,46 +63,16 @@ class World:
         return clean_env(self.home, APM_EPHEMERAL_ID=token)
 
 
-def wire(home: Path, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    with BrokerClient(f"ipc://{home}/run/broker.sock") as client:
-        return client.call_raw(method, params or {}, password=SecretStr(PASSWORD), timeout=30)
-
-
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    home = make_home()
     hook = Hook()
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(
-        f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = false\n'
-    )
-    broker = Broker(home)
-    apm = Apm(home)
     try:
-        broker.start(wait=False)
-        assert broker.proc is not None
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.proc.poll() is None, broker.output()
-            if broker.socket.exists():
-                with contextlib.suppress(ApmError):
-                    with BrokerClient(f"ipc://{home}/run/broker.sock") as c:
-                        c.call_raw("broker.ping", {}, timeout=5)
-                    break
-            assert time.monotonic() < deadline, "broker did not become ready"
-            time.sleep(0.05)
-        apm.ok("init", "--profile", "interactive")
-        for name, value in (("stripe", STRIPE), ("other", OTHER)):
-            secrets = {"key": {"value": value}}
-            wire(home, "entry.add", {"type": "api_key", "name": name, "secrets": secrets})
-        yield World(home, apm, broker, hook)
+        with mcp_broker(f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = false\n') as (apm, b):
+            for name, value in (("stripe", STRIPE), ("other", OTHER)):
+                add_api_key(b.home, name, value)
+            yield World(b.home, apm, b, hook)
     finally:
-        broker.stop()
         hook.close()
-        hits = sweep_home(home)
-        SWEEP_HITS.extend(hits)
-        shutil.rmtree(home, ignore_errors=True)
-        assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
 def mcp_client(home: Path, token: str, mode: str) -> Any:
@@ -150,10 +84,7 @@ def code_of(result: mt.CallToolResult) -> str:
 
 
 async def ask(client: Client, entry: str = "stripe", minutes: int = 5, access: str = "use") -> str:
-    args = {"entry": entry, "duration_minutes": minutes, "justification": WHY, "access": access}
-    body = ok_of(await client.call_tool("request_access", args))
-    assert body["state"] == "pending"
-    return str(body["request_id"])
+    return await request_access(client, entry, WHY, minutes, access=access)
 
 
 def child(out: Path, name: str, code: int = 7, one_char: bool = False) -> list[str]:
@@ -174,6 +105,17 @@ def child(out: Path, name: str, code: int = 7, one_char: bool = False) -> list[s
         f"sys.exit({code})\n"
     )
     return [sys.executable, "-c", script]
+
+
+def run_with_stripe(
+    world: World, token: str, out: Path, name: str, **child_kw: Any
+) -> subprocess.CompletedProcess[str]:
+    """`apm run --env NAME=apm://default/stripe/key -- <child>` in session `token`."""
+    return world.apm(
+        *("run", "--env", f"{name}=apm://default/stripe/key", "--"),
+        *child(out, name, **child_kw),
+        env=world.as_session(token),
+    )
 
 
 # ---------------------------------------------------------------------- the approved path
@@ -263,14 +205,7 @@ async def test_a_denied_request_reports_the_reason_and_apm_run_is_refused(
         assert code_of(closed) == "REQUEST_CLOSED"
         assert "decrypt_entry" not in await tool_names(client)
     out = tmp_path / "received"
-    run = world.apm(
-        "run",
-        "--env",
-        "STRIPE_KEY=apm://default/stripe/key",
-        "--",
-        *child(out, "STRIPE_KEY"),
-        env=world.as_session(token),
-    )
+    run = run_with_stripe(world, token, out, "STRIPE_KEY")
     assert run.returncode == 5, run.stderr
     assert not out.exists()
     # a denied request cannot be approved afterwards
@@ -300,25 +235,11 @@ async def test_another_session_can_neither_see_nor_use_a_request(
         assert code_of(res) == "PERMISSION_DENIED"
         assert STRIPE not in whole(res)
     out = tmp_path / "received"
-    run = world.apm(
-        "run",
-        "--env",
-        "K=apm://default/stripe/key",
-        "--",
-        *child(out, "K"),
-        env=world.as_session(token_b),
-    )
+    run = run_with_stripe(world, token_b, out, "K")
     assert run.returncode == 5, run.stderr
     assert not out.exists()
     # ...while A, whose grant it is, can
-    run = world.apm(
-        "run",
-        "--env",
-        "K=apm://default/stripe/key",
-        "--",
-        *child(out, "K", code=0),
-        env=world.as_session(token_a),
-    )
+    run = run_with_stripe(world, token_a, out, "K", code=0)
     assert run.returncode == 0, run.stderr
     assert out.read_text() == STRIPE
 
@@ -383,14 +304,7 @@ def test_apm_run_conceals_a_secret_the_child_writes_one_character_at_a_time(
 ) -> None:
     out = tmp_path / "received"
     token = world.delegate("secrets")
-    run = world.apm(
-        "run",
-        "--env",
-        "KEY=apm://default/stripe/key",
-        "--",
-        *child(out, "KEY", code=3, one_char=True),
-        env=world.as_session(token),
-    )
+    run = run_with_stripe(world, token, out, "KEY", code=3, one_char=True)
     assert run.returncode == 3, run.stderr
     assert out.read_text() == STRIPE
     for stream in (run.stdout, run.stderr):

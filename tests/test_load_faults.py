@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 
-from .conftest import PASSWORD, Apm, Broker, clean_env
+from .conftest import PASSWORD, Apm, Broker, clean_env, end_child
 from .mcp_client import error_body
 
 pytestmark = pytest.mark.slow
@@ -102,17 +102,8 @@ class RawShim:
         return result
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        end_child(self.proc)
         self.sel.close()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def _token(apm: Apm, scope: str) -> str:

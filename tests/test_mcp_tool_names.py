@@ -8,26 +8,20 @@ every hint names the active set.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from broker.cli.client import BrokerClient
 from broker.server.daemon import load_config
 from broker.server.mcp_tools import APONO_NAMES
-from broker.wire.errors import ApmError, InvalidParameters
+from broker.wire.errors import InvalidParameters
 
-from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret
-from .conftest import sweep as sweep_home
+from .conftest import PASSWORD, Apm, register_secret
 from .mcp_client import error_of, ok_of, shim_client, tool_names, whole
+from .mcp_world import add_api_key, mcp_broker
 
 pytestmark = pytest.mark.slow
 
@@ -60,48 +54,13 @@ class World:
         return token
 
 
-def wire(home: Path, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    with BrokerClient(f"ipc://{home}/run/broker.sock") as client:
-        return client.call_raw(method, params, password=SecretStr(PASSWORD), timeout=30)
-
-
 @pytest.fixture(scope="module", params=["apm", "apono"])
 def world(request: pytest.FixtureRequest) -> Iterator[World]:
-    home = make_home()
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(
-        f'[notify]\ndesktop = false\n\n[mcp]\ntool_names = "{request.param}"\n'
-    )
-    broker = Broker(home)
-    apm = Apm(home)
-    try:
-        broker.start(wait=False)
-        assert broker.proc is not None
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.proc.poll() is None, broker.output()
-            if broker.socket.exists():
-                with contextlib.suppress(ApmError):
-                    with BrokerClient(f"ipc://{home}/run/broker.sock") as c:
-                        c.call_raw("broker.ping", {}, timeout=5)
-                    break
-            assert time.monotonic() < deadline, "broker did not become ready"
-            time.sleep(0.05)
-        apm.ok("init", "--profile", "interactive")
+    config = f'[notify]\ndesktop = false\n\n[mcp]\ntool_names = "{request.param}"\n'
+    with mcp_broker(config) as (apm, broker):
         for name, value in (("staging-db", DB), ("github", "gh-Token-5522-unique")):
-            register_secret(value)
-            wire(
-                home,
-                "entry.add",
-                {"type": "api_key", "name": name, "secrets": {"key": {"value": value}}},
-            )
-        yield World(home, apm, request.param)
-    finally:
-        broker.stop()
-        hits = sweep_home(home)
-        SWEEP_HITS.extend(hits)
-        shutil.rmtree(home, ignore_errors=True)
-        assert not hits, f"secrets found in plaintext: {hits[:5]}"
+            add_api_key(broker.home, name, value)
+        yield World(broker.home, apm, request.param)
 
 
 def hint_names(text: str, active: set[str], other: set[str]) -> None:

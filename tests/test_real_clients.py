@@ -28,21 +28,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import real_clients
-from .conftest import PY, Apm, Broker, clean_env, make_home, reap_brokers
+from .conftest import Apm, make_home, reap_brokers
 from .mcp_client import SHIM
+from .test_http import HttpBroker, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -54,38 +53,9 @@ SECRET = "real-client-Secret-9035"
 RUN_TIMEOUT = 90.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class ClockedHttpBroker(Broker):
-    """A real broker serving MCP over HTTP too, its wall clock movable through libfaketime."""
-
-    port: int = field(default_factory=free_port)
-
-    def start(self, wait: bool = True) -> ClockedHttpBroker:
-        argv = [PY, "-m", "broker.cli.main", "broker", "run", "--log-level", "debug"]
-        argv += ["--http", f"127.0.0.1:{self.port}"]
-        with open(self.stdout_path, "a") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                env=clean_env(self.home, **self.extra_env),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        self.wait_ready()
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return self
-            assert time.monotonic() < deadline, "the HTTP listener did not come up"
-            time.sleep(0.05)
+class ClockedHttpBroker(HttpBroker):
+    """A real broker serving MCP over HTTP too, its wall clock movable through libfaketime
+    (given in `extra_env`)."""
 
 
 @dataclass

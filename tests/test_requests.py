@@ -8,13 +8,12 @@ deliveries are awaited with `Notifier.drain` and short, injected retry delays.
 from __future__ import annotations
 
 import asyncio
-import http.server
+import contextlib
 import json
 import logging
 import random
 import re
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,11 +31,12 @@ from broker.core.sessions import SessionRecord
 from broker.core.vault import Change
 from broker.server.notify import Notifier
 from broker.server.peer import Peer
-from broker.server.state import Throttle
+from broker.server.state import State, Throttle
 from broker.wire.errors import ApmError
 from broker.wire.protocol import Response
 
 from .conftest import register_secret
+from .hook_server import Hook
 from .mcp_client import error_body
 from .twin import Clock, SyncTwin, broker_state
 
@@ -129,19 +129,25 @@ def tool_code(result: mt.CallToolResult) -> str:
     return str(error_body(result)["code"])
 
 
-@pytest.fixture
-def twin(tmp_path: Path) -> Iterator[Twin]:
-    clock = Clock()
-    notifier = FakeNotifier()
-    with broker_state(
-        tmp_path,
+def twin_state(path: Path, clock: Clock) -> contextlib.AbstractContextManager[State]:
+    """The in-process broker state the twin drives: its clock is `clock`, its process tree
+    `_walk`'s."""
+    return broker_state(
+        path,
         PASSWORD,
         sign_audit=False,
         clock=clock,
         ancestry=AncestryCache(walk=_walk, create_time_of=lambda pid: float(pid)),
         host="host-a",
         throttle=Throttle(),
-    ) as state:
+    )
+
+
+@pytest.fixture
+def twin(tmp_path: Path) -> Iterator[Twin]:
+    clock = Clock()
+    notifier = FakeNotifier()
+    with twin_state(tmp_path, clock) as state:
         state.notifier = notifier  # type: ignore[assignment]
         loop = asyncio.new_event_loop()
         t = Twin(state, loop, clock, PASSWORD, notifier)
@@ -400,36 +406,6 @@ def test_each_request_and_decision_is_notified_without_any_secret(twin: Twin) ->
 
 
 # ---------------------------------------------------------------------- the webhook notifier
-
-
-class Hook:
-    """A local HTTP server recording POST bodies; answers with the queued statuses, then 200."""
-
-    def __init__(self, statuses: list[int] | None = None) -> None:
-        self.bodies: list[bytes] = []
-        self.statuses = list(statuses or [])
-        hook = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                n = int(self.headers.get("Content-Length", "0"))
-                hook.bodies.append(self.rfile.read(n))
-                code = hook.statuses.pop(0) if hook.statuses else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

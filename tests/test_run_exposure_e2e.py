@@ -16,13 +16,11 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -30,8 +28,9 @@ import zmq
 import broker
 import shim
 
+from . import other_uid as other_uid_
 from .conftest import Apm, Broker, clean_env, register_secret
-from .mcp_client import SHIM
+from .mcp_client import INITIALIZE, SHIM
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +39,9 @@ DB_KEY = "Prod-Db-Key-4471-unique"
 FAKE_TOKEN = "eps_" + "Zq7" * 15  # what another uid's processes hold; never reaches a broker
 register_secret(DB_KEY)
 
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "pytest", "version": "1"},
-    },
-}
-
 
 def need_root() -> None:
-    if os.getuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: these attack tests must run there")
-        pytest.skip("needs root (to read other processes' /proc and to create a test user)")
+    other_uid_.need_root("needs root (to read other processes' /proc and to create a test user)")
 
 
 def environ_of(pid: int) -> bytes:
@@ -142,64 +127,15 @@ def test_the_shims_environ_block_no_longer_holds_its_token_and_it_still_works(
 # ---------------------------------------------------------------------- as another uid
 
 
-def _ensure_test_user() -> pwd.struct_passwd:
-    with contextlib.suppress(KeyError):
-        return pwd.getpwnam(TEST_USER)
-    proc = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    # 9: created meanwhile by a parallel test run
-    assert proc.returncode in (0, 9), proc.stderr
-    return pwd.getpwnam(TEST_USER)
-
-
-def _copy_tree(src: Path, dest: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        shutil.copy2(src, dest)
-
-
-def _python_for(user: pwd.struct_passwd, work: Path) -> str:
-    """An interpreter of this minor version that `user` may run (the venv's may live under a
-    private home), checked by running it as `user`."""
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    candidates = [os.path.realpath(sys.executable)]
-    found = shutil.which(minor, path="/usr/local/bin:/usr/bin:/bin")
-    if found:
-        candidates.append(found)
-    for interp in candidates:
-        with contextlib.suppress(PermissionError, OSError):
-            proc = subprocess.run(
-                [interp, "-I", "-c", "import ctypes"],
-                user=user.pw_uid,
-                group=user.pw_gid,
-                extra_groups=[],
-                cwd=work,
-                env={"PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            if proc.returncode == 0:
-                return interp
-    pytest.fail(f"no {minor} that user {user.pw_name} may run: install python3 from the OS")
-
-
 @pytest.fixture(scope="module")
 def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
     """(the test user, an interpreter it may run, a world-readable copy of apm + its imports)."""
     need_root()
-    user = _ensure_test_user()
-    work = Path(tempfile.mkdtemp(prefix="apmx-", dir="/tmp"))
-    try:
+    user = other_uid_.ensure_user(TEST_USER)
+    with other_uid_.public_dir("apmx-") as work:
         code = work / "code"
-        code.mkdir()
         for pkg in (broker, shim):
-            _copy_tree(Path(pkg.__file__).parent, code / pkg.__name__)
+            other_uid_.publish(Path(pkg.__file__).parent, code / pkg.__name__)
         site = Path(zmq.__file__).resolve().parent.parent
         for name in (
             "zmq",
@@ -212,15 +148,15 @@ def other_uid() -> Iterator[tuple[pwd.struct_passwd, str, Path]]:
             "psutil",
         ):
             if (site / name).exists():
-                _copy_tree(site / name, code / name)
-        for path in [work, *work.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644)
+                other_uid_.publish(site / name, code / name)
+        code.chmod(0o755)
         home = work / "home"
         home.mkdir(mode=0o700)
         os.chown(home, user.pw_uid, user.pw_gid)
-        yield user, _python_for(user, work), work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        interp = other_uid_.python_for(user, "import ctypes", work)
+        if interp is None:
+            pytest.fail(f"no Python that user {user.pw_name} may run: install python3 from the OS")
+        yield user, interp, work
 
 
 def _as_user(
@@ -236,16 +172,36 @@ def _as_user(
 
 def _user_kw(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, object]:
     user, _, work = setup
-    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [], "cwd": work}
+    return other_uid_.as_user(user, work)
 
 
 def _user_env(setup: tuple[pwd.struct_passwd, str, Path]) -> dict[str, str]:
     _, _, work = setup
     return {
-        "PATH": "/usr/bin:/bin",
+        **other_uid_.PLAIN_ENV,
         "APM_HOME": str(work / "home"),
         "APM_EPHEMERAL_ID": FAKE_TOKEN,
     }
+
+
+def _probe_as_user(
+    setup: tuple[pwd.struct_passwd, str, Path], probe: str, pid: int, timeout: float
+) -> Any:
+    """Run the Python code `probe` (json and sys imported, apm's copy importable, `pid` in
+    sys.argv[1]) as the test user; what it printed, as JSON."""
+    _, interp, work = setup
+    head = f"import json, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
+    out = subprocess.run(
+        [interp, "-I", "-c", head + probe, str(pid)],
+        env=other_uid_.PLAIN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **_user_kw(setup),  # type: ignore[arg-type]
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def test_apm_runs_child_of_the_same_uid_cannot_read_its_parents_environ(
@@ -291,26 +247,14 @@ def test_a_sibling_of_the_same_uid_cannot_read_the_shims_environ(
         # a broker of this uid still sees what bindings check (as walk_ancestry reads it):
         # create_time, name and parent. (/proc/<pid>/exe is withheld; psutil's exe() then
         # guesses from cmdline[0], which the process chose: bindings must not trust that.)
-        _, interp, work = other_uid
         probe = (
-            f"import json, os, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
-            "import psutil\n"
+            "import os, psutil\n"
             "p = psutil.Process(int(sys.argv[1]))\n"
             "try:\n    os.readlink(f'/proc/{p.pid}/exe')\n    exe = 'readable'\n"
             "except PermissionError:\n    exe = None\n"
             "print(json.dumps([p.create_time() > 0, p.name(), p.ppid(), exe]))\n"
         )
-        seen = subprocess.run(
-            [interp, "-I", "-c", probe, str(proc.pid)],
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            **_user_kw(other_uid),  # type: ignore[arg-type]
-        )
-        assert seen.returncode == 0, seen.stderr
-        created, name, ppid, exe = json.loads(seen.stdout)
+        created, name, ppid, exe = _probe_as_user(other_uid, probe, proc.pid, timeout=30)
         assert created and name and ppid == os.getpid() and exe is None
 
 
@@ -320,7 +264,7 @@ def test_a_non_dumpable_process_cannot_pass_for_another_executable_through_its_a
     # The attack: a same-uid process makes itself non-dumpable (so a non-root broker cannot
     # read /proc/<pid>/exe) and sets argv[0] to the client it wants to pass for. psutil's
     # exe() then falls back to argv[0]; the ancestry walk must report no executable instead.
-    _, interp, work = other_uid
+    _, interp, _ = other_uid
     spoof = "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); time.sleep(30)"
     attacker = subprocess.Popen(  # 4: PR_SET_DUMPABLE; argv[0] names another file
         ["/usr/bin/env", "-I", "-c", spoof],
@@ -335,23 +279,12 @@ def test_a_non_dumpable_process_cannot_pass_for_another_executable_through_its_a
                 break
             time.sleep(0.05)
         probe = (
-            f"import json, sys; sys.path[:0] = [{str(work / 'code')!r}]\n"
             "import psutil\n"
             "from broker.core.bindings import walk_ancestry\n"
             "pid = int(sys.argv[1])\n"
             "print(json.dumps([psutil.Process(pid).exe(), walk_ancestry(pid)[0].exe]))\n"
         )
-        out = subprocess.run(
-            [interp, "-I", "-c", probe, str(attacker.pid)],
-            env={"PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            **_user_kw(other_uid),  # type: ignore[arg-type]
-        )
-        assert out.returncode == 0, out.stderr
-        psutil_guess, walked = json.loads(out.stdout)
+        psutil_guess, walked = _probe_as_user(other_uid, probe, attacker.pid, timeout=60)
         assert psutil_guess == "/usr/bin/env"  # the spoof works on psutil alone
         assert walked == ""  # the walk trusts only the kernel's link: no executable to match
     finally:

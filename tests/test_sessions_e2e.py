@@ -12,8 +12,6 @@ import hashlib
 import json
 import re
 import select
-import shlex
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,27 +27,28 @@ from broker.core.vault import Vault
 from broker.wire.errors import ApmError
 from broker.wire.protocol import EntryListParams
 
+from .agent_exe import (
+    CLI,
+    SESSION_REFUSED,
+    broker_with_user_home,
+    dash_copy,
+    record,
+    through,
+)
 from .conftest import (
     CAPTURED,
     PASSWORD,
     PY,
-    STDERRS,
-    SWEEP_HITS,
     Apm,
     Broker,
     clean_env,
-    make_home,
-    register_secret,
-    sweep,
+    end_child,
 )
 
 pytestmark = pytest.mark.slow
 
 TOKEN_RE = re.compile(r"^eps_[A-Za-z0-9_-]{43,}$")
-TOKEN_ANYWHERE_RE = re.compile(r"eps_[A-Za-z0-9_-]{40,}")
 EXPORT_RE = re.compile(r"^export APM_EPHEMERAL_ID=(eps_[A-Za-z0-9_-]{43,})\n$")
-SESSION_REFUSED = 5  # SESSION_REQUIRED's exit code
-CLI = [PY, "-m", "broker.cli.main"]
 
 # A parent process that outlives its children: reads one JSON job per line, runs it as its
 # child, answers with one JSON line. Tokens reach it through the pipe, never through argv.
@@ -61,14 +60,6 @@ for line in sys.stdin:
                        capture_output=True, text=True, timeout=60)
     print(json.dumps({"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}), flush=True)
 """
-
-
-def record(stdout: str, stderr: str) -> None:
-    """Hand a child's output to the suite's secret sweep (conftest), as `Apm` does."""
-    CAPTURED.extend([stdout, stderr])
-    STDERRS.append(stderr)
-    for token in TOKEN_ANYWHERE_RE.findall(stdout):
-        register_secret(token)
 
 
 class Tree:
@@ -103,15 +94,7 @@ class Tree:
         return subprocess.CompletedProcess(args, out["rc"], out["stdout"], out["stderr"])
 
     def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        end_child(self.proc)
 
 
 @pytest.fixture
@@ -137,22 +120,8 @@ class Shared:
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Shared]:
-    home = make_home()
-    user_home = home / "user"
-    user_home.mkdir()
-    b = Broker(home, extra_env={"HOME": str(user_home)}).start()
-    try:
-        apm = Apm(home)
-        apm.ok("init", "--profile", "interactive")
-        seed(apm)
+    with broker_with_user_home("sk-e2e-value") as (home, user_home, apm, b):
         yield Shared(home, apm, b, user_home)
-    finally:
-        b.stop()
-        hits = sweep(home)  # the suite's plaintext sweep, as for every function-scoped home
-        SWEEP_HITS.extend(hits)
-        STDERRS.clear()
-        shutil.rmtree(home, ignore_errors=True)
-    assert not hits, f"secrets found in plaintext: {hits[:5]}"
 
 
 def tree(trees: list[Tree], home: Path) -> Tree:
@@ -175,24 +144,6 @@ def delegate(apm: Apm, *args: str) -> dict[str, Any]:
 
 def names(stdout: str) -> list[str]:
     return [e["name"] for e in json.loads(stdout)]
-
-
-def dash_copy(path: Path) -> Path:
-    """A real executable of our own at `path` (its /proc/<pid>/exe is exactly this path)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shutil.which("dash") or "/bin/dash", path)
-    path.chmod(0o755)
-    return path
-
-
-def through(exe: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as a child of `exe` (`; exit $?` keeps dash from exec-replacing itself)."""
-    cmd = " ".join(shlex.quote(a) for a in [*CLI, *args]) + "; exit $?"
-    proc = subprocess.run(
-        [str(exe), "-c", cmd], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    record(proc.stdout, proc.stderr)
-    return proc
 
 
 def seed(apm: Apm) -> None:

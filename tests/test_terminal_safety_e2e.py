@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,15 +23,11 @@ from typing import Any
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp import types as mt
-from pydantic import SecretStr
 
-from broker.cli.client import BrokerClient
-from broker.wire.errors import ApmError
-
-from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, clean_env, make_home, register_secret
-from .conftest import sweep as sweep_home
-from .mcp_client import SHIM, ok_of, unwrapped
-from .test_jit_e2e import Hook
+from .conftest import PASSWORD, Apm, Broker, clean_env, make_home, register_secret
+from .hook_server import Hook
+from .mcp_client import INITIALIZE, SHIM, ok_of, request_access, unwrapped
+from .mcp_world import add_api_key, mcp_broker, wire
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +69,7 @@ class World:
     notified: Path  # one JSON argv per line, written by the fake notify-send
 
     def wire(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        with BrokerClient(f"ipc://{self.home}/run/broker.sock") as client:
-            return client.call_raw(method, params or {}, password=SecretStr(PASSWORD), timeout=30)
+        return wire(self.home, method, params)
 
     def delegate(self, scope: str, label: str = "agent", approve: str = "agent") -> str:
         res = self.wire(
@@ -124,53 +118,25 @@ def world() -> Iterator[World]:
         f"open({str(notified)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
     tool.chmod(0o755)
-    (home / "config").mkdir(parents=True, exist_ok=True)
-    (home / "config" / "config.toml").write_text(
-        f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = true\n'
-    )
-    broker = Broker(home, extra_env={"PATH": f"{fakebin}:{os.environ.get('PATH', '')}"})
-    apm = Apm(home)
+    config = f'[notify]\nwebhook_url = "{hook.url}"\ndesktop = true\n'
+    path = {"PATH": f"{fakebin}:{os.environ.get('PATH', '')}"}
     try:
-        broker.start(wait=False)
-        assert broker.proc is not None
-        deadline = time.monotonic() + 30
-        while True:
-            assert broker.proc.poll() is None, broker.output()
-            if broker.socket.exists():
-                with contextlib.suppress(ApmError):
-                    with BrokerClient(f"ipc://{home}/run/broker.sock") as c:
-                        c.call_raw("broker.ping", {}, timeout=5)
-                    break
-            assert time.monotonic() < deadline, "broker did not become ready"
-            time.sleep(0.05)
-        apm.ok("init", "--profile", "interactive")
-        w = World(home, apm, broker, hook, notified)
-        w.wire(
-            "entry.add",
-            {
-                "type": "login",
-                "name": "github",
-                "fields": {"username": "octo"},
-                "secrets": {"password": {"value": "Old-Github-Pass-5531"}},
-            },
-        )
-        register_secret("Old-Github-Pass-5531")
-        w.wire(
-            "entry.add",
-            {
-                "type": "api_key",
-                "name": "proddb",
-                "secrets": {"key": {"value": "Prod-Db-Key-7731"}},
-            },
-        )
-        register_secret("Prod-Db-Key-7731")
-        yield w
+        with mcp_broker(config, home, extra_env=path) as (apm, broker):
+            w = World(home, apm, broker, hook, notified)
+            w.wire(
+                "entry.add",
+                {
+                    "type": "login",
+                    "name": "github",
+                    "fields": {"username": "octo"},
+                    "secrets": {"password": {"value": "Old-Github-Pass-5531"}},
+                },
+            )
+            register_secret("Old-Github-Pass-5531")
+            add_api_key(home, "proddb", "Prod-Db-Key-7731")
+            yield w
     finally:
-        broker.stop()
         hook.close()
-        hits = sweep_home(home)
-        SWEEP_HITS.extend(hits)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 async def _spoofed_edit(w: World) -> str:
@@ -205,17 +171,17 @@ async def test_tx_ls_shows_the_escapes_and_the_password_change_the_spoofed_url_t
     assert tx["args"]["secrets"]["password"].startswith(f"<secret: {len(NEW_PASSWORD)} chars")
 
 
+async def _hostile_request(w: World) -> str:
+    """A request from a session with a hostile label and client name, with a spoofing
+    justification: its id."""
+    token = w.delegate("read", label=HOSTILE_LABEL)
+    async with shim(w, token, HOSTILE_CLIENT) as client:
+        return await request_access(client, "proddb", SPOOF_WHY, 60)
+
+
 @pytest.mark.anyio
 async def test_a_justification_cannot_rewrite_what_request_ls_and_watch_show(world: World) -> None:
-    token = world.delegate("read", label=HOSTILE_LABEL)
-    async with shim(world, token, HOSTILE_CLIENT) as client:
-        body = ok_of(
-            await client.call_tool(
-                "request_access",
-                {"entry": "proddb", "duration_minutes": 60, "justification": SPOOF_WHY},
-            )
-        )
-    rid = body["request_id"]
+    rid = await _hostile_request(world)
     out = world.run("request", "ls", "--pending")
     assert rid in out and not control_chars(out), out
     line = next(ln for ln in out.splitlines() if ln.startswith(rid))
@@ -248,15 +214,7 @@ async def test_a_justification_cannot_rewrite_what_request_ls_and_watch_show(wor
 
 @pytest.mark.anyio
 async def test_notifications_and_webhooks_carry_no_control_characters(world: World) -> None:
-    token = world.delegate("read", label=HOSTILE_LABEL)
-    async with shim(world, token, HOSTILE_CLIENT) as client:
-        body = ok_of(
-            await client.call_tool(
-                "request_access",
-                {"entry": "proddb", "duration_minutes": 60, "justification": SPOOF_WHY},
-            )
-        )
-    rid = body["request_id"]
+    rid = await _hostile_request(world)
     deadline = time.monotonic() + 20
     while not world.hook.payloads(rid) or rid not in _notified(world):
         assert time.monotonic() < deadline, "no webhook or desktop notification arrived"
@@ -349,18 +307,6 @@ def test_session_why_escapes_a_hostile_process_name_in_the_ancestry_it_shows(
     out = world.run("session", "why", accessor)
     assert "ancestry:" in out and not control_chars(out), out
     assert "ev\\x1b[2Jil" in out
-
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "pytest", "version": "1"},
-    },
-}
 
 
 @pytest.mark.anyio
