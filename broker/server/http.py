@@ -420,9 +420,31 @@ def _metadata_route(path: str, resource: str) -> Route:
 
 
 class _Server(uvicorn.Server):
+    """uvicorn's server as the broker runs it: in a task of the broker's loop, which owns the
+    signals. Shared by the HTTP listener and the approval page's own port."""
+
+    _serving: asyncio.Task[None] | None = None
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the broker owns SIGINT/SIGTERM
         yield
+
+    async def launch(self, sockets: list[Any] | None = None) -> bool:
+        """Serve in a task and wait until it listens. False when it stopped first without an
+        error of its own (the caller says what could not start); its startup error is raised."""
+        self._serving = asyncio.create_task(self.serve(sockets=sockets))
+        while not self.started:
+            if self._serving.done():
+                self._serving.result()  # raises the startup error
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def stop_serving(self) -> None:
+        self.should_exit = True
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._serving, timeout=5)
 
 
 class HttpFrontend:
@@ -440,7 +462,6 @@ class HttpFrontend:
         self.limits = limits.within(current_nofile())
         self.gate = ConnectionGate(self.limits, allow_remote=tls is not None)
         self._server: _Server | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def serves_page(self) -> bool:
@@ -559,24 +580,15 @@ class HttpFrontend:
             proxy_headers=False,  # X-Forwarded-For must not rename the peer
         )
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises the startup error
-                raise InvalidParameters(
-                    f"cannot serve HTTP on {self.listen.host}:{self.listen.port}"
-                )
-            await asyncio.sleep(0.02)
+        if not await self._server.launch():
+            raise InvalidParameters(f"cannot serve HTTP on {self.listen.host}:{self.listen.port}")
         log.info("MCP over HTTP at http://%s:%d/mcp", self.listen.host, self.listen.port)
         if self.serves_page:
             self.state.links.base = f"http://localhost:{self.listen.port}"
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, timeout=5)
+            await self._server.stop_serving()
 
 
 def _client_name(ctx: ServerRequestContext[Any, Any]) -> str | None:

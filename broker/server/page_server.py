@@ -5,7 +5,6 @@ the page's routes (`approval_page`) behind the HTTP listener's connection layer 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from .approval_page import Page, page_origins
 from .http import ConnectionGate, HttpGate, _protocol_class, _Server
@@ -22,11 +21,9 @@ class PageServer:
     def __init__(self, state: State, port: int = 0) -> None:
         self.state = state
         self.port = port
-        self._server: Any = None
-        self._task: Any = None
+        self._server: _Server | None = None
 
     async def start(self) -> None:
-        import asyncio
         import socket
 
         import uvicorn
@@ -48,21 +45,11 @@ class PageServer:
             proxy_headers=False,
         )
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("the approval page did not start")
-            await asyncio.sleep(0.02)
+        if not await self._server.launch(sockets=[sock]):
+            raise RuntimeError("the approval page did not start")
         self.state.links.base = f"http://localhost:{self.port}"
         log.info("approval page at http://localhost:%d/approve/...", self.port)
 
     async def stop(self) -> None:
-        import asyncio
-        import contextlib
-
         if self._server is not None:
-            self._server.should_exit = True
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, timeout=5)
+            await self._server.stop_serving()
