@@ -41,7 +41,7 @@ from broker.wire.protocol import (
 )
 
 from .context import Context
-from .tool_base import Args
+from .tool_args import Args
 
 MASK = "********"
 
@@ -126,6 +126,16 @@ class Plan:
 
 
 Build = Callable[[Context, Any], Awaitable[Plan]]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A change an MCP tool previews (`dispatch.invoke(..., proposal=)`): the gate makes it a
+    pending transaction, whatever the session's policy (tools are two-phase); nothing runs."""
+
+    tool: str
+    plan: Plan
+    raw_args: dict[str, Any]  # the preview call's arguments, to compare a commit call's with
 
 
 # ------------------------------------------------------------------ previews
