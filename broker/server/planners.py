@@ -1,9 +1,10 @@
 """What a change will do, before it is made: the write tools' arguments and the planners that
 validate them against the open vault and build the pinned wire params and the preview.
 
-Both ends of the approval policy use these: the MCP write tools (write_tools, two phases) and
-the gate holding a session's wire change (approval.hold). This module sits below the gate
-(`dispatch`): it reads the vault through the context and never runs an operation.
+Both ways a change is previewed use these: a write tool's preview (proposals.propose, which
+hands the plan to the gate as a `Proposal`) and the gate holding a session's wire change
+(approval.hold). This module sits below the gate (`dispatch`): it reads the vault through the
+context and never runs an operation.
 """
 
 from __future__ import annotations
