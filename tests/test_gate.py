@@ -609,3 +609,23 @@ def test_only_the_gate_runs_a_handler_or_decides_a_scope() -> None:
         if path not in gate:
             assert ".handler(" not in text, path
             assert "filtered_admin" not in text and "_check_scope" not in text, path
+
+
+def test_a_transactions_state_changes_only_in_core_transactions() -> None:
+    """The state machine lives in `core/transactions.py`: no `tx.state = ...` in the server."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "broker" / "server"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AugAssign | ast.AnnAssign)
+                else []
+            )
+            for t in targets:
+                owner = t.value if isinstance(t, ast.Attribute) else None
+                if isinstance(t, ast.Attribute) and t.attr in ("state", "receipt"):
+                    assert isinstance(owner, ast.Name) and owner.id == "self", (path, t.lineno)
