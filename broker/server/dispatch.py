@@ -277,7 +277,8 @@ async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None
     if tx.entry_id is not None:
         current = state.cache.get().entries.get(tx.entry_id)
         if current is None or current.updated_at != tx.base_updated_at:
-            raise await _conflicted(ctx, tx)
+            await _conflicted(ctx, tx)
+            raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
     receipt = state.txs.new_receipt()
     state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
     try:
@@ -285,18 +286,18 @@ async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None
         with state.landing(tx, receipt) as at:  # its record lands with the change
             result = await invoke(ctx, op, tx.params, tx=tx)
     except TransactionConflict:
-        raise await _conflicted(ctx, tx) from None
+        await _conflicted(ctx, tx)
+        raise
     state.txs.committed(tx, receipt, at)
     await state.save_tx(tx)  # unless it landed with the change
     return result, receipt
 
 
-async def _conflicted(ctx: Context, tx: Transaction) -> TransactionConflict:
+async def _conflicted(ctx: Context, tx: Transaction) -> None:
     """Close `tx`: the entry or space changed since its preview; it can never run."""
     ctx.state.txs.conflicted(tx, "conflict: the entry changed since the preview")
     ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tx.tool)
     await ctx.state.save_tx(tx)
-    return TransactionConflict(data={"tx_id": tx.tx_id})
 
 
 async def _authorize(ctx: Context, rule: Rule) -> None:
