@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from broker.wire.errors import InvalidParameters
+from broker.wire.errors import InternalError, InvalidParameters
 from broker.wire.protocol import Empty, SyncTls
 
 from . import sync_service
@@ -137,7 +137,7 @@ async def _cloud_config(ctx: Context, a: CloudConfigArgs) -> CloudConfigOut:
     change = None if a.action == "show" and a.tx_id is None else await _config_change(ctx, a)
     out = await invoke(ctx, TOOL_OPERATIONS["sync.config"], Empty())  # admin, by the gate
     if not isinstance(out, CloudConfigOut):
-        raise TypeError(f"sync.config answered {type(out).__name__}")
+        raise InternalError(f"sync.config answered {type(out).__name__}")
     out.change = change
     return out
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from broker.wire.entries import EntryMeta
-from broker.wire.errors import InvalidParameters
+from broker.wire.errors import InternalError, InvalidParameters
 from broker.wire.protocol import TxInfo
 
 from .context import Context
@@ -103,7 +103,7 @@ def two_phase(tool: str, args: type[TxArgs], build: Build) -> Callable[[Context,
         op = propose if a.tx_id is None else commit
         out = await invoke(ctx, op, ProposeParams(tool=tool, args=a))
         if not isinstance(out, TxOutcome):
-            raise TypeError(f"{op.name} answered {type(out).__name__}")
+            raise InternalError(f"{op.name} answered {type(out).__name__}")
         return _shaped(out)
 
     return run
