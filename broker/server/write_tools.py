@@ -23,12 +23,8 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel
-
-from broker.wire.entries import EntryMeta
 from broker.wire.errors import InternalError, InvalidParameters
 from broker.wire.protocol import TxInfo
 
@@ -54,17 +50,11 @@ from .tool_base import ToolSpec
 from .tool_operations import TxListArgs, TxListOut, TxStatusArgs
 
 
-class WriteOut(BaseModel):
-    status: Literal["pending", "pending_owner_approval", "committed"]
-    tx_id: str
-    tool: str
-    preview: str
-    policy: str
-    expires_at: datetime | None = None
-    receipt: str | None = None
+class WriteOut(TxOutcome):
+    """A write tool's answer: where its change stands (the gate's `TxOutcome`) and what to do
+    next, in words for the model."""
+
     next_step: str
-    entry: EntryMeta | None = None
-    generated: str | None = None  # a generated password, only for sessions with `secrets`
 
 
 # ------------------------------------------------------------------ the two phases
