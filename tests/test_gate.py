@@ -23,6 +23,7 @@ from broker.core.vault import Change, Vault
 from broker.server import dispatch, mcp_tools
 from broker.server.context import Context
 from broker.server.operations import OPERATIONS, TOOL_OPERATIONS
+from broker.wire.errors import ApmError
 
 from .twin import Twin, twin_of
 
@@ -629,3 +630,21 @@ def test_a_transactions_state_changes_only_in_core_transactions() -> None:
                 owner = t.value if isinstance(t, ast.Attribute) else None
                 if isinstance(t, ast.Attribute) and t.attr in ("state", "receipt"):
                     assert isinstance(owner, ast.Name) and owner.id == "self", (path, t.lineno)
+
+
+@pytest.mark.anyio
+async def test_a_tool_running_a_mutating_operation_without_a_preview_is_refused_by_the_gate(
+    twin: Twin,
+) -> None:
+    """Even for an `agent` session: a tool's change is a previewed transaction or nothing."""
+    _, rec = twin.session(approve="agent")
+    ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="", session=rec)
+    ctx.via = "mcp"  # as mcp_tools.run sets it for every tool call
+    before = snapshot(twin)
+    for name in sorted(CASES):
+        op = OPERATIONS[name]
+        params = op.params.model_validate(CASES[name][2])
+        with pytest.raises(ApmError) as refused:
+            await dispatch.invoke(ctx, op, params)
+        assert refused.value.code == "PERMISSION_DENIED", name
+    assert snapshot(twin) == before

@@ -232,7 +232,8 @@ async def _approval_gate(
     """A session's change runs only as its approval policy allows: `agent` at once (or its
     own two-phase commit), `owner`/`client` only as a transaction the person approved —
     anything else, and every tool's preview, becomes a pending transaction and the call
-    answers APPROVAL_PENDING."""
+    answers APPROVAL_PENDING. An MCP tool's change never runs at once, whatever the policy:
+    it is previewed (`proposal`) or committed (`tx`)."""
     rec = ctx.session
     if rec is None:
         if proposal is not None:
@@ -249,6 +250,11 @@ async def _approval_gate(
                 "this change was not approved", hint="preview it again and have it approved"
             )
         return
+    if proposal is None and ctx.via != "wire":  # an MCP tool's change is always previewed
+        raise PermissionDenied(
+            "a tool's change runs only as a previewed transaction",
+            hint="call the tool without tx_id for a preview, then commit it",
+        )
     if proposal is None and rec.approve == "agent":
         return
     from .approval import hold  # the previews load only when a change is held
