@@ -23,7 +23,7 @@ from broker.core.vault import Change, Vault
 from broker.server import dispatch, mcp_tools
 from broker.server.context import Context
 from broker.server.operations import OPERATIONS, TOOL_OPERATIONS
-from broker.wire.errors import ApmError
+from broker.wire.errors import ApmError, StorageError
 
 from .twin import Twin, twin_of
 
@@ -648,3 +648,39 @@ async def test_a_tool_running_a_mutating_operation_without_a_preview_is_refused_
             await dispatch.invoke(ctx, op, params)
         assert refused.value.code == "PERMISSION_DENIED", name
     assert snapshot(twin) == before
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["tool", "wire"])
+async def test_the_commit_record_naming_tx_and_receipt_precedes_the_change_or_nothing_runs(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    token, rec = twin.session(approve="agent" if path == "tool" else "owner")
+    change = {"entry": "seed", "url": "https://c.example"}
+    if path == "tool":
+        tx_id = (await twin.body(rec, "edit_entry", change))["tx_id"]
+    else:
+        held = await twin.wire("entry.edit", {"ref": "seed", "url": change["url"]}, token=token)
+        assert held.error is not None
+        tx_id = held.error.data["tx_id"]
+    audit = twin.state.audit
+    assert audit is not None
+    real, seen = audit.append, []
+
+    def failing(event: str, **fields: Any) -> Any:
+        if event == "tx.commit":
+            seen.append((fields.get("tx"), fields.get("receipt"), twin.vault.resolve("seed").url))
+            raise StorageError()
+        return real(event, **fields)
+
+    monkeypatch.setattr(audit, "append", failing)
+    if path == "tool":
+        body = await twin.body(rec, "edit_entry", {"tx_id": tx_id, "approve": True})
+        code = body["code"] if body["error"] else "OK"
+    else:
+        resp = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+        code = resp.error.code if resp.error is not None else "OK"
+    assert code == "STORAGE_ERROR"
+    (named_tx, receipt, url_then), *_ = seen
+    assert named_tx == tx_id and str(receipt).startswith("rcpt_") and url_then is None
+    assert twin.vault.resolve("seed").url is None  # refused: nothing changed
