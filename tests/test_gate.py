@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 import broker.server.daemon  # noqa: F401 - declares every operation the real broker serves
-from broker.core.sessions import CreateSpec
+from broker.core.sessions import CreateSpec, scope_rank
 from broker.core.vault import Change, Vault
-from broker.server import mcp_tools
+from broker.server import dispatch, mcp_tools
 from broker.server.context import Context
 from broker.server.operations import OPERATIONS, TOOL_OPERATIONS
+from broker.wire.errors import ApmError, StorageError
 
 from .twin import Twin, twin_of
 
@@ -476,3 +477,210 @@ async def test_a_session_lacking_a_thin_tools_scope_is_refused_by_the_gate_and_t
     # refused by the gate, as a wire method would be: `apm session why` can show it
     reasons = [d.reason for d in twin.state.sessions().denials[rec.accessor]]
     assert reasons == ["scope read lacks admin", "scope read lacks admin", "scope read lacks write"]
+
+
+# ------------------------------------------- write tools reach a change only through the gate
+
+
+class GateSpy:
+    """Which changes the gate's approval step let run: (operation, transaction) per pass."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.passed: list[tuple[str, str | None]] = []
+        real = dispatch._approval_gate
+
+        async def spy(ctx: Context, op: Any, params: Any, tx: Any, proposal: Any) -> None:
+            await real(ctx, op, params, tx, proposal)  # raises when the change may not run
+            self.passed.append((op.name, tx.tx_id if tx is not None else None))
+
+        monkeypatch.setattr(dispatch, "_approval_gate", spy)
+
+
+# a write tool's change -> (the operation it lands as, what the vault shows once it landed)
+TOOL_CASES: dict[str, tuple[str, dict[str, Any], str, Check]] = {
+    **{op: (c[0], c[1], op, c[3]) for op, c in CASES.items()},
+    "generate_password": (
+        "generate_password",
+        {"entry": "seed", "length": 32},
+        "entry.edit",
+        lambda t: len(_secret(t, "seed") or "") == 32,
+    ),
+}
+
+
+async def _tool_change_problems(twin: Twin, spy: GateSpy, case: str, policy: str) -> list[str]:
+    """Run a write tool's two phases under `policy`; what went wrong about the gate (empty:
+    nothing ran at the preview, and the commit landed after exactly one approval pass)."""
+    tool, args, op, landed = TOOL_CASES[case]
+    _, rec = twin.session(approve=policy)
+    before = snapshot(twin)
+    problems = []
+    shown = await twin.body(rec, tool, args)
+    if shown["error"] or snapshot(twin) != before or spy.passed:
+        problems.append(f"the preview ran something: {spy.passed}")
+    tx_id = shown.get("tx_id")
+    if policy == "owner":
+        ok = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+        assert ok.ok, ok.error
+    spy.passed.clear()
+    mcp = FakeElicitation(answer=True) if policy == "client" else None
+    done = await twin.body(rec, tool, {"tx_id": tx_id, "approve": True}, mcp=mcp)
+    if done.get("status") != "committed" or not landed(twin):
+        problems.append(f"the commit did not land: {done}")
+    if spy.passed != [(op, tx_id)]:
+        problems.append(f"it landed past the gate's approval step: {spy.passed}")
+    return problems
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", sorted(TOOL_CASES))
+@pytest.mark.parametrize("policy", ["agent", "client", "owner"])
+async def test_a_write_tools_change_lands_only_after_the_gates_approval_step(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch, case: str, policy: str
+) -> None:
+    spy = GateSpy(monkeypatch)
+    assert await _tool_change_problems(twin, spy, case, policy) == []
+
+
+@pytest.mark.anyio
+async def test_a_planted_bypass_of_the_approval_step_is_caught(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = GateSpy(monkeypatch)
+    real = dispatch.invoke
+
+    async def bypass(ctx: Context, op: Any, params: Any, **kw: Any) -> Any:
+        if kw.get("tx") is not None:  # a commit that calls the handler itself
+            return await op.handler(ctx, params)
+        return await real(ctx, op, params, **kw)
+
+    monkeypatch.setattr(dispatch, "invoke", bypass)
+    problems = await _tool_change_problems(twin, spy, "entry.edit", "agent")
+    assert problems and "past the gate" in problems[-1]
+
+
+def _minimal_args(schema: dict[str, Any]) -> dict[str, Any]:
+    """Arguments that pass a tool's validation: each required property with a plain value."""
+    out: dict[str, Any] = {}
+    for name in schema.get("required", []):
+        prop = schema["properties"][name]
+        kinds = {prop.get("type")} | {a.get("type") for a in prop.get("anyOf", [])}
+        out[name] = 1 if "integer" in kinds else "x" * max(10, prop.get("minLength", 0))
+    return out
+
+
+@pytest.mark.anyio
+async def test_every_tool_is_refused_by_the_gate_without_a_session_or_the_scope_it_needs(
+    twin: Twin,
+) -> None:
+    """One place decides who may run a tool: a session-less call is never the owner, and a
+    session lacking a tool's scope is refused by the gate (which keeps the denial), whether
+    the tool is one operation or a runner over several."""
+    nobody = Context(state=twin.state, peer=twin.peer, auth=None, request_id="")
+    denials = twin.state.sessions().denials
+    sessions = {scope: twin.session(scope)[1] for scope in ("read", "secrets", "write")}
+    checked = 0
+    for spec in mcp_tools.TOOLS:
+        args = _minimal_args(spec.to_mcp().input_schema)
+        if spec.grantable:  # an entry that exists: only the missing grant refuses it
+            args["entry"] = "seed"
+        out = await mcp_tools.run(nobody, spec.name, args)
+        assert out.is_error and out.structured["code"] == "SESSION_REQUIRED", spec.name
+        for scope, rec in sessions.items():
+            if scope_rank(scope) >= scope_rank(spec.scope):
+                continue
+            kept = len(denials.get(rec.accessor, []))
+            body = await twin.body(rec, spec.name, args)
+            assert body["error"] and body["code"] == "PERMISSION_DENIED", (spec.name, scope)
+            if spec.grantable:  # no grant: refused by the grant check, not as a denial
+                continue
+            reasons = [d.reason for d in denials.get(rec.accessor, [])][kept:]
+            assert reasons == [f"scope {scope} lacks {spec.scope}"], (spec.name, scope)
+            checked += 1
+    assert checked > 20
+
+
+def test_only_the_gate_runs_a_handler_or_decides_a_scope() -> None:
+    """A second scope check or a direct handler call is the start of a second gate."""
+    root = Path(__file__).resolve().parents[1] / "broker"
+    gate = {root / "server" / "dispatch.py", root / "server" / "operations.py"}
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        assert "require_scope" not in text, path
+        if path not in gate:
+            assert ".handler(" not in text, path
+            assert "filtered_admin" not in text and "_check_scope" not in text, path
+
+
+def test_a_transactions_state_changes_only_in_core_transactions() -> None:
+    """The state machine lives in `core/transactions.py`: no `tx.state = ...` in the server."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "broker" / "server"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, ast.AugAssign | ast.AnnAssign)
+                else []
+            )
+            for t in targets:
+                owner = t.value if isinstance(t, ast.Attribute) else None
+                if isinstance(t, ast.Attribute) and t.attr in ("state", "receipt"):
+                    assert isinstance(owner, ast.Name) and owner.id == "self", (path, t.lineno)
+
+
+@pytest.mark.anyio
+async def test_a_tool_running_a_mutating_operation_without_a_preview_is_refused_by_the_gate(
+    twin: Twin,
+) -> None:
+    """Even for an `agent` session: a tool's change is a previewed transaction or nothing."""
+    _, rec = twin.session(approve="agent")
+    ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="", session=rec)
+    ctx.via = "mcp"  # as mcp_tools.run sets it for every tool call
+    before = snapshot(twin)
+    for name in sorted(CASES):
+        op = OPERATIONS[name]
+        params = op.params.model_validate(CASES[name][2])
+        with pytest.raises(ApmError) as refused:
+            await dispatch.invoke(ctx, op, params)
+        assert refused.value.code == "PERMISSION_DENIED", name
+    assert snapshot(twin) == before
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["tool", "wire"])
+async def test_the_commit_record_naming_tx_and_receipt_precedes_the_change_or_nothing_runs(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    token, rec = twin.session(approve="agent" if path == "tool" else "owner")
+    change = {"entry": "seed", "url": "https://c.example"}
+    if path == "tool":
+        tx_id = (await twin.body(rec, "edit_entry", change))["tx_id"]
+    else:
+        held = await twin.wire("entry.edit", {"ref": "seed", "url": change["url"]}, token=token)
+        assert held.error is not None
+        tx_id = held.error.data["tx_id"]
+    audit = twin.state.audit
+    assert audit is not None
+    real, seen = audit.append, []
+
+    def failing(event: str, **fields: Any) -> Any:
+        if event == "tx.commit":
+            seen.append((fields.get("tx"), fields.get("receipt"), twin.vault.resolve("seed").url))
+            raise StorageError()
+        return real(event, **fields)
+
+    monkeypatch.setattr(audit, "append", failing)
+    if path == "tool":
+        body = await twin.body(rec, "edit_entry", {"tx_id": tx_id, "approve": True})
+        code = body["code"] if body["error"] else "OK"
+    else:
+        resp = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+        code = resp.error.code if resp.error is not None else "OK"
+    assert code == "STORAGE_ERROR"
+    (named_tx, receipt, url_then), *_ = seen
+    assert named_tx == tx_id and str(receipt).startswith("rcpt_") and url_then is None
+    assert twin.vault.resolve("seed").url is None  # refused: nothing changed

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -31,6 +31,7 @@ from broker.wire.errors import (
     RequestTooLarge,
     SessionRequired,
     StorageError,
+    TransactionConflict,
     UnsupportedVersion,
 )
 from broker.wire.protocol import (
@@ -44,14 +45,26 @@ from broker.wire.protocol import (
 )
 
 from .context import Context, totp_seed_field
-from .operations import OPERATIONS, Operation, Rule, filtered_admin
+from .operations import OPERATIONS, Operation, Rule, filtered_admin, find
 from .peer import Peer
 from .state import State, Throttle
+
+if TYPE_CHECKING:
+    from .planners import Proposal
 
 log = logging.getLogger("apm.broker")
 # State, Throttle (.state) and Context (.context) moved out of this module; the names stay
 # importable from here for code written before the move
-__all__ = ["Context", "State", "Throttle", "handle", "invoke", "to_wire_error", "totp_seed_field"]
+__all__ = [
+    "Context",
+    "State",
+    "Throttle",
+    "execute",
+    "handle",
+    "invoke",
+    "to_wire_error",
+    "totp_seed_field",
+]
 
 
 def to_wire_error(exc: BaseException) -> ErrorBody:
@@ -170,7 +183,12 @@ def _code_of(exc: BaseException) -> str:
 
 
 async def invoke(
-    ctx: Context, op: Operation, params: BaseModel, *, tx: Transaction | None = None
+    ctx: Context,
+    op: Operation,
+    params: BaseModel,
+    *,
+    tx: Transaction | None = None,
+    proposal: Proposal | None = None,
 ) -> BaseModel:
     """The one gate every path runs an operation through, in this order: lock gate → session
     and bindings → scope, entry filter, grants → approval policy → handler → audit record.
@@ -178,6 +196,8 @@ async def invoke(
     `ctx.session` already set (an MCP connection re-checked it for this message): the session
     step only checks its scope. Neither a session nor the owner's password: refused, never
     treated as the owner. `tx`: the approved transaction this call executes (its commit).
+    `proposal`: a tool's preview of this change; it becomes a pending transaction
+    (APPROVAL_PENDING naming it) and nothing runs.
     """
     rule = op.rule
     state = ctx.state
@@ -187,7 +207,9 @@ async def invoke(
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
         await _authorize(ctx, rule)
         if rule.mutating:
-            await _approval_gate(ctx, op, params, tx)
+            await _approval_gate(ctx, op, params, tx, proposal)
+        elif tx is not None or proposal is not None:
+            raise InternalError(f"{op.name} changes nothing to approve")
         if audited and rule.audit == "change":
             state.record("request", ctx, method=op.name, outcome="attempt")
         result = await op.handler(ctx, params)
@@ -201,13 +223,21 @@ async def invoke(
 
 
 async def _approval_gate(
-    ctx: Context, op: Operation, params: BaseModel, tx: Transaction | None
+    ctx: Context,
+    op: Operation,
+    params: BaseModel,
+    tx: Transaction | None,
+    proposal: Proposal | None,
 ) -> None:
     """A session's change runs only as its approval policy allows: `agent` at once (or its
     own two-phase commit), `owner`/`client` only as a transaction the person approved —
-    anything else becomes a pending transaction and the call answers APPROVAL_PENDING."""
+    anything else, and every tool's preview, becomes a pending transaction and the call
+    answers APPROVAL_PENDING. An MCP tool's change never runs at once, whatever the policy:
+    it is previewed (`proposal`) or committed (`tx`)."""
     rec = ctx.session
     if rec is None:
+        if proposal is not None:
+            raise SessionRequired("only a session's changes are previewed")
         return  # the owner, who proved the master password just now
     if tx is not None:
         if (
@@ -220,11 +250,60 @@ async def _approval_gate(
                 "this change was not approved", hint="preview it again and have it approved"
             )
         return
-    if rec.approve == "agent":
+    if proposal is None and ctx.via != "wire":  # an MCP tool's change is always previewed
+        raise PermissionDenied(
+            "a tool's change runs only as a previewed transaction",
+            hint="call the tool without tx_id for a preview, then commit it",
+        )
+    if proposal is None and rec.approve == "agent":
         return
     from .approval import hold  # the previews load only when a change is held
 
-    await hold(ctx, op, params)
+    if proposal is not None and (
+        proposal.plan.params is not params or proposal.plan.method != op.name
+    ):
+        raise InternalError("a preview must name the change it previews")
+    await hold(ctx, op, params, proposal)
+
+
+async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None:
+    """Run a pending transaction through the gate: the approval its policy names first
+    (approval.settle; None while it awaits the owner), then a conflict check against the entry
+    it was previewed from, the audit record naming it and its receipt (before the change: if
+    it cannot be written nothing runs), and the operation it names with exactly the stored
+    params. Returns (result, receipt). A conflict closes it (TRANSACTION_CONFLICT)."""
+    from .approval import settle
+
+    state = ctx.state
+    op = find(tx.method)
+    if op is None:  # a transaction is only ever created by a planner naming an operation
+        raise InternalError(f"no operation {tx.method[:64]!r}")
+    if not await settle(ctx, tx):
+        return None
+    if tx.entry_id is not None:
+        current = state.cache.get().entries.get(tx.entry_id)
+        if current is None or current.updated_at != tx.base_updated_at:
+            await _conflicted(ctx, tx)
+            raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
+    receipt = state.txs.new_receipt()
+    state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+    try:
+        # the handler re-checks `expect_updated_at` under the write lock: nothing slips between
+        with state.landing(tx, receipt) as at:  # its record lands with the change
+            result = await invoke(ctx, op, tx.params, tx=tx)
+    except TransactionConflict:
+        await _conflicted(ctx, tx)
+        raise
+    state.txs.committed(tx, receipt, at)
+    await state.save_tx(tx)  # unless it landed with the change
+    return result, receipt
+
+
+async def _conflicted(ctx: Context, tx: Transaction) -> None:
+    """Close `tx`: the entry or space changed since its preview; it can never run."""
+    ctx.state.txs.conflicted(tx, "conflict: the entry changed since the preview")
+    ctx.state.record("tx.conflict", ctx, tx=tx.tx_id, tool=tx.tool)
+    await ctx.state.save_tx(tx)
 
 
 async def _authorize(ctx: Context, rule: Rule) -> None:

@@ -38,11 +38,11 @@ from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
 from .context import Context
 from .dispatch import invoke, to_wire_error
-from .operations import OPERATIONS, find
+from .operations import OPERATIONS, Rule, find, tool_operation
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
-from .tool_base import Args, ToolSpec, require_scope, require_session
+from .tool_base import Args, ToolSpec
 from .write_tools import WRITE_TOOLS
 
 log = logging.getLogger("apm.broker.mcp")
@@ -294,6 +294,11 @@ async def _candidates(ctx: Context, question: str, limit: int = 5) -> list[Assis
     return out
 
 
+# every session may describe itself; the tool call is audited by its caller
+DESCRIBE = Rule(unlocked=True, scope="read", audit="none")
+
+
+@tool_operation("session.assist", AssistArgs, AssistOut, DESCRIBE, ("assist",))
 async def _assist(ctx: Context, a: AssistArgs) -> AssistOut:
     from .session_handlers import session_info
 
@@ -386,7 +391,7 @@ READ_TOOLS: tuple[ToolSpec, ...] = (
         scope="read",
         args=AssistArgs,
         out=AssistOut,
-        run=_assist,
+        op="session.assist",
     ),
     ToolSpec(
         name="decrypt_entry",
@@ -651,7 +656,7 @@ def error_outcome(exc: BaseException, naming: str = "apm") -> Outcome:
 
 
 async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
-    """Validate, check scope, run; every failure becomes an error result."""
+    """Validate, run through the gate; every failure becomes an error result."""
     return (await run(ctx, name, arguments)).to_mcp()
 
 
@@ -667,14 +672,10 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        op = find(spec.op) if spec.op is not None else None
-        if op is not None:  # the gate checks the operation's rule: scope, filter, grants
-            require_session(ctx, public_name(spec.name, naming))
-        elif spec.grantable and ctx.session is not None:
-            ctx.grant_needed = scope_rank(ctx.session.scope) < scope_rank(spec.scope)
-        else:
-            require_scope(ctx, spec.scope, public_name(spec.name, naming))
         args = spec.args.model_validate(arguments or {})
+        # who may run it is the gate's decision alone (invoke: session, scope, filter, grants,
+        # approval): a tool either is one operation or its runner calls invoke before it reads
+        op = find(spec.op) if spec.op is not None else None
         if op is not None:
             out = await invoke(ctx, op, args)
         elif spec.run is not None:

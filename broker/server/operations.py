@@ -38,8 +38,10 @@ class Rule:
     `grantable`: a session lacking `scope` may still pass with a per-entry grant.
     `grant_kind`: the kind of grant that lets it pass: "reveal" (the value reaches the
       caller, e.g. the model) or "use" (a reference resolved for `apm run`).
-    `mutating`: changes the vault's entries or spaces; for a session whose approval policy
-      is `owner` or `client` it becomes a pending transaction the person approves.
+    `mutating`: changes the vault's entries or spaces; the approval policy applies
+      (approval.py): for a session whose policy is `owner` or `client` a wire request becomes
+      a pending transaction the person approves; from an MCP tool it is always previewed as a
+      transaction first, whatever the policy.
     `audit`: "none" (recorded by its handler, or nothing worth recording), "read" (one record
       of the outcome), "change" (an attempt record first, then the outcome).
     `quiet`: a successful call is logged at debug level (frequent reads).

@@ -1,9 +1,10 @@
 """What a change will do, before it is made: the write tools' arguments and the planners that
 validate them against the open vault and build the pinned wire params and the preview.
 
-Both ends of the approval policy use these: the MCP write tools (write_tools, two phases) and
-the gate holding a session's wire change (approval.hold). This module sits below the gate
-(`dispatch`): it reads the vault through the context and never runs an operation.
+Both ways a change is previewed use these: a write tool's preview (proposals.propose, which
+hands the plan to the gate as a `Proposal`) and the gate holding a session's wire change
+(approval.hold). This module sits below the gate (`dispatch`): it reads the vault through the
+context and never runs an operation.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from broker.wire.protocol import (
 )
 
 from .context import Context
-from .tool_base import Args
+from .tool_args import Args
 
 MASK = "********"
 
@@ -126,6 +127,16 @@ class Plan:
 
 
 Build = Callable[[Context, Any], Awaitable[Plan]]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A change an MCP tool previews (`dispatch.invoke(..., proposal=)`): the gate makes it a
+    pending transaction, whatever the session's policy (tools are two-phase); nothing runs."""
+
+    tool: str
+    plan: Plan
+    raw_args: dict[str, Any]  # the preview call's arguments, to compare a commit call's with
 
 
 # ------------------------------------------------------------------ previews

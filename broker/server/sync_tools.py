@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from broker.wire.errors import InvalidParameters
+from broker.wire.errors import InternalError, InvalidParameters
 from broker.wire.protocol import Empty, SyncTls
 
 from . import sync_service
 from .context import Context
 from .dispatch import invoke
-from .operations import OPERATIONS, Rule, tool_operation
+from .operations import OPERATIONS, TOOL_OPERATIONS, Rule, tool_operation
 from .planners import Plan, TxArgs
 from .tool_base import Args, ToolSpec
 from .write_tools import WriteOut, two_phase
@@ -56,6 +56,12 @@ class SyncConfigureParams(BaseModel):
     tls: SyncTls | None  # None: keep the TLS files configured now
 
 
+# the tool calls are audited by their caller; a session needs `write` to see sync status
+SYNC_TOOL = Rule(unlocked=True, scope="write", audit="none")
+SYNC_ADMIN_TOOL = Rule(unlocked=True, scope="admin", audit="none")
+
+
+@tool_operation("sync.overview", CloudSyncArgs, CloudSyncOut, SYNC_TOOL, ("cloud_sync",))
 async def _cloud_sync(ctx: Context, a: CloudSyncArgs) -> CloudSyncOut:
     op = OPERATIONS["sync.now" if a.action == "sync_now" else "sync.status"]
     res = await invoke(ctx, op, Empty())  # the operation's own rule, as on the wire
@@ -122,11 +128,17 @@ async def _execute_configure(ctx: Context, p: SyncConfigureParams) -> CloudConfi
     return _show(ctx)
 
 
+@tool_operation("sync.config", Empty, CloudConfigOut, SYNC_ADMIN_TOOL, ())
+async def _config(ctx: Context, p: Empty) -> CloudConfigOut:
+    return _show(ctx)
+
+
 async def _cloud_config(ctx: Context, a: CloudConfigArgs) -> CloudConfigOut:
-    if a.action == "show" and a.tx_id is None:
-        return _show(ctx)
-    out = _show(ctx)
-    out.change = await _config_change(ctx, a)
+    change = None if a.action == "show" and a.tx_id is None else await _config_change(ctx, a)
+    out = await invoke(ctx, TOOL_OPERATIONS["sync.config"], Empty())  # admin, by the gate
+    if not isinstance(out, CloudConfigOut):
+        raise InternalError(f"sync.config answered {type(out).__name__}")
+    out.change = change
     return out
 
 
@@ -142,7 +154,7 @@ SYNC_TOOLS: tuple[ToolSpec, ...] = (
         scope="write",
         args=CloudSyncArgs,
         out=CloudSyncOut,
-        run=_cloud_sync,
+        op="sync.overview",
         read_only=False,
     ),
     ToolSpec(

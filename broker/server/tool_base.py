@@ -1,4 +1,10 @@
-"""The shape every MCP tool shares: validated arguments, a spec with scope and annotations."""
+"""The shape every MCP tool shares: validated arguments, a spec with scope and annotations.
+
+Rules:
+- `scope` only decides which tools a session is shown (tools/list). Whether a call may run is
+  decided by the gate alone (`dispatch.invoke`): a tool is one operation (`op`), or its
+  runner reaches invoke before it reads anything (tests/test_gate.py plants a bypass).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,10 @@ from typing import Any
 import mcp.types as types
 from pydantic import BaseModel
 
-from broker.core.sessions import SessionRecord, scope_rank
-from broker.wire.errors import PermissionDenied, SessionRequired
-
 from .context import Context
-from .operations import filtered_admin
 from .tool_args import Args
 
-__all__ = ["Args", "Run", "ToolSpec", "require_scope", "require_session"]
+__all__ = ["Args", "Run", "ToolSpec"]
 
 Run = Callable[[Context, Any], Awaitable[BaseModel]]
 
@@ -32,7 +34,8 @@ class ToolSpec:
     # either the operation the tool runs (its rule, checked by the gate, decides who may; the
     # tool validates its arguments as the operation's params and shapes nothing else) ...
     op: str | None = None
-    # ... or, for a tool not yet declared as one operation, its own runner
+    # ... or a runner that maps arguments to operations it runs through the gate and shapes
+    # their answers (a tool with several operations, or output the operation does not give)
     run: Run | None = None
     read_only: bool = True
     destructive: bool = False
@@ -53,29 +56,4 @@ class ToolSpec:
                 idempotent_hint=self.idempotent,
                 open_world_hint=False,
             ),
-        )
-
-
-def require_session(ctx: Context, what: str) -> SessionRecord:
-    """A tool runs for a session only: no session is never the owner (fail closed)."""
-    if ctx.session is None:
-        raise SessionRequired(
-            f"{what} needs a session", hint='ask the person to run "apm delegate"'
-        )
-    return ctx.session
-
-
-def require_scope(ctx: Context, scope: str, what: str) -> None:
-    """For a tool with its own runner: the session's scope, checked here (fail closed)."""
-    rec = require_session(ctx, what)
-    have = rec.scope
-    refused = filtered_admin(rec, scope)
-    if refused is not None:
-        raise refused
-    if scope_rank(have) < scope_rank(scope):
-        raise PermissionDenied(
-            f"{what} needs the {scope!r} scope; this session has {have!r}",
-            hint=f'ask the person to run "apm delegate --scope {scope}" and restart the client '
-            f"with the new APM_EPHEMERAL_ID",
-            data={"needed": scope, "scope": have},
         )
