@@ -4,16 +4,30 @@ derives from the other, and these tests fail when a field is added to one and no
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
+from broker.core.requests import AccessRequest
 from broker.core.sessions import Bindings, EntryFilter, SessionRecord
 from broker.core.transactions import Transaction
 from broker.core.vault import StoredEntry
+from broker.server.tool_operations import RequestInfo
 from broker.wire.entries import EntryMeta
-from broker.wire.protocol import SessionFields, SessionInfo, TxInfo, TxSummary
+from broker.wire.protocol import (
+    AccessRequestFields,
+    AccessRequestInfo,
+    SessionFields,
+    SessionInfo,
+    TxInfo,
+    TxSummary,
+)
+
+from .conftest import PASSWORD
+from .twin import Twin, twin_of
 
 # the record's own fields: stored, never shown as they are (the token's hash) or shown in a
 # display form the view declares itself (filter, bindings)
@@ -109,3 +123,149 @@ def test_entry_meta_mirrors_stored_entry(name: str) -> None:
     stored = {f.name for f in dataclasses.fields(StoredEntry)}
     assert stored == _fields(EntryMeta)
     assert name in stored
+
+
+# ---------------------------------------------------------------------- access requests
+
+# what the wire view adds for the person (whose it is, how to decide) and the tool view for the
+# agent (what to do next); everything else is protocol.AccessRequestFields
+REQUEST_WIRE_ONLY = {"session", "label", "totp_seed", "reference", "approve_command", "page_url"}
+REQUEST_TOOL_ONLY = {"next_step"}
+# the MCP tools' published field names (tool contract since 0.1.0), in outputSchema order
+REQUEST_TOOL_NAMES = [
+    "request_id",
+    "state",
+    "entry",
+    "entry_id",
+    "space",
+    "field",
+    "duration_minutes",
+    "justification",
+    "access",
+    "created_at",
+    "decided_at",
+    "expires_at",
+    "reason",
+    "next_step",
+]
+
+
+def test_the_wire_and_tool_views_of_an_access_request_share_one_declaration() -> None:
+    assert issubclass(AccessRequestInfo, AccessRequestFields)
+    assert issubclass(RequestInfo, AccessRequestFields)
+    shared = _fields(AccessRequestFields)
+    assert _fields(AccessRequestInfo) - shared == REQUEST_WIRE_ONLY, (
+        "a field added to AccessRequestInfo only: declare it in protocol.AccessRequestFields "
+        "(both views show it) or list it in REQUEST_WIRE_ONLY"
+    )
+    assert _fields(RequestInfo) - shared == REQUEST_TOOL_ONLY, (
+        "a field added to the tool's RequestInfo only: declare it in "
+        "protocol.AccessRequestFields or list it in REQUEST_TOOL_ONLY"
+    )
+
+
+def test_the_request_tools_publish_their_contracts_field_names() -> None:
+    """The shared declaration uses the wire's names; the tools keep `request_id` and
+    `duration_minutes` in both their outputSchema and their structured content."""
+    schema = RequestInfo.model_json_schema()
+    assert list(schema["properties"]) == REQUEST_TOOL_NAMES
+    assert schema["required"] == REQUEST_TOOL_NAMES
+    assert "description" not in schema  # a docstring would become the published description
+    from broker.server import mcp_tools
+
+    for name in ("request_access", "get_request_status"):
+        out = mcp_tools.TOOLS_BY_NAME[name].to_mcp().output_schema
+        assert out == schema, name
+    listed = mcp_tools.TOOLS_BY_NAME["list_my_requests"].to_mcp().output_schema
+    assert listed is not None and listed["$defs"]["RequestInfo"] == schema
+
+
+def _request(now: datetime) -> AccessRequest:
+    """A decided request with every field set to a value no default gives."""
+    return AccessRequest(
+        id="req_0123456789abcdef",
+        accessor="ses_abcd",
+        label="lbl",
+        entry_id="ent_1",
+        entry_name="db",
+        space="ops",
+        field="password",
+        main_field="password",
+        minutes=17,
+        justification="to run the nightly migration",
+        access="reveal",
+        state="approved",
+        created_at=now - timedelta(minutes=5),
+        decided_at=now - timedelta(minutes=1),
+        expires_at=now + timedelta(minutes=16),
+        reason="ok for tonight",
+    )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the broker's io pool runs on asyncio
+
+
+@pytest.fixture
+def twin(tmp_path: Path) -> Iterator[Twin]:
+    with twin_of(tmp_path, PASSWORD) as t:
+        yield t
+
+
+def test_both_request_views_carry_every_shared_value(twin: Twin) -> None:
+    """A set value on every shared field reaches both views unchanged, under each view's
+    names (no field-by-field copy to forget)."""
+    from broker.server.context import Context
+    from broker.server.request_handlers import request_info
+    from broker.server.tool_operations import info
+
+    now = twin.clock()
+    req = _request(now)
+    unset = {
+        n for n in AccessRequest.model_fields if n not in req.model_fields_set | {"main_field"}
+    }
+    assert not unset, f"give these fields a value in this test: {sorted(unset)}"
+    shown = req.shown(now)
+    assert set(shown) == _fields(AccessRequestFields)
+    assert shown["entry"] == "db" and shown["state"] == "approved"
+    ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="", session=None)
+    wire = request_info(req, ctx)
+    tool = info(req, now)
+    for name in _fields(AccessRequestFields):
+        assert getattr(wire, name) == shown[name], name
+        assert getattr(tool, name) == shown[name], name
+    assert (wire.session, wire.label, wire.reference) == (
+        "ses_abcd",
+        "lbl",
+        "apm://ops/db/password",
+    )
+    dumped = tool.model_dump(mode="json")
+    assert list(dumped) == REQUEST_TOOL_NAMES
+    assert (dumped["request_id"], dumped["duration_minutes"]) == (req.id, 17)
+    # the state shown is the request's status now: a grant past its end shows expired
+    later = now + timedelta(minutes=30)
+    assert request_info(req, ctx).state == "approved"
+    assert info(req, later).state == "expired" and req.shown(later)["state"] == "expired"
+
+
+@pytest.mark.anyio
+async def test_a_request_reads_the_same_on_the_wire_and_through_the_tools(twin: Twin) -> None:
+    twin.add("db", "s3cret-value")
+    _, rec = twin.session("read")
+    asked = await twin.ok(
+        rec,
+        "request_access",
+        {"entry": "db", "duration_minutes": 20, "justification": "run the nightly migration"},
+    )
+    resp = await twin.wire("request.list", {}, password=PASSWORD)
+    assert resp.ok and resp.result is not None
+    [listed] = resp.result["requests"]
+    status = await twin.ok(rec, "get_request_status", {"request_id": asked["request_id"]})
+    mine = await twin.ok(rec, "list_my_requests", {})
+    for tool_view in (asked, status, mine["requests"][0]):
+        assert set(tool_view) == set(REQUEST_TOOL_NAMES)
+        for name in _fields(AccessRequestFields):
+            tool_name = {"id": "request_id", "minutes": "duration_minutes"}.get(name, name)
+            assert tool_view[tool_name] == listed[name], name
+    assert set(listed) == _fields(AccessRequestInfo)
