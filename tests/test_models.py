@@ -116,13 +116,53 @@ def test_tx_summary_derives_from_tx_info_and_the_view_covers_it() -> None:
     assert set(tx.summary(now).model_dump()) == _fields(TxSummary)
 
 
-@pytest.mark.parametrize("name", ["fields"])
-def test_entry_meta_mirrors_stored_entry(name: str) -> None:
+# EntryMeta's fields that meta() reshapes rather than passes on: `fields` (secret values and
+# history never leave: `secret`, `value` for plain fields only, the history's length) and
+# `tags` (a copy, so the view never aliases the stored list)
+ENTRY_RESHAPED = {"fields", "tags"}
+
+
+def test_entry_meta_mirrors_stored_entry() -> None:
     """StoredEntry (a slotted dataclass, for the hot path) and its wire view EntryMeta have the
-    same fields; `fields` is the one reshaped (secret values and history never leave)."""
+    same fields: meta() reads each EntryMeta field from the entry under its own name."""
     stored = {f.name for f in dataclasses.fields(StoredEntry)}
-    assert stored == _fields(EntryMeta)
-    assert name in stored
+    assert stored - _fields(EntryMeta) == set(), "a stored field the wire view never shows"
+    assert _fields(EntryMeta) - stored == set(), "a wire field meta() cannot read by name"
+    assert stored >= ENTRY_RESHAPED
+
+
+def test_an_entrys_meta_is_derived_field_by_name_in_the_wire_models_order() -> None:
+    from broker.core.vault import HistoryItem, StoredField
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    entry = StoredEntry(
+        id="e_1",
+        name="github",
+        type="login",
+        space="work",
+        tags=["a", "b"],
+        url="https://github.com",
+        notes="n",
+        fields={
+            "username": StoredField(secret=False, value="me"),
+            "password": StoredField(
+                secret=True, sealed="x", history=[HistoryItem(sealed="y", replaced_at=now)]
+            ),
+        },
+        created_at=now,
+        updated_at=now + timedelta(seconds=1),
+    )
+    meta = entry.meta()
+    for name in _fields(EntryMeta) - ENTRY_RESHAPED:
+        assert getattr(meta, name) == getattr(entry, name), name
+    assert meta.tags == entry.tags and meta.tags is not entry.tags
+    assert {k: f.model_dump() for k, f in meta.fields.items()} == {
+        "username": {"secret": False, "value": "me", "history": 0},
+        "password": {"secret": True, "value": None, "history": 1},
+    }
+    # the JSON keys follow EntryMeta's declaration, as a validated model's would
+    assert list(meta.model_dump()) == list(EntryMeta.model_fields)
+    assert meta.model_dump_json() == EntryMeta.model_validate(meta.model_dump()).model_dump_json()
 
 
 # ---------------------------------------------------------------------- access requests

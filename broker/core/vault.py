@@ -143,47 +143,44 @@ class StoredEntry:
         return _ENTRY_JSON.dump_json(self, **kwargs).decode()
 
     def meta(self) -> EntryMeta:
-        # built from already-validated fields: construct skips a second validation (this runs
-        # for every entry a tool call or a listing returns)
-        return _construct(
-            EntryMeta,
-            {
-                "id": self.id,
-                "name": self.name,
-                "type": self.type,
-                "space": self.space,
-                "tags": list(self.tags),
-                "url": self.url,
-                "notes": self.notes,
-                "fields": {
-                    k: _construct(
-                        FieldMeta,
-                        {
-                            "secret": f.secret,
-                            "value": None if f.secret else f.value,
-                            "history": len(f.history),
-                        },
-                    )
-                    for k, f in self.fields.items()
+        """The wire view, derived: every field of `EntryMeta` is read from this entry under
+        its own name (no field-by-field copy to drift), then `tags` is copied and `fields`
+        reshaped (secret values and history never leave). Built from already-validated fields:
+        `_construct` skips a second validation (this runs for every entry a tool call or a
+        listing returns; tests/test_hot_path.py compares it with model_construct)."""
+        values = {name: getattr(self, name) for name in _META_FIELDS}
+        values["tags"] = list(self.tags)
+        values["fields"] = {
+            k: _construct(
+                FieldMeta,
+                {
+                    "secret": f.secret,
+                    "value": None if f.secret else f.value,
+                    "history": len(f.history),
                 },
-                "created_at": self.created_at,
-                "updated_at": self.updated_at,
-            },
-        )
+            )
+            for k, f in self.fields.items()
+        }
+        return _construct(EntryMeta, values)
 
 
 _M = TypeVar("_M", bound=BaseModel)
+# EntryMeta's fields in declaration order: its JSON follows the order of the dict `_construct`
+# installs, so `meta` builds its dict in this order
+_META_FIELDS: tuple[str, ...] = tuple(EntryMeta.model_fields)
+_new = object.__new__
+_set = object.__setattr__  # BaseModel.__setattr__ validates and records: bypassed on purpose
 
 
 def _construct(cls: type[_M], values: dict[str, Any]) -> _M:
     """`cls.model_construct(**values)` for values that name every field, already validated:
     what model_construct ends with, without its per-field loop (half the cost of an entry's
     metadata on a get_entry call; tests/test_hot_path.py compares the two)."""
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
     return obj
 
 
