@@ -42,6 +42,7 @@ from .operations import OPERATIONS, Rule, find, tool_operation
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
+from .tool_args import FieldName, Space, Tag
 from .tool_base import Args, ToolSpec
 from .write_tools import WRITE_TOOLS
 
@@ -49,9 +50,9 @@ log = logging.getLogger("apm.broker.mcp")
 
 
 class ListEntriesArgs(Args):
-    space: str | None = Field(default=None, description="only this space")
+    space: Space | None = Field(default=None, description="only this space")
     type: EntryType | None = Field(default=None, description="only this entry type")
-    tag: str | None = Field(default=None, description="only entries with this tag")
+    tag: Tag | None = Field(default=None, description="only entries with this tag")
     offset: int = Field(default=0, ge=0, description="skip this many (for paging)")
     limit: int = Field(default=50, ge=1, le=500, description="page size")
 
@@ -65,9 +66,9 @@ class ListEntriesOut(BaseModel):
 
 class SearchEntriesArgs(Args):
     query: str = Field(min_length=1, max_length=256, description="words to look for")
-    space: str | None = None
+    space: Space | None = None
     type: EntryType | None = None
-    tag: str | None = None
+    tag: Tag | None = None
     limit: int = Field(default=20, ge=1, le=100)
 
 
@@ -77,14 +78,16 @@ class SearchEntriesOut(BaseModel):
 
 class EntryArgs(Args):
     entry: str = Field(min_length=1, max_length=200, description="entry id or name")
-    space: str | None = Field(default=None, description="space, if the name is ambiguous")
+    space: Space | None = Field(default=None, description="space, if the name is ambiguous")
 
 
 class GetEntryArgs(EntryArgs):
     include_secret: bool = Field(
         default=False, description="also return the secret value (needs the secrets scope)"
     )
-    field: str | None = Field(default=None, description="which secret field (default: main one)")
+    field: FieldName | None = Field(
+        default=None, description="which secret field (default: main one)"
+    )
 
 
 class SecretField(BaseModel):
@@ -98,7 +101,9 @@ class GetEntryOut(BaseModel):
 
 
 class DecryptEntryArgs(EntryArgs):
-    field: str | None = Field(default=None, description="which field (default: the main secret)")
+    field: FieldName | None = Field(
+        default=None, description="which field (default: the main secret)"
+    )
 
 
 class DecryptEntryOut(BaseModel):

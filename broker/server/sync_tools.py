@@ -38,7 +38,7 @@ class CloudSyncOut(BaseModel):
 
 class CloudConfigArgs(TxArgs):
     action: Literal["show", "set_endpoints"] = "show"
-    endpoints: list[str] | None = Field(default=None, max_length=16)
+    endpoints: list[str] | None = Field(default=None, min_length=1, max_length=16)
     tls: SyncTls | None = None
 
 

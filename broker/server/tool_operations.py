@@ -31,7 +31,7 @@ from .dispatch import invoke
 from .operations import OPERATIONS, Rule, tool_operation
 from .page_offer import offer_page
 from .request_handlers import open_request
-from .tool_args import Args
+from .tool_args import Args, FieldName, Space
 
 # ------------------------------------------------------------------ admin views
 
@@ -52,7 +52,7 @@ class AuditOut(BaseModel):
 
 class HistoryArgs(Args):
     entry: str = Field(min_length=1, max_length=200)
-    space: str | None = None
+    space: Space | None = None
 
 
 class FieldVersion(BaseModel):
@@ -163,8 +163,8 @@ async def _profiles(ctx: Context, a: ProfilesArgs) -> ProfilesOut:
 
 class RequestAccessArgs(Args):
     entry: str = Field(min_length=1, max_length=200, description="entry id or name")
-    space: str | None = None
-    field: str | None = Field(default=None, description="one field only (default: the entry)")
+    space: Space | None = None
+    field: FieldName | None = Field(default=None, description="one field only (default: the entry)")
     duration_minutes: int = Field(ge=1, description="how long the access is needed")
     justification: str = Field(
         min_length=10, max_length=1000, description="why, in words the person will read"
