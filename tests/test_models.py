@@ -4,6 +4,7 @@ derives from the other, and these tests fail when a field is added to one and no
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -309,3 +310,62 @@ async def test_a_request_reads_the_same_on_the_wire_and_through_the_tools(twin: 
             tool_name = {"id": "request_id", "minutes": "duration_minutes"}.get(name, name)
             assert tool_view[tool_name] == listed[name], name
     assert set(listed) == _fields(AccessRequestInfo)
+
+
+# ---------------------------------------------------------------------- tool views of wire results
+
+# a tool output model showing the same fields as a wire model, yet not derived from it, and why
+TOOL_VIEW_DIFFERS = {
+    # the tool hands the model the value itself (str); the wire keeps it a SecretStr, masked
+    # everywhere but the frame it is encoded into
+    "DecryptEntryOut": "EntryGetResult",
+}
+
+
+def _models_in(tp: object, seen: set[type[BaseModel]]) -> set[type[BaseModel]]:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        if tp in seen:
+            return seen
+        seen.add(tp)
+        for f in tp.model_fields.values():
+            _models_in(f.annotation, seen)
+    for arg in typing.get_args(tp):
+        _models_in(arg, seen)
+    return seen
+
+
+def test_a_tool_output_that_shows_a_wire_result_derives_from_it() -> None:
+    """One model per domain object: a tool's output (or a model inside it) with a wire model's
+    fields is that model or a subclass, so the published outputSchema keeps its own title while
+    its fields cannot drift from the wire's."""
+    from broker.server import mcp_tools, sync_tools, tool_operations
+    from broker.wire import entries, protocol
+
+    wire = {
+        c
+        for module in (protocol, entries)
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == module.__name__
+    }
+    shown: set[type[BaseModel]] = set()
+    for spec in mcp_tools.TOOLS:
+        _models_in(spec.out, shown)
+    hand_copies = []
+    for model in shown - wire:
+        for w in wire:
+            same = len(w.model_fields) >= 2 and set(w.model_fields) == set(model.model_fields)
+            if (
+                same
+                and not issubclass(model, w)
+                and TOOL_VIEW_DIFFERS.get(model.__name__) != w.__name__
+            ):
+                hand_copies.append(f"{model.__module__}.{model.__name__} copies {w.__name__}")
+    assert not hand_copies, hand_copies
+    # the derivations this relies on (a rename of either side fails here, not silently above)
+    assert issubclass(mcp_tools.TotpOut, protocol.TotpResult)
+    assert issubclass(mcp_tools.SpaceCount, protocol.SpaceInfo)
+    assert issubclass(sync_tools.CloudSyncOut, protocol.SyncStatusResult)
+    assert issubclass(tool_operations.ProfilesOut, protocol.ProfileInfo)
+    assert set(tool_operations.ProfilesOut.model_fields) - set(
+        protocol.ProfileInfo.model_fields
+    ) == {"available"}

@@ -32,6 +32,8 @@ from broker.wire.protocol import (
     EntryRef,
     EntrySearchParams,
     SearchHit,
+    SpaceInfo,
+    TotpResult,
 )
 
 from . import handlers  # noqa: F401 - declares the operations these tools run
@@ -113,12 +115,8 @@ class DecryptEntryOut(BaseModel):
     value: str
 
 
-class TotpOut(BaseModel):
-    id: str
-    name: str
-    code: str
-    remaining: int
-    period: int
+class TotpOut(TotpResult):  # the wire's result, under the tool's published name
+    pass
 
 
 class AssistArgs(Args):
@@ -144,9 +142,8 @@ class AssistCandidate(BaseModel):
     request: AssistRequest | None  # the exact call to make next (None: nothing to ask for)
 
 
-class SpaceCount(BaseModel):
-    name: str
-    entries: int
+class SpaceCount(SpaceInfo):  # the wire's space.list item
+    pass
 
 
 class AssistOut(BaseModel):

@@ -23,7 +23,7 @@ from broker.core.requests import AccessRequest, GrantKind
 from broker.core.sessions import scope_rank
 from broker.wire.display import escape
 from broker.wire.errors import InternalError, PermissionDenied, RequestClosed
-from broker.wire.protocol import AccessRequestFields, Empty, TxInfo
+from broker.wire.protocol import AccessRequestFields, Empty, ProfileInfo, TxInfo
 
 from .approval_handlers import request_url
 from .context import Context
@@ -75,11 +75,7 @@ class ProfilesArgs(Args):
     profile: str | None = None
 
 
-class ProfilesOut(BaseModel):
-    profile: str
-    memory_kib: int
-    time_cost: int
-    parallelism: int
+class ProfilesOut(ProfileInfo):  # the wire's profile.show result, and the choices
     available: list[str]
 
 
