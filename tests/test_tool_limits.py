@@ -282,3 +282,46 @@ async def test_an_oversized_secret_names_the_tools_secrets_field_not_value(
     assert "S" * 64 not in repr(body)
     # nothing was previewed: no transaction holds the value
     assert not twin.state.txs.listing(rec.accessor, None)
+
+
+# Values every published limit allows, refused by the vault or a planner (at the preview or at
+# the commit): each refusal still names the tool's own argument.
+SEMANTIC_REFUSALS: list[tuple[str, dict[str, Any], str]] = [
+    ("add_entry", {"type": "login", "name": "a", "fields": {"bad key!": "v"}}, "fields"),
+    ("add_entry", {"type": "login", "name": "b", "fields": {"foo": "v"}}, "fields"),
+    ("add_entry", {"type": "login", "name": "c", "fields": {"password": "v"}}, "fields"),
+    ("add_entry", {"type": "login", "name": "d"}, "secrets"),  # the required secret missing
+    ("add_entry", {"type": "nosuchtype", "name": "e"}, "type"),
+    ("add_entry", {"type": "login", "name": "f\x01", "secrets": {"password": "p"}}, "name"),
+    ("add_entry", {"type": "login", "name": "g", "tags": ["t\x01"],
+                   "secrets": {"password": "p"}}, "tags"),
+    ("add_entry", {"type": "totp", "name": "h", "secrets": {"secret": "not base32!"}}, "secrets"),
+    ("edit_entry", {"entry": "db", "remove_fields": ["password"]}, "remove_fields"),
+    ("edit_entry", {"entry": "db", "new_name": "x\x01"}, "new_name"),
+    ("edit_entry", {"entry": "db", "add_tags": ["t\x01"]}, "add_tags"),
+    ("edit_entry", {"entry": "db", "fields": {"nope": "v"}}, "fields"),
+    ("edit_entry", {"entry": "db", "secrets": {"nope": "v"}}, "secrets"),
+    ("generate_password", {"entry": "db", "field": "nope"}, "field"),
+    ("generate_password", {"entry": "new1", "type": "login", "field": "bad key!"}, "field"),
+    ("generate_password", {"entry": "new2", "type": "nosuchtype"}, "type"),
+    ("request_access", {"entry": "db", "field": "nope", "duration_minutes": 5,
+                        "justification": "to run the migration"}, "field"),
+    ("request_access", {"entry": "db", "duration_minutes": 10_000,
+                        "justification": "to run the migration"}, "duration_minutes"),
+]  # fmt: skip
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("tool", "args", "argument"), SEMANTIC_REFUSALS)
+async def test_a_value_the_vault_refuses_is_named_as_the_tools_argument(
+    twin: Twin, tool: str, args: dict[str, Any], argument: str
+) -> None:
+    _, rec = twin.session("admin")
+    body = await twin.body(rec, tool, args)
+    if not body["error"] and body.get("tx_id"):  # refused when the change is made
+        body = await twin.body(rec, tool, {"tx_id": body["tx_id"], "approve": True})
+    assert body["error"] and body["code"] == "INVALID_PARAMETERS", body
+    schema = mcp_tools.TOOLS_BY_NAME[tool].to_mcp().input_schema
+    named = [f.split(".")[0] for f in body["data"]["fields"]]
+    assert named == [argument], body["data"]
+    assert set(named) <= set(schema["properties"])

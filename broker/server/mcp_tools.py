@@ -636,11 +636,14 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid parameters: " + "; ".join(parts)
 
 
-def error_outcome(exc: BaseException, naming: str = "apm") -> Outcome:
+def error_outcome(exc: BaseException, naming: str = "apm", spec: ToolSpec | None = None) -> Outcome:
     body = to_wire_error(exc)
     if isinstance(exc, ValidationError):
         body.message = _validation_message(exc)
         body.hint = "call the tool again with these fields fixed (its inputSchema has the rules)"
+    fields = body.data.get("fields")
+    if spec is not None and spec.renamed and isinstance(fields, list):  # the tool's arguments
+        body.data = {**body.data, "fields": [spec.argument_path(str(f)) for f in fields]}
     body.hint = model_hint(body.code, body.hint)
     if body.hint:
         body.hint = rename_text(body.hint, naming)
@@ -666,6 +669,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
     naming = ctx.naming  # the session's, else the broker's (State.tool_naming)
+    spec: ToolSpec | None = None
     try:
         spec = spec_for(name, naming)
         if spec is None:
@@ -692,7 +696,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
         text = _COMPACT(structured)
         return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
-        return error_outcome(exc, naming)
+        return error_outcome(exc, naming, spec)
     except Exception as exc:
         log.error("tool %s failed", name[:64], exc_info=exc)
         return error_outcome(InternalError(), naming)
