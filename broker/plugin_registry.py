@@ -191,7 +191,7 @@ class _Registry:
             raise InvalidParameters(
                 "unknown entry type",
                 hint=_TYPES_HINT,
-                data={"type": name[:40]},
+                data={"type": name[:40], "fields": ["type"]},
             )
         if plugin.name not in enabled:
             raise not_enabled(plugin, f"the entry type {name}")
@@ -264,7 +264,7 @@ def check_type_filter(name: str, stored: Iterable[str]) -> None:
     raise InvalidParameters(
         "unknown entry type in the type filter",
         hint=_TYPES_HINT,
-        data={"field": "type", "type": name[:40]},
+        data={"field": "type", "type": name[:40], "fields": ["type"]},
     )
 
 

@@ -235,7 +235,9 @@ def test_a_missing_required_field_is_refused_and_named(vault: Vault) -> None:
     with pytest.raises(ApmError) as info:
         vault.add("login", "github", "default", [], None, None, change({"username": "alice"}))
     assert info.value.code == "INVALID_PARAMETERS"
-    assert info.value.data["fields"] == ["password"]
+    # the params path it belongs in (a tool names its argument), and the entry's field
+    assert info.value.data["fields"] == ["secrets.password"]
+    assert info.value.data["missing"] == ["password"]
     assert vault.entries == {}
 
 

@@ -22,9 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from broker.wire.errors import InvalidParameters, RequestClosed, RequestNotFound
+from broker.wire.protocol import AccessRequestFields
+from broker.wire.protocol import GrantKind as GrantKind  # re-exported
 
 RequestState = Literal["pending", "approved", "denied", "expired", "revoked"]
-GrantKind = Literal["use", "reveal"]
+# a shown field (protocol.AccessRequestFields) whose stored name differs
+_STORED_AS = {"entry": "entry_name"}
 PENDING_TTL = timedelta(hours=24)
 
 
@@ -53,6 +56,13 @@ class AccessRequest(BaseModel):
         if self.state == "approved" and self.expires_at is not None and now >= self.expires_at:
             return "expired"
         return self.state
+
+    def shown(self, now: datetime) -> dict[str, Any]:
+        """The values of `protocol.AccessRequestFields`, by name: what the wire view and the
+        MCP tool view of this request both show, read here only (no field-by-field copies)."""
+        values = {n: getattr(self, _STORED_AS.get(n, n)) for n in AccessRequestFields.model_fields}
+        values["state"] = self.status(now)  # the stored state with expiry applied
+        return values
 
     def reference(self) -> str:
         return f"apm://{self.space}/{self.entry_name}/{self.field or self.main_field or '-'}"

@@ -143,47 +143,44 @@ class StoredEntry:
         return _ENTRY_JSON.dump_json(self, **kwargs).decode()
 
     def meta(self) -> EntryMeta:
-        # built from already-validated fields: construct skips a second validation (this runs
-        # for every entry a tool call or a listing returns)
-        return _construct(
-            EntryMeta,
-            {
-                "id": self.id,
-                "name": self.name,
-                "type": self.type,
-                "space": self.space,
-                "tags": list(self.tags),
-                "url": self.url,
-                "notes": self.notes,
-                "fields": {
-                    k: _construct(
-                        FieldMeta,
-                        {
-                            "secret": f.secret,
-                            "value": None if f.secret else f.value,
-                            "history": len(f.history),
-                        },
-                    )
-                    for k, f in self.fields.items()
+        """The wire view, derived: every field of `EntryMeta` is read from this entry under
+        its own name (no field-by-field copy to drift), then `tags` is copied and `fields`
+        reshaped (secret values and history never leave). Built from already-validated fields:
+        `_construct` skips a second validation (this runs for every entry a tool call or a
+        listing returns; tests/test_hot_path.py compares it with model_construct)."""
+        values = {name: getattr(self, name) for name in _META_FIELDS}
+        values["tags"] = list(self.tags)
+        values["fields"] = {
+            k: _construct(
+                FieldMeta,
+                {
+                    "secret": f.secret,
+                    "value": None if f.secret else f.value,
+                    "history": len(f.history),
                 },
-                "created_at": self.created_at,
-                "updated_at": self.updated_at,
-            },
-        )
+            )
+            for k, f in self.fields.items()
+        }
+        return _construct(EntryMeta, values)
 
 
 _M = TypeVar("_M", bound=BaseModel)
+# EntryMeta's fields in declaration order: its JSON follows the order of the dict `_construct`
+# installs, so `meta` builds its dict in this order
+_META_FIELDS: tuple[str, ...] = tuple(EntryMeta.model_fields)
+_new = object.__new__
+_set = object.__setattr__  # BaseModel.__setattr__ validates and records: bypassed on purpose
 
 
 def _construct(cls: type[_M], values: dict[str, Any]) -> _M:
     """`cls.model_construct(**values)` for values that name every field, already validated:
     what model_construct ends with, without its per-field loop (half the cost of an entry's
     metadata on a get_entry call; tests/test_hot_path.py compares the two)."""
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
     return obj
 
 
@@ -1431,7 +1428,7 @@ class Vault:
         self, item: NewEntry, taken: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset()
     ) -> StoredEntry:
         """Validate one new entry against the vault (and `taken`: names a batch adds)."""
-        name = _clean_name(item.name)
+        name = _clean_name(item.name, "name")
         space = item.space
         if space not in self.spaces:
             raise SpaceNotFound(
@@ -1441,19 +1438,25 @@ class Vault:
             raise AlreadyExists("an entry with this name already exists in the space")
         now = self._clock()
         entry_id = str(uuid.uuid4())
-        fields = self._build_fields(entry_id, item.type, {}, item.change)
+        with _params_named(item.change):
+            fields = self._build_fields(entry_id, item.type, {}, item.change)
         spec = entry_type(item.type)
-        missing = [f.name for f in spec.fields if f.required and f.name not in fields]
+        missing = [f for f in spec.fields if f.required and f.name not in fields]
         if missing:
             raise InvalidParameters(
-                "missing required field(s)", data={"fields": missing}, hint="provide them"
+                "missing required field(s)",
+                data={
+                    "fields": [f"{'secrets' if f.secret else 'fields'}.{f.name}" for f in missing],
+                    "missing": [f.name for f in missing],
+                },
+                hint="provide them",
             )
         return StoredEntry(
             id=entry_id,
             name=name,
             type=item.type,
             space=space,
-            tags=_clean_tags(item.tags),
+            tags=_clean_tags(item.tags, "tags"),
             url=item.url,
             notes=item.notes,
             fields=fields,
@@ -1473,7 +1476,7 @@ class Vault:
         notes: str | None,
         change: Change,
     ) -> StoredEntry:
-        name = _clean_name(new_name) if new_name is not None else entry.name
+        name = _clean_name(new_name, "new_name") if new_name is not None else entry.name
         space = move_to if move_to is not None else entry.space
         if space not in self.spaces:
             raise SpaceNotFound(data={"space": space})
@@ -1484,13 +1487,17 @@ class Vault:
             f.secret for n, f in entry.fields.items() if n in change.remove_fields
         ):
             entry = self._hydrate(entry)  # the secrets record is rewritten: read it first
-        fields = self._build_fields(entry.id, entry.type, entry.fields, change)
+        with _params_named(change):
+            fields = self._build_fields(entry.id, entry.type, entry.fields, change)
         spec = entry_type(entry.type)
         missing = [f.name for f in spec.fields if f.required and f.name not in fields]
         if missing:
-            raise InvalidParameters("cannot remove a required field", data={"fields": missing})
+            raise InvalidParameters(
+                "cannot remove a required field",
+                data={"fields": ["remove_fields"], "missing": missing},
+            )
         tags = [t for t in entry.tags if t not in set(remove_tags)]
-        tags = _clean_tags(tags + [t for t in add_tags if t not in tags])
+        tags = _clean_tags(tags + [t for t in add_tags if t not in tags], "add_tags")
         updated = entry.model_copy(
             update={
                 "name": name,
@@ -1786,21 +1793,47 @@ def _int_field(raw: str | None, default: int, name: str) -> int:
         raise InvalidParameters(f"{name} must be a number", data={"field": name}) from exc
 
 
-def _clean_name(name: str) -> str:
+@contextlib.contextmanager
+def _params_named(change: Change) -> Iterator[None]:
+    """A refused entry field (`data["field"]`) also names the params path it came in by, in
+    `data["fields"]` as a validation error does (`secrets.password`, `fields.digits`), so a
+    client or an MCP tool can point at its own argument."""
+    try:
+        yield
+    except InvalidParameters as exc:
+        name = exc.data.get("field")
+        if "fields" not in exc.data and isinstance(name, str):
+            where = (
+                f"secrets.{name}"
+                if name in change.secrets
+                else f"fields.{name}"
+                if name in change.fields
+                else "remove_fields"
+                if name in change.remove_fields
+                else None
+            )
+            if where is not None:
+                exc.data["fields"] = [where[:80]]
+        raise
+
+
+def _clean_name(name: str, param: str) -> str:
+    """`param`: the params field the name came in (`name`, or `new_name` for an edit)."""
     name = name.strip()
     if not name or any(ord(c) < 32 for c in name):
         raise InvalidParameters(
-            "entry name must be non-empty printable text", data={"field": "name"}
+            "entry name must be non-empty printable text",
+            data={"field": "name", "fields": [param]},
         )
     return name
 
 
-def _clean_tags(tags: list[str]) -> list[str]:
+def _clean_tags(tags: list[str], param: str) -> list[str]:
     out: list[str] = []
     for t in tags:
         t = t.strip()
         if not t or len(t) > 64 or any(ord(c) < 32 for c in t):
-            raise InvalidParameters("invalid tag", data={"field": "tags"})
+            raise InvalidParameters("invalid tag", data={"field": "tags", "fields": [param]})
         if t not in out:
             out.append(t)
     return out

@@ -32,6 +32,8 @@ from broker.wire.protocol import (
     EntryRef,
     EntrySearchParams,
     SearchHit,
+    SpaceInfo,
+    TotpResult,
 )
 
 from . import handlers  # noqa: F401 - declares the operations these tools run
@@ -42,6 +44,7 @@ from .operations import OPERATIONS, Rule, find, tool_operation
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
+from .tool_args import FieldName, Space, Tag
 from .tool_base import Args, ToolSpec
 from .write_tools import WRITE_TOOLS
 
@@ -49,9 +52,9 @@ log = logging.getLogger("apm.broker.mcp")
 
 
 class ListEntriesArgs(Args):
-    space: str | None = Field(default=None, description="only this space")
+    space: Space | None = Field(default=None, description="only this space")
     type: EntryType | None = Field(default=None, description="only this entry type")
-    tag: str | None = Field(default=None, description="only entries with this tag")
+    tag: Tag | None = Field(default=None, description="only entries with this tag")
     offset: int = Field(default=0, ge=0, description="skip this many (for paging)")
     limit: int = Field(default=50, ge=1, le=500, description="page size")
 
@@ -65,9 +68,9 @@ class ListEntriesOut(BaseModel):
 
 class SearchEntriesArgs(Args):
     query: str = Field(min_length=1, max_length=256, description="words to look for")
-    space: str | None = None
+    space: Space | None = None
     type: EntryType | None = None
-    tag: str | None = None
+    tag: Tag | None = None
     limit: int = Field(default=20, ge=1, le=100)
 
 
@@ -77,14 +80,16 @@ class SearchEntriesOut(BaseModel):
 
 class EntryArgs(Args):
     entry: str = Field(min_length=1, max_length=200, description="entry id or name")
-    space: str | None = Field(default=None, description="space, if the name is ambiguous")
+    space: Space | None = Field(default=None, description="space, if the name is ambiguous")
 
 
 class GetEntryArgs(EntryArgs):
     include_secret: bool = Field(
         default=False, description="also return the secret value (needs the secrets scope)"
     )
-    field: str | None = Field(default=None, description="which secret field (default: main one)")
+    field: FieldName | None = Field(
+        default=None, description="which secret field (default: main one)"
+    )
 
 
 class SecretField(BaseModel):
@@ -98,7 +103,9 @@ class GetEntryOut(BaseModel):
 
 
 class DecryptEntryArgs(EntryArgs):
-    field: str | None = Field(default=None, description="which field (default: the main secret)")
+    field: FieldName | None = Field(
+        default=None, description="which field (default: the main secret)"
+    )
 
 
 class DecryptEntryOut(BaseModel):
@@ -108,12 +115,8 @@ class DecryptEntryOut(BaseModel):
     value: str
 
 
-class TotpOut(BaseModel):
-    id: str
-    name: str
-    code: str
-    remaining: int
-    period: int
+class TotpOut(TotpResult):  # the wire's result, under the tool's published name
+    pass
 
 
 class AssistArgs(Args):
@@ -139,9 +142,8 @@ class AssistCandidate(BaseModel):
     request: AssistRequest | None  # the exact call to make next (None: nothing to ask for)
 
 
-class SpaceCount(BaseModel):
-    name: str
-    entries: int
+class SpaceCount(SpaceInfo):  # the wire's space.list item
+    pass
 
 
 class AssistOut(BaseModel):
@@ -634,11 +636,14 @@ def _validation_message(exc: ValidationError) -> str:
     return "invalid parameters: " + "; ".join(parts)
 
 
-def error_outcome(exc: BaseException, naming: str = "apm") -> Outcome:
+def error_outcome(exc: BaseException, naming: str = "apm", spec: ToolSpec | None = None) -> Outcome:
     body = to_wire_error(exc)
     if isinstance(exc, ValidationError):
         body.message = _validation_message(exc)
         body.hint = "call the tool again with these fields fixed (its inputSchema has the rules)"
+    fields = body.data.get("fields")
+    if spec is not None and spec.renamed and isinstance(fields, list):  # the tool's arguments
+        body.data = {**body.data, "fields": [spec.argument_path(str(f)) for f in fields]}
     body.hint = model_hint(body.code, body.hint)
     if body.hint:
         body.hint = rename_text(body.hint, naming)
@@ -664,6 +669,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
     naming = ctx.naming  # the session's, else the broker's (State.tool_naming)
+    spec: ToolSpec | None = None
     try:
         spec = spec_for(name, naming)
         if spec is None:
@@ -690,7 +696,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
         text = _COMPACT(structured)
         return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
-        return error_outcome(exc, naming)
+        return error_outcome(exc, naming, spec)
     except Exception as exc:
         log.error("tool %s failed", name[:64], exc_info=exc)
         return error_outcome(InternalError(), naming)

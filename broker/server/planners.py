@@ -19,9 +19,7 @@ from pydantic import BaseModel, Field, SecretStr
 from broker.plugin_registry import entry_type
 from broker.wire.display import escape
 from broker.wire.entries import (
-    NAME_MAX,
     SPACE_PATTERN,
-    VALUE_MAX,
     EntryType,
 )
 from broker.wire.errors import (
@@ -42,7 +40,10 @@ from broker.wire.protocol import (
 )
 
 from .context import Context
-from .tool_args import Args
+
+# the wire's limits, published in the tools' input schemas: a refused value names the tool's
+# own field (`secrets.password`), never a wire model's
+from .tool_args import Args, Fields, Name, Space, Tags, Url, Value
 
 MASK = "********"
 
@@ -50,16 +51,6 @@ MASK = "********"
 class TxArgs(Args):
     tx_id: str | None = Field(default=None, max_length=64, description="commit this preview")
     approve: bool = Field(default=False, description="with tx_id: execute the previewed change")
-
-
-# the wire's limits, published in the tools' input schemas: a refused value names the tool's
-# own field (`secrets.password`), never a wire model's
-Value = Annotated[str, Field(max_length=VALUE_MAX)]
-Space = Annotated[str, Field(pattern=SPACE_PATTERN)]
-Name = Annotated[str, Field(min_length=1, max_length=NAME_MAX)]
-Tags = Annotated[list[Name], Field(max_length=64)]
-Fields = Annotated[dict[str, Value], Field(max_length=64)]
-Url = Annotated[str, Field(max_length=2048)]
 
 
 class AddEntryArgs(TxArgs):

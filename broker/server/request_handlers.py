@@ -37,23 +37,12 @@ def _asks_for_seed(req: AccessRequest, ctx: Context) -> bool:
 
 
 def request_info(req: AccessRequest, ctx: Context) -> AccessRequestInfo:
+    """The wire view: the shared fields (`AccessRequest.shown`), whose it is, how to decide."""
     return AccessRequestInfo(
-        totp_seed=_asks_for_seed(req, ctx),
-        id=req.id,
-        state=req.status(ctx.state.clock()),
+        **req.shown(ctx.state.clock()),
         session=req.accessor,
         label=req.label,
-        entry=req.entry_name,
-        entry_id=req.entry_id,
-        space=req.space,
-        field=req.field,
-        minutes=req.minutes,
-        justification=req.justification,
-        access=req.access,
-        created_at=req.created_at,
-        decided_at=req.decided_at,
-        expires_at=req.expires_at,
-        reason=req.reason,
+        totp_seed=_asks_for_seed(req, ctx),
         reference=req.reference(),
         approve_command=f"apm request approve {req.id}",
         page_url=request_url(ctx.state, req.id),

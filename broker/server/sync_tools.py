@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from broker.wire.errors import InternalError, InvalidParameters
-from broker.wire.protocol import Empty, SyncTls
+from broker.wire.protocol import Empty, SyncStatusResult, SyncTls
 
 from . import sync_service
 from .context import Context
@@ -28,17 +28,13 @@ class CloudSyncArgs(Args):
     action: Literal["status", "sync_now"] = "status"
 
 
-class CloudSyncOut(BaseModel):
-    configured: bool
-    device: str | None = None
-    rollback_suspected: bool = False
-    endpoints: list[dict[str, Any]] = Field(default_factory=list)
-    spaces: list[dict[str, Any]] = Field(default_factory=list)
+class CloudSyncOut(SyncStatusResult):  # the wire's sync.status result
+    pass
 
 
 class CloudConfigArgs(TxArgs):
     action: Literal["show", "set_endpoints"] = "show"
-    endpoints: list[str] | None = Field(default=None, max_length=16)
+    endpoints: list[str] | None = Field(default=None, min_length=1, max_length=16)
     tls: SyncTls | None = None
 
 

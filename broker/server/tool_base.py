@@ -41,6 +41,16 @@ class ToolSpec:
     destructive: bool = False
     idempotent: bool = True
     grantable: bool = False  # a session without `scope` may use it on entries it holds a grant for
+    # where its operations' params name a value otherwise than its arguments: (params path,
+    # argument), so a refusal names the argument (`secrets.password` -> `field`)
+    renamed: tuple[tuple[str, str], ...] = ()
+
+    def argument_path(self, path: str) -> str:
+        """A params path of a refusal (`data.fields`) as this tool's argument."""
+        for prefix, argument in self.renamed:
+            if path == prefix or path.startswith(prefix + "."):
+                return argument
+        return path
 
     def to_mcp(self) -> types.Tool:
         return types.Tool(

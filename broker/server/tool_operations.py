@@ -17,13 +17,13 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from broker.core.requests import AccessRequest, GrantKind
 from broker.core.sessions import scope_rank
 from broker.wire.display import escape
 from broker.wire.errors import InternalError, PermissionDenied, RequestClosed
-from broker.wire.protocol import Empty, TxInfo
+from broker.wire.protocol import AccessRequestFields, Empty, ProfileInfo, TxInfo
 
 from .approval_handlers import request_url
 from .context import Context
@@ -31,7 +31,7 @@ from .dispatch import invoke
 from .operations import OPERATIONS, Rule, tool_operation
 from .page_offer import offer_page
 from .request_handlers import open_request
-from .tool_args import Args
+from .tool_args import Args, FieldName, Space
 
 # ------------------------------------------------------------------ admin views
 
@@ -52,7 +52,7 @@ class AuditOut(BaseModel):
 
 class HistoryArgs(Args):
     entry: str = Field(min_length=1, max_length=200)
-    space: str | None = None
+    space: Space | None = None
 
 
 class FieldVersion(BaseModel):
@@ -75,11 +75,7 @@ class ProfilesArgs(Args):
     profile: str | None = None
 
 
-class ProfilesOut(BaseModel):
-    profile: str
-    memory_kib: int
-    time_cost: int
-    parallelism: int
+class ProfilesOut(ProfileInfo):  # the wire's profile.show result, and the choices
     available: list[str]
 
 
@@ -163,8 +159,8 @@ async def _profiles(ctx: Context, a: ProfilesArgs) -> ProfilesOut:
 
 class RequestAccessArgs(Args):
     entry: str = Field(min_length=1, max_length=200, description="entry id or name")
-    space: str | None = None
-    field: str | None = Field(default=None, description="one field only (default: the entry)")
+    space: Space | None = None
+    field: FieldName | None = Field(default=None, description="one field only (default: the entry)")
     duration_minutes: int = Field(ge=1, description="how long the access is needed")
     justification: str = Field(
         min_length=10, max_length=1000, description="why, in words the person will read"
@@ -183,20 +179,21 @@ class RequestRef(Args):
     request_id: str = Field(max_length=64)
 
 
-class RequestInfo(BaseModel):
-    request_id: str
-    state: str
-    entry: str
-    entry_id: str
-    space: str
-    field: str | None
-    duration_minutes: int
-    justification: str
-    access: GrantKind
-    created_at: datetime
-    decided_at: datetime | None
-    expires_at: datetime | None
-    reason: str | None
+# the tool contract's names for two shared fields (published since 0.1.0)
+_TOOL_NAMES = {"id": "request_id", "minutes": "duration_minutes"}
+
+
+# An access request as the agent's tools show it: the shared fields (protocol.
+# AccessRequestFields, under the tool contract's names) and the next step. (No docstring: it
+# would become the published outputSchema's description.)
+class RequestInfo(AccessRequestFields):
+    model_config = ConfigDict(
+        alias_generator=lambda name: _TOOL_NAMES.get(name, name),
+        serialize_by_alias=True,  # structuredContent and outputSchema use the tool's names
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
     next_step: str
 
 
@@ -230,22 +227,7 @@ def info(req: AccessRequest, now: datetime) -> RequestInfo:
         "expired": "the grant or request expired; ask again with request_access if still needed",
         "revoked": "the person revoked the access",
     }[status]
-    return RequestInfo(
-        request_id=req.id,
-        state=status,
-        entry=req.entry_name,
-        entry_id=req.entry_id,
-        space=req.space,
-        field=req.field,
-        duration_minutes=req.minutes,
-        justification=req.justification,
-        access=req.access,
-        created_at=req.created_at,
-        decided_at=req.decided_at,
-        expires_at=req.expires_at,
-        reason=req.reason,
-        next_step=step,
-    )
+    return RequestInfo(**req.shown(now), next_step=step)
 
 
 def _session(ctx: Context) -> str:

@@ -174,6 +174,7 @@ WRITE_TOOLS: tuple[ToolSpec, ...] = (
         run=two_phase("generate_password", GeneratePasswordArgs, _plan_generate),
         read_only=False,
         idempotent=False,
+        renamed=(("secrets", "field"), ("name", "entry")),  # the generated secret, a new entry
     ),
     ToolSpec(
         name="tx_status",

@@ -640,23 +640,42 @@ class RequestListParams(Strict):
     pending: bool = False
 
 
-class AccessRequestInfo(Wire):
+# a grant's kind: "use" (references resolve for `apm run`) or "reveal" (the value reaches the
+# caller); core.requests re-exports it
+GrantKind = Literal["use", "reveal"]
+
+
+class AccessRequestFields(Wire):
+    """What an access request's two views share, declared once: the wire's `AccessRequestInfo`
+    (`apm request ls`, the approval page) and the MCP tools' `RequestInfo`
+    (tool_operations, which publishes `id` as `request_id` and `minutes` as
+    `duration_minutes`). Both derive from it and `AccessRequest.shown` fills exactly these
+    fields, so a field added here reaches both views and one added to a single view fails
+    tests/test_models.py. No defaults: both views always carry every field, and the tool's
+    outputSchema lists each as required."""
+
     id: str
-    state: str
-    session: str
-    label: str
-    entry: str
+    state: str  # the stored state with expiry applied (AccessRequest.status)
+    entry: str  # the entry's name when asked
     entry_id: str
     space: str
-    field: str | None = None
-    totp_seed: bool = False  # the request names a TOTP seed: approving gives the seed itself
+    field: str | None
     minutes: int
     justification: str
-    access: Literal["use", "reveal"] = "use"  # the grant kind asked for (approved: given)
+    access: GrantKind  # the grant kind asked for (approved: given)
     created_at: datetime
-    decided_at: datetime | None = None
-    expires_at: datetime | None = None
-    reason: str | None = None
+    decided_at: datetime | None
+    expires_at: datetime | None
+    reason: str | None
+
+
+class AccessRequestInfo(AccessRequestFields):
+    """An access request as the person sees it: the shared fields, whose it is, and how to
+    decide on it."""
+
+    session: str
+    label: str
+    totp_seed: bool = False  # the request names a TOTP seed: approving gives the seed itself
     reference: str
     approve_command: str
     page_url: str | None = None  # the approval page for it, while it is pending
