@@ -412,10 +412,14 @@ class Vault:
         clock: Callable[[], datetime] = utcnow,
         *,
         migrate: bool = True,
+        index: bool = True,
     ) -> Vault:
-        """Open either format; a v1 vault is migrated to v2 unless `migrate` is False."""
+        """Open either format; a v1 vault is migrated to v2 unless `migrate` is False.
+        `index`: start building a v2 vault's search index in a thread now. The broker passes
+        False and starts it once the unlock's reply is sent (a CPU-bound thread holds the GIL
+        in 5 ms slices, which the unlock's remaining steps on the event loop would wait out)."""
         if vault_db.is_v2(path):
-            return cls._open_v2(path, password, clock)
+            return cls._open_v2(path, password, clock, index)
         blob = vault_file.read(path)
         kek = crypto.derive_key(password, blob.header.salt, blob.header.kdf)
         try:
@@ -442,7 +446,9 @@ class Vault:
             crypto.zero(kek)
 
     @classmethod
-    def _open_v2(cls, path: Path, password: bytearray, clock: Callable[[], datetime]) -> Vault:
+    def _open_v2(
+        cls, path: Path, password: bytearray, clock: Callable[[], datetime], index: bool
+    ) -> Vault:
         db = VaultDb.open(path)
         try:
             header = Header.decode(db.kdf_json)
@@ -458,7 +464,8 @@ class Vault:
             raise
         vault_file.remove_stale_temps(path)
         vault._expire_v1_backup()
-        vault.build_search_index_in_background()
+        if index:
+            vault.build_search_index_in_background()
         return vault
 
     @staticmethod
@@ -1223,7 +1230,9 @@ class Vault:
 
     def build_search_index_in_background(self) -> None:
         """Build the search index in a thread as the vault unlocks (a search that comes first
-        builds its own; either way the result is the same)."""
+        builds its own; either way the result is the same). Nothing once the vault is closed."""
+        if self._closed:
+            return
         threading.Thread(target=self.build_search_index, name="search-index", daemon=True).start()
 
     def search_snapshot(self) -> SearchSnapshot:
