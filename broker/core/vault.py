@@ -1012,6 +1012,7 @@ class Vault:
         disk = db.entry_nonces()  # (id, version, nonce), by id
         disk_ids = [r[0] for r in disk]
         disk_versions = [r[1] for r in disk]
+        disk_nonces = [r[2] for r in disk]
         got_svs = list(map(secret_versions.get, disk_ids))
         if None in got_svs:
             raise VaultCorrupt("a vault entry record has no matching secret record")
@@ -1045,9 +1046,13 @@ class Vault:
             tag = got_tag
             digest += part
             k = len(ids)
-            lo = bisect.bisect_left(disk, (ids[0],)) if k else 0
-            if disk[lo : lo + k] == list(zip(ids, mvs, nonces, strict=True)) and svs == list(
-                map(secret_versions.get, ids)
+            lo = bisect.bisect_left(disk_ids, ids[0]) if k else 0
+            hi = lo + k
+            if (  # column slices: no tuple per entry
+                disk_ids[lo:hi] == ids
+                and disk_versions[lo:hi] == mvs
+                and disk_nonces[lo:hi] == nonces
+                and disk_svs[lo:hi] == svs
             ):
                 _entries_from_snapshot(entries, ids, metas, shared)
                 whole.append(ids)
