@@ -335,7 +335,9 @@ class Vault:
         self.tx_docs: dict[str, bytes] = {}
         self._entries = Entries({e.id: e for e in payload.entries})
         self._by_name: dict[tuple[str, str], str] = {}
-        self._by_fold: dict[str, list[str]] = {}
+        # casefolded name -> the id of the one entry of that name, or the ids of several (in
+        # different spaces): a list only where needed (100k one-item lists were ~7 MiB)
+        self._by_fold: dict[str, str | list[str]] = {}
         self._search: _SearchIndex | None = None
         self._search_stale: dict[str, int] = {}  # id -> change count, changed since the build
         self._changes = 0
@@ -1229,9 +1231,15 @@ class Vault:
 
     def _reindex(self) -> None:
         self._by_name = {_key(e.space, e.name): e.id for e in self.entries.values()}
-        self._by_fold = {}
+        by_fold: dict[str, str | list[str]] = {}
+        get = by_fold.get
         for (_, folded), eid in self._by_name.items():
-            self._by_fold.setdefault(folded, []).append(eid)
+            ids = get(folded)
+            if ids is None:
+                by_fold[folded] = eid  # one entry of that name: the id itself, no list
+            else:
+                _fold_add(by_fold, folded, eid)
+        self._by_fold = by_fold
         with self._index_lock:
             self._search = None
             self._search_stale = {}
@@ -1250,17 +1258,11 @@ class Vault:
                 key = _key(old.space, old.name)
                 if by_name.get(key) == eid:
                     del by_name[key]
-                ids = by_fold.get(key[1])
-                if ids is not None and eid in ids:
-                    ids.remove(eid)
-                    if not ids:
-                        del by_fold[key[1]]
+                _fold_remove(by_fold, key[1], eid)
             if new is not None:
                 key = _key(new.space, new.name)
                 by_name[key] = eid
-                ids = by_fold.setdefault(key[1], [])
-                if eid not in ids:
-                    ids.append(eid)
+                _fold_add(by_fold, key[1], eid)
             touched.append(eid)
         with self._index_lock:
             self._changes += 1
@@ -1313,7 +1315,9 @@ class Vault:
                 raise EntryNotFound(data={"space": space})
             return self.entries[eid]
         folded = ref.casefold()
-        matches = [self.entries[i] for i in self._by_fold.get(folded, ()) if ok(self.entries[i])]
+        got = self._by_fold.get(folded, ())
+        ids = (got,) if isinstance(got, str) else got
+        matches = [self.entries[i] for i in ids if ok(self.entries[i])]
         if not matches:
             raise EntryNotFound()
         if len(matches) > 1:
@@ -1703,6 +1707,32 @@ class Vault:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _fold_add(by_fold: dict[str, str | list[str]], folded: str, eid: str) -> None:
+    ids = by_fold.get(folded)
+    if ids is None:
+        by_fold[folded] = eid
+    elif isinstance(ids, str):
+        if ids != eid:
+            by_fold[folded] = [ids, eid]
+    elif eid not in ids:
+        ids.append(eid)
+
+
+def _fold_remove(by_fold: dict[str, str | list[str]], folded: str, eid: str) -> None:
+    ids = by_fold.get(folded)
+    if ids is None:
+        return
+    if isinstance(ids, str):
+        if ids == eid:
+            del by_fold[folded]
+    elif eid in ids:
+        ids.remove(eid)
+        if len(ids) == 1:
+            by_fold[folded] = ids[0]
+        elif not ids:
+            del by_fold[folded]
 
 
 def _wrap(dek: bytearray, password: bytearray, header: Header, ad: bytes) -> bytes:
