@@ -1230,14 +1230,13 @@ class Vault:
     # ------------------------------------------------------------------ lookups
 
     def _reindex(self) -> None:
-        self._by_name = {_key(e.space, e.name): e.id for e in self.entries.values()}
-        by_fold: dict[str, str | list[str]] = {}
-        get = by_fold.get
-        for (_, folded), eid in self._by_name.items():
-            ids = get(folded)
-            if ids is None:
-                by_fold[folded] = eid  # one entry of that name: the id itself, no list
-            else:
+        # inline (space, casefolded name), not _key(): one call less per entry at unlock
+        self._by_name = {(e.space, e.name.casefold()): e.id for e in self.entries.values()}
+        # most names are in one space only: one comprehension, and the loop only if not
+        by_fold: dict[str, str | list[str]] = {f: eid for (_, f), eid in self._by_name.items()}
+        if len(by_fold) != len(self._by_name):
+            by_fold = {}
+            for (_, folded), eid in self._by_name.items():
                 _fold_add(by_fold, folded, eid)
         self._by_fold = by_fold
         with self._index_lock:
