@@ -297,6 +297,51 @@ class _Saved:
 SyncHook = Callable[["Vault", list[tuple[str, "StoredEntry | None", "StoredEntry | None"]]], None]
 
 
+class _Heads:
+    """The (id, version) of every secret record and, if the vault has snapshot rows, the
+    (id, version, nonce) of every entry record, by id: what unlock reads of every record before
+    it has the key. Read in a thread started before the Argon2id derivation (SQLite and the
+    derivation both release the GIL, so at 100k entries most of the ~0.1 s of reading runs
+    beside it); `join` before anything else uses the connection."""
+
+    def __init__(self, db: VaultDb) -> None:
+        self._db = db
+        self._nonces = bool(db.snapshot_versions())
+        self._got: tuple[list[tuple[str, int]], list[tuple[str, int, bytes]] | None] | None = None
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, name="vault-heads", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            secrets = self._db.versions("secret")
+            self._got = (secrets, self._db.entry_nonces() if self._nonces else None)
+        except BaseException as exc:
+            self._exc = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _result(
+        self,
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int, bytes]] | None]:
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+        if self._got is None:
+            raise RuntimeError("the record versions were not read")
+        return self._got
+
+    def secrets(self) -> list[tuple[str, int]]:
+        return self._result()[0]
+
+    def entries(self) -> list[tuple[str, int, bytes]]:
+        """Handed over, not kept: the caller frees the list when done with it."""
+        secrets, got = self._result()
+        self._got = (secrets, None)
+        return got if got is not None else self._db.entry_nonces()
+
+
 class Vault:
     """An open vault. Construct with `create` or `open`; `close` zeroes the key."""
 
@@ -452,18 +497,27 @@ class Vault:
         cls, path: Path, password: bytearray, clock: Callable[[], datetime], index: bool
     ) -> Vault:
         db = VaultDb.open(path)
+        heads: _Heads | None = None
+        enabled = gc.isenabled()
+        gc.disable()  # from the first read on, as in _load_rows
         try:
+            heads = _Heads(db)  # read beside the Argon2id derivation (no key needed)
             header = Header.decode(db.kdf_json)
             dek = _unwrap(db.keyblock, password, header, vault_db.key_ad(db.vault_id, db.kdf_json))
             try:
                 vault = cls(path, header, db.keyblock, dek, Payload(), clock, db=db)
-                vault._load_rows()
+                vault._load_rows(heads)
             except BaseException:
                 crypto.zero(dek)
                 raise
         except BaseException:
+            if heads is not None:
+                heads.join()  # before the connection closes under it
             db.close()
             raise
+        finally:
+            if enabled:
+                gc.enable()
         vault_file.remove_stale_temps(path)
         vault._expire_v1_backup()
         if index:
@@ -830,7 +884,7 @@ class Vault:
             else:
                 saved.txs[key] = t
 
-    def _load_rows(self) -> None:
+    def _load_rows(self, heads: _Heads | None = None) -> None:
         """Open every row of a v2 vault into memory and check the set against the state row.
 
         The cyclic garbage collector is paused meanwhile: loading allocates a few objects per
@@ -845,13 +899,15 @@ class Vault:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            self._load_rows_now()
+            heads = heads or _Heads(self._v2)
+            heads.join()  # nothing else reads the connection while its thread does
+            self._load_rows_now(heads)
             gc.freeze()
         finally:
             if enabled:
                 gc.enable()
 
-    def _load_rows_now(self, use_snapshot: bool = True) -> None:
+    def _load_rows_now(self, heads: _Heads, use_snapshot: bool = True) -> None:
         db = self._v2
         state_row = db.row("state", "vault")
         if state_row is None:
@@ -880,7 +936,7 @@ class Vault:
             # here only their ids and versions, for the digest
             secret_ad = vault_db.record_ad_for(vid, "secret")
             from_bytes = int.from_bytes
-            secret_rows = db.versions("secret")
+            secret_rows = heads.secrets()
             secret_versions.update(secret_rows)
             n_secrets = len(secret_rows)
             if snap_at is None:
@@ -892,10 +948,10 @@ class Vault:
             if snap_at is not None:
                 try:
                     snap_digest, todo = self._load_snapshot(
-                        snap_at, generation, secret_versions, entries, versions
+                        heads, snap_at, generation, secret_versions, entries, versions
                     )
                 except _SnapshotUnusable:
-                    return self._load_rows_now(use_snapshot=False)
+                    return self._load_rows_now(heads, use_snapshot=False)
                 digest += snap_digest
                 from_rows = False
                 chunks: Iterable[list[vault_db.Row]] = (
@@ -984,6 +1040,7 @@ class Vault:
 
     def _load_snapshot(
         self,
+        heads: _Heads,
         at: int,
         generation: int,
         secret_versions: dict[str, int],
@@ -1012,7 +1069,7 @@ class Vault:
         def h(ad: bytes) -> int:
             return from_bytes(sha(ad).digest(), "big")
 
-        disk = db.entry_nonces()  # (id, version, nonce), by id
+        disk = heads.entries()  # (id, version, nonce), by id
         disk_ids = [r[0] for r in disk]
         disk_versions = [r[1] for r in disk]
         disk_nonces = [r[2] for r in disk]
