@@ -159,6 +159,42 @@ def test_the_same_name_in_two_spaces_is_ambiguous_without_a_space(vault: Vault) 
     assert vault.resolve(work_db.id) == work_db
 
 
+def test_a_name_resolves_as_entries_of_that_name_come_and_go_in_several_spaces(
+    vault: Vault, path: Path
+) -> None:
+    """The name index keeps one id per name and a list only for a name in several spaces:
+    every transition between the two, by add, rename, move and removal, and after reopening."""
+    vault.space_add("work")
+    vault.space_add("ops")
+    a = login(vault, "db")
+    b = login(vault, "DB", space="work")
+    c = login(vault, "Db", space="ops")
+    assert code_of(lambda: vault.resolve("db")) == "AMBIGUOUS_ENTRY"
+    vault.remove(b)
+    assert code_of(lambda: vault.resolve("dB")) == "AMBIGUOUS_ENTRY"  # still two
+    vault.remove(c)
+    assert vault.resolve("DB") == a  # back to one
+    edit = dict(add_tags=[], remove_tags=[], url=None, notes=None, change=change())
+    a = vault.edit(a, new_name="other", move_to=None, **edit)
+    assert code_of(lambda: vault.resolve("db")) == "ENTRY_NOT_FOUND"
+    assert vault.resolve("OTHER") == a
+    d = login(vault, "other", space="work")
+    assert code_of(lambda: vault.resolve("other")) == "AMBIGUOUS_ENTRY"
+    d = vault.edit(d, new_name=None, move_to="ops", **edit)  # moved: same name, other space
+    assert code_of(lambda: vault.resolve("other")) == "AMBIGUOUS_ENTRY"
+    a = vault.edit(a, new_name="db", move_to=None, **edit)
+    assert vault.resolve("other") == d and vault.resolve("db") == a
+    if vault.format == 2:
+        login(vault, "DB", space="work")
+        vault.close()
+        v = Vault.open(path, normalize_password(PASSWORD))
+        try:
+            assert code_of(lambda: v.resolve("db")) == "AMBIGUOUS_ENTRY"
+            assert v.resolve("other").id == d.id
+        finally:
+            v.close()
+
+
 def test_adding_to_a_missing_space_is_space_not_found(vault: Vault) -> None:
     assert code_of(lambda: login(vault, "github", space="nowhere")) == "SPACE_NOT_FOUND"
     assert vault.entries == {}

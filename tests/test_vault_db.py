@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from broker.core import vault as vault_module
 from broker.core import vault_db
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.vault import Change, StoredEntry, Vault
@@ -629,3 +631,40 @@ def test_a_second_writer_on_the_same_file_is_refused_and_the_vault_stays_whole(
         assert {e.name for e in reopened.entries.values()} == {"first", "from-the-other"}
     finally:
         reopened.close()
+
+
+def test_unlock_reads_the_record_versions_beside_the_key_derivation(
+    vault: Vault, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The (id, version) reads need no key: they run in a thread while the password's key is
+    derived. The derivation here waits for the versions read to start; read after it, as
+    before, the wait would run out and the unlock fail."""
+    add(vault, "one")
+    vault.close()
+    reading = threading.Event()
+    real_versions, real_unwrap = vault_db.VaultDb.versions, vault_module._unwrap
+
+    def versions(self: vault_db.VaultDb, kind: str) -> Any:
+        reading.set()
+        return real_versions(self, kind)
+
+    def unwrap(*args: Any) -> Any:
+        assert reading.wait(30), "the record versions were not read beside the derivation"
+        return real_unwrap(*args)
+
+    monkeypatch.setattr(vault_db.VaultDb, "versions", versions)
+    monkeypatch.setattr(vault_module, "_unwrap", unwrap)
+    v = Vault.open(path, pw())
+    assert [e.name for e in v.entries.values()] == ["one"]
+    v.close()
+
+
+def test_a_wrong_password_leaves_no_reader_thread_behind(vault: Vault, path: Path) -> None:
+    add(vault, "one")
+    vault.close()
+    for _ in range(3):
+        assert code_of(lambda: Vault.open(path, pw("not it"))) == "BAD_PASSWORD"
+    assert not [t for t in threading.enumerate() if t.name == "vault-heads"]
+    v = Vault.open(path, pw())  # and the file still opens
+    assert len(v.entries) == 1
+    v.close()

@@ -9,6 +9,8 @@ late index, older than the commits, is installed.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +18,13 @@ from typing import Any
 
 import pytest
 
+import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
 from broker.core import vault as vault_module
 from broker.core.crypto import KdfParams, normalize_password
 from broker.core.vault import Change, Vault, _score
+from broker.server.peer import Peer
+
+from .twin import broker_state, wire
 
 FAST = KdfParams("test", 8 * 1024, 1, 1)
 PASSWORD = "correct horse battery staple"
@@ -144,3 +150,27 @@ def test_an_index_built_from_the_unlocked_entries_and_installed_after_commits_is
     finally:
         held.release.set()
         vault.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_broker_starts_the_index_build_only_after_the_unlock_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's unlock opens the vault without starting the build (a thread whose CPU would
+    delay the reply's remaining steps) and starts it in the loop step after the reply."""
+    started: list[Vault] = []
+    monkeypatch.setattr(Vault, "build_search_index_in_background", lambda v: started.append(v))
+    peer = Peer(uid=os.getuid(), gid=os.getgid(), pid=os.getpid())
+    with broker_state(tmp_path, PASSWORD, seed=lambda v: _add(v, "alpha-1")) as state:
+        state.cache.lock()
+        got = await wire(state, peer, "vault.unlock", password=PASSWORD)
+        assert got.ok, got.error
+        assert started == []  # neither inside the open nor before the reply was produced
+        await asyncio.sleep(0)
+        assert started == [state.cache.get()]
+        assert [e.name for e, _ in state.cache.get().search("alpha")] == ["alpha-1"]

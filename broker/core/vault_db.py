@@ -270,9 +270,9 @@ class VaultDb:
         finally:
             cur.close()
 
-    def versions(self, kind: str) -> list[tuple[str, str, int]]:
-        """(kind, id, version) of every record of a kind, without their ciphertexts."""
-        return self._query("SELECT kind, id, version FROM records WHERE kind = ?", (kind,))
+    def versions(self, kind: str) -> list[tuple[str, int]]:
+        """(id, version) of every record of a kind, by id, without their ciphertexts."""
+        return self._query("SELECT id, version FROM records WHERE kind = ? ORDER BY id", (kind,))
 
     def row(self, kind: str, rid: str) -> Row | None:
         got = self._query(
@@ -281,10 +281,10 @@ class VaultDb:
         return tuple(got[0]) if got else None
 
     def entry_nonces(self) -> list[tuple[str, int, bytes]]:
-        """(id, version, nonce) of every entry record: what tells a snapshot's copy of a record
-        from another record of the same id and version (the sealed metadata snapshot)."""
+        """(id, version, nonce) of every entry record, by id: what tells a snapshot's copy of a
+        record from another record of the same id and version (the sealed metadata snapshot)."""
         return self._query(
-            "SELECT id, version, substr(ct, 1, 12) FROM records WHERE kind = 'entry'"
+            "SELECT id, version, substr(ct, 1, 12) FROM records WHERE kind = 'entry' ORDER BY id"
         )
 
     def rows_by_id(self, kind: str, ids: list[str]) -> list[Row]:

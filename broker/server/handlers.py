@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from datetime import datetime
@@ -180,7 +181,9 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
         else:
             if not ctx.state.paths.vault.exists():
                 raise VaultNotFound(f"no vault at {ctx.state.paths.vault}")
-            vault = await ctx.state.kdf(Vault.open, ctx.state.paths.vault, password)
+            vault = await ctx.state.kdf(
+                functools.partial(Vault.open, ctx.state.paths.vault, password, index=False)
+            )
             async with ctx.state.write_lock:
                 ctx.state.cache.put(vault)
     except BadPassword:
@@ -208,6 +211,11 @@ async def process_vault_unlock(ctx: Context, p: Empty) -> UnlockResult:
     if idle_at is None or hard_at is None:
         raise VaultLocked()
     log.info("vault unlocked by pid=%s", ctx.peer.pid)
+    if current is None:
+        # the search index is built once this reply is sent: the reply goes out in the same
+        # loop step as this return (dispatch.handle, then transport.send), before call_soon's
+        # callback, so the thread's CPU no longer delays it (~0.4 s of CPU at 100k entries)
+        asyncio.get_running_loop().call_soon(vault.build_search_index_in_background)
     return UnlockResult(
         entries=len(vault.entries), idle_lock_at=idle_at, hard_lock_at=hard_at, warnings=warnings
     )
