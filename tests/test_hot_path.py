@@ -501,3 +501,21 @@ def test_an_error_body_has_no_structured_content_and_its_code_in_meta_in_both_er
         assert "structuredContent" not in doc and doc["isError"] is True
         assert doc["_meta"][mcp_tools.ERROR_META]["code"] == "ENTRY_NOT_FOUND"
         assert doc["content"][0]["text"].startswith("Error ENTRY_NOT_FOUND:")
+
+
+def test_a_record_holding_the_mac_placeholder_is_still_sealed_canonically() -> None:
+    """`_seal` serializes once with a placeholder `mac`; a field that holds the same member
+    (never in practice: the placeholder is random per process) makes it serialize apart."""
+    from broker.core import audit
+
+    for doc in (
+        {"a": {"mac": audit._MAC_MARK}, "z": 1},
+        {"z": {"mac": audit._MAC_MARK}},
+        {"a": audit._MAC_SLOT},
+        {},
+    ):
+        for key in (KEY, None):
+            mac, line = _seal(key, doc)
+            assert line == _canonical({**doc, "mac": mac})
+            if key is not None:
+                assert mac == _mac(KEY, json.loads(line))

@@ -76,8 +76,27 @@ def derive_audit_key(dek: bytearray) -> bytes:
     return hkdf(dek, AUDIT_KEY_INFO)
 
 
-# one encoder for every record: json.dumps builds a new encoder per call (a fifth of a seal)
-_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+# one encoder for every record, built once: json.dumps builds a new encoder per call (a fifth
+# of a seal), and even JSONEncoder.encode makes a new C encoder object each time; this is the
+# C encoder JSONEncoder(sort_keys=True, separators=(",", ":"), default=str) builds per call
+_C_ENCODER = (
+    json.encoder.c_make_encoder(
+        None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True
+    )
+    if json.encoder.c_make_encoder is not None
+    else None
+)
+_PY_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
+
+
+def _ENCODE(doc: Any) -> str:
+    """The canonical JSON of a record (sorted keys, compact, ASCII)."""
+    if _C_ENCODER is None or not isinstance(doc, dict):
+        return _PY_ENCODE(doc)
+    try:
+        return "".join(_C_ENCODER(doc, 0))
+    except RecursionError:  # the C encoder, without circular checks, recurses instead
+        return _PY_ENCODE(doc)
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:
@@ -89,13 +108,41 @@ def _mac(key: bytes, doc: dict[str, Any]) -> str:
     return hmac.digest(key, _canonical(body), "sha256").hex()
 
 
+# a placeholder for the MAC while a record is serialized, unknown outside this process
+_MAC_MARK = os.urandom(16).hex()
+_MAC_SLOT = f'"mac":"{_MAC_MARK}"'
+
+
 def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
     """The record's MAC and its canonical line (with `mac`), serializing the fields once.
 
-    Same bytes as `_canonical(doc | {"mac": mac})`: the keys sorting before "mac" and those
-    after it are serialized separately, the MAC is computed over both joined, and the line is
-    the two with `"mac":…` between them.
+    Same bytes as `_canonical(doc | {"mac": mac})`: the record is serialized once with a
+    random placeholder as its `mac`; the MAC is computed over that line without the `mac`
+    member (`_canonical` of the fields alone), and the placeholder is replaced by it. A JSON
+    string escapes its quotes, so the placeholder member appears unescaped only where it was
+    put; if it shows up more than once (a field holding it), the fields are serialized apart.
     """
+    line = _ENCODE({**doc, "mac": _MAC_MARK})
+    i = line.find(_MAC_SLOT)
+    if i < 0 or line.find(_MAC_SLOT, i + 1) >= 0:
+        return _seal_apart(key, doc)
+    head, tail = line[:i], line[i + len(_MAC_SLOT) :]
+    mac = None
+    if key is not None:  # the line without `"mac":…` and the comma that joined it
+        body = (
+            head + tail[1:]
+            if tail[:1] == ","
+            else head[:-1] + tail
+            if head[-1:] == ","
+            else head + tail
+        )
+        mac = hmac.digest(key, body.encode(), "sha256").hex()
+    mac_json = f'"mac":"{mac}"' if mac is not None else '"mac":null'
+    return mac, (head + mac_json + tail).encode()
+
+
+def _seal_apart(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
+    """`_seal` with the keys sorting before "mac" and those after it serialized separately."""
     lo = _ENCODE({k: v for k, v in doc.items() if k < "mac"})[1:-1]
     hi = _ENCODE({k: v for k, v in doc.items() if k > "mac"})[1:-1]
     mac = None

@@ -55,6 +55,25 @@ _recv = _RawSocket.recv
 _get = _RawSocket.get
 
 
+_PEERS: dict[str, Peer | None] = {}  # Peer-Address -> Peer: one parse per connection
+_PEERS_KEPT = 4096
+
+
+def peer_of(value: object) -> Peer | None:
+    """`parse_peer_address` of a message's property, parsed once per distinct value (a Peer
+    is frozen, so every message of a connection can share it)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return _PEERS[value]
+    except KeyError:
+        pass
+    if len(_PEERS) >= _PEERS_KEPT:
+        _PEERS.clear()
+    peer = _PEERS[value] = parse_peer_address(value)
+    return peer
+
+
 def parse_peer_address(value: str | None) -> Peer | None:
     if not value:
         return None
@@ -188,8 +207,7 @@ class Transport:
                         frames.append(frame.bytes)
                 except zmq.ZMQError:  # nothing more for now (zmq.Again), or closed at shutdown
                     return
-                prop = first.get("Peer-Address")
-                peer = parse_peer_address(prop if isinstance(prop, str) else None)
+                peer = peer_of(first.get("Peer-Address"))
                 try:
                     receiver(first.bytes, frames, peer)
                 except Exception:  # one bad message must not stop the broker listening
