@@ -79,11 +79,12 @@ def derive_audit_key(dek: bytearray) -> bytes:
 # one encoder for every record, built once: json.dumps builds a new encoder per call (a fifth
 # of a seal), and even JSONEncoder.encode makes a new C encoder object each time; this is the
 # C encoder JSONEncoder(sort_keys=True, separators=(",", ":"), default=str) builds per call
+_make_c_encoder: Any = getattr(json.encoder, "c_make_encoder", None)  # (not in the stubs)
 _C_ENCODER = (
-    json.encoder.c_make_encoder(
+    _make_c_encoder(
         None, str, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True
     )
-    if json.encoder.c_make_encoder is not None
+    if _make_c_encoder is not None
     else None
 )
 _PY_ENCODE = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str).encode
