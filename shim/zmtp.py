@@ -26,69 +26,23 @@ import errno
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Callable
+from typing import cast
 
-SIGNATURE = b"\xff" + b"\x00" * 8 + b"\x7f"
-GREETING = SIGNATURE + bytes([3, 0]) + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
-GREETING_SIZE = 64
-MORE, LONG, COMMAND = 0x01, 0x02, 0x04
+from broker.wire.zmtp import (
+    GREETING,
+    Decoder,
+    ProtocolError,
+    command,
+    encode,
+    parse_properties,
+    ready,
+)
+
 MAX_FRAME = 256 << 20  # a frame claiming more than this is a broken peer
 MAX_PENDING_OUT = 64 << 20  # bytes waiting for the kernel before sends are refused
 RECONNECT_IVL, RECONNECT_IVL_MAX = 0.1, 1.0
-
-
-def command(name: bytes, body: bytes = b"") -> bytes:
-    data = bytes([len(name)]) + name + body
-    return _frame_head(COMMAND, len(data)) + data
-
-
-def ready_command(socket_type: bytes = b"DEALER") -> bytes:
-    props = b"".join(
-        bytes([len(k)]) + k + struct.pack("!I", len(v)) + v
-        for k, v in ((b"Socket-Type", socket_type), (b"Identity", b""))
-    )
-    return command(b"READY", props)
-
-
-def _frame_head(flags: int, size: int) -> bytes:
-    if size > 255:
-        return struct.pack("!BQ", flags | LONG, size)
-    return struct.pack("!BB", flags, size)
-
-
-def encode(frames: list[bytes] | tuple[bytes, ...]) -> bytes:
-    """One message of `frames` on the wire (MORE set on every frame but the last)."""
-    parts = []
-    last = len(frames) - 1
-    for i, f in enumerate(frames):
-        parts.append(_frame_head(MORE if i < last else 0, len(f)))
-        parts.append(f)
-    return b"".join(parts)
-
-
-def parse_properties(data: bytes) -> dict[bytes, bytes]:
-    """A READY command's metadata: name-size(1) name value-size(4) value, repeated."""
-    props: dict[bytes, bytes] = {}
-    i = 0
-    while i < len(data):
-        n = data[i]
-        name = data[i + 1 : i + 1 + n]
-        i += 1 + n
-        if i + 4 > len(data):
-            raise ValueError("truncated property")
-        (vlen,) = struct.unpack_from("!I", data, i)
-        i += 4
-        if i + vlen > len(data):
-            raise ValueError("truncated property value")
-        props[name.lower()] = data[i : i + vlen]
-        i += vlen
-    return props
-
-
-class ProtocolError(Exception):
-    pass
 
 
 class Link:
@@ -111,10 +65,8 @@ class Link:
         self.on_down = on_down
         self.sock: socket.socket | None = None
         self.ready = False
-        self.greeted = False
-        self.inbuf = bytearray()
+        self.dec = Decoder(MAX_FRAME)
         self.out = bytearray()
-        self.frames: list[bytes] = []  # the message being received
         self.gen = 0  # counts connections: a callback may end the one being read
         self.next_try = 0.0  # monotonic time of the next connection attempt
         self.ivl = RECONNECT_IVL
@@ -151,11 +103,10 @@ class Link:
             return
         self.sock = sock
         self.gen += 1
-        self.ready = self.greeted = False
-        self.inbuf.clear()
-        self.frames = []
+        self.ready = False
+        self.dec = Decoder(MAX_FRAME)
         # the whole greeting and READY at once: libzmq reads what has arrived
-        self.out[:] = GREETING + ready_command()
+        self.out[:] = GREETING + ready(b"DEALER")
         self._flush()
 
     def _retry_later(self) -> None:
@@ -169,10 +120,8 @@ class Link:
             self.sock.close()
         self.sock = None
         self.gen += 1
-        self.ready = self.greeted = False
-        self.inbuf.clear()
+        self.ready = False
         self.out.clear()
-        self.frames = []
         if not self.closed:
             self._retry_later()
         if was_ready:
@@ -184,10 +133,8 @@ class Link:
             self.sock.close()
         self.sock = None
         self.gen += 1
-        self.ready = self.greeted = False
-        self.inbuf.clear()
+        self.ready = False
         self.out.clear()
-        self.frames = []
         self.ivl = RECONNECT_IVL
         self.connect()
 
@@ -281,7 +228,7 @@ class Link:
             if not chunk:
                 self._drop()
                 return
-            self.inbuf += chunk
+            self.dec.feed(chunk)
             try:
                 self._parse(gen)
             except ProtocolError:
@@ -292,65 +239,21 @@ class Link:
                 return  # (a short read: the socket is empty now)
 
     def _parse(self, gen: int) -> None:
-        buf = self.inbuf
-        pos = 0
-        if not self.greeted:
-            if len(buf) < GREETING_SIZE:
-                if buf[:1] and buf[0] != 0xFF:
-                    raise ProtocolError("not a ZMTP peer")
-                return
-            if buf[0] != 0xFF or not buf[9] & 0x01 or buf[10] < 3:
-                raise ProtocolError("not a ZMTP 3 peer")
-            if bytes(buf[12:32]).rstrip(b"\x00") != b"NULL":
-                raise ProtocolError("the broker asks for a security mechanism we do not speak")
-            self.greeted = True
-            pos = GREETING_SIZE
-        n = len(buf)
-        while True:
-            if n - pos < 2:
-                break
-            flags = buf[pos]
-            if flags & LONG:
-                if n - pos < 9:
-                    break
-                (size,) = struct.unpack_from("!Q", buf, pos + 1)
-                head = 9
-            else:
-                size = buf[pos + 1]
-                head = 2
-            if size > MAX_FRAME:
-                raise ProtocolError("frame too large")
-            end = pos + head + size
-            if end > n:
-                break
-            body = bytes(buf[pos + head : end])
-            pos = end
-            if flags & COMMAND:
-                self._on_command(body)
-                if gen != self.gen:
-                    return
-                continue
-            if not self.ready:
+        dec = self.dec
+        while (event := dec.next()) is not None:
+            kind, value = event
+            if kind == "command":
+                self._on_command(*cast("tuple[bytes, bytes]", value))
+            elif not self.ready:
                 raise ProtocolError("a message before the handshake")
-            self.frames.append(body)
-            if not flags & MORE:
-                frames, self.frames = self.frames, []
-                self.on_message(frames)
-                if gen != self.gen:
-                    return  # the callback ended or replaced the connection (and its buffer)
-        del buf[:pos]
+            else:
+                self.on_message(cast("list[bytes]", value))
+            if gen != self.gen:
+                return  # a callback ended or replaced the connection (and its decoder)
 
-    def _on_command(self, body: bytes) -> None:
-        if not body:
-            raise ProtocolError("empty command")
-        name = body[1 : 1 + body[0]]
-        data = body[1 + body[0] :]
+    def _on_command(self, name: bytes, data: bytes) -> None:
         if name == b"READY" and not self.ready:
-            try:
-                props = parse_properties(data)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from exc
-            if props.get(b"socket-type") != b"ROUTER":
+            if parse_properties(data).get(b"socket-type") != b"ROUTER":
                 raise ProtocolError("the broker's socket is not a ROUTER")
             self.ready = True
             self.ivl = RECONNECT_IVL

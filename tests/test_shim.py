@@ -436,6 +436,7 @@ def test_the_shim_process_loads_neither_mcp_pydantic_cryptography_nor_psutil(
         "broker.exposure",
         "broker.wire",
         "broker.wire.relay",
+        "broker.wire.zmtp",
         "shim.main",
         "shim.zmtp",
     }
