@@ -194,3 +194,21 @@ def test_the_shims_link_and_the_brokers_transport_talk(tmp_path: Path) -> None:
         finally:
             link.close()
     assert seen == [Peer(os.getuid(), os.getgid(), os.getpid())]
+
+
+def test_a_connection_that_never_completes_its_handshake_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(UnixTransport, "HANDSHAKE_SECONDS", 0.2)
+    with echo_server(tmp_path) as transport:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.connect(str(transport.socket_path))
+        silent.settimeout(5)
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := silent.recv(4096):  # the broker's greeting, then its hang-up
+                data += chunk
+        silent.close()
+        assert data.startswith(zmtp.GREETING)
+        assert isinstance(transport, UnixTransport)
+        assert not transport._conns  # nothing left behind

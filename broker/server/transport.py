@@ -324,10 +324,12 @@ class UnixTransport(Transport):
     OUT_CAP bytes waiting); a frame over HARD_FRAME_CAP or a protocol error ends the
     connection. Receiving is level-triggered: each readable connection is one batch
     (`after_batch` work runs when it ends). Running out of file descriptors pauses accepting
-    for a moment instead of aborting the process (libzmq asserts on EMFILE).
+    for a moment instead of aborting the process (libzmq asserts on EMFILE), and a connection
+    without a handshake after HANDSHAKE_SECONDS is dropped (libzmq's ZMQ_HANDSHAKE_IVL).
     """
 
     OUT_CAP = 64 << 20
+    HANDSHAKE_SECONDS = 30.0
 
     def __init__(self, addr: str, lock_path: Path) -> None:  # (no zmq context)
         self.addr = addr
@@ -406,6 +408,14 @@ class UnixTransport(Transport):
             self._flush(conn)
             if conn.identity in self._conns and self._receiver is not None:
                 loop.add_reader(conn.fd, self._readable, conn)
+                loop.call_later(self.HANDSHAKE_SECONDS, self._handshake_due, conn)
+
+    def _handshake_due(self, conn: _Conn) -> None:
+        """A connection that has not completed its handshake by now is dropped (libzmq's
+        ZMQ_HANDSHAKE_IVL, 30 s by default): idle half-open peers do not pile up fds."""
+        if not conn.ready and self._conns.get(conn.identity) is conn:
+            log.info("dropping a connection (pid %s): no handshake", getattr(conn.peer, "pid", "?"))
+            self._drop(conn)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None and self._loop is not None and self._receiver is not None:
