@@ -519,3 +519,27 @@ def test_a_record_holding_the_mac_placeholder_is_still_sealed_canonically() -> N
             assert line == _canonical({**doc, "mac": mac})
             if key is not None:
                 assert mac == _mac(KEY, json.loads(line))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_prebuilt_encoder_writes_what_json_writes(
+    doc: Any, sort_keys: bool, ensure_ascii: bool
+) -> None:
+    """broker.wire.fastjson reuses one C encoder; the text must be JSONEncoder's, NaN and
+    non-ASCII included."""
+    from broker.wire import fastjson
+
+    fast = fastjson.encoder(sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=str)
+    slow = json.JSONEncoder(
+        sort_keys=sort_keys, ensure_ascii=ensure_ascii, separators=(",", ":"), default=str
+    )
+    assert fast(doc) == slow.encode(doc)
