@@ -543,3 +543,26 @@ def test_the_prebuilt_encoder_writes_what_json_writes(
         sort_keys=sort_keys, ensure_ascii=ensure_ascii, separators=(",", ":"), default=str
     )
     assert fast(doc) == slow.encode(doc)
+
+
+def test_a_records_timestamp_from_the_default_clock_is_datetimes_isoformat(
+    tmp_path: Path,
+) -> None:
+    """The default clock's records take their `ts` from one time_ns read, the date and time
+    formatted once per second; it must be the text datetime.now(UTC).isoformat gives."""
+    from datetime import UTC, datetime
+
+    from broker.core.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    try:
+        for _ in range(3):
+            before = datetime.now(UTC)
+            doc = log.append("probe")
+            after = datetime.now(UTC)
+            ts = doc["ts"]
+            assert ts == datetime.fromisoformat(ts).isoformat(timespec="microseconds")
+            assert before <= datetime.fromisoformat(ts) <= after
+    finally:
+        log.close()
