@@ -566,3 +566,17 @@ def test_a_records_timestamp_from_the_default_clock_is_datetimes_isoformat(
             assert before <= datetime.fromisoformat(ts) <= after
     finally:
         log.close()
+
+
+@pytest.mark.parametrize("key", ["password", "token", "value", "secret", "seq", "mac", "ts"])
+def test_an_audit_record_refuses_a_secret_or_chain_field_name(tmp_path: Path, key: str) -> None:
+    from broker.core.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    try:
+        with pytest.raises(ValueError, match=key):
+            log.append("probe", ok="fine", **{key: "x"})
+        assert log.seq == 0  # nothing was written
+    finally:
+        log.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -306,9 +307,8 @@ class McpHost:
     async def _answer_fast(
         self, conn: Connection, rid: str | int, name: str, args: Any, modern: bool
     ) -> None:
-        async def authorize() -> tuple[Context, SessionRecord]:
-            return await self._authorize(conn)
-
+        # (a partial, not a closure coroutine: one coroutine layer fewer per call)
+        authorize = functools.partial(self._authorize, conn)
         caller = Caller(conn.accessor, conn.peer, conn.client_name)
         try:
             outcome = await serve_outcome(self.state, authorize, caller, None, name, args)
