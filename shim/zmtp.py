@@ -71,6 +71,8 @@ class Link:
         self.next_try = 0.0  # monotonic time of the next connection attempt
         self.ivl = RECONNECT_IVL
         self.closed = False
+        self._poller: select.poll | None = None
+        self._watching: tuple[object, ...] = ()
         self.connect()
 
     # ------------------------------------------------------------------ connection
@@ -184,12 +186,17 @@ class Link:
     def wait(self, fd: int | None, timeout: float) -> bool:
         """Poll the connection and `fd` (stdin) up to `timeout` seconds; serve the connection
         (its callbacks run here). Returns whether `fd` is readable."""
-        poller = select.poll()
-        if fd is not None:
-            poller.register(fd, select.POLLIN)
         sock = self.sock
-        if sock is not None:
-            poller.register(sock, select.POLLIN | (select.POLLOUT if self.out else 0))
+        mask = select.POLLIN | (select.POLLOUT if self.out else 0)
+        watching = (fd, sock, mask)
+        poller = self._poller
+        if poller is None or self._watching != watching:  # (rebuilt only when this changes)
+            poller = self._poller = select.poll()
+            self._watching = watching
+            if fd is not None:
+                poller.register(fd, select.POLLIN)
+            if sock is not None:
+                poller.register(sock, mask)
         link_timeout = self.timeout(time.monotonic())
         if link_timeout is not None:
             timeout = min(timeout, link_timeout)
