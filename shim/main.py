@@ -8,9 +8,10 @@ one `apm_status` tool that names the fix, and it re-attaches on its own when thi
 
 Rules:
 - Imports only the standard library and pyzmq (and the stdlib-only `broker`, `broker.paths`
-  and `broker.wire.relay`), and
-  only what a start needs: cold start is part of the contract (<= 0.25x an SDK server's), so
-  `logging` loads only with --debug, and zmq.utils.monitor (which imports asyncio) not at all.
+  and `broker.wire.relay`), and only what a start needs: cold start is part of the contract
+  (<= 0.25x an SDK server's), so `logging` loads only with --debug. On the default `ipc://`
+  address the broker link is ZMTP over a plain Unix socket (shim.zmtp) and zmq is not imported
+  at all; pyzmq serves other addresses (shim.zmq_link).
 - Stdout carries protocol bytes only; diagnostics go to stderr and the optional debug log.
 - The debug log never holds a token or a message payload (payloads may carry secrets).
 - The token leaves the environment block before anything else runs, and the process is
@@ -24,14 +25,10 @@ import json
 import os
 import re
 import signal
-import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import zmq
-from zmq.backend import Socket as _RawSocket
+from typing import Any, Protocol
 
 from broker import __version__, exposure, paths
 from broker.wire.relay import (
@@ -53,15 +50,27 @@ ATTACH_TIMEOUT = 3.0
 
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]+")
 
-# the relay's per-message socket calls use pyzmq's compiled methods with int flags: the
-# `zmq.Socket` wrappers and their enum arithmetic cost several µs per frame
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE = int(zmq.SNDMORE) | _NOBLOCK
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
-_send = _RawSocket.send
-_recv = _RawSocket.recv
-_get = _RawSocket.get
+
+class BrokerLink(Protocol):
+    """The connection to the broker (shim.zmtp.Link for ipc://, shim.zmq_link.ZmqLink else)."""
+
+    def send(self, frames: list[bytes] | tuple[bytes, ...]) -> bool: ...
+    def reset(self) -> None: ...
+    def wait(self, fd: int | None, timeout: float) -> bool: ...
+    def close(self, sent_last: bool = False) -> None: ...
+
+
+def open_link(shim: Shim) -> BrokerLink:
+    """ZMTP over a plain Unix socket for ipc:// (no libzmq thread hop per message, no zmq
+    import); pyzmq for any other address."""
+    from shim import zmtp
+
+    path = zmtp.ipc_path(shim.addr)
+    if path is not None:
+        return zmtp.Link(path, shim.on_broker, shim.on_up, shim.on_down)
+    from shim.zmq_link import ZmqLink
+
+    return ZmqLink(shim.addr, shim.on_broker, shim.on_up, shim.on_down)
 
 
 class _QuietLog:
@@ -112,14 +121,6 @@ def setup_debug_log() -> Path:
     return path
 
 
-def _monitor_event(frames: list[bytes]) -> int | None:
-    """The event number of a ZeroMQ monitor message (frame 1: uint16 event, uint32 value)."""
-    if len(frames) != 2 or len(frames[0]) != 6:
-        return None
-    event: int = struct.unpack("=Hi", frames[0])[0]
-    return event
-
-
 def _new_id() -> str:
     return os.urandom(16).hex()
 
@@ -166,8 +167,6 @@ class Shim:
         self.addr = addr
         self.token = token
         self.agent = agent
-        self.ctx = zmq.Context()
-        self.sock, self.monitor = self._socket()
         self.conn: bytes | None = None
         self.problem: Problem | None = None
         self.attach_id: str | None = None
@@ -186,6 +185,7 @@ class Shim:
         self.stdin_buf = b""
         self.discarding = False
         self.running = True
+        self.link = open_link(self)
         if not token:
             self.problem = Problem(
                 "SESSION_REQUIRED",
@@ -193,24 +193,6 @@ class Shim:
                 'run "apm mcp install --client <client>" or put the output of '
                 '"apm delegate" in the server\'s env',
             )
-
-    def _socket(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
-        """A DEALER for the broker and its monitor, attached before connecting so no event is
-        missed. An attach waits for HANDSHAKE_SUCCEEDED, not CONNECTED: with zmq.IMMEDIATE a
-        send fails until the ZMTP handshake is done, and an attach tried at CONNECTED waited
-        for the 100 ms retry (most of a cold start)."""
-        sock: zmq.Socket[bytes] = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        # never queue onto a connection that is not up: a message sent into a broker's dying
-        # connection would be lost; sending fails instead and we retry
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        monitor: zmq.Socket[bytes] = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-        )
-        sock.connect(self.addr)
-        return sock, monitor
 
     # ------------------------------------------------------------------ output
 
@@ -252,9 +234,8 @@ class Shim:
             "auth": {"token": self.token, **({"agent": self.agent} if self.agent else {})},
             "client": f"apm-mcp/{__version__}",
         }
-        try:
-            self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
-        except zmq.ZMQError:  # no live connection yet (zmq.IMMEDIATE): try again shortly
+        if not self.link.send((json.dumps(req).encode(),)):
+            # no live connection yet: try again shortly
             self.attach_id = None
             now = time.monotonic()
             if self.unreachable_since is None:
@@ -289,10 +270,8 @@ class Shim:
                     "apm broker stop && apm broker start",
                 )
             )
-        # a fresh socket drops the queued attach so it is not delivered twice later
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
-        self.sock, self.monitor = self._socket()
+        # a fresh connection drops the queued attach so it is not delivered twice later
+        self.link.reset()
         self._schedule_retry(cap=5.0)
         self._fail_waiting()
 
@@ -371,11 +350,7 @@ class Shim:
     def _to_broker(self, line: bytes) -> None:
         if self.conn is None:
             return
-        sock = self.sock
-        with contextlib.suppress(zmq.ZMQError):
-            _send(sock, MCP_FRAME, _MORE)
-            _send(sock, self.conn, _MORE)
-            _send(sock, line, _NOBLOCK)
+        self.link.send((MCP_FRAME, self.conn, line))
 
     def on_broker(self, frames: list[bytes]) -> None:
         if len(frames) == 1:
@@ -400,17 +375,16 @@ class Shim:
             log.debug("broker -> response id=%s (%d bytes)", rid, len(payload))
         self.emit(payload)
 
-    def on_monitor(self) -> None:
-        try:
-            event = _monitor_event(self.monitor.recv_multipart())
-        except zmq.ZMQError:
-            return
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.conn is None:
+    def on_up(self) -> None:
+        """A connection to the broker is up (its handshake done)."""
+        if self.conn is None:
             # a (re)started broker: whatever attach was in flight went to the old connection
             self.attach_id = None
             self.attach()
-            return
-        if event == zmq.EVENT_DISCONNECTED and self.conn is not None:
+
+    def on_down(self) -> None:
+        """The broker connection ended."""
+        if self.conn is not None:
             log.warning("lost the broker connection")
             _stderr("lost the apm broker; waiting for it to come back")
             self.conn = None
@@ -559,32 +533,16 @@ class Shim:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
-        poller = zmq.Poller()
-        poller.register(0, zmq.POLLIN)
-        watched: tuple[Any, Any] = (None, None)
         if self.token:
             self.attach()
         while self.running:
-            if watched != (self.sock, self.monitor):  # sockets are replaced after a timeout
-                for s in watched:
-                    if s is not None:
-                        with contextlib.suppress(KeyError):
-                            poller.unregister(s)
-                poller.register(self.sock, zmq.POLLIN)
-                poller.register(self.monitor, zmq.POLLIN)
-                watched = (self.sock, self.monitor)
             now = time.monotonic()
-            timeout = 1000
+            timeout = 1.0
             if self.attach_id is not None:
-                timeout = max(0, int((self.attach_sent + ATTACH_TIMEOUT - now) * 1000))
+                timeout = max(0.0, self.attach_sent + ATTACH_TIMEOUT - now)
             elif self.conn is None and self.token:
-                timeout = max(0, int((self.next_attach - now) * 1000))
-            events = dict(poller.poll(min(timeout, 1000)))
-            if self.monitor in events:
-                self.on_monitor()
-            if self.sock in events:
-                self._receive()
-            if 0 in events:
+                timeout = max(0.0, self.next_attach - now)
+            if self.link.wait(0, min(timeout, 1.0)):
                 self.read_stdin()
             now = time.monotonic()
             if self.attach_id is not None and now - self.attach_sent > ATTACH_TIMEOUT:
@@ -599,30 +557,8 @@ class Shim:
         self.close()
         return 0
 
-    def _receive(self) -> None:
-        """Every message the broker socket holds now (the poller said it has one), each as
-        its list of frames. Whether more are waiting is asked (ZMQ_EVENTS) rather than
-        learned from a zmq.Again, whose construction costs more than the question."""
-        sock = self.sock
-        while True:
-            try:
-                frame = _recv(sock, _NOBLOCK, False)
-                frames = [frame.bytes]
-                while frame.more:  # (a frame's flag: getsockopt(RCVMORE) would cost more)
-                    frame = _recv(sock, _NOBLOCK, False)
-                    frames.append(frame.bytes)
-            except zmq.ZMQError:  # nothing after all, or the socket went away
-                return
-            self.on_broker(frames)
-            if sock is not self.sock:  # replaced after a timeout: the poller watches the new one
-                return
-            try:
-                if not int(_get(sock, _EVENTS)) & _POLLIN:
-                    return
-            except zmq.ZMQError:
-                return
-
     def close(self) -> None:
+        sent = False
         if self.conn is not None:
             req = {
                 "v": PROTOCOL_VERSION,
@@ -631,12 +567,8 @@ class Shim:
                 "params": {"conn": self.conn.decode()},
                 "client": f"apm-mcp/{__version__}",
             }
-            with contextlib.suppress(zmq.ZMQError):
-                self.sock.send(json.dumps(req).encode(), zmq.NOBLOCK)
-                time.sleep(0.01)
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
-        self.ctx.term()
+            sent = self.link.send((json.dumps(req).encode(),))
+        self.link.close(sent_last=sent)
         log.info("exit")
 
 

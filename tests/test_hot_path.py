@@ -501,3 +501,82 @@ def test_an_error_body_has_no_structured_content_and_its_code_in_meta_in_both_er
         assert "structuredContent" not in doc and doc["isError"] is True
         assert doc["_meta"][mcp_tools.ERROR_META]["code"] == "ENTRY_NOT_FOUND"
         assert doc["content"][0]["text"].startswith("Error ENTRY_NOT_FOUND:")
+
+
+def test_a_record_holding_the_mac_placeholder_is_still_sealed_canonically() -> None:
+    """`_seal` serializes once with a placeholder `mac`; a field that holds the same member
+    (never in practice: the placeholder is random per process) makes it serialize apart."""
+    from broker.core import audit
+
+    for doc in (
+        {"a": {"mac": audit._MAC_MARK}, "z": 1},
+        {"z": {"mac": audit._MAC_MARK}},
+        {"a": audit._MAC_SLOT},
+        {},
+    ):
+        for key in (KEY, None):
+            mac, line = _seal(key, doc)
+            assert line == _canonical({**doc, "mac": mac})
+            if key is not None:
+                assert mac == _mac(KEY, json.loads(line))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_prebuilt_encoder_writes_what_json_writes(
+    doc: Any, sort_keys: bool, ensure_ascii: bool
+) -> None:
+    """broker.wire.fastjson reuses one C encoder; the text must be JSONEncoder's, NaN and
+    non-ASCII included."""
+    from broker.wire import fastjson
+
+    fast = fastjson.encoder(sort_keys=sort_keys, ensure_ascii=ensure_ascii, default=str)
+    slow = json.JSONEncoder(
+        sort_keys=sort_keys, ensure_ascii=ensure_ascii, separators=(",", ":"), default=str
+    )
+    assert fast(doc) == slow.encode(doc)
+
+
+def test_a_records_timestamp_from_the_default_clock_is_datetimes_isoformat(
+    tmp_path: Path,
+) -> None:
+    """The default clock's records take their `ts` from one time_ns read, the date and time
+    formatted once per second; it must be the text datetime.now(UTC).isoformat gives."""
+    from datetime import UTC, datetime
+
+    from broker.core.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    try:
+        for _ in range(3):
+            before = datetime.now(UTC)
+            doc = log.append("probe")
+            after = datetime.now(UTC)
+            ts = doc["ts"]
+            assert ts == datetime.fromisoformat(ts).isoformat(timespec="microseconds")
+            assert before <= datetime.fromisoformat(ts) <= after
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("key", ["password", "token", "value", "secret", "seq", "mac", "ts"])
+def test_an_audit_record_refuses_a_secret_or_chain_field_name(tmp_path: Path, key: str) -> None:
+    from broker.core.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.open()
+    try:
+        with pytest.raises(ValueError, match=key):
+            log.append("probe", ok="fine", **{key: "x"})
+        assert log.seq == 0  # nothing was written
+    finally:
+        log.close()

@@ -431,9 +431,19 @@ def test_the_shim_process_loads_neither_mcp_pydantic_cryptography_nor_psutil(
     top = {name.split(".")[0] for name in probe["modules"]}
     assert not top & set(FORBIDDEN), sorted(top & set(FORBIDDEN))
     inside = [m for m in probe["modules"] if m.startswith(("broker.", "shim."))]
-    allowed = {"broker.paths", "broker.exposure", "broker.wire", "broker.wire.relay", "shim.main"}
+    allowed = {
+        "broker.paths",
+        "broker.exposure",
+        "broker.wire",
+        "broker.wire.relay",
+        "broker.wire.zmtp",
+        "shim.main",
+        "shim.zmtp",
+    }
     assert set(inside) <= allowed, inside
-    assert "zmq" in top  # the probe saw the real relay's imports
+    assert "shim.zmtp" in inside  # the probe saw the real relay's imports
+    # on an ipc:// address the relay speaks ZMTP itself: no libzmq (and no import cost)
+    assert "zmq" not in top
 
 
 def test_the_shim_speaks_the_brokers_wire_protocol() -> None:
@@ -527,10 +537,13 @@ def test_without_apm_home_the_debug_log_goes_to_the_xdg_config_directory(tmp_pat
 def test_the_event_the_shim_attaches_on_is_the_one_after_which_a_send_goes_through(
     tmp_path: Path,
 ) -> None:
-    """With zmq.IMMEDIATE a send fails until the ZMTP handshake is done. The shim attaches on
-    HANDSHAKE_SUCCEEDED (CONNECTED comes too early and left every cold start waiting for the
-    100 ms retry): the first event it reads is that one, and a send right after it works."""
+    """A send fails until the ZMTP handshake is done (as a libzmq DEALER with zmq.IMMEDIATE).
+    The shim attaches on the handshake's end (libzmq's HANDSHAKE_SUCCEEDED; CONNECTED came too
+    early and left every cold start waiting for the 100 ms retry): the first event its link
+    reports is that one, and a send right after it reaches a real libzmq ROUTER."""
     import zmq
+
+    from shim.zmtp import Link
 
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
@@ -539,17 +552,104 @@ def test_the_event_the_shim_attaches_on_is_the_one_after_which_a_send_goes_throu
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(addr)
-    s = shim.main.Shim(addr, FAKE_TOKEN, None)
+    events: list[str] = []
+    got: list[list[bytes]] = []
+    link = Link(f"{run}/b.sock", got.append, lambda: events.append("up"), lambda: None)
     try:
-        assert s.monitor.poll(5000), "no monitor event"
-        event = shim.main._monitor_event(s.monitor.recv_multipart())
-        assert event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        s.sock.send(b"first", zmq.NOBLOCK)  # raises zmq.Again if the pipe were not up
+        assert not link.send((b"too early",))  # refused, not queued
+        for _ in range(100):
+            if events:
+                break
+            link.wait(None, 0.05)
+        assert events == ["up"]
+        assert link.send((b"first",))
         assert router.poll(5000)
-        assert router.recv_multipart()[-1] == b"first"
+        identity, body = router.recv_multipart(copy=False)
+        assert body.bytes == b"first"
+        peer = body.get("Peer-Address")  # the kernel's credentials, as for a libzmq peer
+        assert peer.split(":")[-1] == str(os.getpid())
+        router.send_multipart([identity.bytes, b"mcp", b"c1", b"x" * 70_000])
+        for _ in range(100):
+            if got:
+                break
+            link.wait(None, 0.05)
+        assert got == [[b"mcp", b"c1", b"x" * 70_000]]  # multipart, a long frame included
     finally:
-        s.monitor.close(linger=0)
-        s.sock.close(linger=0)
-        s.ctx.term()
+        link.close()
         router.close(linger=0)
         ctx.term()
+
+
+def test_the_link_tells_a_lost_broker_and_reconnects_to_a_new_one(tmp_path: Path) -> None:
+    """The broker going away is reported once (libzmq's DISCONNECTED); a broker bound again
+    at the same path is found by the link's own retries and reported up again."""
+    import zmq
+
+    from shim.zmtp import Link
+
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    path = f"{run}/b.sock"
+    events: list[str] = []
+    ctx = zmq.Context()
+
+    def router() -> zmq.Socket[bytes]:
+        r = ctx.socket(zmq.ROUTER)
+        r.setsockopt(zmq.LINGER, 0)
+        r.bind(f"ipc://{path}")
+        return r
+
+    def pump(until: int) -> None:
+        for _ in range(200):
+            if len(events) >= until:
+                return
+            link.wait(None, 0.05)
+
+    first = router()
+    link = Link(
+        path, lambda frames: None, lambda: events.append("up"), lambda: events.append("down")
+    )
+    try:
+        pump(1)
+        first.close(linger=0)
+        pump(2)
+        assert events == ["up", "down"]
+        assert not link.send((b"lost",))
+        second = router()
+        try:
+            pump(3)
+            assert events == ["up", "down", "up"]
+            assert link.send((b"again",))
+            assert second.poll(5000)
+            assert second.recv_multipart()[-1] == b"again"
+        finally:
+            second.close(linger=0)
+    finally:
+        link.close()
+        ctx.term()
+
+
+def test_a_peer_that_is_not_a_zmtp_router_is_dropped(tmp_path: Path) -> None:
+    """Something else listening at the path (not ZMTP, or not a ROUTER) never counts as up."""
+    import socket
+
+    from shim.zmtp import Link
+
+    path = str(tmp_path / "b.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    events: list[str] = []
+    link = Link(path, lambda frames: None, lambda: events.append("up"), lambda: None)
+    try:
+        conn, _ = srv.accept()
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        for _ in range(10):
+            link.wait(None, 0.02)
+        assert events == []
+        assert not link.ready  # dropped (and retried later, never up)
+        assert not link.send((b"x",))
+        conn.close()
+    finally:
+        link.close()
+        srv.close()

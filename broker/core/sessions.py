@@ -311,13 +311,17 @@ class SessionStore:
         return self.check(rec, peer_pid, declared_agent)
 
     def verdict(
-        self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
+        self,
+        rec: SessionRecord,
+        peer_pid: int | None,
+        declared_agent: str | None = None,
+        now: datetime | None = None,
     ) -> tuple[str | None, tuple[Proc, ...]]:
         """Why this peer may not use the session now (None: it may), and the ancestry seen.
 
         No side effects: `check` applies them; `apm doctor` uses this alone for a dry run.
         """
-        state = rec.state(self.clock())
+        state = rec.state(self.clock() if now is None else now)
         if state != "active":
             return f"session {state}", ()
         b = rec.bindings
@@ -374,7 +378,8 @@ class SessionStore:
         self, rec: SessionRecord, peer_pid: int | None, declared_agent: str | None = None
     ) -> AuthResult:
         """Every rule, every request: state, host, pid, agent, pin; then count the use."""
-        reason, chain = self.verdict(rec, peer_pid, declared_agent)
+        now = self.clock()  # (one clock read: the use is stamped with the time it was checked)
+        reason, chain = self.verdict(rec, peer_pid, declared_agent, now)
         if reason is not None:
             raise self.deny(rec, reason, peer_pid, chain)
         b = rec.bindings
@@ -387,7 +392,7 @@ class SessionStore:
         if declared_agent and rec.declared_agent is None:
             rec.declared_agent = declared_agent[:128]
         rec.use_count += 1
-        rec.last_used_at = self.clock()
+        rec.last_used_at = now
         if rec.max_uses is not None:
             must_persist = True
         self.dirty = True

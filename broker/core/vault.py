@@ -1371,18 +1371,19 @@ class Vault:
     ) -> StoredEntry:
         """By id, or by name (case-insensitive). Entries `visible` rejects behave as absent."""
         ok = visible or (lambda _e: True)
-        entry = self.entries.get(ref)
+        entries = self.entries  # (a property: read once, not per match)
+        entry = entries.get(ref)
         if entry is not None and (space is None or entry.space == space) and ok(entry):
             return entry
         if space is not None:
             eid = self._by_name.get(_key(space, ref))
-            if eid is None or not ok(self.entries[eid]):
+            if eid is None or not ok(entries[eid]):
                 raise EntryNotFound(data={"space": space})
-            return self.entries[eid]
+            return entries[eid]
         folded = ref.casefold()
         got = self._by_fold.get(folded, ())
         ids = (got,) if isinstance(got, str) else got
-        matches = [self.entries[i] for i in ids if ok(self.entries[i])]
+        matches = [e for i in ids if ok(e := entries[i])]
         if not matches:
             raise EntryNotFound()
         if len(matches) > 1:

@@ -24,6 +24,7 @@ import mcp.types as types
 from pydantic import BaseModel, Field, ValidationError
 
 from broker.core.sessions import scope_rank, scopes_up_to
+from broker.wire import fastjson
 from broker.wire.entries import ENTRY_TYPE_NAMES, EntryMeta, EntryType
 from broker.wire.errors import ApmError, InternalError, PermissionDenied
 from broker.wire.protocol import (
@@ -508,7 +509,7 @@ def tools_for(scope: str, has_grant: bool = False, naming: str = "apm") -> list[
 
 # the hot path's encoders, built once: json.dumps with non-default arguments builds a new
 # encoder per call; a str alone is what json.dumps(text) gives (ASCII-escaped)
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_COMPACT = fastjson.encoder(ensure_ascii=False)
 _STRING = json.encoder.encode_basestring_ascii
 
 ERROR_META = "apm/error"  # _meta key of an error result's {code, message, hint, data}
