@@ -20,6 +20,7 @@ import pytest
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
 from broker.core.transactions import Transaction
 from broker.server.state import State
+from broker.wire.errors import StorageError
 
 from .twin import Twin, twin_of
 
@@ -226,3 +227,97 @@ async def test_a_commit_racing_the_owners_approval_and_abort_runs_once_and_stays
     assert tx.state == "committed"
     assert twin.vault.resolve("db").url == "https://x.example"
     assert Transaction.from_doc(twin.vault.tx_docs[tx_id]).state == "committed"
+
+
+# ---------------------------------------------------------------------- a run that stops
+
+
+@pytest.mark.anyio
+async def test_the_stored_record_never_says_committing_and_a_crash_mid_run_keeps_it_once(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a run holds it, the vault's record keeps the state before the claim: a crash
+    before the change lands leaves it approved (not lost); the change lands with `committed`."""
+    twin.add("db", OLD_SECRET)
+    _, rec = twin.session(scope="admin", approve="owner")
+    await twin.state.persist_sessions()
+    tx_id = (await twin.ok(rec, "edit_entry", {"entry": "db", "url": "https://c.example"}))["tx_id"]
+    assert (await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)).ok
+    held = HeldWrite(twin.state, monkeypatch)
+    held.armed = True
+    run = asyncio.ensure_future(twin.body(rec, "edit_entry", {"tx_id": tx_id, "approve": True}))
+    await held.entered.wait()
+    assert tx_of(twin, tx_id).status(twin.clock()) == "committing"
+    status = await twin.ok(rec, "tx_status", {"tx_id": tx_id})
+    assert status["status"] == "committing"
+    on_disk = Transaction.from_doc(twin.vault.tx_docs[tx_id])
+    assert on_disk.state == "approved"  # what a restart right now would find: run it once
+    held.release.set()
+    body = await run
+    assert body["status"] == "committed"
+    on_disk = Transaction.from_doc(twin.vault.tx_docs[tx_id])
+    assert on_disk.state == "committed" and on_disk.receipt == body["receipt"]
+
+
+@pytest.mark.anyio
+async def test_a_run_refused_before_its_change_releases_the_transaction_for_one_later_run(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit record naming the commit cannot be written: nothing ran, the held change is
+    approvable again, and then runs once."""
+    twin.add("db", OLD_SECRET)
+    token, _ = twin.session(scope="admin", approve="owner")
+    await twin.state.persist_sessions()
+    resp = await twin.wire("space.add", {"name": "later"}, token=token)
+    assert resp.error is not None
+    tx_id = resp.error.data["tx_id"]
+    audit = twin.state.audit
+    assert audit is not None
+    real = audit.append
+
+    def failing(event: str, **fields: Any) -> Any:
+        if event == "tx.commit":
+            raise StorageError()
+        return real(event, **fields)
+
+    monkeypatch.setattr(audit, "append", failing)
+    got = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert got.error is not None and got.error.code == "STORAGE_ERROR"
+    assert tx_of(twin, tx_id).state == "approved" and "later" not in twin.vault.spaces
+    monkeypatch.setattr(audit, "append", real)
+    assert (await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)).ok
+    assert "later" in twin.vault.spaces and tx_of(twin, tx_id).state == "committed"
+    again = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert again.error is not None and again.error.code == "TRANSACTION_CLOSED"
+
+
+@pytest.mark.anyio
+async def test_a_run_that_fails_after_its_change_landed_leaves_it_committed(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held change lands (its `committed` record with it), then the request's own audit
+    record fails: the transaction is committed, as the vault says, and never runs again."""
+    token, _ = twin.session(scope="admin", approve="owner")
+    await twin.state.persist_sessions()
+    resp = await twin.wire("space.add", {"name": "landed"}, token=token)
+    assert resp.error is not None
+    tx_id = resp.error.data["tx_id"]
+    audit = twin.state.audit
+    assert audit is not None
+    real = audit.append
+
+    def failing(event: str, **fields: Any) -> Any:
+        if event == "request" and fields.get("method") == "space.add" and "code" in fields:
+            raise StorageError()
+        return real(event, **fields)
+
+    monkeypatch.setattr(audit, "append", failing)
+    got = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert got.error is not None and got.error.code == "STORAGE_ERROR"
+    assert "landed" in twin.vault.spaces
+    tx = tx_of(twin, tx_id)
+    assert tx.state == "committed"
+    assert Transaction.from_doc(twin.vault.tx_docs[tx_id]).receipt == tx.receipt
+    monkeypatch.setattr(audit, "append", real)
+    again = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+    assert again.error is not None and again.error.code == "TRANSACTION_CLOSED"
