@@ -321,3 +321,33 @@ async def test_a_run_that_fails_after_its_change_landed_leaves_it_committed(
     monkeypatch.setattr(audit, "append", real)
     again = await twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
     assert again.error is not None and again.error.code == "TRANSACTION_CLOSED"
+
+
+@pytest.mark.anyio
+async def test_a_commit_call_cancelled_mid_write_still_ends_its_run_and_runs_once(
+    twin: Twin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent cancels its commit call while the change is being written: the run goes on to
+    its end (never released while its write may land), and a new commit call is refused."""
+    twin.add("db", OLD_SECRET)
+    _, rec = twin.session(scope="admin")
+    tx_id = (await twin.ok(rec, "generate_password", {"entry": "db", "length": 24}))["tx_id"]
+    commit = {"tx_id": tx_id, "approve": True}
+    held = HeldWrite(twin.state, monkeypatch)
+    held.armed = True
+    first = asyncio.ensure_future(twin.body(rec, "generate_password", commit))
+    await held.entered.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await twin.code(rec, "generate_password", commit) == "TRANSACTION_CLOSED"
+    held.release.set()
+    deadline = time.monotonic() + 30  # a hang guard, not a timed assertion
+    while tx_of(twin, tx_id).state == "committing":
+        assert time.monotonic() < deadline, "the run never ended"
+        await asyncio.sleep(0)
+    tx = tx_of(twin, tx_id)
+    assert tx.state == "committed"
+    assert await twin.code(rec, "generate_password", commit) == "TRANSACTION_CLOSED"
+    assert [r["receipt"] for r in audit_events(twin, "tx.commit", tx_id)] == [tx.receipt]
+    assert twin.secret_of("db") == tx.extra["generated"]

@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -285,6 +286,25 @@ async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None
     if not state.txs.claim(tx):  # awaits the owner: offered, never claimed while it waits
         await settle(ctx, tx)
         return None
+    # claimed: the run goes to its end even if this call is cancelled (a client gone or a
+    # cancel notification), so the transaction is never released while its write may land
+    run = asyncio.ensure_future(_run_claimed(ctx, tx, op))
+    run.add_done_callback(_retrieved)
+    return await asyncio.shield(run)
+
+
+def _retrieved(run: asyncio.Future[Any]) -> None:
+    """A run whose caller was cancelled: its outcome is in the transaction; only log it."""
+    exc = None if run.cancelled() else run.exception()
+    if exc is not None:
+        log.debug("a transaction run ended with %s", _code_of(exc))
+
+
+async def _run_claimed(ctx: Context, tx: Transaction, op: Operation) -> tuple[BaseModel, str]:
+    """`execute` for a transaction this run claimed: it ends committed, closed or released."""
+    from .approval import settle
+
+    state = ctx.state
     receipt = state.txs.new_receipt()
     landed: datetime | None = None
     try:
