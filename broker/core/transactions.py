@@ -17,6 +17,15 @@ Rules:
   past it is expired. Closed or expired records are deleted a day after their expiry.
 - A decision the audit log holds but the vault file does not (the file was rolled back) closes
   the restored transaction: an approved or denied one never becomes pending again.
+- A transaction executes at most once: the run that may execute it first claims it
+  (`TxStore.claim`: `pending`/`awaiting_owner`/`approved` -> `committing`, synchronously, on the
+  event loop before the run's first await), so two concurrent commit calls, two approvals, or a
+  commit racing an approval, a denial or an abort, let exactly one through; every other call is
+  refused with TRANSACTION_CLOSED and changes nothing. The run ends it `committed`, `aborted`
+  (conflict) or `denied`, or, when it stopped before the change, `release`s it to where it was.
+  `committing` lives in memory only: the stored record keeps the state before the claim, so a
+  crash mid-run leaves the transaction as it was, or `committed` if its change landed (the mark
+  lands with it): never run twice, never lost.
 """
 
 from __future__ import annotations
@@ -42,11 +51,14 @@ from broker.wire.errors import (
 )
 from broker.wire.protocol import TxInfo, TxSummary
 
-TxState = Literal["pending", "awaiting_owner", "approved", "committed", "aborted", "denied"]
+TxState = Literal[
+    "pending", "awaiting_owner", "approved", "committing", "committed", "aborted", "denied"
+]
 DEFAULT_TTL = timedelta(minutes=15)
 SURVIVING_POLICIES = frozenset({"owner", "client"})  # a person decides: kept across restarts
 RETAIN = timedelta(days=1)  # a closed or expired record is deleted this long after its expiry
 OPEN_STATES = frozenset({"pending", "awaiting_owner", "approved"})
+STORED_STATES = OPEN_STATES | {"committed", "aborted", "denied"}  # never `committing`
 log = logging.getLogger("apm.broker.tx")
 
 
@@ -78,6 +90,14 @@ class Transaction:
     committed_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"generated": the new value}
     origin: Literal["tool", "wire"] = "tool"  # "wire": held by the gate; approving executes it
+    resume: TxState | None = None  # while `committing`: the state a run that stops returns it to
+
+    @property
+    def standing(self) -> TxState:
+        """Its state apart from a claim: what it was before the run that holds it."""
+        if self.state == "committing" and self.resume is not None:
+            return self.resume
+        return self.state
 
     def info(self, now: datetime) -> TxInfo:
         """The session's view of it."""
@@ -132,7 +152,7 @@ class Transaction:
             "policy": self.policy,
             "entry_id": self.entry_id,
             "base_updated_at": _iso(self.base_updated_at),
-            "state": self.state,
+            "state": self.standing,  # a claim is never stored: a crash leaves it as it was
             "receipt": self.receipt,
             "decided_reason": self.decided_reason,
             "committed_at": _iso(self.committed_at),
@@ -169,14 +189,7 @@ class Transaction:
             extra=dict(doc["extra"]),
             origin=doc["origin"],
         )
-        if tx.state not in (
-            "pending",
-            "awaiting_owner",
-            "approved",
-            "committed",
-            "aborted",
-            "denied",
-        ):
+        if tx.state not in STORED_STATES:
             raise ValueError("unknown transaction state")
         if args_hash(params) != tx.hash:  # the arguments are exactly the previewed ones
             raise ValueError("transaction arguments do not match their hash")
@@ -185,7 +198,7 @@ class Transaction:
     def landed(self, receipt: str, at: datetime) -> bytes:
         """The record as it will read once committed with `receipt` (written with the change)."""
         return dataclasses.replace(
-            self, state="committed", receipt=receipt, committed_at=at
+            self, state="committed", receipt=receipt, committed_at=at, resume=None
         ).to_doc()
 
 
@@ -222,9 +235,19 @@ def _params_class(name: str) -> type[BaseModel]:
 
 
 def state_allows(tx: Transaction, now: datetime) -> bool:
-    """May the change run now? Approved and live, or the agent's own (policy `agent`)."""
-    status = tx.status(now)
-    return status == "approved" or (tx.policy == "agent" and status == "pending")
+    """May the change run now? Claimed by the run (`TxStore.claim`) from approved, or from
+    pending for the agent's own (policy `agent`)."""
+    if tx.state != "committing" or now >= tx.expires_at:
+        return False
+    return tx.standing == "approved" or (tx.policy == "agent" and tx.standing == "pending")
+
+
+def _in_progress(tx: Transaction) -> TransactionClosed:
+    return TransactionClosed(
+        "another call is committing this transaction right now",
+        hint="call tx_status for its outcome; it runs at most once",
+        data={"tx_id": tx.tx_id, "state": "committing"},
+    )
 
 
 class TxStore:
@@ -277,13 +300,51 @@ class TxStore:
             )
         if status in ("committed", "aborted"):
             raise TransactionClosed(f"transaction already {status}", data={"tx_id": tx_id})
+        if status == "committing":
+            raise _in_progress(tx)
         return tx
+
+    def claim(self, tx: Transaction) -> bool:
+        """Take `tx` for the run about to execute it: exactly one caller gets it. Synchronous:
+        call it on the event loop before the run's first await.
+
+        True: it is now `committing` and this run's (the run ends it with `committed`,
+        `conflicted`, a denial, or `release`). False: nothing was claimed, because an
+        owner-policy transaction not yet approved only waits (while it waits the owner may
+        still decide it). Raises TRANSACTION_CLOSED while another run holds it, and as
+        `for_commit` for one that is closed, expired or denied."""
+        status = tx.status(self.clock())
+        if status == "committing":
+            raise _in_progress(tx)
+        if status == "expired":
+            raise TransactionExpired(data={"tx_id": tx.tx_id})
+        if status == "denied":
+            raise ApprovalDenied(
+                "the owner denied this transaction",
+                data={"tx_id": tx.tx_id, "reason": tx.decided_reason},
+            )
+        if status not in OPEN_STATES:
+            raise TransactionClosed(f"transaction already {status}", data={"tx_id": tx.tx_id})
+        if tx.policy == "owner" and tx.state != "approved":
+            return False
+        tx.resume = tx.state
+        tx.state = "committing"
+        return True
+
+    def release(self, tx: Transaction) -> None:
+        """The run that claimed `tx` stopped before its change: it is as before the claim
+        (a run that closed it, committed, aborted or denied, leaves it so)."""
+        if tx.state == "committing":
+            tx.state = tx.resume or "pending"
+        tx.resume = None
 
     def owner_decide(self, tx_id: str, approve: bool, reason: str | None) -> Transaction:
         tx = self.get(tx_id, None)
         status = tx.status(self.clock())
         if status == "expired":
             raise TransactionExpired(data={"tx_id": tx_id})
+        if status == "committing":
+            raise _in_progress(tx)
         if status not in ("pending", "awaiting_owner", "approved"):
             raise TransactionClosed(f"transaction already {status}", data={"tx_id": tx_id})
         tx.state = "approved" if approve else "denied"
@@ -296,19 +357,27 @@ class TxStore:
             tx.state = "awaiting_owner"
 
     def person_decided(self, tx: Transaction, approve: bool, reason: str | None = None) -> None:
-        """The person answered through the client (policy `client`)."""
-        if tx.state not in ("pending", "awaiting_owner"):
+        """The person answered through the client (policy `client`), asked by the run that
+        holds the claim: a yes keeps it claimed (approved if the run stops), a no denies it."""
+        if tx.standing not in ("pending", "awaiting_owner"):
             raise TransactionClosed(f"transaction already {tx.state}", data={"tx_id": tx.tx_id})
-        tx.state = "approved" if approve else "denied"
+        if approve and tx.state == "committing":
+            tx.resume = "approved"
+        else:
+            tx.state = "approved" if approve else "denied"
+            tx.resume = None
         tx.decided_reason = reason
 
     def conflicted(self, tx: Transaction, reason: str) -> None:
         """The entry or space changed since the preview: this transaction can never run."""
         tx.state = "aborted"
+        tx.resume = None
         tx.decided_reason = reason
 
     def abort(self, tx_id: str, accessor: str) -> Transaction:
         tx = self.get(tx_id, accessor)
+        if tx.state == "committing":
+            raise _in_progress(tx)
         if tx.state in ("committed", "aborted", "denied"):
             raise TransactionClosed(f"transaction already {tx.state}", data={"tx_id": tx_id})
         tx.state = "aborted"
@@ -321,6 +390,7 @@ class TxStore:
 
     def committed(self, tx: Transaction, receipt: str, at: datetime | None = None) -> None:
         tx.state = "committed"
+        tx.resume = None
         tx.receipt = receipt
         tx.committed_at = at or self.clock()
 

@@ -209,7 +209,7 @@ async def settle(ctx: Context, tx: Transaction) -> bool:
     `agent`: the session's own commit is its approval. `client`: the person is asked through
     MCP elicitation now (fail closed: a client that cannot ask cannot commit). `owner`: only
     `apm tx approve` or the approval page decide."""
-    if tx.state == "approved" or tx.policy == "agent":
+    if tx.standing == "approved" or tx.policy == "agent":
         return True
     if tx.policy == "client":
         await _ask_person(ctx, tx)

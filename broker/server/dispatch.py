@@ -11,9 +11,11 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
@@ -267,34 +269,69 @@ async def _approval_gate(
 
 
 async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None:
-    """Run a pending transaction through the gate: the approval its policy names first
-    (approval.settle; None while it awaits the owner), then a conflict check against the entry
-    it was previewed from, the audit record naming it and its receipt (before the change: if
-    it cannot be written nothing runs), and the operation it names with exactly the stored
-    params. Returns (result, receipt). A conflict closes it (TRANSACTION_CONFLICT)."""
+    """Run a pending transaction through the gate, at most once: the run first claims it
+    (`TxStore.claim`, before its first await: a concurrent commit or approval of the same
+    transaction gets TRANSACTION_CLOSED), then the approval its policy names (approval.settle;
+    None while it awaits the owner, unclaimed), a conflict check against the entry it was
+    previewed from, the audit record naming it and its receipt (before the change: if it
+    cannot be written nothing runs), and the operation it names with exactly the stored params.
+    Returns (result, receipt). A conflict closes it (TRANSACTION_CONFLICT); a run that stops
+    before its change releases it as it was; one whose change landed leaves it committed."""
     from .approval import settle
 
     state = ctx.state
     op = find(tx.method)
     if op is None:  # a transaction is only ever created by a planner naming an operation
         raise InternalError(f"no operation {tx.method[:64]!r}")
-    if not await settle(ctx, tx):
+    if not state.txs.claim(tx):  # awaits the owner: offered, never claimed while it waits
+        await settle(ctx, tx)
         return None
-    if tx.entry_id is not None:
-        current = state.cache.get().entries.get(tx.entry_id)
-        if current is None or current.updated_at != tx.base_updated_at:
-            await _conflicted(ctx, tx)
-            raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
+    # claimed: the run goes to its end even if this call is cancelled (a client gone or a
+    # cancel notification), so the transaction is never released while its write may land
+    run = asyncio.ensure_future(_run_claimed(ctx, tx, op))
+    run.add_done_callback(_retrieved)
+    return await asyncio.shield(run)
+
+
+def _retrieved(run: asyncio.Future[Any]) -> None:
+    """A run whose caller was cancelled: its outcome is in the transaction; only log it."""
+    exc = None if run.cancelled() else run.exception()
+    if exc is not None:
+        log.debug("a transaction run ended with %s", _code_of(exc))
+
+
+async def _run_claimed(ctx: Context, tx: Transaction, op: Operation) -> tuple[BaseModel, str]:
+    """`execute` for a transaction this run claimed: it ends committed, closed or released."""
+    from .approval import settle
+
+    state = ctx.state
     receipt = state.txs.new_receipt()
-    state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+    landed: datetime | None = None
     try:
-        # the handler re-checks `expect_updated_at` under the write lock: nothing slips between
-        with state.landing(tx, receipt) as at:  # its record lands with the change
-            result = await invoke(ctx, op, tx.params, tx=tx)
-    except TransactionConflict:
-        await _conflicted(ctx, tx)
+        if not await settle(ctx, tx):  # never for a claimed transaction
+            raise InternalError("a claimed transaction was not settled")
+        if tx.entry_id is not None:
+            current = state.cache.get().entries.get(tx.entry_id)
+            if current is None or current.updated_at != tx.base_updated_at:
+                await _conflicted(ctx, tx)
+                raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
+        state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+        try:
+            # the handler re-checks `expect_updated_at` under the write lock: nothing slips
+            # between; its `committed` record lands with the change
+            with state.landing(tx, receipt) as at:
+                landed = at
+                result = await invoke(ctx, op, tx.params, tx=tx)
+        except TransactionConflict:
+            await _conflicted(ctx, tx)
+            raise
+    except BaseException:
+        if tx.state == "committing" and landed is not None and state.has_landed(tx, receipt):
+            state.txs.committed(tx, receipt, landed)  # it failed after its change landed
+        else:
+            state.txs.release(tx)
         raise
-    state.txs.committed(tx, receipt, at)
+    state.txs.committed(tx, receipt, landed)
     await state.save_tx(tx)  # unless it landed with the change
     return result, receipt
 

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -180,6 +181,20 @@ class State:
             yield at
         finally:
             _LANDING.reset(token)
+
+    def has_landed(self, tx: Transaction, receipt: str) -> bool:
+        """Did the change of a surviving transaction run with `receipt` land (its `committed`
+        record is in the vault, written with the change)? Always False for one kept in memory
+        only (nothing to tell by)."""
+        vault = self.cache.peek()
+        doc = vault.tx_docs.get(tx.tx_id) if vault is not None and tx.must_survive else None
+        if doc is None:
+            return False
+        try:
+            stored = json.loads(doc)
+        except ValueError:
+            return False
+        return bool(stored.get("state") == "committed" and stored.get("receipt") == receipt)
 
     async def save_tx(self, tx: Transaction) -> None:
         """Write a surviving transaction's record durably (and drop stale ones in the same

@@ -181,7 +181,8 @@ WRITE_TOOLS: tuple[ToolSpec, ...] = (
         title="Status of a transaction",
         description=(
             "Status of one of this session's transactions: pending, awaiting_owner, approved, "
-            "committed (with its receipt), aborted, denied or expired."
+            "committing (a commit call is running it), committed (with its receipt), aborted, "
+            "denied or expired."
         ),
         scope="write",
         args=TxStatusArgs,
