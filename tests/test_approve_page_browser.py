@@ -501,7 +501,7 @@ def test_removing_the_passkey_needs_the_owner_and_brings_back_the_password(
     with pytest.raises(ApmError) as refused:
         world.wire("passkey.remove", {"id": listed[0]["id"]}, token=session)
     assert refused.value.code == "PERMISSION_DENIED"
-    world.apm.ok("passkey", "rm", listed[0]["id"])
+    world.apm.ok("passkey", "rm", "--", listed[0]["id"])  # ids may start with "-"
     assert world.wire("passkey.list", {}, token=None)["passkeys"] == []
     _, url = world.held_add(world.session(), "after-removal", VALUE)
     open_page(browser, url)

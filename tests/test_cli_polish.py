@@ -5,6 +5,8 @@ master-password check, and `apm history` / `apm restore`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -197,3 +199,12 @@ def test_an_error_message_carrying_terminal_escapes_reaches_stderr_escaped(
     assert code == EntryNotFound.exit_code
     assert "\x1b" not in err and "\u202e" not in err
     assert "\\x1b[2J" in err and "\\u202e" in err
+
+
+def test_a_passkey_id_that_starts_with_a_dash_is_removable_after_double_dash() -> None:
+    # WebAuthn credential ids are random base64url: about one in 64 starts with "-"
+    args = build_parser().parse_args(["passkey", "rm", "--", "-lpkc0ZjwBxI"])
+    assert args.id == "-lpkc0ZjwBxI"
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        build_parser().parse_args(["passkey", "rm", "--help"])
+    assert "apm passkey rm -- -AbC" in out.getvalue()

@@ -197,7 +197,7 @@ def test_a_byte_flipped_in_one_etcd_value_refuses_that_entry_only(
     ct[20] ^= 0x01
     rec["ct"] = base64.urlsafe_b64encode(bytes(ct)).decode().rstrip("=")
     rev = a.client.put(key, json.dumps(rec).encode())  # the attacker writes etcd directly
-    _wait_all([b], rev)
+    _wait_all([a, b], rev)  # a too: its next write must be prepared over the flipped record
     with pytest.raises(SyncRecordRefused) as exc:
         b.s.get("victim")
     assert exc.value.code == "SYNC_RECORD_REFUSED"

@@ -112,7 +112,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add.set_defaults(func=cmd_passkey)
     rm = psub.add_parser("rm", help="remove a registered passkey (master password)")
-    rm.add_argument("id", help="the passkey's id as apm passkey ls shows it")
+    rm.add_argument(
+        "id",
+        help='the passkey\'s id as "apm passkey ls" shows it; '
+        'an id that starts with "-" goes after "--": apm passkey rm -- -AbC',
+    )
     rm.add_argument(
         "--password-stdin",
         action="store_true",
