@@ -580,3 +580,48 @@ def test_an_audit_record_refuses_a_secret_or_chain_field_name(tmp_path: Path, ke
         assert log.seq == 0  # nothing was written
     finally:
         log.close()
+
+
+def test_get_entry_shaped_without_models_is_the_output_models_json_and_never_stale(
+    tmp_path: Path,
+) -> None:
+    """get_entry's answer is built without GetEntryOut and its metadata JSON is remembered per
+    stored entry: it must be exactly what the model gives, with and without a secret, and an
+    entry replaced in the vault (an edit, even one keeping `updated_at`) is never answered
+    from what was remembered for the old object."""
+    from broker.core.vault import Change
+    from broker.server.context import Context
+
+    from .twin import twin_of
+
+    def slow(meta: Any, secret: Any = None) -> str:  # the model round trip it replaces
+        out = mcp_tools.GetEntryOut(entry=meta, secret=secret)
+        return mcp_tools._COMPACT(out.model_dump(mode="json"))
+
+    async def main() -> None:
+        with twin_of(tmp_path, "correct horse battery staple") as twin:
+            vault = twin.vault
+            change = Change(
+                fields={"username": "ümlaut \u2028"}, secrets={"password": "pw"}, remove_fields=[]
+            )
+            entry = vault.add("login", "gh ☃", "default", ["t"], "https://e.example", None, change)
+            _, rec = twin.session(scope="secrets")
+            ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="", session=rec)
+            for _ in range(2):  # the second answer comes from what the first remembered
+                got = await mcp_tools.run(ctx, "get_entry", {"entry": "gh ☃"})
+                assert not got.is_error and got.text == got.structured_json
+                assert got.text == slow(vault.entries[entry.id].meta())
+                assert got.structured == json.loads(got.text)
+            with_secret = await mcp_tools.run(
+                ctx, "get_entry", {"entry": entry.id, "include_secret": True}
+            )
+            secret = mcp_tools.SecretField(field="password", value="pw")
+            assert with_secret.text == slow(entry.meta(), secret)
+            # the vault holds a new object for the entry, with the same updated_at
+            vault.entries[entry.id] = entry.model_copy(update={"tags": ["moved"], "url": None})
+            again = await mcp_tools.run(ctx, "get_entry", {"entry": entry.id})
+            assert json.loads(again.text)["entry"]["tags"] == ["moved"]
+            assert again.text == slow(vault.entries[entry.id].meta())
+            vault.entries[entry.id] = entry  # as it was, for the vault's own checks at lock
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -46,7 +47,7 @@ from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
 from .sync_tools import SYNC_TOOLS
 from .tool_args import FieldName, Space, Tag
-from .tool_base import Args, ToolSpec
+from .tool_base import Args, Shaped, ToolSpec
 from .write_tools import WRITE_TOOLS
 
 log = logging.getLogger("apm.broker.mcp")
@@ -196,14 +197,55 @@ async def _search_entries(ctx: Context, a: SearchEntriesArgs) -> SearchEntriesOu
     return SearchEntriesOut(hits=res.hits)
 
 
-async def _get_entry(ctx: Context, a: GetEntryArgs) -> GetEntryOut:
-    meta = await _op(ctx, "entry.show", EntryRef(ref=a.entry, space=a.space))
-    secret = None
-    if a.include_secret:
-        # without the secrets scope, a live grant for the entry opens it (the gate decides)
-        got = await _op(ctx, "entry.get", EntryGetParams(ref=meta.entry.id, field=a.field))
-        secret = SecretField(field=got.field, value=got.value.get_secret_value())
-    return GetEntryOut(entry=meta.entry, secret=secret)
+async def _get_entry(ctx: Context, a: GetEntryArgs) -> Shaped:
+    """GetEntryOut in its JSON shape, built without the model: the entry's metadata as JSON
+    comes from `_entry_doc` (once per stored entry), the rest is written around it."""
+    meta = (await _op(ctx, "entry.show", EntryRef(ref=a.entry, space=a.space))).entry
+    doc, text = _entry_doc(ctx, meta)
+    if not a.include_secret:
+        return Shaped({"entry": doc, "secret": None}, f'{{"entry":{text},"secret":null}}')
+    # without the secrets scope, a live grant for the entry opens it (the gate decides)
+    got = await _op(ctx, "entry.get", EntryGetParams(ref=meta.id, field=a.field))
+    secret = {"field": got.field, "value": got.value.get_secret_value()}
+    return Shaped(
+        {"entry": doc, "secret": secret}, f'{{"entry":{text},"secret":{_COMPACT(secret)}}}'
+    )
+
+
+# per open vault (gone with it at lock): entry id -> (the stored entry, its metadata's JSON
+# shape, that shape's compact text). A stored entry is never changed in place (an edit stores
+# a new object), so while the vault still holds the same object its metadata is the same.
+_ENTRY_DOCS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, dict[str, Any], str]]] = (
+    weakref.WeakKeyDictionary()
+)
+_ENTRY_DOCS_MAX = 1024  # entries remembered per vault (all forgotten when it is full)
+
+
+def _entry_doc(ctx: Context, meta: EntryMeta) -> tuple[dict[str, Any], str]:
+    """`meta.model_dump(mode="json")` and its compact JSON, remembered per stored entry.
+    `meta` is what the gate's handler just returned (no suspension since): the vault's object
+    for that id is the one it was read from; the cheap comparison below guards that."""
+    vault = ctx.state.cache.get()
+    stored = vault.entries.get(meta.id)
+    docs = _ENTRY_DOCS.get(vault)
+    if docs is None:
+        docs = _ENTRY_DOCS[vault] = {}
+    same = (
+        stored is not None
+        and stored.updated_at == meta.updated_at
+        and stored.name == meta.name
+        and stored.space == meta.space
+    )
+    hit = docs.get(meta.id)
+    if same and hit is not None and hit[0] is stored:
+        return hit[1], hit[2]
+    doc = meta.model_dump(mode="json")
+    text = _COMPACT(doc)
+    if same:
+        if len(docs) >= _ENTRY_DOCS_MAX:
+            docs.clear()
+        docs[meta.id] = (stored, doc, text)
+    return doc, text
 
 
 async def _decrypt_entry(ctx: Context, a: DecryptEntryArgs) -> DecryptEntryOut:
@@ -683,18 +725,23 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
         # who may run it is the gate's decision alone (invoke: session, scope, filter, grants,
         # approval): a tool either is one operation or its runner calls invoke before it reads
         op = find(spec.op) if spec.op is not None else None
+        out: BaseModel | Shaped
         if op is not None:
             out = await invoke(ctx, op, args)
         elif spec.run is not None:
             out = await spec.run(ctx, args)
         else:
             raise InternalError(f"tool {spec.name} runs nothing")
-        structured = out.model_dump(mode="json")
+        if isinstance(out, Shaped):  # already in its JSON shape (get_entry)
+            structured, text = out.doc, out.json
+        else:
+            structured, text = out.model_dump(mode="json"), None
         if TOOL_NAMINGS.get(naming):
-            structured = _rename_doc(structured, naming)
-        # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x slower);
-        # the same text is the structured content on the wire
-        text = _COMPACT(structured)
+            structured, text = _rename_doc(structured, naming), None
+        if text is None:
+            # compact: json.dumps with indent= falls back to the pure-Python encoder (~10x
+            # slower); the same text is the structured content on the wire
+            text = _COMPACT(structured)
         return Outcome(structured, text, is_error=False, structured_json=text)
     except (ApmError, ValidationError) as exc:
         return error_outcome(exc, naming, spec)

@@ -18,9 +18,20 @@ from pydantic import BaseModel
 from .context import Context
 from .tool_args import Args
 
-__all__ = ["Args", "Run", "ToolSpec"]
+__all__ = ["Args", "Run", "Shaped", "ToolSpec"]
 
-Run = Callable[[Context, Any], Awaitable[BaseModel]]
+
+@dataclass(frozen=True, slots=True)
+class Shaped:
+    """A runner's answer already in its JSON shape: `doc` is what the output model's
+    `model_dump(mode="json")` gives and `json` its compact text (the hot path's get_entry
+    skips building and dumping an output model). Never changed after it is built."""
+
+    doc: dict[str, Any]
+    json: str
+
+
+Run = Callable[[Context, Any], Awaitable[BaseModel | Shaped]]
 
 
 @dataclass(frozen=True)
