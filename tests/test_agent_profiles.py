@@ -20,15 +20,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from broker.core.bindings import AGENT_PROFILES, path_matches
+from broker.core.bindings import AGENT_PROFILES, create_time, path_matches, walk_ancestry
 
 from .agent_exe import CLI, SESSION_REFUSED, broker_with_user_home, dash_copy, through
 from .conftest import CAPTURED, Apm, Broker, clean_env
@@ -214,3 +216,24 @@ def test_a_pinned_agent_exe_that_changed_is_refused_with_the_command_that_re_pin
 def test_agent_exe_pin_without_agent_exe_is_invalid(lab: Lab) -> None:
     r = lab.apm("delegate", "--json", "--agent-exe-pin", "stat", password="x" * 12)
     assert r.returncode != 0
+
+
+def test_create_time_reads_the_kernels_start_time_as_psutil_does(tmp_path: Path) -> None:
+    """The per-use check reads /proc/<pid>/stat itself; its value must be psutil's to the bit
+    (the ancestry walk and stored bindings compare them), also for a process whose name holds
+    ") " and spaces, and None for a pid that is gone."""
+    odd = tmp_path / "x) (y z"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", odd)
+    odd.chmod(0o755)
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        for pid in (proc.pid, os.getpid(), 1):
+            assert create_time(pid) == psutil.Process(pid).create_time()
+        assert psutil.Process(proc.pid).name() == "x) (y z"
+        chain = walk_ancestry(proc.pid)
+        assert chain[0].create_time == create_time(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert create_time(proc.pid) is None
+    assert create_time(0) is None and create_time(-1) is None
