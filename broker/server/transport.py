@@ -227,22 +227,23 @@ class Transport:
                 except zmq.ZMQError:  # nothing more for now (zmq.Again), or closed at shutdown
                     return
                 peer = peer_of(first.get("Peer-Address"))
-                try:
-                    receiver(first.bytes, frames, peer)
-                except Exception:  # one bad message must not stop the broker listening
-                    log.error("message handler failed", exc_info=True)
+                _deliver(receiver, first.bytes, frames, peer)
             self._scheduled = True  # more may be waiting: after the others had a turn
             if self._loop is not None:
                 self._loop.call_soon(self._drain)
         finally:
             self._draining = False
             if self._after:
-                after, self._after = self._after, []
-                for callback in after:
-                    try:
-                        callback()
-                    except Exception:
-                        log.error("after-batch work failed", exc_info=True)
+                self._run_after()
+
+    def _run_after(self) -> None:
+        """The work queued by `after_batch`, once the batch that queued it is handled."""
+        after, self._after = self._after, []
+        for callback in after:
+            try:
+                callback()
+            except Exception:
+                log.error("after-batch work failed", exc_info=True)
 
     def send(self, identity: bytes, payload: bytes) -> None:
         self.send_frames(identity, payload)
@@ -276,6 +277,13 @@ class Transport:
 
 
 # ---------------------------------------------------------------------------- ZMTP over Unix
+
+
+def _deliver(receiver: Receiver, identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
+    try:
+        receiver(identity, frames, peer)
+    except Exception:  # one bad message must not stop the broker listening
+        log.error("message handler failed", exc_info=True)
 
 
 class _Conn:
@@ -455,10 +463,7 @@ class UnixTransport(Transport):
                 elif not conn.ready:
                     raise zmtp.ProtocolError("a message before the handshake")
                 else:
-                    try:
-                        receiver(conn.identity, cast("list[bytes]", value), conn.peer)
-                    except Exception:  # one bad message must not stop the broker listening
-                        log.error("message handler failed", exc_info=True)
+                    _deliver(receiver, conn.identity, cast("list[bytes]", value), conn.peer)
                 if self._conns.get(conn.identity) is not conn:
                     break
         except zmtp.ProtocolError as exc:
@@ -467,12 +472,7 @@ class UnixTransport(Transport):
         finally:
             self._draining = False
             if self._after:
-                after, self._after = self._after, []
-                for callback in after:
-                    try:
-                        callback()
-                    except Exception:
-                        log.error("after-batch work failed", exc_info=True)
+                self._run_after()
 
     def _command(self, conn: _Conn, name: bytes, data: bytes) -> None:
         if name == b"READY" and not conn.ready:
