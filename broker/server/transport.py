@@ -266,6 +266,10 @@ class Transport:
         self.stop()
         self.sock.close(linger=0)
         self.ctx.term()
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        """The socket file and the lock this broker held, gone at close."""
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
@@ -535,11 +539,4 @@ class UnixTransport(Transport):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
-        if self._lock_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.lock_path.unlink()
-            self._lock_file.close()
-            self._lock_file = None
+        self._remove_files()
