@@ -501,7 +501,16 @@ def test_removing_the_passkey_needs_the_owner_and_brings_back_the_password(
     with pytest.raises(ApmError) as refused:
         world.wire("passkey.remove", {"id": listed[0]["id"]}, token=session)
     assert refused.value.code == "PERMISSION_DENIED"
-    world.apm.ok("passkey", "rm", "--", listed[0]["id"])  # ids may start with "-"
+    # ids may start with "-" (random base64url): the id goes after "--", options before it
+    world.apm(
+        "passkey",
+        "rm",
+        "--password-stdin",
+        "--",
+        listed[0]["id"],
+        stdin=PASSWORD + "\n",
+        check=True,
+    )
     assert world.wire("passkey.list", {}, token=None)["passkeys"] == []
     _, url = world.held_add(world.session(), "after-removal", VALUE)
     open_page(browser, url)
