@@ -597,9 +597,9 @@ WIRE_SEEDS: dict[str, dict[str, Any]] = {
     "sync.init": {"endpoints": ["https://127.0.0.1:9"], "space": "default"},
     "sync.join": {"code": "apmjoin1." + SENTINEL, "endpoints": ["https://127.0.0.1:9"]},
     "sync.invite": {"space": "default"},
-    "sync.approve": {"device": "dev-00"},
+    "sync.approve": {"device": "dev-00", "space": "default"},
     "sync.remove": {"device": "dev-00", "space": "default"},
-    "sync.revoke_sessions": {"device": "dev-00"},
+    "sync.revoke_sessions": {"device": "dev-00", "space": "default"},  # else "no synced space…"
     "approval.link": {"kind": "tx", "id": "@tx"},
     "passkey.remove": {"id": "none-such"},
 }
@@ -1020,13 +1020,15 @@ def test_every_method_with_hostile_params_and_any_auth_answers_with_a_stable_cod
             "request",
             {
                 "envelope": {"v": 1, "method": m, "params": WIRE_SEEDS.get(m, {})},
-                "credentials": "owner",
+                "credentials": cred,
                 "ascii": True,
                 "locked": False,
             },
         )
         for m in sorted(METHODS)
-    )  # each method once with its seed as the owner; a seed that stops validating still fails
+        for cred in ("owner", "none")
+    )  # each method with its seed, as the owner and with no credentials (past validation, the
+    # gate answers); a seed that stops validating still fails the reach check
     fuzz(tmp_path, request_cases, "requests", reach=tuple(METHODS), explicit=seeded)
 
 
