@@ -36,8 +36,8 @@ SECRET = "kept-Secret-Value-5521"
 HELD_SECRET = "held-Secret-Value-7730"
 ADD = {
     "type": "login",
-    "name": "aws",
-    "fields": {"username": "root"},
+    "name": "aws-held-Entry",
+    "fields": {"username": "root-Operator-7"},
     "secrets": {"password": SECRET},
 }
 
@@ -144,14 +144,14 @@ async def test_an_owner_policy_transaction_survives_a_restart_and_lands_once(
     rec = twin.state.sessions().records[rec.accessor]
     done = await twin.ok(rec, "add_entry", {"tx_id": tx, "approve": True})
     assert done["status"] == "committed" and done["receipt"].startswith("rcpt_")
-    assert twin.secret_of("aws") == SECRET
+    assert twin.secret_of("aws-held-Entry") == SECRET
     # the committed mark was written with the entry: after another crash it is still closed
     twin = await booted.restart(crash=True)
     rec = twin.state.sessions().records[rec.accessor]
     assert await twin.code(rec, "add_entry", {"tx_id": tx, "approve": True}) == (
         "TRANSACTION_CLOSED"
     )
-    assert [e.name for e in twin.vault.entries.values()] == ["aws"]
+    assert [e.name for e in twin.vault.entries.values()] == ["aws-held-Entry"]
     assert (await tx_list(twin))[tx]["receipt"] == done["receipt"]
 
 
@@ -287,7 +287,7 @@ async def test_the_stored_arguments_are_never_in_the_file_in_plaintext(booted: R
     rows = sqlite3.connect(path).execute("SELECT kind, id FROM records WHERE kind='tx'").fetchall()
     assert rows == [("tx", tx)]
     data = _vault_bytes(path)
-    for needle in (SECRET, "aws", "root", rec.accessor):
+    for needle in (SECRET, "aws-held-Entry", "root-Operator-7", rec.accessor):
         raw = needle.encode()
         forms = [raw, raw.hex().encode(), base64.b64encode(raw)[:-2]]
         assert not any(f in data for f in forms), needle
@@ -376,13 +376,13 @@ async def test_a_restored_edit_still_matches_the_entry_version_it_was_previewed_
     booted: Restarts,
 ) -> None:
     twin = booted.twin
-    twin.add("aws", "old-Value-0001")
+    twin.add("aws-held-Entry", "old-Value-0001")
     _, rec = await owner_session(twin)
-    edit = {"entry": "aws", "secrets": {"password": SECRET}}
+    edit = {"entry": "aws-held-Entry", "secrets": {"password": SECRET}}
     tx = (await twin.ok(rec, "edit_entry", edit))["tx_id"]
     twin = await booted.restart(crash=True)
     assert (await owner(twin, "tx.approve", {"tx_id": tx})).ok
     rec = twin.state.sessions().records[rec.accessor]
     done = await twin.ok(rec, "edit_entry", {"tx_id": tx, "approve": True})
     assert done["status"] == "committed"
-    assert twin.secret_of("aws") == SECRET
+    assert twin.secret_of("aws-held-Entry") == SECRET
