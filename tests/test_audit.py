@@ -6,6 +6,7 @@ real broker whose log file the tests tamper with.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -108,6 +109,23 @@ def test_each_record_carries_seq_the_previous_lines_hash_and_a_mac(tmp_path: Pat
     assert head["seq"] == 3
     assert head["hash"] == hashlib.sha256(lines(log)[-1].rstrip(b"\n")).hexdigest()
     assert os.stat(log.path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("size", [0, 1, 32, 63, 64, 65, 200])
+def test_the_precomputed_key_macs_exactly_as_hmac_does(size: int) -> None:
+    """Records and checkpoints are MACed from the key's precomputed inner and outer hash
+    states (`_Hmac`); it must be HMAC-SHA256 for any key length (over 64 bytes: hashed first)
+    and any split of the message into parts, and a new key must never reuse the old states."""
+    from broker.core.audit import _Hmac, _hmac_for
+
+    key = bytes(range(256))[:size]
+    msg = b'{"event":"tool","seq":1}' * 7
+    want = hmac.digest(key, msg, "sha256").hex()
+    assert _Hmac(key).hexdigest(msg) == want
+    assert _Hmac(key).hexdigest(msg[:5], memoryview(msg)[5:], b"") == want
+    assert _hmac_for(key).hexdigest(msg) == want
+    other = bytes(reversed(key)) + b"!"
+    assert _hmac_for(other).hexdigest(msg) == hmac.digest(other, msg, "sha256").hex() != want
 
 
 def test_the_checkpoints_fast_seal_writes_the_bytes_the_general_seal_would() -> None:

@@ -92,9 +92,47 @@ def _mac(key: bytes, doc: dict[str, Any]) -> str:
     return hmac.digest(key, _canonical(body), "sha256").hex()
 
 
+class _Hmac:
+    """HMAC-SHA256 under one key (RFC 2104) with the key's inner and outer hash states
+    computed once: a MAC is then two hash copies, not a key schedule per record (the record and
+    the checkpoint are MACed on every tool call). Equal to `hmac.digest(key, msg, "sha256")`
+    (tests/test_audit.py compares them)."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # SHA-256's block size: a longer key is hashed first
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def hexdigest(self, *parts: bytes | memoryview) -> str:
+        """The MAC of the concatenation of `parts`, in hex."""
+        inner = self._inner.copy()
+        for part in parts:
+            inner.update(part)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
+
+
+_keyed: list[Any] = [None, None]  # the last key and its _Hmac (one audit key per broker)
+
+
+def _hmac_for(key: bytes) -> _Hmac:
+    if _keyed[0] != key:
+        _keyed[1] = _Hmac(key)
+        _keyed[0] = key
+    h: _Hmac = _keyed[1]
+    return h
+
+
 # a placeholder for the MAC while a record is serialized, unknown outside this process
 _MAC_MARK = os.urandom(16).hex()
 _MAC_SLOT = f'"mac":"{_MAC_MARK}"'
+_MAC_SLOT_B = _MAC_SLOT.encode()
+_COMMA = ord(",")
 
 
 def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
@@ -102,27 +140,27 @@ def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
 
     Same bytes as `_canonical(doc | {"mac": mac})`: the record is serialized once with a
     random placeholder as its `mac`; the MAC is computed over that line without the `mac`
-    member (`_canonical` of the fields alone), and the placeholder is replaced by it. A JSON
-    string escapes its quotes, so the placeholder member appears unescaped only where it was
-    put; if it shows up more than once (a field holding it), the fields are serialized apart.
+    member (`_canonical` of the fields alone: the bytes before and after it, fed to the MAC
+    in two parts), and the placeholder is replaced by it. A JSON string escapes its quotes,
+    so the placeholder member appears unescaped only where it was put; if it shows up more
+    than once (a field holding it), the fields are serialized apart. The encoder escapes
+    every non-ASCII character, so the line's text and its bytes are the same.
     """
-    line = _ENCODE({**doc, "mac": _MAC_MARK})
-    i = line.find(_MAC_SLOT)
-    if i < 0 or line.find(_MAC_SLOT, i + 1) >= 0:
+    raw = _ENCODE({**doc, "mac": _MAC_MARK}).encode()
+    i = raw.find(_MAC_SLOT_B)
+    j = i + len(_MAC_SLOT_B)
+    if i < 0 or raw.find(_MAC_SLOT_B, j) >= 0:
         return _seal_apart(key, doc)
-    head, tail = line[:i], line[i + len(_MAC_SLOT) :]
-    mac = None
-    if key is not None:  # the line without `"mac":…` and the comma that joined it
-        body = (
-            head + tail[1:]
-            if tail[:1] == ","
-            else head[:-1] + tail
-            if head[-1:] == ","
-            else head + tail
-        )
-        mac = hmac.digest(key, body.encode(), "sha256").hex()
-    mac_json = f'"mac":"{mac}"' if mac is not None else '"mac":null'
-    return mac, (head + mac_json + tail).encode()
+    if key is None:
+        return None, raw[:i] + b'"mac":null' + raw[j:]
+    view = memoryview(raw)  # the line without `"mac":…` and the comma that joined it
+    if raw[j] == _COMMA:
+        mac = _hmac_for(key).hexdigest(view[:i], view[j + 1 :])
+    elif raw[i - 1] == _COMMA:
+        mac = _hmac_for(key).hexdigest(view[: i - 1], view[j:])
+    else:
+        mac = _hmac_for(key).hexdigest(view[:i], view[j:])
+    return mac, b"".join((raw[:i], b'"mac":"', mac.encode(), b'"', raw[j:]))
 
 
 def _seal_apart(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
@@ -142,10 +180,9 @@ def _seal_head(key: bytes | None, seq: int, digest: str) -> bytes:
     """`_seal(key, {"seq": seq, "hash": digest})[1]` without the general encoder (the
     checkpoint is rewritten after every burst of records): an int and a hex digest are their
     own canonical JSON."""
-    body = f'{{"hash":"{digest}","seq":{int(seq)}}}'
     if key is None:
         return f'{{"hash":"{digest}","mac":null,"seq":{int(seq)}}}'.encode()
-    mac = hmac.digest(key, body.encode(), "sha256").hex()
+    mac = _hmac_for(key).hexdigest(f'{{"hash":"{digest}","seq":{int(seq)}}}'.encode())
     return f'{{"hash":"{digest}","mac":"{mac}","seq":{int(seq)}}}'.encode()
 
 
