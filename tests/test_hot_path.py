@@ -625,3 +625,34 @@ def test_get_entry_shaped_without_models_is_the_output_models_json_and_never_sta
             vault.entries[entry.id] = entry  # as it was, for the vault's own checks at lock
 
     asyncio.run(main())
+
+
+_REFS = st.text(max_size=210) | st.sampled_from(["", "a", "x" * 200, "x" * 201, " ", "é" * 200])
+_SPACES = st.none() | st.text(max_size=70) | st.sampled_from(["work", "a.b-c_d", "a b", "x" * 65])
+
+
+@settings(max_examples=400, deadline=None)
+@given(_REFS, _SPACES)
+def test_get_entrys_arguments_accept_exactly_what_the_entry_ref_it_builds_unvalidated_accepts(
+    ref: str, space: str | None
+) -> None:
+    """get_entry builds its EntryRef without validating again (`construct`): that is sound only
+    while the tool's argument schema accepts exactly the refs and spaces EntryRef accepts.
+    A limit changed on one side only (a longer name, another space pattern) fails here."""
+    from pydantic import ValidationError
+
+    from broker.core.vault import construct
+    from broker.wire.protocol import EntryRef
+
+    def accepted(build: Any) -> Any:
+        try:
+            return build()
+        except ValidationError:
+            return None
+
+    args = accepted(lambda: mcp_tools.GetEntryArgs.model_validate({"entry": ref, "space": space}))
+    wire = accepted(lambda: EntryRef.model_validate({"ref": ref, "space": space}))
+    assert (args is None) == (wire is None), (ref, space)
+    if args is not None:
+        built = construct(EntryRef, {"ref": args.entry, "space": args.space})
+        assert built == wire and built.model_dump_json() == wire.model_dump_json()

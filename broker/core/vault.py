@@ -184,6 +184,7 @@ def _construct(cls: type[_M], values: dict[str, Any]) -> _M:
     return obj
 
 
+construct = _construct  # (for models built from values validated by an equal schema)
 _ENTRY_JSON: TypeAdapter[StoredEntry] = TypeAdapter(StoredEntry)
 # a secret field loaded without its sealed value and with no history: one shared instance
 _NO_HISTORY: list[HistoryItem] = []

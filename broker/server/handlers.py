@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from broker import __version__
 from broker.core import crypto
 from broker.core.crypto import PROFILES, normalize_password, zero
-from broker.core.vault import Change, StoredEntry, Vault, read_header
+from broker.core.vault import Change, StoredEntry, Vault, construct, read_header
 from broker.plugin_registry import check_type_filter
 from broker.wire.entries import ENTRY_TYPES
 from broker.wire.errors import (
@@ -319,7 +319,8 @@ async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearc
 
 @operation("entry.show", LISTING, tools=("get_entry",))
 async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
-    return EntryResult(entry=ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta())
+    entry = ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta()
+    return construct(EntryResult, {"entry": entry})  # (meta() is a validated EntryMeta)
 
 
 @operation("entry.get", SECRETS, tools=("get_entry", "decrypt_entry"))
