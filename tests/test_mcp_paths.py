@@ -233,6 +233,34 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("read-apono", "apono-details-unknown", call(44, "get_access_details", {"request_id": "x"})),
     ("read", "apm-apono-name-unknown", call(45, "user_apono_assist", {})),
+    # ping: answered by the fast path on an initialized legacy connection, else by the SDK
+    ("read", "ping", {"jsonrpc": "2.0", "id": 60, "method": "ping"}),
+    ("read", "ping-string-id", {"jsonrpc": "2.0", "id": "p\u2603", "method": "ping"}),
+    ("read", "ping-params", {"jsonrpc": "2.0", "id": 61, "method": "ping", "params": {}}),
+    (
+        "read",
+        "ping-progress",
+        {"jsonrpc": "2.0", "id": 62, "method": "ping", "params": {"_meta": {"progressToken": 1}}},
+    ),
+    ("read", "ping-id-float", {"jsonrpc": "2.0", "id": 63.5, "method": "ping"}),
+    ("read", "ping-params-list", {"jsonrpc": "2.0", "id": 64, "method": "ping", "params": [1]}),
+    (
+        "read",
+        "ping-modern-meta",
+        {"jsonrpc": "2.0", "id": 65, "method": "ping", "params": {"_meta": MODERN}},
+    ),
+    (
+        "read-modern",
+        "ping-modern",
+        {"jsonrpc": "2.0", "id": 66, "method": "ping", "params": {"_meta": MODERN}},
+    ),
+    ("read-modern", "ping-on-a-modern-connection", {"jsonrpc": "2.0", "id": 67, "method": "ping"}),
+    ("read", "ping-extra-member", {"jsonrpc": "2.0", "id": 68, "method": "ping", "x": 1}),
+    (
+        "read",
+        "not-ping",
+        {"jsonrpc": "2.0", "id": 69, "method": "tools/list", "params": {"x": "ping"}},
+    ),
 ]
 for _scope in SCOPES:
     CASES += [
@@ -304,3 +332,29 @@ def test_both_paths_agree_on_a_locked_vault_and_on_an_ended_session(
     fast, sdk = paths.call(scope, doc)
     assert fast == sdk and fast["result"]["_meta"]["apm/error"]["code"] == "SESSION_REQUIRED"
     paths.conns.pop(scope)
+
+
+def test_a_legacy_ping_is_answered_by_the_fast_path_and_a_modern_one_by_the_sdk(
+    paths: Paths2,
+) -> None:
+    """The equality above holds either way a ping is answered; this pins which way: an
+    initialized legacy connection's ping never reaches the SDK server, a modern one does."""
+    for scope, doc, fast in (
+        ("read", {"jsonrpc": "2.0", "id": 70, "method": "ping"}, True),
+        ("read", {"jsonrpc": "2.0", "id": "s", "method": "ping", "params": {}}, True),
+        (
+            "read-modern",
+            {"jsonrpc": "2.0", "id": 71, "method": "ping", "params": {"_meta": MODERN}},
+            False,
+        ),
+        ("read", {"jsonrpc": "2.0", "id": True, "method": "ping"}, False),
+    ):
+        conn_id = paths.conns.get(scope) or paths.connect(scope)
+        conn = paths.host.conns[conn_id]
+        before = len(paths.frames.sent)
+        assert paths.host._fast_call(conn, json.dumps(doc).encode()) is fast
+        if fast:
+            (frame,) = paths.frames.sent[before:]
+            assert json.loads(frame[3]) == {"jsonrpc": "2.0", "id": doc["id"], "result": {}}
+        else:
+            assert paths.frames.sent[before:] == []

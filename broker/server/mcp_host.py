@@ -56,6 +56,7 @@ CLIENT_INFO_META = "io.modelcontextprotocol/clientInfo"
 PROTOCOL_VERSION_META = "io.modelcontextprotocol/protocolVersion"
 CLIENT_CAPABILITIES_META = "io.modelcontextprotocol/clientCapabilities"
 MODERN_VERSION = "2026-07-28"
+_PING_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
 SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 # what a 2026-07-28 result carries besides the 2025-11-25 fields
 SERVER_TITLE = "apm password manager"
@@ -267,7 +268,7 @@ class McpHost:
         and goes through the SDK server as before.
         """
         if b'"tools/call"' not in payload:
-            return False
+            return b'"ping"' in payload and self._fast_ping(conn, payload)
         try:
             doc = json.loads(_text(payload))
         except ValueError:
@@ -302,6 +303,33 @@ class McpHost:
         if task is not None:
             conn.fast.add(task)
             task.add_done_callback(conn.fast.discard)
+        return True
+
+    def _fast_ping(self, conn: Connection, payload: bytes) -> bool:
+        """`ping` on an initialized legacy-era connection: answered `{}` here, as the SDK
+        answers it (no session check there either), without its per-request machinery (a
+        ping cost more broker CPU than a tool call). A modern-era ping (its `_meta` names a
+        protocol version), an odd id or odd params go to the SDK as before."""
+        if not conn.initialized:
+            return False
+        try:
+            doc = json.loads(_text(payload))
+        except ValueError:
+            return False
+        if not isinstance(doc, dict) or doc.get("method") != "ping" or doc.keys() - _PING_KEYS:
+            return False
+        rid, params = doc.get("id"), doc.get("params")
+        if not isinstance(rid, str | int) or isinstance(rid, bool):
+            return False
+        if params is not None:
+            if not isinstance(params, dict):
+                return False
+            meta = params.get("_meta")
+            if meta is not None and (not isinstance(meta, dict) or PROTOCOL_VERSION_META in meta):
+                return False
+        rid_json = str(rid) if isinstance(rid, int) else json.dumps(rid)
+        answer = b'{"jsonrpc":"2.0","id":' + rid_json.encode() + b',"result":{}}'
+        self.transport.send_frames(conn.identity, MCP_FRAME, conn.conn.encode(), answer)
         return True
 
     async def _answer_fast(
