@@ -656,3 +656,40 @@ def test_get_entrys_arguments_accept_exactly_what_the_entry_ref_it_builds_unvali
     if args is not None:
         built = construct(EntryRef, {"ref": args.entry, "space": args.space})
         assert built == wire and built.model_dump_json() == wire.model_dump_json()
+
+
+def test_entry_show_answers_each_stored_entry_objects_metadata_and_never_a_stale_one(
+    tmp_path: Path,
+) -> None:
+    """entry.show builds an entry's metadata once per stored entry object (`shown_meta`): a
+    second show of the same object answers the same metadata; an edit (a new object in the
+    vault, even with the same `updated_at`), a removal, or another vault never gets the old."""
+    from broker.core.vault import Change
+    from broker.server import handlers
+    from broker.server.context import Context
+    from broker.wire.protocol import EntryRef
+
+    from .twin import twin_of
+
+    async def main() -> None:
+        with twin_of(tmp_path, "correct horse battery staple") as twin:
+            vault = twin.vault
+            change = Change(fields={"username": "me"}, secrets={"password": "pw"}, remove_fields=[])
+            entry = vault.add("login", "gh", "default", ["t"], "https://e.example", None, change)
+            _, rec = twin.session(scope="read")
+            ctx = Context(state=twin.state, peer=twin.peer, auth=None, request_id="", session=rec)
+            ref = EntryRef(ref="gh")
+            first = (await handlers.process_entry_show(ctx, ref)).entry
+            again = (await handlers.process_entry_show(ctx, ref)).entry
+            assert again is first and first == entry.meta()
+            vault.entries[entry.id] = entry.model_copy(update={"tags": ["moved"], "url": None})
+            moved = (await handlers.process_entry_show(ctx, ref)).entry
+            assert (
+                moved.tags == ["moved"]
+                and moved.url is None
+                and moved == vault.entries[entry.id].meta()
+            )
+            assert first.tags == ["t"]  # what was answered before is not changed either
+            vault.entries[entry.id] = entry  # as it was, for the vault's own checks at lock
+
+    asyncio.run(main())

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import time
+import weakref
 from datetime import datetime
 
 from pydantic import SecretStr
@@ -16,7 +17,7 @@ from broker.core import crypto
 from broker.core.crypto import PROFILES, normalize_password, zero
 from broker.core.vault import Change, StoredEntry, Vault, construct, read_header
 from broker.plugin_registry import check_type_filter
-from broker.wire.entries import ENTRY_TYPES
+from broker.wire.entries import ENTRY_TYPES, EntryMeta
 from broker.wire.errors import (
     AlreadyExists,
     BadPassword,
@@ -319,8 +320,34 @@ async def process_entry_search(ctx: Context, p: EntrySearchParams) -> EntrySearc
 
 @operation("entry.show", LISTING, tools=("get_entry",))
 async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
-    entry = ctx.state.cache.get().resolve(p.ref, p.space, ctx.visible).meta()
-    return construct(EntryResult, {"entry": entry})  # (meta() is a validated EntryMeta)
+    vault = ctx.state.cache.get()
+    meta = shown_meta(vault, vault.resolve(p.ref, p.space, ctx.visible))
+    return construct(EntryResult, {"entry": meta})  # (meta() is a validated EntryMeta)
+
+
+# per open vault (gone with it at lock): entry id -> (the stored entry, its metadata). A stored
+# entry is never changed in place (an edit stores a new object), so while the vault holds the
+# same object its metadata is the same. Only entry.show answers from it: its result is only
+# ever serialized (the wire) or read (get_entry), never changed.
+_SHOWN: weakref.WeakKeyDictionary[Vault, dict[str, tuple[StoredEntry, EntryMeta]]] = (
+    weakref.WeakKeyDictionary()
+)
+_SHOWN_MAX = 1024  # entries remembered per vault (all forgotten when it is full)
+
+
+def shown_meta(vault: Vault, entry: StoredEntry) -> EntryMeta:
+    """`entry.meta()`, built once per stored entry object (get_entry runs this per call)."""
+    metas = _SHOWN.get(vault)
+    if metas is None:
+        metas = _SHOWN[vault] = {}
+    hit = metas.get(entry.id)
+    if hit is not None and hit[0] is entry:
+        return hit[1]
+    meta = entry.meta()
+    if len(metas) >= _SHOWN_MAX:
+        metas.clear()
+    metas[entry.id] = (entry, meta)
+    return meta
 
 
 @operation("entry.get", SECRETS, tools=("get_entry", "decrypt_entry"))
