@@ -232,7 +232,12 @@ async def _serve(state: State, transport: Transport) -> None:
     async def one(identity: bytes, raw: bytes, peer: Peer) -> None:
         transport.send(identity, await dispatch.handle(state, raw, peer, identity))
 
+    loaded: list[Any] = []  # the McpHost once its import finished (the hot path's one lookup)
+
     def mcp_frame(identity: bytes, frames: list[bytes], peer: Peer) -> None:
+        if loaded:
+            loaded[0].on_frame(identity, frames[1], frames[2], peer)
+            return
         host_future = state._mcp_host
         if host_future is None:
             return
@@ -241,6 +246,8 @@ async def _serve(state: State, transport: Transport) -> None:
             return
         host = None if host_future.cancelled() or host_future.exception() else host_future.result()
         if host is not None:
+            if host_future is state._mcp_host:
+                loaded.append(host)
             host.on_frame(identity, frames[1], frames[2], peer)
 
     def on_message(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
