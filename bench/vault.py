@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -125,6 +126,9 @@ class OpReps:
     ping: int
     breakdown: int
     fresh: int = 2  # more fresh brokers, each timed on its first unlock (one sample is noisy)
+    # broker.ping samples taken while another client searches: its p99 is a target (issue #15),
+    # and a p99 over a few hundred pings is their max, one scheduler hiccup on a shared machine
+    ping_search: int = 2000
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,9 @@ FULL = Plan(
     reps={
         1_000: OpReps(40, 300, 25, 200, 20, 40, 300, 10),
         10_000: OpReps(40, 200, 20, 60, 15, 20, 300, 5),
-        100_000: OpReps(20, 60, 8, 10, 4, 4, 200, 1, 4),
+        # 200 session searches at 100k: its p50 is a target (issue #15); over 10 samples it
+        # swung 12-16.5 ms between runs on this shared machine
+        100_000: OpReps(20, 60, 8, 200, 4, 4, 200, 1, 4),
     },
 )
 QUICK = Plan(
@@ -456,17 +462,28 @@ def through_broker(
 
 
 def ping_under_load(
-    b: RunningBroker, method: str, params: list[Any], creds: dict[str, SecretStr]
+    b: RunningBroker,
+    method: str,
+    params: list[Any],
+    creds: dict[str, SecretStr],
+    pings: int | None = None,
 ) -> dict[str, float]:
-    """broker.ping latency while a second client keeps the broker busy with `method`."""
+    """broker.ping latency while a second client keeps the broker busy with `method`: every
+    call of `params` once, or (`pings`) round and round them until that many pings are taken.
+    Every ping is timed while the other client is calling; `calls` says how many calls it made."""
     done = threading.Event()
+    enough = threading.Event()
     errors: list[BaseException] = []
+    calls = [0]
 
     def load() -> None:
         try:
             with BrokerClient(b.client.addr, client_name="apm-bench-load") as other:
-                for p in params:
-                    other.call(method, p, **creds)
+                for i in range(len(params)) if pings is None else itertools.count():
+                    if enough.is_set():
+                        break
+                    other.call(method, params[i % len(params)], **creds)
+                    calls[0] += 1
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -475,14 +492,15 @@ def ping_under_load(
     worker = threading.Thread(target=load, daemon=True)
     worker.start()
     samples: list[float] = []
-    while not done.is_set():
+    while not done.is_set() and (pings is None or len(samples) < pings):
         t0 = time.perf_counter()
         b.client.call("broker.ping")
         samples.append(time.perf_counter() - t0)
+    enough.set()
     worker.join()
     if errors:
         raise RuntimeError(f"load client failed: {errors[0]!r}")
-    return stats(samples)
+    return {**stats(samples), "calls": calls[0]}
 
 
 def real_broker(
@@ -521,13 +539,13 @@ def real_broker(
         token = {"token": created.token}
         log(f"{n:,} entries: session calls")
         res["session"] = through_broker(b, sample, r, token, "session")
-        # at least 40 searches: at 100k one takes ~14 ms, so 5 gave ~50 pings, whose p99 was
-        # their max, one scheduler hiccup on a shared machine (the idle broker.ping p99 above
-        # is the figure to compare it with)
-        q = [
-            EntrySearchParams(query=search_query(i)) for i in range(max(40, r.search_session // 2))
-        ]
-        res["session"]["ping during search"] = ping_under_load(b, "entry.search", q, token)
+        # the other client searches round and round the timed searches' 64 queries until
+        # r.ping_search pings are taken (the idle broker.ping p99 above is the figure to
+        # compare it with)
+        q = [EntrySearchParams(query=search_query(i)) for i in range(64)]
+        res["session"]["ping during search"] = ping_under_load(
+            b, "entry.search", q, token, pings=r.ping_search
+        )
         more = [add_params("load", i) for i in range(max(2, r.add_session // 2))]
         res["session"]["ping during add"] = ping_under_load(b, "entry.add", more, token)
         res["rss_after_ops_bytes"] = b.rss()
@@ -945,6 +963,13 @@ def report(doc: dict[str, Any]) -> str:
             k = _ms(core["p50_ms"]) if core else "-"
             cols.append(f"| {d:>9} {k:>9}")
             lines.append(" ".join(cols))
+        for op in ("ping during search", "ping during add"):
+            during = s["session"].get(op)
+            if during is not None and "calls" in during:
+                lines.append(
+                    f"   {op}: {during['n']} pings while the other client made "
+                    f"{during['calls']} calls"
+                )
         for phase in ("open", "save"):
             steps = [
                 f"{k.split(': ', 1)[1]} {_dur(v['p50_ms'] / 1e3)}"
