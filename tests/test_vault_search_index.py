@@ -117,6 +117,7 @@ _visibles: dict[str, Visible | None] = {
     limit=1000,
     visible="spaces work",
     chunk=1,
+    build_slice=2,
 )
 @given(
     rows=st.lists(_rows, max_size=14),
@@ -131,6 +132,7 @@ _visibles: dict[str, Visible | None] = {
     limit=st.sampled_from([1, 2, 5, 1000]),
     visible=st.sampled_from(sorted(_visibles)),
     chunk=st.sampled_from([1, 3, 1 << 16]),
+    build_slice=st.sampled_from([1, 2, 5, 2048]),
 )
 def test_a_search_after_commits_finds_exactly_what_a_full_scan_finds(
     tmp_path_factory: pytest.TempPathFactory,
@@ -142,6 +144,7 @@ def test_a_search_after_commits_finds_exactly_what_a_full_scan_finds(
     limit: int,
     visible: str,
     chunk: int,
+    build_slice: int,
 ) -> None:
     path = tmp_path_factory.mktemp("idx") / "vault.apm"
     vault = Vault.create(path, normalize_password(PASSWORD), FAST, format=1)  # fast to create
@@ -153,7 +156,12 @@ def test_a_search_after_commits_finds_exactly_what_a_full_scan_finds(
                 e = _entry(i, *row)
                 vault.entries[e.id] = e
             vault._reindex()
-        with mock.patch.object(vault_module, "_SCAN_CHUNK", chunk):
+        # chunk: the index scans its text in chunks, build_slice: it is built in slices (so
+        # neither holds the GIL for long); 1 puts a boundary at every entry
+        with (
+            mock.patch.object(vault_module, "_SCAN_CHUNK", chunk),
+            mock.patch.object(vault_module, "_BUILD_SLICE", build_slice),
+        ):
             vault.build_search_index()
             assert vault._search is not None
             # commits after the build: the index keeps its old copies, marked stale
@@ -191,9 +199,11 @@ def test_a_search_after_commits_finds_exactly_what_a_full_scan_finds(
         vault.close()
 
 
+@pytest.mark.parametrize("build_slice", [1, 2, 3, 2048])
 def test_the_index_holds_the_entries_in_name_order_and_finds_prefix_runs_by_bisection(
-    path: Path,
+    path: Path, build_slice: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(vault_module, "_BUILD_SLICE", build_slice)  # slices sorted, merged
     vault = Vault.create(path, normalize_password(PASSWORD), FAST, format=1)
     try:
         with vault.mutation():
@@ -212,6 +222,8 @@ def test_the_index_holds_the_entries_in_name_order_and_finds_prefix_runs_by_bise
         assert index.prefixed("gi") == (1, 6)
         assert index.prefixed("h") == (6, 6)
         assert index.prefixed("zz") == (7, 7)
+        assert index.names == "\x00".join(names)
+        assert [index.hay_at(i) for i in range(7)] == ["\x00"] * 7  # no url, no notes
         ranked = list(index.ranked("git"))
         assert ranked == [(100.0, 2), (100.0, 3), (80.0, 4), (80.0, 5), (60.0, 0)]
     finally:
