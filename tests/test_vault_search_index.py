@@ -260,3 +260,30 @@ def test_a_search_stops_reading_candidates_once_it_has_limit_hits(
         assert [e.name for e, _ in hits] == [f"svc-{i:04d}" for i in range(7, 100, 10)]
     finally:
         vault.close()
+
+
+def test_an_index_built_from_entries_older_than_a_rolled_back_commit_is_not_installed(
+    path: Path,
+) -> None:
+    # A build in flight (at unlock, or by a search) copies the entries first; a commit that
+    # fails and rolls back resets the index bookkeeping. The late index must not then be
+    # installed as current: it would hide the commits made since its copy.
+    vault = Vault.create(path, normalize_password(PASSWORD), FAST, format=1)
+    try:
+        with vault.mutation():
+            for i, name in enumerate(["alpha", "alpine", "beta"]):
+                e = _entry(i, name, "default", "", "", [])
+                vault.entries[e.id] = e
+            vault._reindex()
+        in_flight = vault.search_snapshot()  # no index yet: this one will build it
+        assert in_flight.index is None
+        with vault.mutation():
+            del vault.entries["e0"]  # alpha
+        with pytest.raises(RuntimeError), vault.mutation():
+            vault.entries["e2"] = vault.entries["e2"].model_copy(update={"name": "alps"})
+            raise RuntimeError("the commit fails")
+        in_flight.ensure_index()  # the late build finishes
+        assert [e.name for e, _ in vault.search("al")] == ["alpine"]
+        assert [e.name for e, _ in vault.search("alp")] == ["alpine"]
+    finally:
+        vault.close()

@@ -390,6 +390,9 @@ class Vault:
         self._search: _SearchIndex | None = None
         self._search_stale: dict[str, int] = {}  # id -> change count, changed since the build
         self._changes = 0
+        # the change count at the last _reindex (which forgets the stale ids): an index built
+        # from entries copied before it cannot be installed
+        self._reindexed_at = 0
         self._index_lock = threading.Lock()
         self._closed = False
         self._entry_json: dict[str, tuple[StoredEntry, bytes]] = {}
@@ -1312,6 +1315,8 @@ class Vault:
         with self._index_lock:
             self._search = None
             self._search_stale = {}
+            self._changes += 1
+            self._reindexed_at = self._changes
 
     def _reindex_touched(self) -> None:
         """Bring the name index up to date with the entries this mutation changed (not a
@@ -1363,7 +1368,7 @@ class Vault:
 
     def _install_index(self, index: _SearchIndex, at: int) -> None:
         with self._index_lock:
-            if self._search is None and not self._closed:
+            if self._search is None and not self._closed and at >= self._reindexed_at:
                 self._search = index
                 self._search_stale = {i: c for i, c in self._search_stale.items() if c > at}
 
@@ -2361,10 +2366,14 @@ class SearchSnapshot:
                 if n % 1024 == 1023:
                     time.sleep(0)  # searches run in a thread: let the event loop have the GIL
 
-        for e in self.vault.iter_entries(space, type_, tag, visible, among=self.changed):
+        # entries changed since the index was built (up to n/16 of them before a rebuild)
+        changed = self.vault.iter_entries(space, type_, tag, visible, among=self.changed)
+        for n, e in enumerate(changed):
             s = _score(e, q)
             if s > 0:
                 hits.append((e, s))
+            if n % 1024 == 1023:
+                time.sleep(0)  # searches run in a thread: let the event loop have the GIL
         if not _SearchIndex.usable_for(q):
             score(index.entries)
             hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
