@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib.metadata
-import itertools
 import json
 import math
 import os
@@ -46,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -109,6 +107,28 @@ while True:
         break
 s.close(linger=0)
 ctx.term()
+"""
+
+
+# The other client of `ping_under_load`, in its own process: its settings (and the session
+# token) come as one JSON line on stdin; it prints "ready", calls until stdin is closed (or
+# once per params item), then prints how many calls it made.
+LOAD_CLIENT = """
+import json, sys, threading
+from pydantic import SecretStr
+from broker.cli.client import BrokerClient
+cfg = json.loads(sys.stdin.readline())
+token = SecretStr(cfg.pop("token"))
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+params, n = cfg["params"], 0
+with BrokerClient(cfg["addr"], client_name="apm-bench-load") as c:
+    c.call("broker.ping")
+    print("ready", flush=True)
+    while not stop.is_set() and (cfg["rounds"] or n < len(params)):
+        c.call(cfg["method"], params[n % len(params)], token=token)
+        n += 1
+print(n, flush=True)
 """
 
 
@@ -462,45 +482,51 @@ def through_broker(
 
 
 def ping_under_load(
+    h: Harness,
     b: RunningBroker,
     method: str,
     params: list[Any],
     creds: dict[str, SecretStr],
     pings: int | None = None,
 ) -> dict[str, float]:
-    """broker.ping latency while a second client keeps the broker busy with `method`: every
-    call of `params` once, or (`pings`) round and round them until that many pings are taken.
-    Every ping is timed while the other client is calling; `calls` says how many calls it made."""
-    done = threading.Event()
-    enough = threading.Event()
-    errors: list[BaseException] = []
-    calls = [0]
-
-    def load() -> None:
-        try:
-            with BrokerClient(b.client.addr, client_name="apm-bench-load") as other:
-                for i in range(len(params)) if pings is None else itertools.count():
-                    if enough.is_set():
-                        break
-                    other.call(method, params[i % len(params)], **creds)
-                    calls[0] += 1
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            done.set()
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
+    """broker.ping latency while another client, in its own process as real clients are,
+    keeps the broker busy with `method`: every call of `params` once, or (`pings`) round and
+    round them until that many pings are taken. Every ping is timed while the other client is
+    calling; `calls` says how many calls it made. (A thread of this process as the other
+    client timed this process's GIL too: parsing a 50-hit search result held it while a ping's
+    answer waited, up to the 5 ms switch interval.)"""
+    cfg = {
+        "addr": b.client.addr,
+        "method": method,
+        "params": [json.loads(p.model_dump_json(context={"reveal": True})) for p in params],
+        "rounds": pings is not None,
+        "token": creds["token"].get_secret_value(),  # through a pipe: never in argv
+    }
+    proc = subprocess.Popen(
+        [PY, "-c", LOAD_CLIENT],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    h.procs.append(proc)  # type: ignore[arg-type]
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(cfg) + "\n")
+    proc.stdin.flush()
+    if proc.stdout.readline().strip() != "ready":
+        _, err = proc.communicate(timeout=60)
+        raise RuntimeError(f"load client did not start: {err[-2000:]}")
     samples: list[float] = []
-    while not done.is_set() and (pings is None or len(samples) < pings):
+    while proc.poll() is None and (pings is None or len(samples) < pings):
         t0 = time.perf_counter()
         b.client.call("broker.ping")
         samples.append(time.perf_counter() - t0)
-    enough.set()
-    worker.join()
-    if errors:
-        raise RuntimeError(f"load client failed: {errors[0]!r}")
-    return {**stats(samples), "calls": calls[0]}
+    out, err = proc.communicate(timeout=60)  # closing its stdin stops a round-and-round load
+    h.procs.remove(proc)  # type: ignore[arg-type]
+    if proc.returncode != 0:
+        raise RuntimeError(f"load client failed ({proc.returncode}): {err[-2000:]}")
+    return {**stats(samples), "calls": int(out.split()[-1])}
 
 
 def real_broker(
@@ -544,10 +570,10 @@ def real_broker(
         # compare it with)
         q = [EntrySearchParams(query=search_query(i)) for i in range(64)]
         res["session"]["ping during search"] = ping_under_load(
-            b, "entry.search", q, token, pings=r.ping_search
+            h, b, "entry.search", q, token, pings=r.ping_search
         )
         more = [add_params("load", i) for i in range(max(2, r.add_session // 2))]
-        res["session"]["ping during add"] = ping_under_load(b, "entry.add", more, token)
+        res["session"]["ping during add"] = ping_under_load(h, b, "entry.add", more, token)
         res["rss_after_ops_bytes"] = b.rss()
     return res
 
