@@ -935,8 +935,9 @@ def test_a_filtered_search_sees_each_commit_and_still_hides_what_the_filter_hide
     twin = filtered
     token, _ = twin.delegate(scope="read", spaces=["work"])
 
-    def found(query: str) -> list[tuple[str, str]]:
-        hits = twin.ok("entry.search", {"query": query}, token=token)["hits"]
+    def found(query: str, limit: int = 50) -> list[tuple[str, str]]:
+        params = {"query": query, "limit": limit}
+        hits = twin.ok("entry.search", params, token=token)["hits"]
         return [(h["entry"]["space"], h["entry"]["name"]) for h in hits]
 
     assert found("g") == [("work", "gh")]
@@ -949,10 +950,14 @@ def test_a_filtered_search_sees_each_commit_and_still_hides_what_the_filter_hide
     twin.owner("entry.edit", {"ref": "bank", "new_name": "gbank"})  # hidden, renamed
     assert twin.vault._search is not None  # a few commits keep the index
     assert found("g") == [("work", "gcp-prod"), ("work", "gh"), ("work", "ghost"), ("work", "gold")]
+    # a small limit: the search stops at the best hits, commits and filter still apply
+    assert found("g", limit=2) == [("work", "gcp-prod"), ("work", "gh")]
+    assert found("gh", limit=1) == [("work", "gh")]
     twin.owner("entry.edit", {"ref": "gold", "move_to": "personal"})  # moved out of view
     twin.owner("entry.edit", {"ref": "gh", "move_to": "personal"})  # indexed, moved out of view
     twin.owner("entry.remove", {"ref": "gcp-prod"})
     assert found("g") == [("work", "ghost")]
+    assert found("g", limit=1) == found("gho", limit=1) == [("work", "ghost")]
     assert found("gbank") == found("gamma") == found("gold") == found("gcp") == found("aws") == []
     assert len(twin.ok("entry.search", {"query": "g"}, password=twin.password)["hits"]) == 5
 

@@ -2386,12 +2386,8 @@ class SearchSnapshot:
         # pass, so a common query ("github": 2k hits at 100k) reads 50 of them, not all.
         taken = 0
         for n, (s, i) in enumerate(index.ranked(q)):
-            if taken >= limit:
-                break
             e = index.entries[i]
-            if e.id in stale:
-                continue
-            if (
+            if e.id not in stale and (
                 (space is None or e.space == space)
                 and (type_ is None or e.type == type_)
                 and (tag is None or tag in e.tags)
@@ -2399,6 +2395,8 @@ class SearchSnapshot:
             ):
                 hits.append((e, s))
                 taken += 1
+                if taken >= limit:
+                    break  # before asking for another: that may start the next tier's scan
             if n % 1024 == 1023:
                 time.sleep(0)  # searches run in a thread: let the event loop have the GIL
         hits.sort(key=lambda h: (-h[1], h[0].name.casefold()))
