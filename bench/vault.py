@@ -111,8 +111,8 @@ ctx.term()
 
 
 # The other client of `ping_under_load`, in its own process: its settings (and the session
-# token) come as one JSON line on stdin; it prints "ready", calls until stdin is closed (or
-# once per params item), then prints how many calls it made.
+# token) come as one JSON line on stdin; it prints "ready", makes one call per params item (or
+# stops when stdin is closed), then prints how many calls it made.
 LOAD_CLIENT = """
 import json, sys, threading
 from pydantic import SecretStr
@@ -125,7 +125,7 @@ params, n = cfg["params"], 0
 with BrokerClient(cfg["addr"], client_name="apm-bench-load") as c:
     c.call("broker.ping")
     print("ready", flush=True)
-    while not stop.is_set() and (cfg["rounds"] or n < len(params)):
+    while not stop.is_set() and n < len(params):
         c.call(cfg["method"], params[n % len(params)], token=token)
         n += 1
 print(n, flush=True)
@@ -146,9 +146,11 @@ class OpReps:
     ping: int
     breakdown: int
     fresh: int = 2  # more fresh brokers, each timed on its first unlock (one sample is noisy)
-    # broker.ping samples taken while another client searches: its p99 is a target (issue #15),
-    # and a p99 over a few hundred pings is their max, one scheduler hiccup on a shared machine
-    ping_search: int = 2000
+    # searches the other client makes while broker.ping is timed (its p99 is a target, issue
+    # #15): 4 rounds of the 64 queries, ~1 s at 100k, some thousands of pings. (Before: 5-40
+    # searches, a few hundred pings, whose p99 was their max, one scheduler hiccup; and a
+    # fixed ping count let a fast run end after ~50 searches, most pings overlapping none.)
+    search_load: int = 256
 
 
 @dataclass(frozen=True)
@@ -487,19 +489,16 @@ def ping_under_load(
     method: str,
     params: list[Any],
     creds: dict[str, SecretStr],
-    pings: int | None = None,
 ) -> dict[str, float]:
     """broker.ping latency while another client, in its own process as real clients are,
-    keeps the broker busy with `method`: every call of `params` once, or (`pings`) round and
-    round them until that many pings are taken. Every ping is timed while the other client is
-    calling; `calls` says how many calls it made. (A thread of this process as the other
-    client timed this process's GIL too: parsing a 50-hit search result held it while a ping's
-    answer waited, up to the 5 ms switch interval.)"""
+    keeps the broker busy with `method`, one call per item of `params`. Every ping is timed
+    while the other client is calling; `calls` says how many calls it made. (A thread of this
+    process as the other client timed this process's GIL too: parsing a 50-hit search result
+    held it while a ping's answer waited, up to the 5 ms switch interval.)"""
     cfg = {
         "addr": b.client.addr,
         "method": method,
         "params": [json.loads(p.model_dump_json(context={"reveal": True})) for p in params],
-        "rounds": pings is not None,
         "token": creds["token"].get_secret_value(),  # through a pipe: never in argv
     }
     proc = subprocess.Popen(
@@ -518,11 +517,11 @@ def ping_under_load(
         _, err = proc.communicate(timeout=60)
         raise RuntimeError(f"load client did not start: {err[-2000:]}")
     samples: list[float] = []
-    while proc.poll() is None and (pings is None or len(samples) < pings):
+    while proc.poll() is None:
         t0 = time.perf_counter()
         b.client.call("broker.ping")
         samples.append(time.perf_counter() - t0)
-    out, err = proc.communicate(timeout=60)  # closing its stdin stops a round-and-round load
+    out, err = proc.communicate(timeout=60)
     h.procs.remove(proc)  # type: ignore[arg-type]
     if proc.returncode != 0:
         raise RuntimeError(f"load client failed ({proc.returncode}): {err[-2000:]}")
@@ -565,13 +564,10 @@ def real_broker(
         token = {"token": created.token}
         log(f"{n:,} entries: session calls")
         res["session"] = through_broker(b, sample, r, token, "session")
-        # the other client searches round and round the timed searches' 64 queries until
-        # r.ping_search pings are taken (the idle broker.ping p99 above is the figure to
-        # compare it with)
-        q = [EntrySearchParams(query=search_query(i)) for i in range(64)]
-        res["session"]["ping during search"] = ping_under_load(
-            h, b, "entry.search", q, token, pings=r.ping_search
-        )
+        # the other client makes r.search_load searches, round the timed searches' 64
+        # queries (the idle broker.ping p99 above is the figure to compare it with)
+        q = [EntrySearchParams(query=search_query(i % 64)) for i in range(r.search_load)]
+        res["session"]["ping during search"] = ping_under_load(h, b, "entry.search", q, token)
         more = [add_params("load", i) for i in range(max(2, r.add_session // 2))]
         res["session"]["ping during add"] = ping_under_load(h, b, "entry.add", more, token)
         res["rss_after_ops_bytes"] = b.rss()
