@@ -26,6 +26,7 @@ from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore
 from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
+from broker.wire.errors import VaultLocked
 
 from .approval_links import ApprovalLinks
 from .notify import Notifier
@@ -33,9 +34,11 @@ from .peer import Peer
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
-# (tx id, its `committed` record): set while an approved transaction executes, so the vault
-# commit that makes its change writes the record too, in the same SQLite transaction
-_LANDING: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
+# (the transaction, its `committed` record if it is kept in the vault): set while an approved
+# transaction executes, so its change is made only while the run's claim holds (no lock came
+# since, `TxStore.check_run`) and the vault commit that makes it writes the record too, in the
+# same SQLite transaction
+_LANDING: contextvars.ContextVar[tuple[Transaction, bytes | None] | None] = contextvars.ContextVar(
     "apm_tx_landing", default=None
 )
 
@@ -150,14 +153,30 @@ class State:
         return await asyncio.get_running_loop().run_in_executor(self.kdf_pool, fn, *args)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Durable writes run one at a time, off the event loop."""
+        """Durable writes run one at a time, off the event loop. A transaction's change (its
+        run holds the write lock here) is made only if no lock came since the run's claim,
+        else VAULT_LOCKED and nothing is written."""
         landing = _LANDING.get()
+        if landing is None:
+            return await self._io_plain(fn, *args)
+        tx, doc = landing
+        vault = self.check_run(tx)
+        if doc is None:
+            return await self._io_plain(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io_pool, _landed, vault, (tx.tx_id, doc), fn, *args
+        )
+
+    def check_run(self, tx: Transaction) -> Vault:
+        """The open vault, if the run holding `tx` may still make its change (no lock since
+        its claim); else VAULT_LOCKED (`TxStore.check_run`)."""
         vault = self.cache.peek()
-        if landing is not None and vault is not None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.io_pool, _landed, vault, landing, fn, *args
-            )
-        return await self._io_plain(fn, *args)
+        if vault is None:
+            self.txs.lock()  # locked by a timer without `flush_and_lock`: every run ends
+        self.txs.check_run(tx)
+        if vault is None:  # never: check_run raised
+            raise VaultLocked()
+        return vault
 
     async def _io_plain(self, fn: Callable[..., T], *args: Any) -> T:
         """`io` that never carries a landing transaction's record: for the broker's own
@@ -170,13 +189,11 @@ class State:
     def landing(self, tx: Transaction, receipt: str) -> Iterator[datetime]:
         """Around the execution of an approved transaction: the vault commit that makes its
         change also writes its `committed` record (one SQLite transaction: after a crash the
-        change and the mark are both there or both not, never one). Yields the commit time to
-        pass to `txs.committed`."""
+        change and the mark are both there or both not, never one), and only while the run's
+        claim holds (`io`: VAULT_LOCKED if a lock came since). Yields the commit time to pass
+        to `txs.committed`."""
         at = self.clock()
-        if not tx.must_survive:
-            yield at
-            return
-        token = _LANDING.set((tx.tx_id, tx.landed(receipt, at)))
+        token = _LANDING.set((tx, tx.landed(receipt, at) if tx.must_survive else None))
         try:
             yield at
         finally:
@@ -353,6 +370,7 @@ class State:
         self._reqs = self._reqs_vault = None
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
             self.sync.stop(wait=False)
+        self.txs.lock()  # runs in flight end before their change; plaintext arguments dropped
         return self.cache.lock()
 
 
