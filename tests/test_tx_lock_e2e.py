@@ -203,3 +203,70 @@ async def test_an_approval_whose_run_waits_behind_a_lock_is_refused_and_released
     receipt = listed[tx_id]["receipt"]
     assert listed[tx_id]["status"] == "committed" and receipt
     assert [r["receipt"] for r in _commits(home, tx_id)].count(receipt) == 1
+
+
+@pytest.mark.anyio
+async def test_an_approval_that_cannot_be_saved_before_a_lock_is_not_acknowledged(
+    vault: Broker, apm: Apm, home: Path
+) -> None:
+    """Policy `owner`, a tool's preview: `apm tx approve` marks it approved and saves that to
+    the vault. When a lock closes the vault before that save, the approval must not answer OK
+    (it would be lost: the unlock restores the transaction as still waiting); it answers
+    VAULT_LOCKED, and approving again after unlock lets the agent's commit run it once."""
+    secret = f"txlock-Secret-{secrets.token_hex(6)}"
+    register_secret(secret)
+    token = _delegate(apm, "--scope", "write", "--approve", "owner")
+    addr = f"ipc://{vault.socket}"
+    args = {"type": "api_key", "name": "approved-mid", "secrets": {"key": secret}}
+    async with shim_client(home, token, "legacy", TIMEOUT) as c:
+        shown = await c.call_tool("add_entry", args)
+        assert not shown.is_error, shown
+        tx_id = str((shown.structured_content or {})["tx_id"])
+
+    def owner(method: str, params: dict[str, Any]) -> str:
+        with BrokerClient(addr, client_name="owner") as c:
+            try:
+                c.call_raw(method, params, password=SecretStr(PASSWORD))
+            except ApmError as exc:
+                return exc.code
+        return "OK"
+
+    def seen(event: str, **match: Any) -> int:
+        return sum(
+            1
+            for r in _audit(home)
+            if r.get("event") == event and all(r.get(k) == v for k, v in match.items())
+        )
+
+    with vault_write_held(home):
+        blocker = asyncio.ensure_future(asyncio.to_thread(owner, "space.add", {"name": "other"}))
+        await _until(
+            lambda: seen("request", method="space.add", outcome="attempt") == 1, "no write"
+        )
+        sock, lock_id = await asyncio.to_thread(_queue_lock, addr)
+        approve = asyncio.ensure_future(asyncio.to_thread(owner, "tx.approve", {"tx_id": tx_id}))
+        # decided in memory and recorded; its save now waits behind the lock
+        await _until(lambda: seen("tx.approved", tx=tx_id) == 1 or approve.done(), "no decision")
+    try:
+        assert await blocker == "OK"
+        answer = await approve
+        assert await asyncio.to_thread(sock.poll, int(TIMEOUT * 1000))
+        assert json.loads(sock.recv())["id"] == lock_id
+    finally:
+        sock.close(linger=0)
+    apm.ok("unlock")
+    listed = {t["tx_id"]: t for t in json.loads(apm.ok("tx", "ls", "--json").stdout)}
+    if answer == "OK":  # acknowledged: it must be what the vault says after the unlock
+        assert listed[tx_id]["status"] == "approved", listed[tx_id]
+    else:
+        assert answer == "VAULT_LOCKED", answer
+        assert listed[tx_id]["status"] in ("pending", "awaiting_owner"), listed[tx_id]
+        assert owner("tx.approve", {"tx_id": tx_id}) == "OK"
+    async with shim_client(home, token, "legacy", TIMEOUT) as c:
+        done = await c.call_tool("add_entry", {"tx_id": tx_id, "approve": True})
+        again = await c.call_tool("add_entry", {"tx_id": tx_id, "approve": True})
+    assert not done.is_error, error_body(done)
+    assert (done.structured_content or {})["status"] == "committed"
+    assert again.is_error and error_body(again)["code"] == "TRANSACTION_CLOSED"
+    assert _names(apm).count("approved-mid") == 1
+    assert apm.ok("get", "approved-mid", "--no-newline").stdout == secret
