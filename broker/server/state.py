@@ -215,23 +215,39 @@ class State:
 
     async def save_tx(self, tx: Transaction) -> None:
         """Write a surviving transaction's record durably (and drop stale ones in the same
-        commit); raises StorageError, the caller's operation then fails."""
+        commit); raises StorageError, the caller's operation then fails, and VAULT_LOCKED if
+        the vault was locked before the record could be written (a decision the vault does
+        not hold is never acknowledged: the unlock restores what the vault says)."""
+        if not tx.must_survive:
+            return
         vault = self.cache.peek()
-        if vault is None or not tx.must_survive or vault.format < 2:
+        if vault is not None and vault.format < 2:
             return
         doc = tx.to_doc()
-        stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
-        if vault.tx_docs.get(tx.tx_id) == doc and not stale:
+        if (
+            vault is not None
+            and vault.tx_docs.get(tx.tx_id) == doc
+            and not any(t in vault.tx_docs for t in self.txs.stale(self.clock()))
+        ):
             return  # already written (e.g. landed with the change)
 
-        def work() -> None:
+        def work(vault: Vault) -> None:
+            stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
             with vault.mutation():
                 vault.tx_docs[tx.tx_id] = doc
                 for t in stale:
                     vault.tx_docs.pop(t, None)
 
         async with self.write_lock:
-            await self._io_plain(work)
+            vault = self.cache.peek()  # the one open now: a lock may have come meanwhile
+            if vault is None:
+                raise VaultLocked(
+                    "the vault was locked before this transaction's change could be saved",
+                    hint='unlock it ("apm unlock") and try again: the transaction is as '
+                    "the vault holds it",
+                    data={"tx_id": tx.tx_id},
+                )
+            await self._io_plain(work, vault)
 
     def tx_decisions_lost(self) -> dict[str, str]:
         """Before the unlock's rollback check saves anything: tx id -> decision, for what the
