@@ -270,3 +270,49 @@ async def test_an_approval_that_cannot_be_saved_before_a_lock_is_not_acknowledge
     assert again.is_error and error_body(again)["code"] == "TRANSACTION_CLOSED"
     assert _names(apm).count("approved-mid") == 1
     assert apm.ok("get", "approved-mid", "--no-newline").stdout == secret
+
+
+@pytest.mark.anyio
+async def test_a_commit_writing_when_the_lock_comes_lands_completely_and_is_reported(
+    vault: Broker, apm: Apm, home: Path
+) -> None:
+    """Policy `agent`: the commit's write is in progress (held in SQLite) when `vault.lock`
+    arrives. The lock waits for it: the change lands completely, once, and the commit call gets
+    its receipt; then the vault is locked. (The agent's transaction, kept in memory only, is
+    dropped by the lock: tx_status no longer knows it, as after a restart.)"""
+    old = f"txlock-Old-{secrets.token_hex(6)}"
+    register_secret(old)
+    apm.ok("add", "login", "rotated", "--from-stdin", stdin=old + "\n")
+    token = _delegate(apm, "--scope", "admin")
+    addr = f"ipc://{vault.socket}"
+    async with shim_client(home, token, "legacy", TIMEOUT) as c:
+        shown = await c.call_tool("generate_password", {"entry": "rotated", "length": 32})
+        assert not shown.is_error, shown
+        tx_id = str((shown.structured_content or {})["tx_id"])
+        with vault_write_held(home):
+            commit = asyncio.ensure_future(
+                c.call_tool("generate_password", {"tx_id": tx_id, "approve": True})
+            )
+            await _until(lambda: len(_commits(home, tx_id)) == 1 or commit.done(), "no commit")
+            assert not commit.done()  # its write waits in SQLite, holding the write lock
+            sock, lock_id = await asyncio.to_thread(_queue_lock, addr)
+        try:
+            done = await commit
+            assert await asyncio.to_thread(sock.poll, int(TIMEOUT * 1000))
+            locked = json.loads(sock.recv())
+            assert locked["id"] == lock_id and locked["ok"] and locked["result"]["was_unlocked"]
+        finally:
+            sock.close(linger=0)
+        assert not done.is_error, error_body(done)
+        body = done.structured_content or {}
+        assert body["status"] == "committed" and body["receipt"].startswith("rcpt_")
+        generated = str(body["generated"])
+        register_secret(generated)
+        apm.ok("unlock")
+        gone = await c.call_tool("tx_status", {"tx_id": tx_id})
+    assert gone.is_error and error_body(gone)["code"] == "TRANSACTION_NOT_FOUND"
+    assert apm.ok("get", "rotated", "--no-newline").stdout == generated
+    assert [r["receipt"] for r in _commits(home, tx_id)] == [body["receipt"]]
+    versions = json.loads(apm.ok("history", "rotated", "--json").stdout)
+    rows = versions["versions"] if isinstance(versions, dict) else versions
+    assert sorted(v["version"] for v in rows) == [0, 1]  # the old value, once
