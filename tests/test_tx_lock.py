@@ -134,3 +134,16 @@ async def test_a_run_in_flight_at_the_lock_stops_before_its_change_and_leaves_no
     done = await twin.body(rec, "add_entry", {"tx_id": tx_id, "approve": True}, mcp=yes)
     assert not done["error"] and done["status"] == "committed", done
     assert twin.secret_of("mid-lock") == AGENT_SECRET
+
+
+@pytest.mark.anyio
+async def test_a_lock_by_an_expired_timer_drops_the_transactions_too(twin: Twin) -> None:
+    """Any call that finds a timer ran out locks the vault on the spot (`OpenVault.get`/`peek`,
+    not the reaper's `flush_and_lock`): that lock drops the transactions as well."""
+    _, agent = twin.session(approve="agent", label="agent")
+    mine = (await twin.ok(agent, "add_entry", _add("timer-entry", AGENT_SECRET)))["tx_id"]
+    assert _plaintext_in_memory(twin, AGENT_SECRET) == [mine]
+    cache = twin.state.cache
+    cache._last_used_mono -= cache.policy.idle.total_seconds() + 1  # the idle timer ran out
+    assert cache.peek() is None
+    assert _plaintext_in_memory(twin, AGENT_SECRET) == []

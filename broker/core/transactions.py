@@ -452,7 +452,7 @@ class TxStore:
         return [t.tx_id for t in self.txs.values() if t.expires_at < cutoff]
 
     def restore(self, docs: dict[str, bytes], closed_by_log: dict[str, str]) -> list[Transaction]:
-        """Replace the surviving transactions in memory with the vault's records (at unlock).
+        """Replace the transactions in memory with the vault's records (at unlock).
 
         `closed_by_log`: tx id -> the last decision the audit log holds for it ("denied",
         "approved", "aborted"), for those recorded after the vault file's anchor.
@@ -462,12 +462,11 @@ class TxStore:
         A transaction a run holds (`committing`: claimed before a lock, its run not ended yet)
         stays as it is, not replaced by its record: the run ends it (it cannot make its change
         any more, `check_run`), so no second copy of it can be claimed meanwhile."""
-        self.epoch += 1  # also if the vault was locked without `lock` (an expired timer)
+        self.epoch += 1
         self.sealed = False
         held = {t.tx_id for t in self.txs.values() if t.state == "committing"}
-        for tx_id in [t.tx_id for t in self.txs.values() if t.must_survive]:
-            if tx_id not in held:
-                del self.txs[tx_id]
+        for tx_id in [t for t in self.txs if t not in held]:  # `lock` left none; kept ones
+            del self.txs[tx_id]  # come from `docs`
         changed: list[Transaction] = []
         for tx_id, raw in docs.items():
             if tx_id in held:

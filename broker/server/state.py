@@ -170,9 +170,7 @@ class State:
     def check_run(self, tx: Transaction) -> Vault:
         """The open vault, if the run holding `tx` may still make its change (no lock since
         its claim); else VAULT_LOCKED (`TxStore.check_run`)."""
-        vault = self.cache.peek()
-        if vault is None:
-            self.txs.lock()  # locked by a timer without `flush_and_lock`: every run ends
+        vault = self.cache.peek()  # locked (also by a timer just now): `txs.lock` ran
         self.txs.check_run(tx)
         if vault is None:  # never: check_run raised
             raise VaultLocked()
@@ -280,6 +278,7 @@ class State:
 
     def __post_init__(self) -> None:
         self.txs = TxStore(self.clock)
+        self.cache.on_lock = self.txs.lock  # every way the vault locks ends the runs in flight
         pending = PendingRevocations(self.paths.state_dir / "pending-revocations.json")
         self.rollback = RollbackGuard(pending)
 
@@ -386,8 +385,7 @@ class State:
         self._reqs = self._reqs_vault = None
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
             self.sync.stop(wait=False)
-        self.txs.lock()  # runs in flight end before their change; plaintext arguments dropped
-        return self.cache.lock()
+        return self.cache.lock()  # on_lock: `txs.lock` (runs in flight end, plaintext dropped)
 
 
 def _landed(vault: Vault, landing: tuple[str, bytes], fn: Callable[..., T], *args: Any) -> T:
