@@ -11,6 +11,7 @@ The same races against a real broker process are in test_tx_lock_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import pytest
 
 import broker.server.daemon  # noqa: F401 - registers every route the real broker serves
+from broker.core.transactions import Transaction
+from broker.core.vault import Vault
 
 from .twin import Twin, twin_of
 
@@ -147,3 +150,44 @@ async def test_a_lock_by_an_expired_timer_drops_the_transactions_too(twin: Twin)
     cache._last_used_mono -= cache.policy.idle.total_seconds() + 1  # the idle timer ran out
     assert cache.peek() is None
     assert _plaintext_in_memory(twin, AGENT_SECRET) == []
+
+
+@pytest.mark.anyio
+async def test_a_decision_whose_save_waits_across_a_lock_and_unlock_is_not_acknowledged(
+    twin: Twin,
+) -> None:
+    """`apm tx approve` decides in memory, then waits for the write lock to save the decision.
+    Meanwhile the vault is locked and unlocked (the unlock restores the transaction from the
+    vault as still waiting). The old decision must not be written into the new vault as if
+    acknowledged while memory says otherwise: the approval answers VAULT_LOCKED."""
+    _, person = twin.session(approve="owner", label="person")
+    await twin.state.persist_sessions()
+    tx_id = (await twin.ok(person, "add_entry", _add("across", OWNER_SECRET)))["tx_id"]
+    state = twin.state
+    async with state.write_lock:  # the approval's save queues behind this
+        approve = asyncio.ensure_future(
+            twin.wire("tx.approve", {"tx_id": tx_id}, password=PASSWORD)
+        )
+        deadline = asyncio.get_running_loop().time() + 30  # a hang guard
+        while not state.write_lock._waiters:  # type: ignore[attr-defined]
+            assert not approve.done(), approve.result()
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0)
+        state.cache.lock()  # as a timer would; then the unlock's steps, under the write lock
+        reopened = await state.kdf(
+            functools.partial(
+                Vault.open, state.paths.vault, bytearray(PASSWORD.encode()), index=False
+            )
+        )
+        state.cache.put(reopened)
+        await state.restore_txs({})
+    answer = await approve
+    listed = await twin.wire("tx.list", {}, password=PASSWORD)
+    assert listed.ok and listed.result is not None
+    status = {t["tx_id"]: t["status"] for t in listed.result["transactions"]}[tx_id]
+    stored = Transaction.from_doc(twin.vault.tx_docs[tx_id]).state
+    if answer.ok:  # acknowledged: memory and the vault both hold it
+        assert status == stored == "approved", (status, stored)
+    else:
+        assert answer.error is not None and answer.error.code == "VAULT_LOCKED", answer.error
+        assert status == stored == "pending", (status, stored)

@@ -229,23 +229,25 @@ class State:
         ):
             return  # already written (e.g. landed with the change)
 
-        def work(vault: Vault) -> None:
-            stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
+        def work(vault: Vault, stale: list[str]) -> None:
             with vault.mutation():
                 vault.tx_docs[tx.tx_id] = doc
                 for t in stale:
                     vault.tx_docs.pop(t, None)
 
         async with self.write_lock:
-            vault = self.cache.peek()  # the one open now: a lock may have come meanwhile
-            if vault is None:
+            # the vault open now, holding this very transaction: a lock may have come meanwhile
+            # (it dropped the transaction; an unlock since restored the vault's record instead)
+            vault = self.cache.peek()
+            if vault is None or self.txs.txs.get(tx.tx_id) is not tx:
                 raise VaultLocked(
                     "the vault was locked before this transaction's change could be saved",
                     hint='unlock it ("apm unlock") and try again: the transaction is as '
                     "the vault holds it",
                     data={"tx_id": tx.tx_id},
                 )
-            await self._io_plain(work, vault)
+            stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
+            await self._io_plain(work, vault, stale)
 
     def tx_decisions_lost(self) -> dict[str, str]:
         """Before the unlock's rollback check saves anything: tx id -> decision, for what the
