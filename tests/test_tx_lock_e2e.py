@@ -111,7 +111,7 @@ async def test_lock_and_unlock_while_the_person_is_asked_never_runs_the_commit_t
         assert second.is_error and error_body(second)["code"] == "TRANSACTION_CLOSED", (
             second.structured_content or error_body(second)
         )
-        assert len(asked) == 1  # the person was asked once
+    assert len(asked) == 1  # the person was asked once: their yes stays with the transaction
     assert names.count("locked-mid") == 1
     assert apm.ok("get", "locked-mid", "--no-newline").stdout == secret
     assert after["status"] == "committed" and after["receipt"] == done["receipt"], after
