@@ -316,3 +316,62 @@ async def test_a_commit_writing_when_the_lock_comes_lands_completely_and_is_repo
     versions = json.loads(apm.ok("history", "rotated", "--json").stdout)
     rows = versions["versions"] if isinstance(versions, dict) else versions
     assert sorted(v["version"] for v in rows) == [0, 1]  # the old value, once
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("space.add", {"name": "late"}),
+        (
+            "entry.add",
+            {"type": "api_key", "name": "late", "secrets": {"key": {"value": "late-Key-0001"}}},
+        ),
+    ],
+    ids=["space.add", "entry.add"],
+)
+async def test_an_owner_write_queued_behind_a_lock_answers_vault_locked(
+    vault: Broker, apm: Apm, home: Path, method: str, params: dict[str, Any]
+) -> None:
+    """Not a transaction: the owner's own write reaches the write lock after `vault.lock`
+    closed the vault it had taken. It answers VAULT_LOCKED and changes nothing."""
+    register_secret("late-Key-0001")
+    addr = f"ipc://{vault.socket}"
+
+    def owner(method: str, params: dict[str, Any]) -> str:
+        with BrokerClient(addr, client_name="owner") as c:
+            try:
+                c.call_raw(method, params, password=SecretStr(PASSWORD))
+            except ApmError as exc:
+                return exc.code
+        return "OK"
+
+    def attempts(m: str) -> int:
+        return sum(
+            1
+            for r in _audit(home)
+            if r.get("event") == "request"
+            and r.get("method") == m
+            and r.get("outcome") == "attempt"
+        )
+
+    with vault_write_held(home):
+        blocker = asyncio.ensure_future(asyncio.to_thread(owner, "space.add", {"name": "other"}))
+        await _until(lambda: attempts("space.add") == 1, "the owner's write never started")
+        sock, lock_id = await asyncio.to_thread(_queue_lock, addr)
+        late = asyncio.ensure_future(asyncio.to_thread(owner, method, params))
+        # its attempt record: it has taken the vault and waits for the write lock
+        want = 2 if method == "space.add" else 1
+        await _until(lambda: attempts(method) == want or late.done(), "no call")
+    try:
+        assert await blocker == "OK"
+        answer = await late
+        assert await asyncio.to_thread(sock.poll, int(TIMEOUT * 1000))
+        assert json.loads(sock.recv())["id"] == lock_id
+    finally:
+        sock.close(linger=0)
+    assert answer == "VAULT_LOCKED", answer
+    apm.ok("unlock")
+    assert "late" not in _names(apm)
+    spaces = {s["name"] for s in json.loads(apm.ok("space", "ls", "--json").stdout)}
+    assert "late" not in spaces and "other" in spaces
