@@ -359,6 +359,8 @@ async def test_only_the_change_itself_carries_the_committed_mark(booted: Restart
     tx_id = (await twin.ok(rec, "add_entry", ADD))["tx_id"]
     tx = twin.state.txs.get(tx_id, None)
     before = twin.vault.tx_docs[tx_id]
+    twin.state.txs.owner_decide(tx_id, True, None)  # as a run would hold it: approved, claimed
+    assert twin.state.txs.claim(tx)
     with pytest.raises(ApmError), twin.state.landing(tx, "rcpt_x"):
         await twin.state.io(twin.vault.space_add, "default")  # exists: refused
     assert twin.vault.tx_docs[tx_id] == before

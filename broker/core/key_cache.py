@@ -2,7 +2,9 @@
 
 Rules:
 - Time is injected (`monotonic`), so expiry is testable without sleeping.
-- Locking closes the vault: the DEK bytearray is zeroed and decrypted state dropped.
+- Locking closes the vault: the DEK bytearray is zeroed and decrypted state dropped. Every
+  way it locks (a command, a timer found expired by any call, a shutdown) runs `on_lock`, so
+  state kept beside the vault (the broker's transactions) is dropped with it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class OpenVault:
         self._last_used_mono = 0.0
         self.unlocked_at: datetime | None = None
         self.mlocked = False
+        self.on_lock: Callable[[], object] | None = None  # after the vault is closed
 
     @property
     def unlocked(self) -> bool:
@@ -96,7 +99,11 @@ class OpenVault:
         self.unlocked_at = None
         if vault is None:
             return False
-        vault.close()
+        try:
+            vault.close()
+        finally:
+            if self.on_lock is not None:
+                self.on_lock()
         return True
 
     def seconds_to_lock(self) -> float | None:

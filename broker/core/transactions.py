@@ -26,6 +26,16 @@ Rules:
   `committing` lives in memory only: the stored record keeps the state before the claim, so a
   crash mid-run leaves the transaction as it was, or `committed` if its change landed (the mark
   lands with it): never run twice, never lost.
+- A run belongs to the unlock it was claimed in. A vault lock (`TxStore.lock`) ends it: a run
+  whose change has not started its write stops with VAULT_LOCKED (`check_run`, checked under
+  the write lock right before the change, so a lock waits for a write in progress and that one
+  lands completely) and is released. The unlock's `restore` never replaces a claimed
+  transaction with its stored record (the run still holds it and ends it), so a lock + unlock
+  mid-commit cannot hand out a second, unclaimed copy of it.
+- A lock drops every transaction from memory (their arguments hold secret values in
+  plaintext); one claimed by a run is dropped when the run ends. Those a person decides come
+  back from the vault at unlock; an `agent`-policy preview is gone, as after a restart: the
+  agent previews again.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from broker.wire.errors import (
     TransactionClosed,
     TransactionExpired,
     TransactionNotFound,
+    VaultLocked,
 )
 from broker.wire.protocol import TxInfo, TxSummary
 
@@ -91,6 +102,7 @@ class Transaction:
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"generated": the new value}
     origin: Literal["tool", "wire"] = "tool"  # "wire": held by the gate; approving executes it
     resume: TxState | None = None  # while `committing`: the state a run that stops returns it to
+    epoch: int | None = None  # while `committing`: the store's unlock epoch the run claimed it in
 
     @property
     def standing(self) -> TxState:
@@ -255,6 +267,8 @@ class TxStore:
         self.clock = clock
         self.ttl = ttl
         self.txs: dict[str, Transaction] = {}
+        self.epoch = 0  # advances at every lock and every restore (unlock): a run's claim is one's
+        self.sealed = False  # locked: a run that ends drops its transaction from memory
 
     def create(self, **kw: Any) -> Transaction:
         now = self.clock()
@@ -329,7 +343,20 @@ class TxStore:
             return False
         tx.resume = tx.state
         tx.state = "committing"
+        tx.epoch = self.epoch
         return True
+
+    def check_run(self, tx: Transaction) -> None:
+        """May the run holding `tx` make its change now? VAULT_LOCKED if the vault was locked
+        (and maybe unlocked again) since the claim: the run then stops and is released.
+        Synchronous; the change's write must follow without an await in between."""
+        if tx.state != "committing" or tx.epoch != self.epoch or self.sealed:
+            raise VaultLocked(
+                "the vault was locked while this transaction was being committed; "
+                "nothing was changed",
+                hint='unlock it ("apm unlock") and commit again: the transaction is as it was',
+                data={"tx_id": tx.tx_id},
+            )
 
     def release(self, tx: Transaction) -> None:
         """The run that claimed `tx` stopped before its change: it is as before the claim
@@ -337,6 +364,25 @@ class TxStore:
         if tx.state == "committing":
             tx.state = tx.resume or "pending"
         tx.resume = None
+        tx.epoch = None
+        self._ended(tx)
+
+    def _ended(self, tx: Transaction) -> None:
+        """A run ended: while locked its transaction leaves memory (restored at unlock if kept
+        in the vault)."""
+        if self.sealed and self.txs.get(tx.tx_id) is tx:
+            del self.txs[tx.tx_id]
+
+    def lock(self) -> int:
+        """The vault is being locked: every run in flight is ended (`check_run`), and every
+        transaction no run holds is dropped from memory with its plaintext arguments. Returns
+        how many were dropped."""
+        self.epoch += 1
+        self.sealed = True
+        gone = [t.tx_id for t in self.txs.values() if t.state != "committing"]
+        for tx_id in gone:
+            del self.txs[tx_id]
+        return len(gone)
 
     def owner_decide(self, tx_id: str, approve: bool, reason: str | None) -> Transaction:
         tx = self.get(tx_id, None)
@@ -372,7 +418,9 @@ class TxStore:
         """The entry or space changed since the preview: this transaction can never run."""
         tx.state = "aborted"
         tx.resume = None
+        tx.epoch = None
         tx.decided_reason = reason
+        self._ended(tx)
 
     def abort(self, tx_id: str, accessor: str) -> Transaction:
         tx = self.get(tx_id, accessor)
@@ -391,8 +439,10 @@ class TxStore:
     def committed(self, tx: Transaction, receipt: str, at: datetime | None = None) -> None:
         tx.state = "committed"
         tx.resume = None
+        tx.epoch = None
         tx.receipt = receipt
         tx.committed_at = at or self.clock()
+        self._ended(tx)
 
     # ------------------------------------------------------------------ persistence
 
@@ -402,16 +452,25 @@ class TxStore:
         return [t.tx_id for t in self.txs.values() if t.expires_at < cutoff]
 
     def restore(self, docs: dict[str, bytes], closed_by_log: dict[str, str]) -> list[Transaction]:
-        """Replace the surviving transactions in memory with the vault's records (at unlock).
+        """Replace the transactions in memory with the vault's records (at unlock).
 
         `closed_by_log`: tx id -> the last decision the audit log holds for it ("denied",
         "approved", "aborted"), for those recorded after the vault file's anchor.
         A record that is still open there was rolled back: it is closed, never run. Returns
-        the transactions whose record must be written again."""
-        for tx_id in [t.tx_id for t in self.txs.values() if t.must_survive]:
-            del self.txs[tx_id]
+        the transactions whose record must be written again.
+
+        A transaction a run holds (`committing`: claimed before a lock, its run not ended yet)
+        stays as it is, not replaced by its record: the run ends it (it cannot make its change
+        any more, `check_run`), so no second copy of it can be claimed meanwhile."""
+        self.epoch += 1
+        self.sealed = False
+        held = {t.tx_id for t in self.txs.values() if t.state == "committing"}
+        for tx_id in [t for t in self.txs if t not in held]:  # `lock` left none; kept ones
+            del self.txs[tx_id]  # come from `docs`
         changed: list[Transaction] = []
         for tx_id, raw in docs.items():
+            if tx_id in held:
+                continue
             try:
                 tx = Transaction.from_doc(raw)
             except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:

@@ -68,6 +68,7 @@ from broker.wire.errors import (
     SpaceNotEmpty,
     SpaceNotFound,
     VaultCorrupt,
+    VaultLocked,
 )
 
 from . import crypto, totp, vault_db, vault_file
@@ -656,7 +657,10 @@ class Vault:
 
     @contextlib.contextmanager
     def mutation(self) -> Iterator[None]:
-        """Apply a change and save it; on any failure restore the previous state."""
+        """Apply a change and save it; on any failure restore the previous state. A closed
+        (locked) vault refuses with VAULT_LOCKED: a write that took it before a lock."""
+        if self._closed:
+            raise VaultLocked("the vault was locked before this change was written")
         spaces, extra, head = list(self.spaces), dict(self.extra), self.audit_head
         tx_docs = dict(self.tx_docs)
         try:
@@ -1497,6 +1501,8 @@ class Vault:
             raise VaultCorrupt("a sealed field failed authentication") from exc
 
     def _seal(self, entry_id: str, field: str, value: str) -> str:
+        if self._closed:  # a change that took the vault before a lock (as `mutation`)
+            raise VaultLocked("the vault was locked before this change was written")
         blob = self._cipher.seal(value.encode(), _field_ad(entry_id, field))
         return base64.b64encode(blob).decode()
 

@@ -315,6 +315,7 @@ async def _run_claimed(ctx: Context, tx: Transaction, op: Operation) -> tuple[Ba
             if current is None or current.updated_at != tx.base_updated_at:
                 await _conflicted(ctx, tx)
                 raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
+        state.check_run(tx)  # a lock since the claim (the person was asked meanwhile) ends it
         state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
         try:
             # the handler re-checks `expect_updated_at` under the write lock: nothing slips

@@ -26,6 +26,7 @@ from broker.core.sessions import PendingRevocations, SessionRecord, SessionStore
 from broker.core.transactions import Transaction, TxStore
 from broker.core.vault import Vault, utcnow
 from broker.paths import Paths
+from broker.wire.errors import VaultLocked
 
 from .approval_links import ApprovalLinks
 from .notify import Notifier
@@ -33,9 +34,11 @@ from .peer import Peer
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
-# (tx id, its `committed` record): set while an approved transaction executes, so the vault
-# commit that makes its change writes the record too, in the same SQLite transaction
-_LANDING: contextvars.ContextVar[tuple[str, bytes] | None] = contextvars.ContextVar(
+# (the transaction, its `committed` record if it is kept in the vault): set while an approved
+# transaction executes, so its change is made only while the run's claim holds (no lock came
+# since, `TxStore.check_run`) and the vault commit that makes it writes the record too, in the
+# same SQLite transaction
+_LANDING: contextvars.ContextVar[tuple[Transaction, bytes | None] | None] = contextvars.ContextVar(
     "apm_tx_landing", default=None
 )
 
@@ -150,14 +153,28 @@ class State:
         return await asyncio.get_running_loop().run_in_executor(self.kdf_pool, fn, *args)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
-        """Durable writes run one at a time, off the event loop."""
+        """Durable writes run one at a time, off the event loop. A transaction's change (its
+        run holds the write lock here) is made only if no lock came since the run's claim,
+        else VAULT_LOCKED and nothing is written."""
         landing = _LANDING.get()
-        vault = self.cache.peek()
-        if landing is not None and vault is not None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.io_pool, _landed, vault, landing, fn, *args
-            )
-        return await self._io_plain(fn, *args)
+        if landing is None:
+            return await self._io_plain(fn, *args)
+        tx, doc = landing
+        vault = self.check_run(tx)
+        if doc is None:
+            return await self._io_plain(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.io_pool, _landed, vault, (tx.tx_id, doc), fn, *args
+        )
+
+    def check_run(self, tx: Transaction) -> Vault:
+        """The open vault, if the run holding `tx` may still make its change (no lock since
+        its claim); else VAULT_LOCKED (`TxStore.check_run`)."""
+        vault = self.cache.peek()  # locked (also by a timer just now): `txs.lock` ran
+        self.txs.check_run(tx)
+        if vault is None:  # never: check_run raised
+            raise VaultLocked()
+        return vault
 
     async def _io_plain(self, fn: Callable[..., T], *args: Any) -> T:
         """`io` that never carries a landing transaction's record: for the broker's own
@@ -170,13 +187,11 @@ class State:
     def landing(self, tx: Transaction, receipt: str) -> Iterator[datetime]:
         """Around the execution of an approved transaction: the vault commit that makes its
         change also writes its `committed` record (one SQLite transaction: after a crash the
-        change and the mark are both there or both not, never one). Yields the commit time to
-        pass to `txs.committed`."""
+        change and the mark are both there or both not, never one), and only while the run's
+        claim holds (`io`: VAULT_LOCKED if a lock came since). Yields the commit time to pass
+        to `txs.committed`."""
         at = self.clock()
-        if not tx.must_survive:
-            yield at
-            return
-        token = _LANDING.set((tx.tx_id, tx.landed(receipt, at)))
+        token = _LANDING.set((tx, tx.landed(receipt, at) if tx.must_survive else None))
         try:
             yield at
         finally:
@@ -198,23 +213,41 @@ class State:
 
     async def save_tx(self, tx: Transaction) -> None:
         """Write a surviving transaction's record durably (and drop stale ones in the same
-        commit); raises StorageError, the caller's operation then fails."""
+        commit); raises StorageError, the caller's operation then fails, and VAULT_LOCKED if
+        the vault was locked before the record could be written (a decision the vault does
+        not hold is never acknowledged: the unlock restores what the vault says)."""
+        if not tx.must_survive:
+            return
         vault = self.cache.peek()
-        if vault is None or not tx.must_survive or vault.format < 2:
+        if vault is not None and vault.format < 2:
             return
         doc = tx.to_doc()
-        stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
-        if vault.tx_docs.get(tx.tx_id) == doc and not stale:
+        if (
+            vault is not None
+            and vault.tx_docs.get(tx.tx_id) == doc
+            and not any(t in vault.tx_docs for t in self.txs.stale(self.clock()))
+        ):
             return  # already written (e.g. landed with the change)
 
-        def work() -> None:
+        def work(vault: Vault, stale: list[str]) -> None:
             with vault.mutation():
                 vault.tx_docs[tx.tx_id] = doc
                 for t in stale:
                     vault.tx_docs.pop(t, None)
 
         async with self.write_lock:
-            await self._io_plain(work)
+            # the vault open now, holding this very transaction: a lock may have come meanwhile
+            # (it dropped the transaction; an unlock since restored the vault's record instead)
+            vault = self.cache.peek()
+            if vault is None or self.txs.txs.get(tx.tx_id) is not tx:
+                raise VaultLocked(
+                    "the vault was locked before this transaction's change could be saved",
+                    hint='unlock it ("apm unlock") and try again: the transaction is as '
+                    "the vault holds it",
+                    data={"tx_id": tx.tx_id},
+                )
+            stale = [t for t in self.txs.stale(self.clock()) if t in vault.tx_docs]
+            await self._io_plain(work, vault, stale)
 
     def tx_decisions_lost(self) -> dict[str, str]:
         """Before the unlock's rollback check saves anything: tx id -> decision, for what the
@@ -247,6 +280,7 @@ class State:
 
     def __post_init__(self) -> None:
         self.txs = TxStore(self.clock)
+        self.cache.on_lock = self.txs.lock  # every way the vault locks ends the runs in flight
         pending = PendingRevocations(self.paths.state_dir / "pending-revocations.json")
         self.rollback = RollbackGuard(pending)
 
@@ -353,7 +387,7 @@ class State:
         self._reqs = self._reqs_vault = None
         if self.sync is not None:  # replication stops and its keys are zeroed with the vault's
             self.sync.stop(wait=False)
-        return self.cache.lock()
+        return self.cache.lock()  # on_lock: `txs.lock` (runs in flight end, plaintext dropped)
 
 
 def _landed(vault: Vault, landing: tuple[str, bytes], fn: Callable[..., T], *args: Any) -> T:
