@@ -361,13 +361,18 @@ async def test_only_the_change_itself_carries_the_committed_mark(booted: Restart
     before = twin.vault.tx_docs[tx_id]
     twin.state.txs.owner_decide(tx_id, True, None)  # as a run would hold it: approved, claimed
     assert twin.state.txs.claim(tx)
-    with pytest.raises(ApmError), twin.state.landing(tx, "rcpt_x"):
+    announced: list[str] = []
+    with pytest.raises(ApmError), twin.state.landing(tx, "rcpt_x", lambda: announced.append("a")):
         await twin.state.io(twin.vault.space_add, "default")  # exists: refused
     assert twin.vault.tx_docs[tx_id] == before
-    with twin.state.landing(tx, "rcpt_x"):
+    assert announced == ["a"]  # the change was tried: its tx.commit record precedes it
+    with twin.state.landing(tx, "rcpt_x", lambda: announced.append("b")):
         await twin.state.persist_sessions()
         assert twin.vault.tx_docs[tx_id] == before
+        assert announced == ["a"]  # the broker's own save is not the change
         await twin.state.io(twin.vault.space_add, "x")
+        await twin.state.io(twin.vault.space_add, "y")
+    assert announced == ["a", "b"]  # once per run, however many writes it makes
     twin = await booted.restart(crash=True)
     assert stored(twin)[tx_id].state == "committed" and stored(twin)[tx_id].receipt == "rcpt_x"
     assert "x" in twin.vault.spaces

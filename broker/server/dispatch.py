@@ -273,8 +273,9 @@ async def execute(ctx: Context, tx: Transaction) -> tuple[BaseModel, str] | None
     (`TxStore.claim`, before its first await: a concurrent commit or approval of the same
     transaction gets TRANSACTION_CLOSED), then the approval its policy names (approval.settle;
     None while it awaits the owner, unclaimed), a conflict check against the entry it was
-    previewed from, the audit record naming it and its receipt (before the change: if it
-    cannot be written nothing runs), and the operation it names with exactly the stored params.
+    previewed from, and the operation it names with exactly the stored params; the audit record
+    naming it and its receipt is written under the write lock once no lock came since the claim,
+    right before the change (`State.io`: if it cannot be written nothing runs).
     Returns (result, receipt). A conflict closes it (TRANSACTION_CONFLICT); a run that stops
     before its change releases it as it was; one whose change landed leaves it committed."""
     from .approval import settle
@@ -316,11 +317,14 @@ async def _run_claimed(ctx: Context, tx: Transaction, op: Operation) -> tuple[Ba
                 await _conflicted(ctx, tx)
                 raise TransactionConflict(data={"tx_id": tx.tx_id, "entry": tx.entry_id})
         state.check_run(tx)  # a lock since the claim (the person was asked meanwhile) ends it
-        state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+
+        def announce() -> None:  # `io` writes it under the write lock, right before the change
+            state.record("tx.commit", ctx, tx=tx.tx_id, receipt=receipt, tool=tx.tool, hash=tx.hash)
+
         try:
             # the handler re-checks `expect_updated_at` under the write lock: nothing slips
             # between; its `committed` record lands with the change
-            with state.landing(tx, receipt) as at:
+            with state.landing(tx, receipt, announce) as at:
                 landed = at
                 result = await invoke(ctx, op, tx.params, tx=tx)
         except TransactionConflict:

@@ -34,11 +34,28 @@ from .peer import Peer
 
 log = logging.getLogger("apm.broker")
 T = TypeVar("T")
-# (the transaction, its `committed` record if it is kept in the vault): set while an approved
-# transaction executes, so its change is made only while the run's claim holds (no lock came
-# since, `TxStore.check_run`) and the vault commit that makes it writes the record too, in the
-# same SQLite transaction
-_LANDING: contextvars.ContextVar[tuple[Transaction, bytes | None] | None] = contextvars.ContextVar(
+
+
+@dataclass
+class _Landing:
+    """Set while an approved transaction executes, so its change is made only while the run's
+    claim holds (no lock came since, `TxStore.check_run`), its `tx.commit` audit record is
+    written right then (under the write lock, just before the change: a run the lock stopped
+    never wrote one), and the vault commit that makes the change writes the transaction's
+    `committed` record too (`doc`, if it is kept in the vault), in the same SQLite transaction."""
+
+    tx: Transaction
+    doc: bytes | None
+    announce: Callable[[], None]  # writes the `tx.commit` record; raises StorageError
+    announced: bool = False
+
+    def announce_once(self) -> None:
+        if not self.announced:
+            self.announce()  # if it cannot be written, nothing runs
+            self.announced = True
+
+
+_LANDING: contextvars.ContextVar[_Landing | None] = contextvars.ContextVar(
     "apm_tx_landing", default=None
 )
 
@@ -155,16 +172,17 @@ class State:
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         """Durable writes run one at a time, off the event loop. A transaction's change (its
         run holds the write lock here) is made only if no lock came since the run's claim,
-        else VAULT_LOCKED and nothing is written."""
+        else VAULT_LOCKED and nothing is written, not even its `tx.commit` audit record: that
+        one is written here, after the check and before the change (no await between)."""
         landing = _LANDING.get()
         if landing is None:
             return await self._io_plain(fn, *args)
-        tx, doc = landing
-        vault = self.check_run(tx)
-        if doc is None:
+        vault = self.check_run(landing.tx)
+        landing.announce_once()
+        if landing.doc is None:
             return await self._io_plain(fn, *args)
         return await asyncio.get_running_loop().run_in_executor(
-            self.io_pool, _landed, vault, (tx.tx_id, doc), fn, *args
+            self.io_pool, _landed, vault, (landing.tx.tx_id, landing.doc), fn, *args
         )
 
     def check_run(self, tx: Transaction) -> Vault:
@@ -184,18 +202,24 @@ class State:
     # ------------------------------------------------------------------ transactions kept
 
     @contextlib.contextmanager
-    def landing(self, tx: Transaction, receipt: str) -> Iterator[datetime]:
+    def landing(
+        self, tx: Transaction, receipt: str, announce: Callable[[], None]
+    ) -> Iterator[datetime]:
         """Around the execution of an approved transaction: the vault commit that makes its
         change also writes its `committed` record (one SQLite transaction: after a crash the
         change and the mark are both there or both not, never one), and only while the run's
-        claim holds (`io`: VAULT_LOCKED if a lock came since). Yields the commit time to pass
-        to `txs.committed`."""
+        claim holds (`io`: VAULT_LOCKED if a lock came since). `announce` writes the run's
+        `tx.commit` audit record: `io` calls it once, after that check, right before the
+        change; a change made without `io` (none today writes the vault so) calls it when the
+        block ends without an error. Yields the commit time to pass to `txs.committed`."""
         at = self.clock()
-        token = _LANDING.set((tx, tx.landed(receipt, at) if tx.must_survive else None))
+        landing = _Landing(tx, tx.landed(receipt, at) if tx.must_survive else None, announce)
+        token = _LANDING.set(landing)
         try:
             yield at
         finally:
             _LANDING.reset(token)
+        landing.announce_once()  # reached only without an error: the change was made
 
     def has_landed(self, tx: Transaction, receipt: str) -> bool:
         """Did the change of a surviving transaction run with `receipt` land (its `committed`
