@@ -2,7 +2,9 @@
 
 Rules:
 - Logs go to stderr and `<state dir>/broker.log` (0600) and never contain a secret.
-- SIGTERM/SIGINT: lock, close the socket, remove the socket file, exit 0.
+- SIGTERM/SIGINT: lock, close the socket, remove the socket file, exit 0. The lock takes the
+  write lock first (`_lock_for_shutdown`): a write in progress lands completely, one queued
+  behind it finds the vault closed and answers VAULT_LOCKED.
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ _ = (
 
 
 MAX_TIMEOUT = timedelta(days=3660)
+# How long a shutdown waits for the write lock. A write holding it waits at most SQLite's busy
+# timeout (5 s, vault_db) for another process holding the database, and then fails; 15 s covers
+# that, the write itself and the metadata snapshot (~1 s at 100k entries), and stays far below
+# a service manager's stop timeout (systemd's default 90 s) so the shutdown still locks the
+# vault and exits 0 itself rather than being killed with the key in memory.
+SHUTDOWN_WRITE_WAIT = 15.0
+# After the lock: how long requests still in flight get to answer (those queued behind the
+# write lock answer VAULT_LOCKED at once; one waiting for a person's answer is cut off)
+SHUTDOWN_ANSWER_WAIT = 2.0
 
 
 @dataclass(frozen=True)
@@ -223,11 +234,33 @@ async def _reaper(state: State) -> None:
                         state.record("vault.lock", reason="timeout")
 
 
-async def _serve(state: State, transport: Transport) -> None:
+async def _lock_for_shutdown(state: State) -> bool:
+    """`flush_and_lock` under the write lock, as its rule says: a write in progress (its
+    handler holds the write lock) lands completely first, and one queued behind it gets the
+    lock after the vault is closed (VAULT_LOCKED, nothing written). Bounded by
+    SHUTDOWN_WRITE_WAIT: a shutdown never hangs; past it the vault is locked without the
+    write lock (the closed vault still refuses a later write) and a warning is logged."""
+    try:
+        await asyncio.wait_for(state.write_lock.acquire(), SHUTDOWN_WRITE_WAIT)
+    except TimeoutError:
+        log.warning(
+            "a write held the write lock for %.0f s at shutdown; locking without it",
+            SHUTDOWN_WRITE_WAIT,
+        )
+        return await state.flush_and_lock()
+    try:
+        return await state.flush_and_lock()
+    finally:
+        state.write_lock.release()
+
+
+async def _serve(
+    state: State, transport: Transport, pending: set[asyncio.Task[None]] | None = None
+) -> None:
     """Receive until cancelled: MCP frames inline (one connection's frames stay in order),
-    wire requests each in a task of its own."""
+    wire requests each in a task of its own (kept in `pending` until they answered)."""
     uid = os.getuid()
-    pending: set[asyncio.Task[None]] = set()
+    pending = set() if pending is None else pending
 
     async def one(identity: bytes, raw: bytes, peer: Peer) -> None:
         transport.send(identity, await dispatch.handle(state, raw, peer, identity))
@@ -399,7 +432,8 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         loop.add_signal_handler(sig, state.shutdown.set)
     log.info("apm-broker %s listening on %s (pid %d)", __version__, p.broker_addr, os.getpid())
     sd_notify.notify(f"READY=1\nSTATUS=listening on {p.broker_addr}\nMAINPID={os.getpid()}")
-    serve = asyncio.create_task(_serve(state, transport))
+    in_flight: set[asyncio.Task[None]] = set()  # wire requests not answered yet
+    serve = asyncio.create_task(_serve(state, transport, in_flight))
     reaper = asyncio.create_task(_reaper(state))
     try:
         await state.shutdown.wait()
@@ -414,7 +448,10 @@ async def run(p: paths.Paths, config: Config, http: HttpOptions | None = None) -
         host = state._mcp_host.result() if state._mcp_host.done() else None
         if host is not None:
             await host.close_all()
-        was = await state.flush_and_lock()
+        log.info("stopping: locking the vault once the write in progress (if any) ends")
+        was = await _lock_for_shutdown(state)
+        if in_flight:  # queued behind the write lock: they answer VAULT_LOCKED now
+            await asyncio.wait(set(in_flight), timeout=SHUTDOWN_ANSWER_WAIT)
         with contextlib.suppress(Exception):
             state.record("broker.stop", was_unlocked=was)
         state.audit.close()
