@@ -439,3 +439,62 @@ async def test_sigterm_while_writes_are_in_progress_lands_them_and_the_vault_ope
         n for n, a in answers.items() if a == "OK"
     }, (spaces, answers)
     assert apm("audit", "verify").returncode == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("method", ["session.create", "session.revoke"])
+async def test_a_session_change_queued_behind_a_lock_answers_vault_locked_and_loses_nothing(
+    vault: Broker, apm: Apm, home: Path, method: str
+) -> None:
+    """`persist_sessions` takes the vault before it waits for the write lock: a session
+    created or revoked by the owner whose save the lock overtook answers VAULT_LOCKED (never
+    INTERNAL_ERROR, never OK), and after unlock the sessions are what the answers said: no
+    session created, the one not revoked still works (its revocation was refused, not lost)."""
+    token = _delegate(apm, "--scope", "read", "--label", "kept")
+    before = {s["accessor"] for s in json.loads(apm.ok("session", "ls", "--json").stdout)}
+    (accessor,) = before
+    addr = f"ipc://{vault.socket}"
+    params: dict[str, Any] = (
+        {"ttl_seconds": 3600, "scope": "read", "label": "late"}
+        if method == "session.create"
+        else {"accessor": accessor}
+    )
+
+    def owner(method: str, params: dict[str, Any]) -> str:
+        with BrokerClient(addr, client_name="owner") as c:
+            try:
+                c.call_raw(method, params, password=SecretStr(PASSWORD))
+            except ApmError as exc:
+                return exc.code
+        return "OK"
+
+    def attempts(m: str) -> int:
+        return sum(
+            1
+            for r in _audit(home)
+            if r.get("event") == "request"
+            and r.get("method") == m
+            and r.get("outcome") == "attempt"
+        )
+
+    with vault_write_held(home):
+        blocker = asyncio.ensure_future(asyncio.to_thread(owner, "space.add", {"name": "other"}))
+        await _until(lambda: attempts("space.add") == 1, "the owner's write never started")
+        sock, lock_id = await asyncio.to_thread(_queue_lock, addr)
+        late = asyncio.ensure_future(asyncio.to_thread(owner, method, params))
+        # its attempt record: it changed the sessions in memory and waits for the write lock
+        await _until(lambda: attempts(method) == 1 or late.done(), "no call")
+    try:
+        assert await blocker == "OK"
+        answer = await late
+        assert await asyncio.to_thread(sock.poll, int(TIMEOUT * 1000))
+        assert json.loads(sock.recv())["id"] == lock_id
+    finally:
+        sock.close(linger=0)
+    assert answer == "VAULT_LOCKED", answer
+    apm.ok("unlock")
+    after = json.loads(apm.ok("session", "ls", "--json").stdout)
+    assert {s["accessor"] for s in after} == before, after
+    assert [s["state"] for s in after] == ["active"], after
+    with BrokerClient(addr, client_name="agent") as c:  # the session still works
+        c.call_raw("entry.list", {}, token=SecretStr(token))

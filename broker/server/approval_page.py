@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from broker.core.vault import Vault
 from broker.wire.display import args_lines, escape
 from broker.wire.errors import ApmError, PermissionDenied
 from broker.wire.protocol import Auth, RequestDecideParams, TxDecideParams
@@ -352,14 +353,13 @@ class Page:
         record = self._passkeys().verify_registration(
             credential, challenge, origin, form.get("label", "passkey"), state.clock()
         )
-        vault = state.cache.get()
 
-        def work() -> None:
+        def work(vault: Vault) -> None:
             with vault.mutation():
                 vault.extra["passkeys"] = [*self._passkeys().stored(vault), record]
 
-        async with state.write_lock:
-            await state.io(work)
+        # the vault open once the write lock is free (VAULT_LOCKED if a lock came first)
+        await state.vault_write(work)
         state.links.drop("passkey", link.item)
         state.record("passkey.added", self._ctx(None), label=record["label"])
         return _status("done", "passkey registered", 200)
@@ -386,6 +386,7 @@ class Page:
                     ]
 
             async with state.write_lock:
+                state.still_open(vault)  # VAULT_LOCKED if a lock came while it waited
                 await state.io(work)
 
         return verify

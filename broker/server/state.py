@@ -347,7 +347,9 @@ class State:
     async def persist_sessions(self, *, locked: bool = False) -> None:
         """Write sessions and access requests into the vault, durably (no secrets in either).
 
-        `locked`: the caller already holds write_lock.
+        `locked`: the caller already holds write_lock. VAULT_LOCKED if a lock came before the
+        write lock was free (the sessions in memory were of the vault it closed, dropped with
+        it: the unlock restores what the vault holds, so the caller's change is refused).
         """
         vault = self.cache.get()
         store = self.sessions()
@@ -362,8 +364,26 @@ class State:
             await self._io_plain(work)
         else:
             async with self.write_lock:
+                self.still_open(vault)
                 await self._io_plain(work)
         store.dirty = False
+
+    def still_open(self, vault: Vault) -> None:
+        """Under the write lock: `vault`, taken before waiting for it, is still the open one
+        (no lock, nor lock + unlock, came meanwhile); else VAULT_LOCKED, nothing written."""
+        if self.cache.peek() is not vault:
+            raise VaultLocked(
+                "the vault was locked before this change could be saved; nothing was changed",
+                hint='unlock it ("apm unlock") and try again',
+            )
+
+    async def vault_write(self, work: Callable[[Vault], None]) -> None:
+        """Run `work(vault)` (a vault mutation) under the write lock on the vault open then:
+        for a write whose caller took the vault before waiting (VAULT_LOCKED if it was locked
+        meanwhile, never a write into a closed or another vault)."""
+        async with self.write_lock:
+            vault = self.cache.get()
+            await self.io(work, vault)
 
     def peer_exe(self, peer: Peer) -> str | None:
         if peer.pid is None:
