@@ -359,6 +359,7 @@ class Page:
                 vault.extra["passkeys"] = [*self._passkeys().stored(vault), record]
 
         # the vault open once the write lock is free (VAULT_LOCKED if a lock came first)
+        log.debug("passkey registration verified; saving it")
         await state.vault_write(work)
         state.links.drop("passkey", link.item)
         state.record("passkey.added", self._ctx(None), label=record["label"])
