@@ -146,13 +146,21 @@ def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
     than once (a field holding it), the fields are serialized apart. The encoder escapes
     every non-ASCII character, so the line's text and its bytes are the same.
     """
-    raw = _ENCODE({**doc, "mac": _MAC_MARK}).encode()
+    mac, line = _seal_marked(key, {**doc, "mac": _MAC_MARK})
+    return mac, line[:-1]
+
+
+def _seal_marked(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
+    """`_seal` of a record whose `mac` already holds the placeholder (the log builds it so:
+    no copy of the record per call); the line comes with its newline."""
+    raw = _ENCODE(doc).encode()
     i = raw.find(_MAC_SLOT_B)
     j = i + len(_MAC_SLOT_B)
     if i < 0 or raw.find(_MAC_SLOT_B, j) >= 0:
-        return _seal_apart(key, doc)
+        mac, line = _seal_apart(key, {k: v for k, v in doc.items() if k != "mac"})
+        return mac, line + b"\n"
     if key is None:
-        return None, raw[:i] + b'"mac":null' + raw[j:]
+        return None, b"".join((raw[:i], b'"mac":null', raw[j:], b"\n"))
     view = memoryview(raw)  # the line without `"mac":…` and the comma that joined it
     if raw[j] == _COMMA:
         mac = _hmac_for(key).hexdigest(view[:i], view[j + 1 :])
@@ -160,7 +168,7 @@ def _seal(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
         mac = _hmac_for(key).hexdigest(view[: i - 1], view[j:])
     else:
         mac = _hmac_for(key).hexdigest(view[:i], view[j:])
-    return mac, b"".join((raw[:i], b'"mac":"', mac.encode(), b'"', raw[j:]))
+    return mac, b"".join((raw[:i], b'"mac":"', mac.encode(), b'"', raw[j:], b"\n"))
 
 
 def _seal_apart(key: bytes | None, doc: dict[str, Any]) -> tuple[str | None, bytes]:
@@ -385,21 +393,24 @@ class AuditLog:
             "seq": self.seq + 1,
             "ts": _now_iso() if self.clock is _DEFAULT_CLOCK else _iso(self.clock()),
             "event": event,
-            **{k: v for k, v in fields.items() if v is not None},
-            "prev": self.prev,
         }
-        doc["mac"], line = _seal(self.key, doc)
+        for k, v in fields.items():
+            if v is not None:
+                doc[k] = v
+        doc["prev"] = self.prev
+        doc["mac"] = _MAC_MARK  # (replaced by the MAC below: the record is not copied)
+        doc["mac"], line = _seal_marked(self.key, doc)
         try:
             if self._fh is None:
                 raise OSError("audit log is not open")
-            self._fh.write(line + b"\n")
+            self._fh.write(line)
         except OSError as exc:
             raise StorageError(
                 "cannot write the audit log; the operation was refused",
                 hint=f"check free space and permissions of {self.path.parent}",
             ) from exc
         self.seq += 1
-        self.prev = hashlib.sha256(line).hexdigest()
+        self.prev = hashlib.sha256(memoryview(line)[:-1]).hexdigest()
         if event in _JOURNALED:
             self.journal.note(doc)
         if self.defer is None:

@@ -398,17 +398,22 @@ class State:
 
     def record(self, event: str, ctx: Caller | None = None, **fields: Any) -> None:
         """Append an audit record; raises StorageError so the caller refuses the operation."""
-        if self.audit is None:
+        audit = self.audit
+        if audit is None:
             return
-        if ctx is not None:
-            fields.setdefault("pid", ctx.peer.pid)
-            fields.setdefault("exe", ctx.exe if ctx.exe is not None else self.peer_exe(ctx.peer))
-            if ctx.session is not None:
-                fields.setdefault("session", ctx.session.accessor)
-                fields.setdefault("label", ctx.session.label or None)
+        if ctx is not None:  # the caller's fields, unless `fields` names them itself
+            peer, exe, rec = ctx.peer, ctx.exe, ctx.session
+            if exe is None:
+                exe = self.peer_exe(peer)
+            who: dict[str, Any] = {"pid": peer.pid, "exe": exe}
+            if rec is not None:
+                who["session"] = rec.accessor
+                who["label"] = rec.label or None
             else:
-                fields.setdefault("actor", "owner" if ctx.owner_proven else None)
-        self.audit.append(event, **fields)
+                who["actor"] = "owner" if ctx.owner_proven else None
+            who.update(fields)
+            fields = who
+        audit.append(event, **fields)
 
     async def flush_and_lock(self) -> bool:
         """Lock the vault, first saving session usage counters (best effort). Hold write_lock."""
