@@ -693,3 +693,35 @@ def test_entry_show_answers_each_stored_entry_objects_metadata_and_never_a_stale
             vault.entries[entry.id] = entry  # as it was, for the vault's own checks at lock
 
     asyncio.run(main())
+
+
+def test_remembered_tool_arguments_are_what_validation_gives_and_never_cross_types() -> None:
+    """get_entry's validated arguments are remembered by their exact items: a hit must equal
+    a fresh validation, `True` and `1` (equal, same hash) stay apart, an invalid call is
+    refused every time (never remembered), and the model is frozen (a shared instance cannot
+    be changed by one call for the next)."""
+    from pydantic import ValidationError
+
+    model = mcp_tools.GetEntryArgs
+    for args in (
+        {"entry": "gh"},
+        {"entry": "gh", "include_secret": True},
+        {"entry": "gh", "include_secret": 1},
+        {"entry": "gh", "space": "work", "field": "password"},
+    ):
+        first = mcp_tools._args(model, dict(args))
+        again = mcp_tools._args(model, dict(args))
+        assert again is first
+        assert first == model.model_validate(args)
+    as_bool = mcp_tools._args(model, {"entry": "gh", "include_secret": True})
+    as_int = mcp_tools._args(model, {"entry": "gh", "include_secret": 1})
+    assert as_bool is not as_int  # equal values, but not the same key
+    for bad in ({"entry": ""}, {"entry": "gh", "include_secret": "maybe"}, {"entry": "x" * 201}):
+        for _ in range(2):
+            with pytest.raises(ValidationError):
+                mcp_tools._args(model, bad)
+    nested = {"entry": "gh", "space": ["work"]}  # not a scalar: validated, not remembered
+    with pytest.raises(ValidationError):
+        mcp_tools._args(model, nested)
+    with pytest.raises(ValidationError):
+        as_bool.entry = "other"  # type: ignore[misc]

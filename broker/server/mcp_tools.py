@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 import mcp.types as types
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.core.sessions import scope_rank, scopes_up_to
 from broker.core.vault import construct
@@ -87,6 +87,9 @@ class EntryArgs(Args):
 
 
 class GetEntryArgs(EntryArgs):
+    # frozen: a validated instance is shared by every call with the same arguments (`_args`)
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     include_secret: bool = Field(
         default=False, description="also return the secret value (needs the secrets scope)"
     )
@@ -712,6 +715,33 @@ async def call(ctx: Context, name: str, arguments: dict[str, Any] | None) -> typ
     return (await run(ctx, name, arguments)).to_mcp()
 
 
+# validated arguments of frozen argument models (get_entry's), by their exact items: a hit
+# skips the validation, which is a pure function of them. Only scalars are keys; `type(v)` in
+# the key keeps True and 1 (equal and hashing alike) apart. Cleared when full.
+_ARGS: dict[tuple[Any, ...], BaseModel] = {}
+_ARGS_MAX = 1024
+_ARG_SCALARS = frozenset({str, bool, int, type(None)})
+
+
+def _args(model: type[BaseModel], arguments: dict[str, Any] | None) -> BaseModel:
+    """`model.model_validate(arguments or {})`, remembered for a frozen model."""
+    if not arguments or not model.model_config.get("frozen"):
+        return model.model_validate(arguments or {})
+    key: tuple[Any, ...] = (model,)
+    for k, v in arguments.items():
+        t = type(v)
+        if t not in _ARG_SCALARS:
+            return model.model_validate(arguments)
+        key += (k, t, v)
+    hit = _ARGS.get(key)
+    if hit is None:
+        hit = model.model_validate(arguments)  # (a ValidationError is never remembered)
+        if len(_ARGS) >= _ARGS_MAX:
+            _ARGS.clear()
+        _ARGS[key] = hit
+    return hit
+
+
 async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outcome:
     """`call` without the SDK model: what the relay's fast path serializes itself."""
     ctx.via = "mcp"  # the tool call gets one audit record, written by its caller
@@ -725,7 +755,7 @@ async def run(ctx: Context, name: str, arguments: dict[str, Any] | None) -> Outc
             raise InvalidParameters(
                 f"unknown tool {name[:64]!r}", hint="call tools/list for the available tools"
             )
-        args = spec.args.model_validate(arguments or {})
+        args = _args(spec.args, arguments)
         # who may run it is the gate's decision alone (invoke: session, scope, filter, grants,
         # approval): a tool either is one operation or its runner calls invoke before it reads
         op = find(spec.op) if spec.op is not None else None
