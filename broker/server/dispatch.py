@@ -207,7 +207,10 @@ async def invoke(
     try:
         if rule.unlocked:
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
-        await _authorize(ctx, rule)
+        if ctx.session is not None:  # (no coroutine: a session's check never waits)
+            _authorize_session(ctx, rule)
+        else:
+            await _authorize(ctx, rule)
         if rule.mutating:
             await _approval_gate(ctx, op, params, tx, proposal)
         elif tx is not None or proposal is not None:
@@ -348,15 +351,27 @@ async def _conflicted(ctx: Context, tx: Transaction) -> None:
     await ctx.state.save_tx(tx)
 
 
+def _authorize_session(ctx: Context, rule: Rule) -> None:
+    """`_authorize` for a context whose session is already set (authenticated by its
+    connection): only its scope is checked."""
+    if rule.scope is None and not rule.owner_only:
+        return
+    rec = ctx.session
+    if rec is None:  # (never: the callers check it)
+        raise InternalError("a session check without a session")
+    ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
+    if rule.owner_only:
+        raise _owner_only()
+    _check_scope(ctx, rec, rule.scope or "admin", rule.grantable)
+
+
 async def _authorize(ctx: Context, rule: Rule) -> None:
+    if ctx.session is not None:  # already authenticated by its connection
+        _authorize_session(ctx, rule)
+        return
     if rule.scope is None and not rule.owner_only:
         return
     ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
-    if ctx.session is not None:  # already authenticated by its connection
-        if rule.owner_only:
-            raise _owner_only()
-        _check_scope(ctx, ctx.session, rule.scope or "admin", rule.grantable)
-        return
     token = ctx.auth.token if ctx.auth is not None else None
     if token is not None and (ctx.auth is None or ctx.auth.password is None):
         if rule.owner_only:

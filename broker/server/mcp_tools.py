@@ -172,6 +172,9 @@ class AssistOut(BaseModel):
 # ------------------------------------------------------------------ tool bodies
 
 
+_ENTRY_SHOW = OPERATIONS["entry.show"]
+
+
 async def _op(ctx: Context, name: str, params: BaseModel) -> Any:
     """Run the operation `name` through the one gate (scope, filter, grants, approval)."""
     return await invoke(ctx, OPERATIONS[name], params)
@@ -207,7 +210,7 @@ async def _get_entry(ctx: Context, a: GetEntryArgs) -> Shaped:
     # `a` was validated against the tool's schema, whose limits are EntryRef's (a test holds
     # them equal): built without a second validation
     ref = construct(EntryRef, {"ref": a.entry, "space": a.space})
-    meta = (await _op(ctx, "entry.show", ref)).entry
+    meta = (await invoke(ctx, _ENTRY_SHOW, ref)).entry  # (`_op` without its coroutine)
     doc, text = _entry_doc(ctx, meta)
     if not a.include_secret:
         return Shaped({"entry": doc, "secret": None}, f'{{"entry":{text},"secret":null}}')
