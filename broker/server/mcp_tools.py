@@ -210,7 +210,8 @@ async def _get_entry(ctx: Context, a: GetEntryArgs) -> Shaped:
     # `a` was validated against the tool's schema, whose limits are EntryRef's (a test holds
     # them equal): built without a second validation
     ref = construct(EntryRef, {"ref": a.entry, "space": a.space})
-    meta = (await invoke(ctx, _ENTRY_SHOW, ref)).entry  # (`_op` without its coroutine)
+    shown: Any = await invoke(ctx, _ENTRY_SHOW, ref)  # (`_op` without its coroutine)
+    meta = shown.entry
     doc, text = _entry_doc(ctx, meta)
     if not a.include_secret:
         return Shaped({"entry": doc, "secret": None}, f'{{"entry":{text},"secret":null}}')
