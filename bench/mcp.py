@@ -233,7 +233,22 @@ def watchdog(seconds: float, what: str) -> Iterator[None]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc (cheap enough to read around a phase)."""
+    """CPU time of one process, from /proc (cheap enough to read around a phase): the sum of
+    its threads' scheduler run time in ns (/proc/PID/task/TID/schedstat) where the kernel
+    keeps it, else utime + stime, counted in clock ticks (10 ms: a quick run's 500 calls of
+    ~150 µs are only ~7 ticks, too coarse for a per-call figure)."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (
+                contextlib.suppress(FileNotFoundError),  # a thread that just ended
+                open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f,
+            ):
+                total += int(f.read().split()[0])
+        if total:
+            return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
