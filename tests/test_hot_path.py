@@ -12,18 +12,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,6 +30,8 @@ from broker.server.mcp_host import MODERN_EXTRA, Connection, McpHost
 from broker.server.peer import Peer
 from broker.server.transport import Transport
 from broker.wire.errors import EntryNotFound, VaultLocked
+
+from .threaded_transport import dealer, threaded_transport
 
 KEY = bytes(range(32))
 
@@ -199,43 +198,6 @@ def test_a_lone_surrogate_in_stored_text_still_gives_valid_utf8_json() -> None:
 # ------------------------------------------------------------------ transport
 
 
-@contextlib.contextmanager
-def serving(tmp_path: Path, receiver_for: Any) -> Iterator[str]:
-    """A real Transport on its own event loop (a thread); `receiver_for(transport)` gives the
-    receiver callback. Yields the address to connect to."""
-    run_dir = tmp_path / "run"
-    addr = f"ipc://{run_dir}/t.sock"
-    ready, done = threading.Event(), threading.Event()
-
-    async def serve() -> None:
-        transport = Transport(addr, run_dir / "t.lock")
-        transport.bind()
-        transport.start(receiver_for(transport))
-        ready.set()
-        try:
-            while not done.is_set():
-                await asyncio.sleep(0.01)
-        finally:
-            transport.close()
-
-    server = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    server.start()
-    assert ready.wait(10)
-    try:
-        yield addr
-    finally:
-        done.set()
-        server.join(10)
-
-
-def _dealer(addr: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(addr)
-    return ctx, sock
-
-
 def test_a_message_arriving_while_a_later_reply_is_sent_is_still_received(
     tmp_path: Path,
 ) -> None:
@@ -260,8 +222,9 @@ def test_a_message_arriving_while_a_later_reply_is_sent_is_still_received(
 
         return receiver
 
-    with serving(tmp_path, receiver_for) as addr:
-        ctx, sock = _dealer(addr)
+    with threaded_transport(tmp_path, receiver_for) as transport:
+        addr = transport.addr
+        ctx, sock = dealer(addr)
         try:
             for i in range(3):
                 sock.send(b"slow-%d" % i)
@@ -302,7 +265,7 @@ def test_many_peers_with_replies_inline_and_from_tasks_all_get_every_answer(
         return receiver
 
     def client(addr: str, name: str) -> None:
-        ctx, sock = _dealer(addr)
+        ctx, sock = dealer(addr)
         answered = 0
         try:
             for i in range(per_peer):  # 4 in flight at a time
@@ -318,7 +281,8 @@ def test_many_peers_with_replies_inline_and_from_tasks_all_get_every_answer(
             sock.close(linger=0)
             ctx.term()
 
-    with serving(tmp_path, receiver_for) as addr:
+    with threaded_transport(tmp_path, receiver_for) as transport:
+        addr = transport.addr
         clients = [threading.Thread(target=client, args=(addr, f"c{j}")) for j in range(peers)]
         for c in clients:
             c.start()
@@ -423,8 +387,9 @@ def test_a_checkpoint_deferred_inside_a_receive_batch_runs_when_the_batch_ends(
 
         return receiver
 
-    with serving(tmp_path, receiver_for) as addr:
-        ctx, sock = _dealer(addr)
+    with threaded_transport(tmp_path, receiver_for) as transport:
+        addr = transport.addr
+        ctx, sock = dealer(addr)
         try:
             for i in range(3):
                 sock.send(b"m%d" % i)

@@ -6,65 +6,36 @@ both ends of each pairing are the ones that run in production.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from broker.server.peer import Peer
-from broker.server.transport import HARD_FRAME_CAP, Transport, UnixTransport
+from broker.server.transport import HARD_FRAME_CAP, Receiver, Transport, UnixTransport
 from broker.wire import zmtp
+
+from .threaded_transport import dealer, threaded_transport
 
 
 @contextlib.contextmanager
 def echo_server(tmp_path: Path, seen: list[Peer | None] | None = None) -> Iterator[Transport]:
     """A Transport on its own event loop (a thread) that echoes every message's frames."""
-    run_dir = tmp_path / "run"
-    addr = f"ipc://{run_dir}/t.sock"
-    ready, done = threading.Event(), threading.Event()
-    box: list[Transport] = []
 
-    async def serve() -> None:
-        transport = Transport(addr, run_dir / "t.lock")
-        transport.bind()
-
+    def receiver_for(transport: Transport) -> Receiver:
         def receiver(identity: bytes, frames: list[bytes], peer: Peer | None) -> None:
             if seen is not None:
                 seen.append(peer)
             transport.send_frames(identity, *frames)
 
-        transport.start(receiver)
-        box.append(transport)
-        ready.set()
-        try:
-            while not done.is_set():
-                await asyncio.sleep(0.01)
-        finally:
-            transport.close()
+        return receiver
 
-    server = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    server.start()
-    assert ready.wait(10)
-    try:
-        yield box[0]
-    finally:
-        done.set()
-        server.join(10)
-
-
-def _dealer(addr: str) -> tuple[zmq.Context[zmq.Socket[bytes]], zmq.Socket[bytes]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(addr)
-    return ctx, sock
+    with threaded_transport(tmp_path, receiver_for) as transport:
+        yield transport
 
 
 @pytest.mark.parametrize("impl", ["unix", "libzmq"])
@@ -76,7 +47,7 @@ def test_a_libzmq_dealer_is_served_with_its_kernel_credentials(
     seen: list[Peer | None] = []
     with echo_server(tmp_path, seen) as transport:
         assert isinstance(transport, UnixTransport) is (impl == "unix")
-        ctx, sock = _dealer(transport.addr)
+        ctx, sock = dealer(transport.addr)
         try:
             big = os.urandom(300_000)  # long frames, more than one socket buffer
             for msg in ([b"one"], [b"mcp", b"conn", b"{}"], [b"", big]):
@@ -104,7 +75,7 @@ def test_a_frame_over_the_hard_cap_ends_that_connection_only(tmp_path: Path) -> 
                 data += chunk
         assert data.startswith(zmtp.GREETING)  # answered the handshake, then hung up
         rogue.close()
-        ctx, sock = _dealer(transport.addr)  # everyone else is still served
+        ctx, sock = dealer(transport.addr)  # everyone else is still served
         try:
             sock.send(b"still here")
             assert sock.poll(5000)
@@ -137,7 +108,7 @@ def test_a_peer_that_breaks_the_protocol_is_dropped_and_never_reaches_the_receiv
             while rogue.recv(4096):
                 pass  # until the broker hangs up
         rogue.close()
-        ctx, sock = _dealer(transport.addr)
+        ctx, sock = dealer(transport.addr)
         try:
             sock.send(b"fine")
             assert sock.poll(5000)
@@ -158,7 +129,7 @@ def test_a_peer_that_stops_reading_does_not_stall_the_others(tmp_path: Path) -> 
         lazy.sendall(zmtp.GREETING + zmtp.ready(b"DEALER"))
         payload = b"x" * 60_000
         lazy.sendall(zmtp.encode([payload]) * 200)  # 12 MB of echoes it never reads
-        ctx, sock = _dealer(transport.addr)
+        ctx, sock = dealer(transport.addr)
         try:
             for i in range(20):
                 sock.send(b"%d" % i)
