@@ -168,18 +168,32 @@ class Broker:
         return self
 
     def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until this broker process (or the daemon it runs as a child) answers `broker.ping`
+        on its socket; it must not exit meanwhile. Pinged from this process: a CLI run per
+        poll cost ~0.4 CPU-s and competed with the starting broker for the CPU."""
+        from broker.cli.client import BrokerClient
+        from broker.wire.errors import ApmError
+
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        apm = Apm(self.home)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 out = self.output()
                 raise AssertionError(f"broker exited early ({self.proc.returncode}): {out}")
-            # status exits non-zero unless the broker itself answers
-            if self.socket.exists() and apm("status", "--json").returncode == 0:
-                return
-            time.sleep(0.05)
+            if self.socket.exists():
+                with contextlib.suppress(ApmError), BrokerClient(f"ipc://{self.socket}") as c:
+                    if c.call_raw("broker.ping", {}, timeout=2).get("pid") in self._pids():
+                        return
+            time.sleep(0.02)
         raise AssertionError("broker did not become ready")
+
+    def _pids(self) -> set[int]:
+        """This broker's process and its descendants (`apm broker run` may fork the daemon)."""
+        assert self.proc is not None
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(self.proc.pid)
+            return {self.proc.pid, *(p.pid for p in proc.children(recursive=True))}
+        return {self.proc.pid}
 
     @property
     def pid(self) -> int:
