@@ -280,6 +280,17 @@ def broker(home: Path) -> Iterator[Broker]:
 
 @pytest.fixture
 def vault(broker: Broker, apm: Apm) -> Broker:
-    """A running broker with a fresh, unlocked vault (fast KDF profile)."""
-    apm.ok("init", "--profile", "interactive")
+    """A running broker with a fresh, unlocked vault (fast KDF profile).
+
+    Set up over the wire from this process, as `apm init` does after its status check: a CLI
+    run costs ~0.4 CPU-s, and `apm init` itself is tested where it is the subject
+    (test_cli_roundtrip, test_cli_commands, test_broker_process, ...)."""
+    from pydantic import SecretStr
+
+    from broker.cli.client import BrokerClient
+    from broker.wire.protocol import InitParams
+
+    register_secret(PASSWORD)
+    with BrokerClient(f"ipc://{broker.socket}") as client:
+        client.call("vault.init", InitParams(profile="interactive"), password=SecretStr(PASSWORD))
     return broker

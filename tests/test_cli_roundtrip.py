@@ -12,7 +12,8 @@ from .conftest import PASSWORD, Apm, Broker
 pytestmark = pytest.mark.slow
 
 
-def test_init_add_get_edit_rm_lock_round_trip(vault: Broker, apm: Apm, home: Path) -> None:
+def test_init_add_get_edit_rm_lock_round_trip(broker: Broker, apm: Apm, home: Path) -> None:
+    apm.ok("init", "--profile", "interactive")
     apm.ok(
         "add",
         "login",
