@@ -38,6 +38,60 @@ SWEEP_HITS: list[str] = []
 _TOKEN_RE = re.compile(r"eps_[A-Za-z0-9_-]{40,}")
 
 
+# Seconds each slow file took in one CI run (`-n 2 --dist loadfile`, junit times summed per
+# file, 2026-12-04, a loaded machine). xdist hands whole files to its workers; its own order
+# (most tests first) left the long files with few tests (test_crash, test_load_faults,
+# test_fuzz, test_secret_hygiene) for last, where one worker could run them alone while the
+# other idled. The run goes longest first instead; files not listed follow in their usual
+# order. A stale figure costs only balance, never coverage.
+FILE_SECONDS = {
+    "test_writes_e2e.py": 134,
+    "test_sync_e2e.py": 132,
+    "test_rollback.py": 116,
+    "test_load_faults.py": 112,
+    "test_mcp_install.py": 103,
+    "test_real_clients.py": 102,
+    "test_cli_commands.py": 100,
+    "test_http.py": 95,
+    "test_fuzz.py": 94,
+    "test_gate_e2e.py": 83,
+    "test_broker_process.py": 80,
+    "test_import.py": 77,
+    "test_tx_persist_e2e.py": 76,
+    "test_doctor.py": 74,
+    "test_crash.py": 67,
+    "test_sessions_e2e.py": 64,
+    "test_credential_helpers.py": 59,
+    "test_cli_multiline.py": 54,
+    "test_secret_hygiene.py": 51,
+    "test_cli_oneshot.py": 48,
+    "test_service.py": 46,
+    "test_mcp_tool_names.py": 46,
+    "test_http_limits.py": 43,
+    "test_plugins.py": 42,
+    "test_vault_storage_cli.py": 41,
+    "test_cli_polish.py": 40,
+    "test_hygiene_planted.py": 39,
+    "test_agent_profiles.py": 35,
+    "test_sync.py": 34,
+    "test_tx_race_e2e.py": 33,
+    "test_attacks_e2e.py": 32,
+    "test_plugin_types.py": 30,
+    "test_cli_roundtrip.py": 29,
+}
+LAST = "test_zz_hygiene_sweep.py"  # its summary counts what the tests before it found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest files first (a stable sort: each file's tests stay together, in order)."""
+    items.sort(key=lambda item: (item.path.name == LAST, -FILE_SECONDS.get(item.path.name, 0)))
+
+
 def register_secret(value: str) -> None:
     value = value.strip()
     if len(value) >= 6:  # shorter ones would match by chance
