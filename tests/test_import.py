@@ -51,7 +51,7 @@ def _build(loaded: Loaded, fmt: str) -> tuple[dict[str, EntryAddParams], list[tu
 
 @pytest.fixture(scope="module")
 def kdbx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One KDBX4 per module: pykeepass's default Argon2 makes each write take seconds."""
+    """One KDBX4 per module: creating one with pykeepass's default Argon2 takes seconds."""
     db = tmp_path_factory.mktemp("kdbx") / "db.kdbx"
     fx.make_kdbx(db)
     return db
@@ -142,6 +142,7 @@ def test_keepass_with_a_key_file(tmp_path: Path) -> None:
     db = tmp_path / "kf.kdbx"
     kp = create_database(str(db), password=None, keyfile=str(keyfile))
     kp.add_entry(kp.root_group, "Mail", "me", "kf-s3cret")
+    fx.cheap_argon2(kp)
     kp.save()
     no_pw = ImportContext(source_password=lambda label: SecretStr(""), keyfile=keyfile)
     got, _ = _build(keepass.load(db, no_pw), "keepass")
