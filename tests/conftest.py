@@ -221,7 +221,7 @@ class Broker:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         """Until this broker process (or the daemon it runs as a child) answers `broker.ping`
         on its socket; it must not exit meanwhile. Pinged from this process: a CLI run per
         poll cost ~0.4 CPU-s and competed with the starting broker for the CPU."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 from pydantic import SecretStr
 
 from broker.cli.client import BrokerClient
-from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, SWEEP_HITS, Apm, Broker, make_home, register_secret
 from .conftest import sweep as sweep_home
@@ -36,21 +34,6 @@ def add_api_key(home: Path, name: str, value: str) -> None:
     wire(home, "entry.add", {"type": "api_key", "name": name, "secrets": {"key": {"value": value}}})
 
 
-def wait_until_pinged(broker: Broker, timeout: float = 30) -> None:
-    """Until the broker answers `broker.ping` on its socket (it must not exit meanwhile)."""
-    assert broker.proc is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        assert broker.proc.poll() is None, broker.output()
-        if broker.socket.exists():
-            with contextlib.suppress(ApmError):
-                with BrokerClient(f"ipc://{broker.home}/run/broker.sock") as c:
-                    c.call_raw("broker.ping", {}, timeout=5)
-                return
-        assert time.monotonic() < deadline, "broker did not become ready"
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def mcp_broker(
     config: str, home: Path | None = None, extra_env: dict[str, str] | None = None
@@ -65,7 +48,7 @@ def mcp_broker(
     apm = Apm(home)
     try:
         broker.start(wait=False)
-        wait_until_pinged(broker)
+        broker.wait_ready(30)
         apm.ok("init", "--profile", "interactive")
         yield apm, broker
     finally:

@@ -30,7 +30,6 @@ from pydantic import SecretStr
 from broker.cli.client import BrokerClient
 from broker.core.sessions import scope_rank
 from broker.server.mcp_tools import TOOLS, TOOLS_BY_NAME
-from broker.wire.errors import ApmError
 
 from .conftest import PASSWORD, Apm, Broker, make_home
 from .mcp_client import error_of, ok_of, shim_client, tool_names, whole
@@ -89,16 +88,7 @@ def wire(
 def start_broker(broker: Broker, timeout: float = 30.0) -> None:
     """Start the broker and wait until it answers (polling over the wire, not the CLI)."""
     broker.start(wait=False)
-    assert broker.proc is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        assert broker.proc.poll() is None, f"broker exited: {broker.output()}"
-        if broker.socket.exists():
-            with contextlib.suppress(ApmError):
-                wire(broker.home, "broker.ping", owner=False)
-                return
-        assert time.monotonic() < deadline, "broker did not become ready"
-        time.sleep(0.05)
+    broker.wait_ready(timeout)
 
 
 def unlock(home: Path) -> None:
