@@ -463,14 +463,16 @@ def _write_config(home: Path, text: str) -> None:
 
 
 def test_vault_auto_locks_after_the_configured_idle_time(home: Path, apm: Apm) -> None:
-    _write_config(home, "[lock]\nidle_minutes = 0.02\n")
+    # 3 s: an unlock's own work after the key is in (restore, checks, sync) took over 1.2 s
+    # under load once, and the vault idled out before the unlock answered (VAULT_LOCKED)
+    _write_config(home, "[lock]\nidle_minutes = 0.05\n")
     b = Broker(home).start()
     try:
         apm.ok("init", "--profile", "interactive")
         before = datetime.now(UTC)
         unlocked = json.loads(apm.ok("unlock", "--json").stdout)
         idle_in = datetime.fromisoformat(unlocked["idle_lock_at"]) - before
-        assert timedelta(0) < idle_in < timedelta(seconds=1.2 + 10)  # the config is in force
+        assert timedelta(0) < idle_in < timedelta(seconds=3 + 10)  # the config is in force
         wait_for(lambda: status(apm)["locked"], timeout=20, what="the vault to auto-lock")
         locked = apm("ls", password="x")
         assert locked.returncode == errors.VaultLocked.exit_code
