@@ -17,6 +17,7 @@ The interleavings are forced, not timed:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import signal
@@ -58,6 +59,28 @@ def _audit(home: Path) -> list[dict[str, Any]]:
 
 def _names(apm: Apm) -> list[str]:
     return [e["name"] for e in json.loads(apm.ok("ls", "--json").stdout)]
+
+
+def _owner(addr: str, method: str, params: dict[str, Any]) -> str:
+    """One owner call (master password) on its own connection: "OK" or the error's code."""
+    with BrokerClient(addr, client_name="owner") as c:
+        try:
+            c.call_raw(method, params, password=SecretStr(PASSWORD))
+        except ApmError as exc:
+            return exc.code
+    return "OK"
+
+
+def _attempts(home: Path, method: str) -> int:
+    """How many calls of `method` have started: their `attempt` records (written before the
+    call's change waits for the write lock)."""
+    return sum(
+        1
+        for r in _audit(home)
+        if r.get("event") == "request"
+        and r.get("method") == method
+        and r.get("outcome") == "attempt"
+    )
 
 
 async def _until(cond: Any, what: str) -> None:
@@ -158,22 +181,10 @@ async def test_an_approval_whose_run_waits_behind_a_lock_is_refused_and_released
     assert held.value.code == "APPROVAL_PENDING"
     tx_id = str(held.value.data["tx_id"])
 
-    def owner(method: str, params: dict[str, Any]) -> str:
-        with BrokerClient(addr, client_name="owner") as c:
-            try:
-                c.call_raw(method, params, password=SecretStr(PASSWORD))
-            except ApmError as exc:
-                return exc.code
-        return "OK"
+    owner = functools.partial(_owner, addr)
 
     def attempts() -> int:
-        return sum(
-            1
-            for r in _audit(home)
-            if r.get("event") == "request"
-            and r.get("method") == "space.add"
-            and r.get("outcome") == "attempt"
-        )
+        return _attempts(home, "space.add")
 
     with vault_write_held(home):
         # an owner write takes the broker's write lock and waits in SQLite
@@ -228,13 +239,7 @@ async def test_an_approval_that_cannot_be_saved_before_a_lock_is_not_acknowledge
         assert not shown.is_error, shown
         tx_id = str((shown.structured_content or {})["tx_id"])
 
-    def owner(method: str, params: dict[str, Any]) -> str:
-        with BrokerClient(addr, client_name="owner") as c:
-            try:
-                c.call_raw(method, params, password=SecretStr(PASSWORD))
-            except ApmError as exc:
-                return exc.code
-        return "OK"
+    owner = functools.partial(_owner, addr)
 
     def seen(event: str, **match: Any) -> int:
         return sum(
@@ -343,22 +348,9 @@ async def test_an_owner_write_queued_behind_a_lock_answers_vault_locked(
     register_secret("late-Key-0001")
     addr = f"ipc://{vault.socket}"
 
-    def owner(method: str, params: dict[str, Any]) -> str:
-        with BrokerClient(addr, client_name="owner") as c:
-            try:
-                c.call_raw(method, params, password=SecretStr(PASSWORD))
-            except ApmError as exc:
-                return exc.code
-        return "OK"
+    owner = functools.partial(_owner, addr)
 
-    def attempts(m: str) -> int:
-        return sum(
-            1
-            for r in _audit(home)
-            if r.get("event") == "request"
-            and r.get("method") == m
-            and r.get("outcome") == "attempt"
-        )
+    attempts = functools.partial(_attempts, home)
 
     with vault_write_held(home):
         blocker = asyncio.ensure_future(asyncio.to_thread(owner, "space.add", {"name": "other"}))
@@ -393,22 +385,10 @@ async def test_sigterm_while_writes_are_in_progress_lands_them_and_the_vault_ope
     and an intact audit chain."""
     addr = f"ipc://{vault.socket}"
 
-    def owner(method: str, params: dict[str, Any]) -> str:
-        with BrokerClient(addr, client_name="owner") as c:
-            try:
-                c.call_raw(method, params, password=SecretStr(PASSWORD))
-            except ApmError as exc:
-                return exc.code
-        return "OK"
+    owner = functools.partial(_owner, addr)
 
     def attempts() -> int:
-        return sum(
-            1
-            for r in _audit(home)
-            if r.get("event") == "request"
-            and r.get("method") == "space.add"
-            and r.get("outcome") == "attempt"
-        )
+        return _attempts(home, "space.add")
 
     def stopping() -> bool:
         path = home / "state" / "broker.log"
@@ -460,22 +440,9 @@ async def test_a_session_change_queued_behind_a_lock_answers_vault_locked_and_lo
         else {"accessor": accessor}
     )
 
-    def owner(method: str, params: dict[str, Any]) -> str:
-        with BrokerClient(addr, client_name="owner") as c:
-            try:
-                c.call_raw(method, params, password=SecretStr(PASSWORD))
-            except ApmError as exc:
-                return exc.code
-        return "OK"
+    owner = functools.partial(_owner, addr)
 
-    def attempts(m: str) -> int:
-        return sum(
-            1
-            for r in _audit(home)
-            if r.get("event") == "request"
-            and r.get("method") == m
-            and r.get("outcome") == "attempt"
-        )
+    attempts = functools.partial(_attempts, home)
 
     with vault_write_held(home):
         blocker = asyncio.ensure_future(asyncio.to_thread(owner, "space.add", {"name": "other"}))

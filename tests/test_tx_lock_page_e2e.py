@@ -8,16 +8,12 @@ VAULT_LOCKED, never INTERNAL_ERROR, and no passkey is half-registered.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from broker.cli.client import BrokerClient
-from broker.wire.errors import ApmError
-
-from .conftest import PASSWORD
 from .test_approve_page_browser import (
     browser,  # noqa: F401 - the module's headless Chromium
     cli,
@@ -26,7 +22,7 @@ from .test_approve_page_browser import (
     status_text,
     virtual_authenticator,
 )
-from .test_tx_lock_e2e import _audit, _queue_lock, _until
+from .test_tx_lock_e2e import _attempts, _owner, _queue_lock, _until
 from .test_tx_race_e2e import vault_write_held
 
 pytestmark = pytest.mark.slow
@@ -47,22 +43,10 @@ async def test_a_passkey_whose_save_a_lock_overtakes_answers_vault_locked(
         home = world.home
         addr = f"ipc://{home}/run/broker.sock"
 
-        def owner(method: str, params: dict[str, Any]) -> str:
-            with BrokerClient(addr, client_name="owner") as c:
-                try:
-                    c.call_raw(method, params, password=SecretStr(PASSWORD))
-                except ApmError as exc:
-                    return exc.code
-            return "OK"
+        owner = functools.partial(_owner, addr)
 
         def attempts() -> int:
-            return sum(
-                1
-                for r in _audit(home)
-                if r.get("event") == "request"
-                and r.get("method") == "space.add"
-                and r.get("outcome") == "attempt"
-            )
+            return _attempts(home, "space.add")
 
         def verified() -> bool:
             log = home / "state" / "broker.log"
