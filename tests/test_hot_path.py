@@ -647,6 +647,12 @@ def test_entry_show_answers_each_stored_entry_objects_metadata_and_never_a_stale
             first = (await handlers.process_entry_show(ctx, ref)).entry
             again = (await handlers.process_entry_show(ctx, ref)).entry
             assert again is first and first == entry.meta()
+            # its JSON (get_entry's answer) is remembered with it, for that very object only
+            shown = handlers.shown_json(vault, first, mcp_tools._COMPACT)
+            assert handlers.shown_json(vault, first, mcp_tools._COMPACT) is shown
+            assert shown[0] == first.model_dump(mode="json")
+            assert json.loads(shown[1]) == shown[0]
+            assert handlers.shown_json(vault, first.model_copy(), mcp_tools._COMPACT) is not shown
             vault.entries[entry.id] = entry.model_copy(update={"tags": ["moved"], "url": None})
             moved = (await handlers.process_entry_show(ctx, ref)).entry
             assert (
@@ -655,6 +661,9 @@ def test_entry_show_answers_each_stored_entry_objects_metadata_and_never_a_stale
                 and moved == vault.entries[entry.id].meta()
             )
             assert first.tags == ["t"]  # what was answered before is not changed either
+            moved_doc, moved_text = handlers.shown_json(vault, moved, mcp_tools._COMPACT)
+            assert moved_doc["tags"] == ["moved"] and json.loads(moved_text) == moved_doc
+            assert handlers.shown_json(vault, first, mcp_tools._COMPACT)[0]["tags"] == ["t"]
             vault.entries[entry.id] = entry  # as it was, for the vault's own checks at lock
 
     asyncio.run(main())

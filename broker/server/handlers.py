@@ -8,7 +8,10 @@ import functools
 import os
 import time
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -325,13 +328,19 @@ async def process_entry_show(ctx: Context, p: EntryRef) -> EntryResult:
     return construct(EntryResult, {"entry": meta})  # (meta() is a validated EntryMeta)
 
 
-# per open vault (gone with it at lock): entry id -> (the stored entry, its metadata). A stored
-# entry is never changed in place (an edit stores a new object), so while the vault holds the
-# same object its metadata is the same. Only entry.show answers from it: its result is only
-# ever serialized (the wire) or read (get_entry), never changed.
-_SHOWN: weakref.WeakKeyDictionary[Vault, dict[str, tuple[StoredEntry, EntryMeta]]] = (
-    weakref.WeakKeyDictionary()
-)
+# per open vault (gone with it at lock): entry id -> what entry.show answered for the stored
+# entry object the vault held. A stored entry is never changed in place (an edit stores a new
+# object), so while the vault holds the same object its metadata is the same. Only entry.show
+# answers from it: its result is only ever serialized (the wire) or read (get_entry), never
+# changed, so its JSON is remembered beside it (`shown_json`).
+@dataclass(slots=True)
+class _Shown:
+    entry: StoredEntry
+    meta: EntryMeta
+    json: tuple[dict[str, Any], str] | None = None  # meta's JSON shape and its text
+
+
+_SHOWN: weakref.WeakKeyDictionary[Vault, dict[str, _Shown]] = weakref.WeakKeyDictionary()
 _SHOWN_MAX = 1024  # entries remembered per vault (all forgotten when it is full)
 
 
@@ -341,13 +350,29 @@ def shown_meta(vault: Vault, entry: StoredEntry) -> EntryMeta:
     if metas is None:
         metas = _SHOWN[vault] = {}
     hit = metas.get(entry.id)
-    if hit is not None and hit[0] is entry:
-        return hit[1]
+    if hit is not None and hit.entry is entry:
+        return hit.meta
     meta = entry.meta()
     if len(metas) >= _SHOWN_MAX:
         metas.clear()
-    metas[entry.id] = (entry, meta)
+    metas[entry.id] = _Shown(entry, meta)
     return meta
+
+
+def shown_json(
+    vault: Vault, meta: EntryMeta, text: Callable[[Any], str]
+) -> tuple[dict[str, Any], str]:
+    """`meta.model_dump(mode="json")` and `text(...)` of it, remembered when `meta` is the very
+    object entry.show answered (`shown_meta`): a pure function of an object never changed."""
+    metas = _SHOWN.get(vault)
+    hit = metas.get(meta.id) if metas is not None else None
+    if hit is not None and hit.meta is meta and hit.json is not None:
+        return hit.json
+    doc = meta.model_dump(mode="json")
+    answer = (doc, text(doc))
+    if hit is not None and hit.meta is meta:
+        hit.json = answer
+    return answer
 
 
 @operation("entry.get", SECRETS, tools=("get_entry", "decrypt_entry"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,6 +42,7 @@ from . import handlers  # noqa: F401 - declares the operations these tools run
 from .admin_tools import ADMIN_TOOLS
 from .context import Context
 from .dispatch import invoke, to_wire_error
+from .handlers import shown_json
 from .operations import OPERATIONS, Rule, find, tool_operation
 from .plugin_tools import PLUGIN_TOOLS
 from .request_tools import REQUEST_TOOLS
@@ -223,40 +223,9 @@ async def _get_entry(ctx: Context, a: GetEntryArgs) -> Shaped:
     )
 
 
-# per open vault (gone with it at lock): entry id -> (the stored entry, its metadata's JSON
-# shape, that shape's compact text). A stored entry is never changed in place (an edit stores
-# a new object), so while the vault still holds the same object its metadata is the same.
-_ENTRY_DOCS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, dict[str, Any], str]]] = (
-    weakref.WeakKeyDictionary()
-)
-_ENTRY_DOCS_MAX = 1024  # entries remembered per vault (all forgotten when it is full)
-
-
 def _entry_doc(ctx: Context, meta: EntryMeta) -> tuple[dict[str, Any], str]:
-    """`meta.model_dump(mode="json")` and its compact JSON, remembered per stored entry.
-    `meta` is what the gate's handler just returned (no suspension since): the vault's object
-    for that id is the one it was read from; the cheap comparison below guards that."""
-    vault = ctx.state.cache.get()
-    stored = vault.entries.get(meta.id)
-    docs = _ENTRY_DOCS.get(vault)
-    if docs is None:
-        docs = _ENTRY_DOCS[vault] = {}
-    same = (
-        stored is not None
-        and stored.updated_at == meta.updated_at
-        and stored.name == meta.name
-        and stored.space == meta.space
-    )
-    hit = docs.get(meta.id)
-    if same and hit is not None and hit[0] is stored:
-        return hit[1], hit[2]
-    doc = meta.model_dump(mode="json")
-    text = _COMPACT(doc)
-    if same:
-        if len(docs) >= _ENTRY_DOCS_MAX:
-            docs.clear()
-        docs[meta.id] = (stored, doc, text)
-    return doc, text
+    """`meta`'s JSON shape and compact text, once per stored entry (`handlers.shown_json`)."""
+    return shown_json(ctx.state.cache.get(), meta, _COMPACT)
 
 
 async def _decrypt_entry(ctx: Context, a: DecryptEntryArgs) -> DecryptEntryOut:
