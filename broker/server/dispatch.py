@@ -208,7 +208,7 @@ async def invoke(
         if rule.unlocked:
             state.cache.get()  # lock gate: VAULT_LOCKED before anything costly
         if ctx.session is not None:  # (no coroutine: a session's check never waits)
-            _authorize_session(ctx, rule)
+            _authorize_session(ctx, rule, ctx.session)
         else:
             await _authorize(ctx, rule)
         if rule.mutating:
@@ -351,14 +351,11 @@ async def _conflicted(ctx: Context, tx: Transaction) -> None:
     await ctx.state.save_tx(tx)
 
 
-def _authorize_session(ctx: Context, rule: Rule) -> None:
-    """`_authorize` for a context whose session is already set (authenticated by its
-    connection): only its scope is checked."""
+def _authorize_session(ctx: Context, rule: Rule, rec: SessionRecord) -> None:
+    """A context whose session `rec` is already set (authenticated by its connection): only
+    its scope is checked."""
     if rule.scope is None and not rule.owner_only:
         return
-    rec = ctx.session
-    if rec is None:  # (never: the callers check it)
-        raise InternalError("a session check without a session")
     ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
     if rule.owner_only:
         raise _owner_only()
@@ -366,9 +363,8 @@ def _authorize_session(ctx: Context, rule: Rule) -> None:
 
 
 async def _authorize(ctx: Context, rule: Rule) -> None:
-    if ctx.session is not None:  # already authenticated by its connection
-        _authorize_session(ctx, rule)
-        return
+    """A context without a session yet: its token (a session), its password (the owner) or
+    nothing, as the rule asks."""
     if rule.scope is None and not rule.owner_only:
         return
     ctx.grant_kind = rule.grant_kind  # what a grant must allow, checked by ctx.check_grant
