@@ -34,6 +34,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -117,15 +118,8 @@ class _Hmac:
         return outer.hexdigest()
 
 
-_keyed: list[Any] = [None, None]  # the last key and its _Hmac (one audit key per broker)
-
-
-def _hmac_for(key: bytes) -> _Hmac:
-    if _keyed[0] != key:
-        _keyed[1] = _Hmac(key)
-        _keyed[0] = key
-    h: _Hmac = _keyed[1]
-    return h
+# the last key's states (one audit key per broker; a test's other keys just replace it)
+_hmac_for: Callable[[bytes], _Hmac] = functools.lru_cache(maxsize=1)(_Hmac)
 
 
 # a placeholder for the MAC while a record is serialized, unknown outside this process
